@@ -1,0 +1,1 @@
+"""fedlearn: federated learning with pluggable strategies, fast simulation and per-client evaluation."""

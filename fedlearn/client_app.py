@@ -1,0 +1,71 @@
+"""What a user writes: a ClientApp that trains and evaluates on its own data.
+
+The same ClientApp object runs in every transport: in-process, in a worker pool and,
+later, inside a site daemon. It sees only arrays, a config and a context; it never
+touches sockets or the coordinator's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from fedlearn.records import Arrays, Config, Metrics
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """Where a task runs: which client, which round, and the task's seed."""
+
+    client_id: int
+    round: int
+    seed: int
+    run_id: str = ""
+
+    @cached_property
+    def rng(self) -> np.random.Generator:
+        """A numpy generator seeded for this (run, round, client, stage)."""
+        return np.random.default_rng(self.seed)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A client's reply to a training task."""
+
+    arrays: Arrays
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """A client's reply to an evaluation task (``accuracy`` goes in ``metrics``)."""
+
+    num_examples: int
+    loss: float
+    metrics: Metrics = field(default_factory=dict)
+
+
+@runtime_checkable
+class ClientApp(Protocol):
+    """User code run at a client: train and evaluate on local data."""
+
+    def train(self, arrays: Arrays, config: Config, ctx: ClientContext) -> TrainResult:
+        """Train from ``arrays`` on this client's data and return new arrays."""
+        ...
+
+    def evaluate(self, arrays: Arrays, config: Config, ctx: ClientContext) -> EvaluateResult:
+        """Evaluate ``arrays`` on this client's held-out data."""
+        ...
+
+
+@runtime_checkable
+class ProvidesInitialArrays(Protocol):
+    """A ClientApp that can build the initial global model."""
+
+    def initial_arrays(self, seed: int) -> Arrays:
+        """Fresh model weights, deterministic in ``seed``."""
+        ...

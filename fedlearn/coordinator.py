@@ -1,0 +1,296 @@
+"""The coordinator: owns the round loop and drives any transport.
+
+Per round it runs a training stage (select, send tasks, validate replies, fold them into
+the aggregate as they arrive, apply the server update) and an evaluation stage (every
+selected client evaluates the new global model; each result is recorded). Replies are
+folded in task order, whatever order the transport delivers them in, so a seeded run
+gives the same model bit for bit in every transport.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from fedlearn.errors import ConfigError, FedlearnError, RoundFailed, UpdateRejected
+from fedlearn.messages import Reply, Stage, Task, seed_for
+from fedlearn.records import Arrays, Metrics
+from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, RoundContext, Strategy
+from fedlearn.validation import check_evaluation, check_update
+
+
+class Transport(Protocol):
+    """Moves one stage's tasks to clients and their replies back, in any order."""
+
+    def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
+        """Run ``tasks`` with the shared ``broadcast`` arrays; yield one Reply per task."""
+        ...
+
+    def close(self) -> None:
+        """Release workers and connections."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """The outcome of one task: a client's metrics, or why it failed."""
+
+    round: int
+    stage: Stage
+    client_id: int
+    ok: bool
+    num_examples: int = 0
+    loss: float | None = None
+    metrics: Metrics = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What happened in one round."""
+
+    round: int
+    ok: bool
+    train_selected: int
+    train_ok: int
+    eval_selected: int = 0
+    eval_ok: int = 0
+    train_metrics: Metrics = field(default_factory=dict)
+    eval_metrics: Metrics = field(default_factory=dict)
+    duration_s: float = 0.0
+    error: str | None = None
+
+
+class Observer(Protocol):
+    """Receives progress events (a CLI progress bar, a metrics exporter)."""
+
+    def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+        """A stage of ``num_tasks`` tasks begins."""
+        ...
+
+    def reply_received(self, record: ClientRecord) -> None:
+        """One client's reply was processed."""
+        ...
+
+    def round_finished(self, record: RoundRecord) -> None:
+        """A round ended (applied or failed)."""
+        ...
+
+
+class RoundSink(Protocol):
+    """Stores each finished round atomically (see :class:`fedlearn.store.RunStore`)."""
+
+    def record_round(
+        self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
+    ) -> None:
+        """Persist one round."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of a run: the final model and what every round and client did."""
+
+    arrays: Arrays
+    state: Arrays
+    rounds: list[RoundRecord]
+    clients: list[ClientRecord]
+
+
+@dataclass
+class Coordinator:
+    """Runs ``rounds`` rounds of ``strategy`` over ``transport`` for ``client_ids``."""
+
+    strategy: Strategy
+    transport: Transport
+    client_ids: Sequence[int]
+    rounds: int
+    seed: int = 0
+    evaluate_every: int = 1
+    sink: RoundSink | None = None
+    observer: Observer | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.evaluate_every < 0:
+            raise ConfigError(f"evaluate_every must be >= 0, got {self.evaluate_every}")
+        if len(set(self.client_ids)) != len(self.client_ids):
+            raise ConfigError("client ids must be unique")
+        self.strategy.validate(len(self.client_ids))
+
+    def run(self, initial_arrays: Arrays, state: Arrays | None = None, start_round: int = 1) -> RunResult:
+        """Run rounds ``start_round..rounds`` from ``initial_arrays``."""
+        arrays = {k: np.array(v) for k, v in initial_arrays.items()}
+        state = self.strategy.init_state(arrays) if state is None else state
+        rounds: list[RoundRecord] = []
+        clients: list[ClientRecord] = []
+        for rnd in range(start_round, self.rounds + 1):
+            arrays, state, record, records = self.run_round(rnd, arrays, state)
+            rounds.append(record)
+            clients.extend(records)
+            if self.sink is not None:
+                self.sink.record_round(record, records, arrays, state)
+            if self.observer is not None:
+                self.observer.round_finished(record)
+        return RunResult(arrays, state, rounds, clients)
+
+    def run_round(
+        self, rnd: int, arrays: Arrays, state: Arrays
+    ) -> tuple[Arrays, Arrays, RoundRecord, list[ClientRecord]]:
+        """One round: train, apply if quorum holds, then evaluate the resulting model."""
+        t0 = time.perf_counter()
+        ctx = RoundContext(rnd, self.rounds, np.random.default_rng([self.seed, rnd]))
+        records: list[ClientRecord] = []
+        selected = self.strategy.select_train(ctx, self.client_ids)
+        error: str | None = None
+        train_metrics: Metrics = {}
+        try:
+            new_arrays, new_state, train_metrics = self._train(ctx, arrays, state, selected, records)
+            arrays, state = new_arrays, new_state
+        except RoundFailed as exc:
+            error = str(exc)
+        train_ok = sum(r.ok for r in records)
+        eval_selected, eval_ok, eval_metrics = 0, 0, {}
+        if self.evaluate_every and (rnd % self.evaluate_every == 0 or rnd == self.rounds):
+            eval_selected, eval_ok, eval_metrics = self._evaluate(ctx, arrays, records)
+        record = RoundRecord(
+            round=rnd,
+            ok=error is None,
+            train_selected=len(selected),
+            train_ok=train_ok,
+            eval_selected=eval_selected,
+            eval_ok=eval_ok,
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            duration_s=time.perf_counter() - t0,
+            error=error,
+        )
+        return arrays, state, record, records
+
+    def _train(
+        self,
+        ctx: RoundContext,
+        arrays: Arrays,
+        state: Arrays,
+        selected: list[int],
+        records: list[ClientRecord],
+    ) -> tuple[Arrays, Arrays, Metrics]:
+        config = self.strategy.train_config(ctx)
+        tasks = [self._task(Stage.TRAIN, ctx.round, cid, config) for cid in selected]
+        fold = self.strategy.start_fold(ctx, arrays)
+        accepted: list[ClientUpdate] = []
+        for reply in self._stage(arrays, tasks):
+            try:
+                if not reply.ok:
+                    raise UpdateRejected(str(reply.error), client_id=reply.client_id, round=ctx.round)
+                update = check_update(reply, arrays)
+                fold.add(update)
+            except UpdateRejected as exc:
+                self._note(records, _failed(Stage.TRAIN, reply, exc))
+                continue
+            accepted.append(ClientUpdate(update.client_id, {}, update.num_examples, update.metrics))
+            self._note(records, ClientRecord(ctx.round, Stage.TRAIN, reply.client_id, True,
+                                             reply.num_examples, None, reply.metrics))
+        if len(accepted) < self.strategy.min_train_clients:
+            raise RoundFailed(
+                f"round {ctx.round}: {len(accepted)} of {len(selected)} clients returned valid "
+                f"updates, below the quorum of {self.strategy.min_train_clients}; "
+                "the global model is unchanged"
+            )
+        try:
+            aggregate = fold.result()
+            new_arrays, new_state = self.strategy.server_update(ctx, arrays, aggregate, state)
+            new_arrays = _check_model(new_arrays, arrays)
+        except (FedlearnError, ArithmeticError, ValueError) as exc:
+            if isinstance(exc, RoundFailed):
+                raise
+            raise RoundFailed(f"round {ctx.round}: aggregation failed ({exc}); "
+                              "the global model is unchanged") from exc
+        return new_arrays, new_state, self.strategy.summarize_train(ctx, accepted)
+
+    def _evaluate(
+        self, ctx: RoundContext, arrays: Arrays, records: list[ClientRecord]
+    ) -> tuple[int, int, Metrics]:
+        selected = self.strategy.select_evaluate(ctx, self.client_ids)
+        config = self.strategy.evaluate_config(ctx)
+        tasks = [self._task(Stage.EVALUATE, ctx.round, cid, config) for cid in selected]
+        evaluations: list[ClientEvaluation] = []
+        for reply in self._stage(arrays, tasks):
+            try:
+                if not reply.ok:
+                    raise UpdateRejected(str(reply.error), client_id=reply.client_id, round=ctx.round)
+                evaluation = check_evaluation(reply)
+            except UpdateRejected as exc:
+                self._note(records, _failed(Stage.EVALUATE, reply, exc))
+                continue
+            evaluations.append(evaluation)
+            self._note(records, ClientRecord(ctx.round, Stage.EVALUATE, reply.client_id, True,
+                                             reply.num_examples, reply.loss, reply.metrics))
+        metrics = self.strategy.summarize_evaluate(ctx, evaluations) if evaluations else {}
+        return len(selected), len(evaluations), metrics
+
+    def _task(self, stage: Stage, rnd: int, cid: int, config: dict[str, object]) -> Task:
+        return Task(stage, rnd, cid, seed_for(self.seed, rnd, stage, cid), dict(config))  # type: ignore[arg-type]
+
+    def _stage(self, arrays: Arrays, tasks: list[Task]) -> Iterator[Reply]:
+        if self.observer is not None and tasks:
+            self.observer.stage_started(tasks[0].round, tasks[0].stage, len(tasks))
+        return in_task_order(self.transport.execute(arrays, tasks), tasks)
+
+    def _note(self, records: list[ClientRecord], record: ClientRecord) -> None:
+        records.append(record)
+        if self.observer is not None:
+            self.observer.reply_received(record)
+
+
+def in_task_order(replies: Iterable[Reply], tasks: Sequence[Task]) -> Iterator[Reply]:
+    """Yield ``replies`` in the order of ``tasks``, holding early arrivals back.
+
+    A reply for a client that was not asked, or a second reply from the same client,
+    is dropped. A task without a reply when the transport finishes yields a failure.
+    """
+    position = {t.client_id: i for i, t in enumerate(tasks)}
+    held: dict[int, Reply] = {}
+    following = 0
+    for reply in replies:
+        i = position.get(reply.client_id)
+        if i is None or i < following or i in held or reply.stage != tasks[i].stage:
+            continue
+        held[i] = reply
+        while following in held:
+            yield held.pop(following)
+            following += 1
+    for i in range(following, len(tasks)):
+        if i in held:
+            yield held.pop(i)
+        else:
+            t = tasks[i]
+            yield Reply(t.stage, t.round, t.client_id, error="no reply from the client")
+
+
+def _failed(stage: Stage, reply: Reply, exc: UpdateRejected) -> ClientRecord:
+    return ClientRecord(reply.round, stage, reply.client_id, False, reply.num_examples,
+                        error=exc.reason)
+
+
+def _check_model(new: Arrays, old: Arrays) -> Arrays:
+    """The new global model in the old one's dtypes, after checking names, shapes, finiteness."""
+    if list(new) != list(old):
+        raise ValueError("the server update changed the model's array names")
+    out: Arrays = {}
+    for name, a in new.items():
+        a = np.asarray(a)
+        if a.shape != old[name].shape:
+            raise ValueError(f"the server update changed the shape of {name!r}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"the new global array {name!r} contains NaN or Inf")
+        if a.dtype != old[name].dtype:
+            a = np.rint(a) if old[name].dtype.kind in "iub" else a
+            a = a.astype(old[name].dtype)
+        out[name] = a
+    return out

@@ -1,0 +1,54 @@
+"""The one exception tree of fedlearn.
+
+::
+
+    FedlearnError
+    ├── ConfigError          bad settings, caught before any round runs
+    ├── DataError            a dataset or partition cannot be built
+    ├── SerializationError   bytes that do not decode to a record
+    ├── UpdateRejected       a client's reply failed validation (shape, dtype, NaN/Inf, ...)
+    ├── ClientAppError       user code in a ClientApp raised
+    └── RoundFailed          a round could not reach its quorum; the global model is unchanged
+"""
+
+from __future__ import annotations
+
+
+class FedlearnError(Exception):
+    """Base class of every error fedlearn raises on purpose."""
+
+
+class ConfigError(FedlearnError):
+    """Invalid configuration or strategy settings."""
+
+
+class DataError(FedlearnError):
+    """A dataset cannot be loaded or partitioned as asked."""
+
+
+class SerializationError(FedlearnError):
+    """Bytes that do not decode to a valid record."""
+
+
+class UpdateRejected(FedlearnError):
+    """A client's update or evaluation failed validation."""
+
+    def __init__(self, message: str, *, client_id: int | None = None, round: int | None = None):
+        where = []
+        if round is not None:
+            where.append(f"round {round}")
+        if client_id is not None:
+            where.append(f"client {client_id}")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.client_id = client_id
+        self.round = round
+        self.reason = message
+
+
+class ClientAppError(FedlearnError):
+    """A ClientApp raised while handling a task."""
+
+
+class RoundFailed(FedlearnError):
+    """A round did not reach its quorum; nothing was applied."""

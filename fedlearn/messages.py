@@ -1,0 +1,153 @@
+"""Messages between the coordinator and client runtimes, and their byte encoding.
+
+A round is a sequence of stages; in each stage the coordinator sends one ``Task`` per
+client and a shared broadcast (the global arrays), and each client answers with a
+``Reply``. Transports only move these messages.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from fedlearn.errors import SerializationError
+from fedlearn.records import (
+    Arrays,
+    Config,
+    Metrics,
+    decode_arrays,
+    decode_json,
+    encode_arrays,
+    encode_json,
+)
+
+
+class Stage(StrEnum):
+    """The kinds of exchange a round is made of."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+@dataclass(frozen=True)
+class Task:
+    """Work for one client in one stage of one round."""
+
+    stage: Stage
+    round: int
+    client_id: int
+    seed: int
+    config: Config = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A client's answer to a ``Task``; ``error`` is set when the client failed."""
+
+    stage: Stage
+    round: int
+    client_id: int
+    num_examples: int = 0
+    arrays: Arrays | None = None
+    loss: float | None = None
+    metrics: Metrics = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the client answered without error."""
+        return self.error is None
+
+
+def seed_for(run_seed: int, round: int, stage: Stage, client_id: int) -> int:
+    """A 63-bit task seed derived from the run seed; the same in every transport."""
+    stage_id = list(Stage).index(stage)
+    seq = np.random.SeedSequence([run_seed, round, stage_id, client_id])
+    return int(seq.generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1 << 31, 1]) & (
+        (1 << 63) - 1
+    )
+
+
+_LEN = struct.Struct("<Q")
+
+
+def frame(parts: Sequence[bytes]) -> bytes:
+    """Join byte strings with length prefixes."""
+    out = bytearray()
+    for part in parts:
+        out += _LEN.pack(len(part))
+        out += part
+    return bytes(out)
+
+
+def unframe(data: bytes | memoryview) -> Iterator[memoryview]:
+    """Split bytes made by :func:`frame`."""
+    view = memoryview(data)
+    offset = 0
+    while offset < len(view):
+        if offset + _LEN.size > len(view):
+            raise SerializationError("truncated frame length")
+        (size,) = _LEN.unpack_from(view, offset)
+        offset += _LEN.size
+        if offset + size > len(view):
+            raise SerializationError("frame runs past the end of the payload")
+        yield view[offset : offset + size]
+        offset += size
+
+
+def encode_task(task: Task) -> bytes:
+    """Task to bytes (JSON; no pickle)."""
+    return encode_json([task.stage.value, task.round, task.client_id, task.seed, task.config])
+
+
+def decode_task(data: bytes | memoryview) -> Task:
+    """Bytes made by :func:`encode_task` back to a Task."""
+    value = decode_json(data)
+    try:
+        stage, rnd, cid, seed, config = value
+        return Task(Stage(stage), int(rnd), int(cid), int(seed), dict(config))
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"malformed task: {exc}") from exc
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """Reply to bytes: a JSON header frame and, for training, an arrays frame."""
+    header: list[Any] = [
+        reply.stage.value,
+        reply.round,
+        reply.client_id,
+        reply.num_examples,
+        reply.loss,
+        reply.metrics,
+        reply.error,
+    ]
+    parts = [encode_json(header)]
+    if reply.arrays is not None:
+        parts.append(encode_arrays(reply.arrays))
+    return frame(parts)
+
+
+def decode_reply(data: bytes | memoryview) -> Reply:
+    """Bytes made by :func:`encode_reply` back to a Reply."""
+    parts = list(unframe(data))
+    if len(parts) not in (1, 2):
+        raise SerializationError("a reply has one or two frames")
+    try:
+        stage, rnd, cid, num_examples, loss, metrics, error = decode_json(parts[0])
+        return Reply(
+            stage=Stage(stage),
+            round=int(rnd),
+            client_id=int(cid),
+            num_examples=int(num_examples),
+            arrays=decode_arrays(parts[1]) if len(parts) == 2 else None,
+            loss=None if loss is None else float(loss),
+            metrics=dict(metrics),
+            error=None if error is None else str(error),
+        )
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"malformed reply: {exc}") from exc

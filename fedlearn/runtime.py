@@ -1,0 +1,87 @@
+"""The client runtime: answers a Task by calling the user's ClientApp.
+
+Every transport runs tasks through :class:`ClientRuntime`, so seeding, error capture
+and result checking are the same in-process, in a worker pool and in a site daemon.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any
+
+import numpy as np
+
+from fedlearn.client_app import ClientApp, ClientContext, EvaluateResult, TrainResult
+from fedlearn.errors import FedlearnError
+from fedlearn.messages import Reply, Stage, Task
+from fedlearn.records import Arrays, check_scalars
+
+
+class ClientRuntime:
+    """Runs tasks against one ClientApp instance (which may serve many client ids)."""
+
+    def __init__(self, app: ClientApp, run_id: str = "") -> None:
+        self.app = app
+        self.run_id = run_id
+
+    def handle(self, task: Task, arrays: Arrays) -> Reply:
+        """Run ``task`` on ``arrays``; any exception becomes a failed Reply."""
+        ctx = ClientContext(task.client_id, task.round, task.seed, self.run_id)
+        _seed_frameworks(task.seed)
+        try:
+            if task.stage is Stage.TRAIN:
+                return _train_reply(task, self.app.train(arrays, task.config, ctx))
+            return _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            return Reply(task.stage, task.round, task.client_id, error=describe(exc))
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an exception and where user code raised it."""
+    if isinstance(exc, FedlearnError):
+        return f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _train_reply(task: Task, result: Any) -> Reply:
+    if not isinstance(result, TrainResult):
+        raise TypeError(f"train() must return TrainResult, not {type(result).__name__}")
+    arrays = {str(k): np.asarray(v) for k, v in result.arrays.items()}
+    return Reply(
+        task.stage,
+        task.round,
+        task.client_id,
+        num_examples=_count(result.num_examples),
+        arrays=arrays,
+        metrics=check_scalars(result.metrics, "metrics"),
+    )
+
+
+def _evaluate_reply(task: Task, result: Any) -> Reply:
+    if not isinstance(result, EvaluateResult):
+        raise TypeError(f"evaluate() must return EvaluateResult, not {type(result).__name__}")
+    return Reply(
+        task.stage,
+        task.round,
+        task.client_id,
+        num_examples=_count(result.num_examples),
+        loss=float(result.loss),
+        metrics=check_scalars(result.metrics, "metrics"),
+    )
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, np.integer):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"num_examples must be an int, not {type(value).__name__}")
+    return value
+
+
+def _seed_frameworks(seed: int) -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)

@@ -1,0 +1,7 @@
+"""Simulation: many clients on one machine."""
+
+from fedlearn.simulation.engine import BackendName, make_transport, run_simulation
+from fedlearn.simulation.inprocess import InProcessTransport
+from fedlearn.simulation.pool import PoolTransport
+
+__all__ = ["BackendName", "InProcessTransport", "PoolTransport", "make_transport", "run_simulation"]

@@ -1,0 +1,251 @@
+"""The Strategy API: a few pure hooks, no sockets, sleeps or threads.
+
+A strategy decides which clients take part and with what config, how client updates
+fold into an aggregate, and how the aggregate becomes the next global model (the server
+optimizer). The coordinator owns the loop and calls these hooks.
+
+Aggregation comes in two kinds:
+
+* **linear** folds (``Strategy.linear = True``) stream: each update is added to a running
+  sum as it arrives and then dropped, so memory does not grow with the number of clients;
+* **holistic** folds (Krum, Median, ...) need every update at once and collect them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from fedlearn.errors import ConfigError, RoundFailed
+from fedlearn.records import Arrays, Config, Metrics, Scalar
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a hook may know about the round it runs in."""
+
+    round: int
+    num_rounds: int
+    rng: np.random.Generator = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A validated training reply from one client."""
+
+    client_id: int
+    arrays: Arrays
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    """A validated evaluation reply from one client."""
+
+    client_id: int
+    num_examples: int
+    loss: float
+    metrics: Metrics = field(default_factory=dict)
+
+
+class Fold(Protocol):
+    """Consumes updates one at a time and produces the aggregate."""
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold one update in."""
+        ...
+
+    def result(self) -> Arrays:
+        """The aggregate of everything added; raises RoundFailed if there is none."""
+        ...
+
+
+class WeightedMeanFold:
+    """Streaming weighted mean ``sum(w_i x_i) / sum(w_i)`` with ``w_i = num_examples``.
+
+    Floating arrays accumulate in their own dtype with the operations in the same order
+    as the textbook formula (multiply, add in arrival order, divide once), so results
+    match a list-based reference bit for bit; integer arrays accumulate in float64 and
+    are rounded back.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, np.ndarray] = {}
+        self._scratch: dict[str, np.ndarray] = {}
+        self._total = 0.0
+        self.count = 0
+
+    def weight(self, update: ClientUpdate) -> float:
+        """The weight of ``update``; override for other linear rules."""
+        return float(update.num_examples)
+
+    def add(self, update: ClientUpdate) -> None:
+        """Add ``weight * update`` to the running sums."""
+        w = self.weight(update)
+        if self.count == 0:
+            for name, x in update.arrays.items():
+                acc_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64
+                acc = np.empty(x.shape, acc_dtype)
+                np.multiply(x, np.asarray(w, acc_dtype), out=acc, casting="unsafe")
+                self._sums[name] = acc
+                self._scratch[name] = np.empty_like(acc)
+        else:
+            for name, x in update.arrays.items():
+                acc, tmp = self._sums[name], self._scratch[name]
+                np.multiply(x, np.asarray(w, acc.dtype), out=tmp, casting="unsafe")
+                np.add(acc, tmp, out=acc)
+        self._total += w
+        self.count += 1
+
+    @property
+    def total_weight(self) -> float:
+        """Sum of the weights added so far."""
+        return self._total
+
+    def result(self) -> Arrays:
+        """The weighted mean, in each array's original dtype."""
+        if self.count == 0 or self._total <= 0:
+            raise RoundFailed("no updates with positive weight to aggregate")
+        out: Arrays = {}
+        for name, acc in self._sums.items():
+            mean = acc / np.asarray(self._total, acc.dtype)
+            out[name] = mean
+        self._scratch.clear()
+        return out
+
+
+class CollectFold:
+    """Keeps every update for a holistic rule, then calls it once."""
+
+    def __init__(self, strategy: Strategy, ctx: RoundContext, global_arrays: Arrays) -> None:
+        self.updates: list[ClientUpdate] = []
+        self._strategy = strategy
+        self._ctx = ctx
+        self._global = global_arrays
+
+    def add(self, update: ClientUpdate) -> None:
+        """Keep ``update``."""
+        self.updates.append(update)
+
+    def result(self) -> Arrays:
+        """Apply the strategy's holistic rule to all kept updates."""
+        if not self.updates:
+            raise RoundFailed("no updates to aggregate")
+        return self._strategy.combine(self._ctx, self._global, self.updates)
+
+
+def sample_clients(
+    clients: Sequence[int], fraction: float, minimum: int, rng: np.random.Generator
+) -> list[int]:
+    """Sample ``max(floor(fraction * n), minimum)`` clients without replacement, sorted."""
+    n = len(clients)
+    k = min(n, max(int(fraction * n), minimum))
+    if k >= n:
+        return sorted(clients)
+    chosen = rng.choice(n, size=k, replace=False)
+    return sorted(clients[i] for i in chosen)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """Base of every strategy: client selection, configs, aggregation, server update.
+
+    Subclasses override the hooks they need. Settings are frozen dataclass fields;
+    state that changes between rounds (server optimizer moments) is explicit: it is
+    created by :meth:`init_state` and threaded through :meth:`server_update`.
+    """
+
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_clients: int = 1
+    min_evaluate_clients: int = 1
+
+    linear: ClassVar[bool] = True
+
+    def validate(self, num_clients: int) -> None:
+        """Raise ConfigError if these settings cannot run with ``num_clients``."""
+        for name in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], got {value}")
+        for name in ("min_train_clients", "min_evaluate_clients"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+            if value > num_clients:
+                raise ConfigError(f"{name}={value} exceeds the {num_clients} available clients")
+
+    def train_clients_per_round(self, num_clients: int) -> int:
+        """How many clients :meth:`select_train` picks out of ``num_clients``."""
+        return min(num_clients, max(int(self.fraction_train * num_clients), self.min_train_clients))
+
+    def select_train(self, ctx: RoundContext, clients: Sequence[int]) -> list[int]:
+        """Clients that train this round."""
+        return sample_clients(clients, self.fraction_train, self.min_train_clients, ctx.rng)
+
+    def select_evaluate(self, ctx: RoundContext, clients: Sequence[int]) -> list[int]:
+        """Clients that evaluate this round."""
+        return sample_clients(clients, self.fraction_evaluate, self.min_evaluate_clients, ctx.rng)
+
+    def train_config(self, ctx: RoundContext) -> Config:
+        """Config sent with every training task this round."""
+        return {}
+
+    def evaluate_config(self, ctx: RoundContext) -> Config:
+        """Config sent with every evaluation task this round."""
+        return {}
+
+    def init_state(self, global_arrays: Arrays) -> Arrays:
+        """Server-side state carried between rounds (empty unless the strategy has some)."""
+        return {}
+
+    def start_fold(self, ctx: RoundContext, global_arrays: Arrays) -> Fold:
+        """A fresh fold for this round's updates."""
+        if self.linear:
+            return WeightedMeanFold()
+        return CollectFold(self, ctx, global_arrays)
+
+    def combine(
+        self, ctx: RoundContext, global_arrays: Arrays, updates: Sequence[ClientUpdate]
+    ) -> Arrays:
+        """Holistic rule over all updates (only for ``linear = False`` strategies)."""
+        raise NotImplementedError(f"{type(self).__name__} has no holistic rule")
+
+    def server_update(
+        self, ctx: RoundContext, global_arrays: Arrays, aggregate: Arrays, state: Arrays
+    ) -> tuple[Arrays, Arrays]:
+        """Next global model and state from the aggregate (default: take the aggregate)."""
+        return aggregate, state
+
+    def summarize_train(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> Metrics:
+        """Round-level training metrics: num_examples-weighted means of client metrics."""
+        return weighted_means([(u.num_examples, u.metrics) for u in updates])
+
+    def summarize_evaluate(
+        self, ctx: RoundContext, evaluations: Sequence[ClientEvaluation]
+    ) -> Metrics:
+        """Round-level evaluation metrics: weighted means of loss and client metrics."""
+        rows = [(e.num_examples, {"loss": e.loss, **e.metrics}) for e in evaluations]
+        return weighted_means(rows)
+
+
+def weighted_means(rows: Sequence[tuple[int, Metrics]]) -> Metrics:
+    """Weighted mean of each numeric metric over the rows that report it."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for n, metrics in rows:
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            sums[key] = sums.get(key, 0.0) + n * float(value)
+            weights[key] = weights.get(key, 0.0) + n
+    out: dict[str, Scalar] = {}
+    for key, total in sums.items():
+        if weights[key] > 0 and math.isfinite(total):
+            out[key] = total / weights[key]
+    return out

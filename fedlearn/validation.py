@@ -1,0 +1,57 @@
+"""Checks a client's reply against the global model before it touches any aggregate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedlearn.errors import UpdateRejected
+from fedlearn.messages import Reply
+from fedlearn.records import Arrays
+from fedlearn.strategy.base import ClientEvaluation, ClientUpdate
+
+
+def check_update(reply: Reply, global_arrays: Arrays) -> ClientUpdate:
+    """A ClientUpdate from ``reply``, or UpdateRejected naming the client, round and reason."""
+
+    def reject(reason: str) -> UpdateRejected:
+        return UpdateRejected(reason, client_id=reply.client_id, round=reply.round)
+
+    if reply.arrays is None:
+        raise reject("training reply carries no arrays")
+    if reply.num_examples <= 0:
+        raise reject(f"num_examples must be positive, got {reply.num_examples}")
+    arrays = reply.arrays
+    if list(arrays) != list(global_arrays):
+        missing = [k for k in global_arrays if k not in arrays]
+        extra = [k for k in arrays if k not in global_arrays]
+        if missing or extra:
+            raise reject(f"array names differ from the global model (missing {missing}, extra {extra})")
+        raise reject("arrays are not in the global model's order")
+    for name, expected in global_arrays.items():
+        got = arrays[name]
+        if got.shape != expected.shape:
+            raise reject(f"array {name!r} has shape {got.shape}, global model has {expected.shape}")
+        if got.dtype != expected.dtype:
+            raise reject(f"array {name!r} has dtype {got.dtype}, global model has {expected.dtype}")
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            raise reject(f"array {name!r} contains NaN or Inf")
+    return ClientUpdate(reply.client_id, arrays, reply.num_examples, reply.metrics)
+
+
+def check_evaluation(reply: Reply) -> ClientEvaluation:
+    """A ClientEvaluation from ``reply``, or UpdateRejected."""
+    if reply.num_examples <= 0:
+        raise UpdateRejected(
+            f"num_examples must be positive, got {reply.num_examples}",
+            client_id=reply.client_id,
+            round=reply.round,
+        )
+    if reply.loss is None or not math.isfinite(reply.loss):
+        raise UpdateRejected(
+            f"evaluation loss must be a finite number, got {reply.loss}",
+            client_id=reply.client_id,
+            round=reply.round,
+        )
+    return ClientEvaluation(reply.client_id, reply.num_examples, reply.loss, reply.metrics)
