@@ -7,7 +7,6 @@
     ├── DataError            a dataset or partition cannot be built
     ├── SerializationError   bytes that do not decode to a record
     ├── UpdateRejected       a client's reply failed validation (shape, dtype, NaN/Inf, ...)
-    ├── ClientAppError       user code in a ClientApp raised
     └── RoundFailed          a round could not reach its quorum; the global model is unchanged
 """
 
@@ -44,10 +43,6 @@ class UpdateRejected(FedlearnError):
         self.client_id = client_id
         self.round = round
         self.reason = message
-
-
-class ClientAppError(FedlearnError):
-    """A ClientApp raised while handling a task."""
 
 
 class RoundFailed(FedlearnError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -77,6 +77,7 @@ class WeightedMeanFold:
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
         self._scratch: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype[Any]] = {}
         self._total = 0.0
         self.count = 0
 
@@ -94,6 +95,7 @@ class WeightedMeanFold:
                 np.multiply(x, np.asarray(w, acc_dtype), out=acc, casting="unsafe")
                 self._sums[name] = acc
                 self._scratch[name] = np.empty_like(acc)
+                self._dtypes[name] = x.dtype
         else:
             for name, x in update.arrays.items():
                 acc, tmp = self._sums[name], self._scratch[name]
@@ -113,8 +115,9 @@ class WeightedMeanFold:
             raise RoundFailed("no updates with positive weight to aggregate")
         out: Arrays = {}
         for name, acc in self._sums.items():
-            mean = acc / np.asarray(self._total, acc.dtype)
-            out[name] = mean
+            mean = np.asarray(acc / np.asarray(self._total, acc.dtype))
+            dtype = self._dtypes[name]
+            out[name] = mean if mean.dtype == dtype else np.rint(mean).astype(dtype)
         self._scratch.clear()
         return out
 

@@ -1,0 +1,1 @@
+"""Example ClientApps built on :class:`fedlearn.torch_app.TorchClientApp`."""

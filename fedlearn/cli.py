@@ -1,0 +1,145 @@
+"""The ``fedlearn`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedlearn.config import load_config, parse_assignment
+from fedlearn.coordinator import ClientRecord, RoundRecord
+from fedlearn.errors import FedlearnError
+from fedlearn.messages import Stage
+
+app = typer.Typer(help="fedlearn: federated learning simulations and deployments.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+
+
+class ProgressObserver:
+    """One progress bar per round stage, and a line per finished round."""
+
+    def __init__(self, progress: Progress, rounds: int) -> None:
+        self.progress = progress
+        self.rounds = rounds
+        self.task: Any = None
+
+    def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"round {round}/{self.rounds} {stage.value}",
+                                           total=num_tasks)
+
+    def reply_received(self, record: ClientRecord) -> None:
+        self.progress.advance(self.task)
+
+    def round_finished(self, record: RoundRecord) -> None:
+        acc = record.eval_metrics.get("accuracy")
+        loss = record.eval_metrics.get("loss")
+        status = "[green]ok[/]" if record.ok else f"[red]failed[/]: {record.error}"
+        parts = [f"round {record.round}: {status}",
+                 f"train {record.train_ok}/{record.train_selected}"]
+        if record.eval_selected:
+            parts.append(f"eval {record.eval_ok}/{record.eval_selected}")
+        if isinstance(acc, float):
+            parts.append(f"accuracy {acc:.4f}")
+        if isinstance(loss, float):
+            parts.append(f"loss {loss:.4f}")
+        parts.append(f"{record.duration_s:.2f}s")
+        self.progress.console.print("  ".join(parts))
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path | None, typer.Argument(help="TOML config; embedded defaults if omitted")] = None,
+    rounds: Annotated[int | None, typer.Option(help="override run.rounds")] = None,
+    clients: Annotated[int | None, typer.Option(help="override run.clients")] = None,
+    seed: Annotated[int | None, typer.Option(help="override run.seed")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<run.name>)")] = None,
+    backend: Annotated[str | None, typer.Option(help="inprocess | pool")] = None,
+    workers: Annotated[int | None, typer.Option(help="pool worker processes")] = None,
+    strategy: Annotated[str | None, typer.Option(help="override strategy.name")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any field: key.path=value")] = None,
+) -> None:
+    """Run a federated simulation and write its run directory (model, run store, report)."""
+    from fedlearn.job import run_job
+    from fedlearn.report import print_report, summarize
+    from fedlearn.store import RunStore
+
+    overrides: dict[str, Any] = {}
+    for key, value in [("run.rounds", rounds), ("run.clients", clients), ("run.seed", seed),
+                       ("run.out_dir", None if out is None else str(out)),
+                       ("backend.kind", backend), ("backend.workers", workers),
+                       ("strategy.name", strategy)]:
+        if value is not None:
+            overrides[key] = value
+    try:
+        overrides.update(parse_assignment(text) for text in set_ or [])
+        cfg = load_config(config, overrides)
+        console.print(f"[bold]fedlearn simulate[/] {cfg.run.name}: {cfg.run.clients} clients, "
+                      f"{cfg.run.rounds} rounds, {cfg.strategy.name}, {cfg.data.dataset}/"
+                      f"{cfg.data.partitioner}, backend {cfg.backend.kind}")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            result, out_dir = run_job(cfg, ProgressObserver(progress, cfg.run.rounds))
+    except FedlearnError as exc:
+        _fail(str(exc))
+    store = RunStore(out_dir / "run.db")
+    try:
+        print_report(summarize(store), console)
+    finally:
+        store.close()
+    console.print(f"run directory: {out_dir} (model.safetensors, run.db, report.json, "
+                  "clients.csv, rounds.csv, *.png)")
+    if not any(r.ok for r in result.rounds):
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by simulate")],
+    write: Annotated[bool, typer.Option(help="also (re)write JSON, CSV and PNG files")] = True,
+) -> None:
+    """Print per-round and per-client summaries of a run; write JSON, CSV and plots."""
+    from fedlearn.report import print_report, summarize, write_report
+    from fedlearn.store import RunStore
+
+    db = run_dir / "run.db"
+    if not db.is_file():
+        _fail(f"{db} does not exist")
+    store = RunStore(db)
+    try:
+        if write:
+            print_report(write_report(store, run_dir).report, console)
+            console.print(f"wrote report.json, clients.csv, rounds.csv and plots to {run_dir}")
+        else:
+            print_report(summarize(store), console)
+    finally:
+        store.close()
+
+
+@app.command()
+def strategies() -> None:
+    """List the built-in strategies and their settings."""
+    import dataclasses
+
+    from fedlearn.strategy import STRATEGIES
+
+    for name, cls in STRATEGIES.items():
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
+                           if f.default is not dataclasses.MISSING)
+        kind = "linear" if cls.linear else "holistic"
+        console.print(f"[bold]{name}[/] ({kind}): {fields}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,125 @@
+"""Simulation configs: TOML files validated with pydantic; errors name the bad field."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedlearn.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    """[run]: what to run and for how long."""
+
+    name: str = Field("mnist-fedavg", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(5, ge=1)
+    clients: int = Field(20, ge=1)
+    evaluate_every: int = Field(1, ge=0)
+    out_dir: str | None = None
+
+
+class DataSection(_Section):
+    """[data]: which real dataset and how to split it across clients."""
+
+    dataset: Literal["mnist5k", "digits", "breast_cancer", "wine", "shakespeare"] = "mnist5k"
+    partitioner: Literal["iid", "dirichlet", "shards", "natural"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+
+
+class ClientSection(_Section):
+    """[client]: the ClientApp factory (``module:function``) and its parameters."""
+
+    app: str = Field("clients.mnist:make_app", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    params: dict[str, Scalar] = Field(
+        default_factory=lambda: {"epochs": 1, "batch_size": 32, "lr": 0.05}
+    )
+
+
+class StrategySection(_Section):
+    """[strategy]: a built-in strategy by name (or ``module:Class``) and its settings."""
+
+    name: str = "fedavg"
+    params: dict[str, Scalar] = Field(default_factory=dict)
+
+
+class BackendSection(_Section):
+    """[backend]: where simulated clients run."""
+
+    kind: Literal["inprocess", "pool"] = "pool"
+    workers: int | None = Field(None, ge=1)
+
+
+class SimulationConfig(_Section):
+    """A whole simulation config."""
+
+    run: RunSection = Field(default_factory=RunSection)  # type: ignore[arg-type]
+    data: DataSection = Field(default_factory=DataSection)  # type: ignore[arg-type]
+    client: ClientSection = Field(default_factory=ClientSection)  # type: ignore[arg-type]
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    backend: BackendSection = Field(default_factory=BackendSection)
+
+
+def parse_config(raw: dict[str, Any]) -> SimulationConfig:
+    """Validate a config mapping; ConfigError lists each bad field by its dotted path."""
+    try:
+        return SimulationConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from exc
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> SimulationConfig:
+    """Read a TOML config (or the embedded defaults when ``path`` is None) plus overrides.
+
+    ``overrides`` maps dotted field paths (``"run.rounds"``) to values.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return parse_config(raw)
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted = "a.b.c"``."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {key} is not a table")
+        node = child
+    node[leaf] = value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse ``key.path=value`` where value is a TOML value (bare words become strings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed

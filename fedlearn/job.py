@@ -1,0 +1,95 @@
+"""A simulation job from a config: data, ClientApp, strategy, run store, weights, report."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from fedlearn.client_app import ClientApp, ProvidesInitialArrays
+from fedlearn.config import SimulationConfig, StrategySection
+from fedlearn.coordinator import Observer, RunResult
+from fedlearn.data import load_dataset, partition_dataset
+from fedlearn.errors import ConfigError
+from fedlearn.references import resolve
+from fedlearn.report import write_report
+from fedlearn.simulation import run_simulation
+from fedlearn.store import RunStore
+from fedlearn.strategy import Strategy, build_strategy
+from fedlearn.weights import save_weights
+
+
+def make_strategy(section: StrategySection) -> Strategy:
+    """A built-in strategy by name, or a user's ``module:Class`` Strategy subclass."""
+    if ":" not in section.name:
+        return build_strategy(section.name, section.params)
+    cls = resolve(section.name, "strategy.name")
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError(f"strategy.name: {section.name} is not a Strategy subclass")
+    try:
+        return cls(**section.params)
+    except TypeError as exc:
+        raise ConfigError(f"strategy.params: {exc}") from exc
+
+
+def run_dir(config: SimulationConfig) -> Path:
+    """Where a run writes its outputs."""
+    return Path(config.run.out_dir or Path("runs") / config.run.name)
+
+
+def run_job(config: SimulationConfig, observer: Observer | None = None) -> tuple[RunResult, Path]:
+    """Run the simulation ``config`` describes and write its run directory."""
+    strategy = make_strategy(config.strategy)
+    strategy.validate(config.run.clients)
+    factory = resolve(config.client.app, "client.app")
+    dataset = load_dataset(config.data.dataset)
+    data = partition_dataset(
+        dataset,
+        config.data.partitioner,
+        config.run.clients,
+        config.run.seed,
+        alpha=config.data.alpha,
+        shards_per_client=config.data.shards_per_client,
+        test_fraction=config.data.test_fraction,
+    )
+    app_factory = functools.partial(_build_app, factory, data, dict(config.client.params))
+    probe = app_factory()
+    if not isinstance(probe, ProvidesInitialArrays):
+        raise ConfigError(f"client.app: {config.client.app} must build an app with initial_arrays()")
+    out = run_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.model_dump_json(indent=2))
+    store = RunStore(out / "run.db", run_id="run")
+    try:
+        store.start_run(config.run.seed, config.model_dump())
+        result = run_simulation(
+            app_factory,
+            strategy,
+            num_clients=config.run.clients,
+            rounds=config.run.rounds,
+            initial_arrays=probe.initial_arrays(config.run.seed),
+            seed=config.run.seed,
+            backend=config.backend.kind,
+            workers=config.backend.workers,
+            evaluate_every=config.run.evaluate_every,
+            sink=store,
+            observer=observer,
+            run_id=config.run.name,
+        )
+        save_weights(result.arrays, out / "model.safetensors",
+                     {"run": config.run.name, "rounds": str(config.run.rounds)})
+        store.finish_run("finished" if any(r.ok for r in result.rounds) else "failed")
+        write_report(store, out)
+    finally:
+        store.close()
+    return result, out
+
+
+def _build_app(factory: Any, data: Any, params: dict[str, Any]) -> ClientApp:
+    try:
+        app = factory(data, **params)
+    except TypeError as exc:
+        raise ConfigError(f"client.params: {exc}") from exc
+    if not isinstance(app, ClientApp):
+        raise ConfigError("client.app must build an object with train() and evaluate()")
+    return app

@@ -1,0 +1,1 @@
+"""Runnable experiments and a custom-strategy example."""
