@@ -131,11 +131,11 @@ class BlockedFold:
         w = np.asarray(float(update.num_examples), x.dtype)
         spans = self._ranges(x.size)
         if self.pool is None or len(spans) == 1:
-            for (lo, hi), tmp in zip(spans, self._scratch):
+            for (lo, hi), tmp in zip(spans, self._scratch, strict=True):
                 self._span(x, w, lo, hi, tmp, first)
         else:
             futures = [self.pool.submit(self._span, x, w, lo, hi, tmp, first)
-                       for (lo, hi), tmp in zip(spans, self._scratch)]
+                       for (lo, hi), tmp in zip(spans, self._scratch, strict=True)]
             for f in futures:
                 f.result()
         self._total += float(update.num_examples)
@@ -164,7 +164,7 @@ def chunk_major(updates: Sequence[ClientUpdate], block: int) -> np.ndarray:
         e = min(n, s + block)
         a, t = acc[s:e], tmp[: e - s]
         np.multiply(xs[0][s:e], ws[0], out=a)
-        for x, w in zip(xs[1:], ws[1:]):
+        for x, w in zip(xs[1:], ws[1:], strict=True):
             np.multiply(x[s:e], w, out=t)
             np.add(a, t, out=a)
     return acc / np.asarray(float(sum(u.num_examples for u in updates)), np.float32)
@@ -183,7 +183,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     vectors = [rng.standard_normal(args.size, dtype=np.float32) for _ in range(args.updates)]
     weights = rng.integers(50, 5000, size=args.updates)
-    updates = [ClientUpdate(i, {"x": v}, int(n)) for i, (v, n) in enumerate(zip(vectors, weights))]
+    pairs = zip(vectors, weights, strict=True)
+    updates = [ClientUpdate(i, {"x": v}, int(n)) for i, (v, n) in enumerate(pairs)]
     in_bytes = args.updates * args.size * 4
     threads = os.cpu_count() or 1
     print(f"machine: {platform.machine()}, {threads} cores; numpy {np.__version__}; "
@@ -226,7 +227,7 @@ def main() -> None:
             fn()
             times[i].append(time.perf_counter() - t0)
     results = []
-    for (name, _, _), ts, same in zip(variants, times, checks):
+    for (name, _, _), ts, same in zip(variants, times, checks, strict=True):
         t = statistics.median(ts)
         bw = in_bytes / t / 1e9
         results.append((name, t, bw, same))

@@ -28,6 +28,7 @@ environment (the ones this script started) are killed, by pid. ``ray stop`` is n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -120,10 +121,8 @@ def _kill_ours(marker: bytes) -> int:
     pids = _pids_with_env(marker)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 3
         while pids and time.monotonic() < deadline:
             pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
@@ -218,13 +217,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for n in sizes:
         row: dict[str, Any] = {"clients": n}
-        bare_t, _, _ = median_of(lambda: bare_loop(n, args.rounds), args.reps)
-        cached_t, _, (ref, ref_acc) = median_of(lambda: bare_loop(n, args.rounds, cache=True),
-                                                args.reps)
+        bare_t, _, _ = median_of(lambda n=n: bare_loop(n, args.rounds), args.reps)
+        cached_t, _, (ref, ref_acc) = median_of(
+            lambda n=n: bare_loop(n, args.rounds, cache=True), args.reps)
         row.update(bare_s=bare_t, bare_cached_s=cached_t, bare_acc=ref_acc)
         for backend in ("inprocess", "pool"):
-            t, times, res = median_of(lambda: run_fedlearn(n, args.rounds, backend, args.workers),
-                                      args.reps)
+            t, times, res = median_of(
+                lambda n=n, b=backend: run_fedlearn(n, args.rounds, b, args.workers), args.reps)
             same = all(np.array_equal(res.arrays[k], ref[k]) for k in ref)
             row[backend] = {"median_s": t, "times_s": times, "acc": final_accuracy(res),
                             "loss": float(res.rounds[-1].eval_metrics["loss"]),
@@ -272,13 +271,14 @@ def main() -> None:
         n = r["clients"]
         for backend in ("inprocess", "pool"):
             t = r[backend]["median_s"]
-            line = f"clients={n} [{backend}] fedlearn/bare = {t / r['bare_s']:.3f}"
+            vs_bare = f"fedlearn/bare = {t / r['bare_s']:.3f}"
             if r.get("flower_wall_s"):
                 ratio = t / r["flower_wall_s"]
-                line = (f"clients={n} fedlearn/flower = {ratio:.4f} ({1 / ratio:.1f}x faster) "
-                        f"[{backend}; vs Flower's run_simulation alone: "
-                        f"{t / (r['flower_sim_s'] or r['flower_wall_s']):.4f}]; " + line[line.index("fedlearn/bare"):])
-            print(line)
+                sim_ratio = t / (r["flower_sim_s"] or r["flower_wall_s"])
+                print(f"clients={n} fedlearn/flower = {ratio:.4f} ({1 / ratio:.1f}x faster) "
+                      f"[{backend}; vs Flower's run_simulation alone: {sim_ratio:.4f}]; {vs_bare}")
+            else:
+                print(f"clients={n} [{backend}] {vs_bare}")
     if args.profile:
         print()
         print(profile_fedlearn(max(sizes), args.rounds, 30))

@@ -1,4 +1,4 @@
-"""fedlearn: federated learning with pluggable strategies, fast simulation and per-client evaluation.
+"""fedlearn: federated learning with pluggable strategies, fast simulation, per-client evaluation.
 
 The public API is what this module exports; everything else is internal.
 """
@@ -12,6 +12,7 @@ from fedlearn.client_app import (
 )
 from fedlearn.coordinator import ClientRecord, Coordinator, RoundRecord, RunResult, Transport
 from fedlearn.errors import (
+    AuthError,
     ConfigError,
     DataError,
     FedlearnError,
@@ -53,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "STRATEGIES",
     "Arrays",
+    "AuthError",
     "Bulyan",
     "ClientApp",
     "ClientContext",

@@ -15,8 +15,11 @@ from fedlearn.coordinator import ClientRecord, RoundRecord
 from fedlearn.errors import FedlearnError
 from fedlearn.messages import Stage
 
-app = typer.Typer(help="fedlearn: federated learning simulations and deployments.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="fedlearn: federated learning simulations and deployments.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 
 
@@ -31,8 +34,9 @@ class ProgressObserver:
     def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
         if self.task is not None:
             self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(f"round {round}/{self.rounds} {stage.value}",
-                                           total=num_tasks)
+        self.task = self.progress.add_task(
+            f"round {round}/{self.rounds} {stage.value}", total=num_tasks
+        )
 
     def reply_received(self, record: ClientRecord) -> None:
         self.progress.advance(self.task)
@@ -41,8 +45,10 @@ class ProgressObserver:
         acc = record.eval_metrics.get("accuracy")
         loss = record.eval_metrics.get("loss")
         status = "[green]ok[/]" if record.ok else f"[red]failed[/]: {record.error}"
-        parts = [f"round {record.round}: {status}",
-                 f"train {record.train_ok}/{record.train_selected}"]
+        parts = [
+            f"round {record.round}: {status}",
+            f"train {record.train_ok}/{record.train_selected}",
+        ]
         if record.eval_selected:
             parts.append(f"eval {record.eval_ok}/{record.eval_selected}")
         if isinstance(acc, float):
@@ -60,15 +66,21 @@ def _fail(message: str) -> NoReturn:
 
 @app.command()
 def simulate(
-    config: Annotated[Path | None, typer.Argument(help="TOML config; embedded defaults if omitted")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="TOML config; embedded defaults if omitted")
+    ] = None,
     rounds: Annotated[int | None, typer.Option(help="override run.rounds")] = None,
     clients: Annotated[int | None, typer.Option(help="override run.clients")] = None,
     seed: Annotated[int | None, typer.Option(help="override run.seed")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<run.name>)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (default runs/<run.name>)")
+    ] = None,
     backend: Annotated[str | None, typer.Option(help="inprocess | pool")] = None,
     workers: Annotated[int | None, typer.Option(help="pool worker processes")] = None,
     strategy: Annotated[str | None, typer.Option(help="override strategy.name")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="any field: key.path=value")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="any field: key.path=value")
+    ] = None,
 ) -> None:
     """Run a federated simulation and write its run directory (model, run store, report)."""
     from fedlearn.job import run_job
@@ -76,20 +88,33 @@ def simulate(
     from fedlearn.store import RunStore
 
     overrides: dict[str, Any] = {}
-    for key, value in [("run.rounds", rounds), ("run.clients", clients), ("run.seed", seed),
-                       ("run.out_dir", None if out is None else str(out)),
-                       ("backend.kind", backend), ("backend.workers", workers),
-                       ("strategy.name", strategy)]:
+    for key, value in [
+        ("run.rounds", rounds),
+        ("run.clients", clients),
+        ("run.seed", seed),
+        ("run.out_dir", None if out is None else str(out)),
+        ("backend.kind", backend),
+        ("backend.workers", workers),
+        ("strategy.name", strategy),
+    ]:
         if value is not None:
             overrides[key] = value
     try:
         overrides.update(parse_assignment(text) for text in set_ or [])
         cfg = load_config(config, overrides)
-        console.print(f"[bold]fedlearn simulate[/] {cfg.run.name}: {cfg.run.clients} clients, "
-                      f"{cfg.run.rounds} rounds, {cfg.strategy.name}, {cfg.data.dataset}/"
-                      f"{cfg.data.partitioner}, backend {cfg.backend.kind}")
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
+        console.print(
+            f"[bold]fedlearn simulate[/] {cfg.run.name}: {cfg.run.clients} clients, "
+            f"{cfg.run.rounds} rounds, {cfg.strategy.name}, {cfg.data.dataset}/"
+            f"{cfg.data.partitioner}, backend {cfg.backend.kind}"
+        )
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
             result, out_dir = run_job(cfg, ProgressObserver(progress, cfg.run.rounds))
     except FedlearnError as exc:
         _fail(str(exc))
@@ -98,8 +123,10 @@ def simulate(
         print_report(summarize(store), console)
     finally:
         store.close()
-    console.print(f"run directory: {out_dir} (model.safetensors, run.db, report.json, "
-                  "clients.csv, rounds.csv, *.png)")
+    console.print(
+        f"run directory: {out_dir} (model.safetensors, run.db, report.json, "
+        "clients.csv, rounds.csv, *.png)"
+    )
     if not any(r.ok for r in result.rounds):
         raise typer.Exit(1)
 
@@ -135,8 +162,11 @@ def strategies() -> None:
     from fedlearn.strategy import STRATEGIES
 
     for name, cls in STRATEGIES.items():
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
-                           if f.default is not dataclasses.MISSING)
+        fields = ", ".join(
+            f"{f.name}={f.default!r}"
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING
+        )
         kind = "linear" if cls.linear else "holistic"
         console.print(f"[bold]{name}[/] ({kind}): {fields}")
 

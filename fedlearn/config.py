@@ -38,13 +38,15 @@ class DataSection(_Section):
     test_fraction: float = Field(0.2, ge=0, lt=1)
 
 
+def _default_client_params() -> dict[str, Scalar]:
+    return {"epochs": 1, "batch_size": 32, "lr": 0.05}
+
+
 class ClientSection(_Section):
     """[client]: the ClientApp factory (``module:function``) and its parameters."""
 
     app: str = Field("clients.mnist:make_app", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    params: dict[str, Scalar] = Field(
-        default_factory=lambda: {"epochs": 1, "batch_size": 32, "lr": 0.05}
-    )
+    params: dict[str, Scalar] = Field(default_factory=_default_client_params)
 
 
 class StrategySection(_Section):
@@ -68,7 +70,7 @@ class SimulationConfig(_Section):
     data: DataSection = Field(default_factory=DataSection)  # type: ignore[arg-type]
     client: ClientSection = Field(default_factory=ClientSection)  # type: ignore[arg-type]
     strategy: StrategySection = Field(default_factory=StrategySection)
-    backend: BackendSection = Field(default_factory=BackendSection)
+    backend: BackendSection = Field(default_factory=BackendSection)  # type: ignore[arg-type]
 
 
 def parse_config(raw: dict[str, Any]) -> SimulationConfig:
@@ -83,7 +85,9 @@ def parse_config(raw: dict[str, Any]) -> SimulationConfig:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from exc
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> SimulationConfig:
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None
+) -> SimulationConfig:
     """Read a TOML config (or the embedded defaults when ``path`` is None) plus overrides.
 
     ``overrides`` maps dotted field paths (``"run.rounds"``) to values.

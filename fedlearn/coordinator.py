@@ -18,7 +18,7 @@ import numpy as np
 
 from fedlearn.errors import ConfigError, FedlearnError, RoundFailed, UpdateRejected
 from fedlearn.messages import Reply, Stage, Task, seed_for
-from fedlearn.records import Arrays, Metrics
+from fedlearn.records import Arrays, Config, Metrics, Scalar
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, RoundContext, Strategy
 from fedlearn.validation import check_evaluation, check_update
 
@@ -123,7 +123,9 @@ class Coordinator:
             raise ConfigError("client ids must be unique")
         self.strategy.validate(len(self.client_ids))
 
-    def run(self, initial_arrays: Arrays, state: Arrays | None = None, start_round: int = 1) -> RunResult:
+    def run(
+        self, initial_arrays: Arrays, state: Arrays | None = None, start_round: int = 1
+    ) -> RunResult:
         """Run rounds ``start_round..rounds`` from ``initial_arrays``."""
         arrays = {k: np.array(v) for k, v in initial_arrays.items()}
         state = self.strategy.init_state(arrays) if state is None else state
@@ -150,12 +152,14 @@ class Coordinator:
         error: str | None = None
         train_metrics: Metrics = {}
         try:
-            new_arrays, new_state, train_metrics = self._train(ctx, arrays, state, selected, records)
+            new_arrays, new_state, train_metrics = self._train(
+                ctx, arrays, state, selected, records
+            )
             arrays, state = new_arrays, new_state
         except RoundFailed as exc:
             error = str(exc)
         train_ok = sum(r.ok for r in records)
-        eval_selected, eval_ok, eval_metrics = 0, 0, {}
+        eval_selected, eval_ok, eval_metrics = 0, 0, dict[str, Scalar]()
         if self.evaluate_every and (rnd % self.evaluate_every == 0 or rnd == self.rounds):
             eval_selected, eval_ok, eval_metrics = self._evaluate(ctx, arrays, records)
         record = RoundRecord(
@@ -187,15 +191,27 @@ class Coordinator:
         for reply in self._stage(arrays, tasks):
             try:
                 if not reply.ok:
-                    raise UpdateRejected(str(reply.error), client_id=reply.client_id, round=ctx.round)
+                    raise UpdateRejected(
+                        str(reply.error), client_id=reply.client_id, round=ctx.round
+                    )
                 update = check_update(reply, arrays)
                 fold.add(update)
             except UpdateRejected as exc:
                 self._note(records, _failed(Stage.TRAIN, reply, exc))
                 continue
             accepted.append(ClientUpdate(update.client_id, {}, update.num_examples, update.metrics))
-            self._note(records, ClientRecord(ctx.round, Stage.TRAIN, reply.client_id, True,
-                                             reply.num_examples, None, reply.metrics))
+            self._note(
+                records,
+                ClientRecord(
+                    ctx.round,
+                    Stage.TRAIN,
+                    reply.client_id,
+                    True,
+                    reply.num_examples,
+                    None,
+                    reply.metrics,
+                ),
+            )
         if len(accepted) < self.strategy.min_train_clients:
             raise RoundFailed(
                 f"round {ctx.round}: {len(accepted)} of {len(selected)} clients returned valid "
@@ -209,8 +225,9 @@ class Coordinator:
         except (FedlearnError, ArithmeticError, ValueError) as exc:
             if isinstance(exc, RoundFailed):
                 raise
-            raise RoundFailed(f"round {ctx.round}: aggregation failed ({exc}); "
-                              "the global model is unchanged") from exc
+            raise RoundFailed(
+                f"round {ctx.round}: aggregation failed ({exc}); the global model is unchanged"
+            ) from exc
         return new_arrays, new_state, self.strategy.summarize_train(ctx, accepted)
 
     def _evaluate(
@@ -223,19 +240,31 @@ class Coordinator:
         for reply in self._stage(arrays, tasks):
             try:
                 if not reply.ok:
-                    raise UpdateRejected(str(reply.error), client_id=reply.client_id, round=ctx.round)
+                    raise UpdateRejected(
+                        str(reply.error), client_id=reply.client_id, round=ctx.round
+                    )
                 evaluation = check_evaluation(reply)
             except UpdateRejected as exc:
                 self._note(records, _failed(Stage.EVALUATE, reply, exc))
                 continue
             evaluations.append(evaluation)
-            self._note(records, ClientRecord(ctx.round, Stage.EVALUATE, reply.client_id, True,
-                                             reply.num_examples, reply.loss, reply.metrics))
+            self._note(
+                records,
+                ClientRecord(
+                    ctx.round,
+                    Stage.EVALUATE,
+                    reply.client_id,
+                    True,
+                    reply.num_examples,
+                    reply.loss,
+                    reply.metrics,
+                ),
+            )
         metrics = self.strategy.summarize_evaluate(ctx, evaluations) if evaluations else {}
         return len(selected), len(evaluations), metrics
 
-    def _task(self, stage: Stage, rnd: int, cid: int, config: dict[str, object]) -> Task:
-        return Task(stage, rnd, cid, seed_for(self.seed, rnd, stage, cid), dict(config))  # type: ignore[arg-type]
+    def _task(self, stage: Stage, rnd: int, cid: int, config: Config) -> Task:
+        return Task(stage, rnd, cid, seed_for(self.seed, rnd, stage, cid), dict(config))
 
     def _stage(self, arrays: Arrays, tasks: list[Task]) -> Iterator[Reply]:
         if self.observer is not None and tasks:
@@ -274,8 +303,9 @@ def in_task_order(replies: Iterable[Reply], tasks: Sequence[Task]) -> Iterator[R
 
 
 def _failed(stage: Stage, reply: Reply, exc: UpdateRejected) -> ClientRecord:
-    return ClientRecord(reply.round, stage, reply.client_id, False, reply.num_examples,
-                        error=exc.reason)
+    return ClientRecord(
+        reply.round, stage, reply.client_id, False, reply.num_examples, error=exc.reason
+    )
 
 
 def _check_model(new: Arrays, old: Arrays) -> Arrays:

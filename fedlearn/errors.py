@@ -7,6 +7,7 @@
     ├── DataError            a dataset or partition cannot be built
     ├── SerializationError   bytes that do not decode to a record
     ├── UpdateRejected       a client's reply failed validation (shape, dtype, NaN/Inf, ...)
+    ├── AuthError            a client failed authentication (unknown, revoked, replayed)
     └── RoundFailed          a round could not reach its quorum; the global model is unchanged
 """
 
@@ -47,3 +48,7 @@ class UpdateRejected(FedlearnError):
 
 class RoundFailed(FedlearnError):
     """A round did not reach its quorum; nothing was applied."""
+
+
+class AuthError(FedlearnError):
+    """A client failed authentication (unknown, revoked, replayed or bad proof)."""

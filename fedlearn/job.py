@@ -27,7 +27,7 @@ def make_strategy(section: StrategySection) -> Strategy:
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise ConfigError(f"strategy.name: {section.name} is not a Strategy subclass")
     try:
-        return cls(**section.params)
+        return cls(**section.params)  # type: ignore[arg-type]
     except TypeError as exc:
         raise ConfigError(f"strategy.params: {exc}") from exc
 
@@ -55,7 +55,9 @@ def run_job(config: SimulationConfig, observer: Observer | None = None) -> tuple
     app_factory = functools.partial(_build_app, factory, data, dict(config.client.params))
     probe = app_factory()
     if not isinstance(probe, ProvidesInitialArrays):
-        raise ConfigError(f"client.app: {config.client.app} must build an app with initial_arrays()")
+        raise ConfigError(
+            f"client.app: {config.client.app} must build an app with initial_arrays()"
+        )
     out = run_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.model_dump_json(indent=2))
@@ -76,8 +78,11 @@ def run_job(config: SimulationConfig, observer: Observer | None = None) -> tuple
             observer=observer,
             run_id=config.run.name,
         )
-        save_weights(result.arrays, out / "model.safetensors",
-                     {"run": config.run.name, "rounds": str(config.run.rounds)})
+        save_weights(
+            result.arrays,
+            out / "model.safetensors",
+            {"run": config.run.name, "rounds": str(config.run.rounds)},
+        )
         store.finish_run("finished" if any(r.ok for r in result.rounds) else "failed")
         write_report(store, out)
     finally:

@@ -64,13 +64,14 @@ class Reply:
         return self.error is None
 
 
+_STAGE_INDEX = {stage: i for i, stage in enumerate(Stage)}
+
+
 def seed_for(run_seed: int, round: int, stage: Stage, client_id: int) -> int:
     """A 63-bit task seed derived from the run seed; the same in every transport."""
-    stage_id = list(Stage).index(stage)
-    seq = np.random.SeedSequence([run_seed, round, stage_id, client_id])
-    return int(seq.generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1 << 31, 1]) & (
-        (1 << 63) - 1
-    )
+    seq = np.random.SeedSequence([run_seed, round, _STAGE_INDEX[stage], client_id])
+    high, low = seq.generate_state(2, dtype=np.uint32).tolist()
+    return int((high << 32) | low) & ((1 << 63) - 1)
 
 
 _LEN = struct.Struct("<Q")

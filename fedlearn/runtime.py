@@ -33,7 +33,7 @@ class ClientRuntime:
             if task.stage is Stage.TRAIN:
                 return _train_reply(task, self.app.train(arrays, task.config, ctx))
             return _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
-        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        except Exception as exc:
             return Reply(task.stage, task.round, task.client_id, error=describe(exc))
 
 

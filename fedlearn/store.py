@@ -139,8 +139,18 @@ class RunStore:
             (self.run_id,),
         )
         return [
-            RoundRecord(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]),
-                        json.loads(r[7]), r[8], r[9])
+            RoundRecord(
+                r[0],
+                bool(r[1]),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                json.loads(r[6]),
+                json.loads(r[7]),
+                r[8],
+                r[9],
+            )
             for r in rows
         ]
 
@@ -167,8 +177,13 @@ class RunStore:
         ).fetchone()
         if row is None:
             return {}
-        return {"run_id": self.run_id, "created": row[0], "seed": row[1],
-                "config": json.loads(row[2]), "status": row[3]}
+        return {
+            "run_id": self.run_id,
+            "created": row[0],
+            "seed": row[1],
+            "config": json.loads(row[2]),
+            "status": row[3],
+        }
 
     def last_checkpoint(self) -> tuple[int, Arrays, Arrays] | None:
         """The last committed (round, arrays, state), if checkpoints are kept."""

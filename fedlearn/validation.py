@@ -27,7 +27,9 @@ def check_update(reply: Reply, global_arrays: Arrays) -> ClientUpdate:
         missing = [k for k in global_arrays if k not in arrays]
         extra = [k for k in arrays if k not in global_arrays]
         if missing or extra:
-            raise reject(f"array names differ from the global model (missing {missing}, extra {extra})")
+            raise reject(
+                f"array names differ from the global model (missing {missing}, extra {extra})"
+            )
         raise reject("arrays are not in the global model's order")
     for name, expected in global_arrays.items():
         got = arrays[name]

@@ -25,10 +25,24 @@ def _repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _simulate(tmp_path: Path, *extra: str) -> tuple[int, str, Path]:
     out = tmp_path / "run"
-    args = ["simulate", "--out", str(out), "--rounds", "2", "--clients", "6",
-            "--set", "data.dataset=breast_cancer", "--set", "data.partitioner=iid",
-            "--set", "client.app=clients.tabular:make_app", "--set", "strategy.params.min_train_clients=2",
-            *extra]
+    args = [
+        "simulate",
+        "--out",
+        str(out),
+        "--rounds",
+        "2",
+        "--clients",
+        "6",
+        "--set",
+        "data.dataset=breast_cancer",
+        "--set",
+        "data.partitioner=iid",
+        "--set",
+        "client.app=clients.tabular:make_app",
+        "--set",
+        "strategy.params.min_train_clients=2",
+        *extra,
+    ]
     result = runner.invoke(app, args)
     return result.exit_code, result.output, out
 
@@ -36,8 +50,16 @@ def _simulate(tmp_path: Path, *extra: str) -> tuple[int, str, Path]:
 def test_simulate_writes_run_directory(tmp_path: Path) -> None:
     code, output, out = _simulate(tmp_path, "--backend", "inprocess")
     assert code == 0, output
-    for name in ("model.safetensors", "run.db", "report.json", "clients.csv", "rounds.csv",
-                 "metrics_per_round.png", "clients_per_round.png", "config.json"):
+    for name in (
+        "model.safetensors",
+        "run.db",
+        "report.json",
+        "clients.csv",
+        "rounds.csv",
+        "metrics_per_round.png",
+        "clients_per_round.png",
+        "config.json",
+    ):
         assert (out / name).is_file(), name
     store = RunStore(out / "run.db")
     rounds = store.rounds()

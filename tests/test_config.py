@@ -13,7 +13,11 @@ from fedlearn.errors import ConfigError
 def test_embedded_defaults_are_the_main_job() -> None:
     cfg = load_config(None)
     assert (cfg.run.clients, cfg.data.dataset, cfg.data.partitioner, cfg.data.alpha) == (
-        20, "mnist5k", "dirichlet", 0.5)
+        20,
+        "mnist5k",
+        "dirichlet",
+        0.5,
+    )
     assert cfg.client.app == "clients.mnist:make_app"
 
 
@@ -41,7 +45,9 @@ def test_bad_fields_are_named(raw: dict[str, object], field: str) -> None:
 
 def test_toml_file_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('[run]\nrounds = 3\n[strategy]\nname = "fedprox"\nparams = {proximal_mu = 0.1}\n')
+    path.write_text(
+        '[run]\nrounds = 3\n[strategy]\nname = "fedprox"\nparams = {proximal_mu = 0.1}\n'
+    )
     cfg = load_config(path, {"run.clients": 7, "strategy.params.proximal_mu": 0.5})
     assert (cfg.run.rounds, cfg.run.clients, cfg.strategy.params["proximal_mu"]) == (3, 7, 0.5)
 

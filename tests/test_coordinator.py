@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from apps import LogReg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apps import LogReg
 from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.coordinator import Coordinator, in_task_order
 from fedlearn.errors import ConfigError
@@ -60,14 +60,19 @@ class Scripted:
     def evaluate(self, arrays: Arrays, config: Config, ctx: ClientContext) -> EvaluateResult:
         if self.bad.get(ctx.client_id) == "eval_nan":
             return EvaluateResult(10, float("nan"))
-        return EvaluateResult(10 * (ctx.client_id + 1), float(ctx.client_id),
-                              {"accuracy": 1.0 / (ctx.client_id + 1)})
+        return EvaluateResult(
+            10 * (ctx.client_id + 1), float(ctx.client_id), {"accuracy": 1.0 / (ctx.client_id + 1)}
+        )
 
 
 def run(bad: dict[int, str] | None = None, clients: int = 3, quorum: int = 1, rounds: int = 1):
     app = Scripted(bad or {})
-    coordinator = Coordinator(Strategy(min_train_clients=quorum), InProcessTransport(lambda: app),
-                              list(range(clients)), rounds)
+    coordinator = Coordinator(
+        Strategy(min_train_clients=quorum),
+        InProcessTransport(lambda: app),
+        list(range(clients)),
+        rounds,
+    )
     return coordinator.run(GLOBAL)
 
 
@@ -191,8 +196,15 @@ def test_in_task_order_fills_missing_replies() -> None:
 
 
 def _final(backend: str, seed: int, **kw: object) -> Arrays:
-    return run_simulation(LogReg, Strategy(fraction_train=0.5), num_clients=12, rounds=3,
-                          seed=seed, backend=backend, **kw).arrays  # type: ignore[arg-type]
+    return run_simulation(
+        LogReg,
+        Strategy(fraction_train=0.5),
+        num_clients=12,
+        rounds=3,
+        seed=seed,
+        backend=backend,
+        **kw,
+    ).arrays  # type: ignore[arg-type]
 
 
 def test_same_seed_is_bit_identical_and_backends_agree() -> None:
@@ -216,7 +228,9 @@ def test_pool_survives_a_worker_that_dies() -> None:
 
     transport = PoolTransport(Crashy, workers=2, chunk_size=1)
     try:
-        result = Coordinator(Strategy(), transport, list(range(8)), 2).run(LogReg().initial_arrays(0))
+        result = Coordinator(Strategy(), transport, list(range(8)), 2).run(
+            LogReg().initial_arrays(0)
+        )
     finally:
         transport.close()
     failed = [c for c in result.clients if not c.ok]
@@ -227,9 +241,15 @@ def test_pool_survives_a_worker_that_dies() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.integers(0, 5), st.sampled_from(
-    ["raise", "shape", "dtype", "nan", "inf", "missing", "extra", "order", "zero", "mutate"]),
-    max_size=6))
+@given(
+    st.dictionaries(
+        st.integers(0, 5),
+        st.sampled_from(
+            ["raise", "shape", "dtype", "nan", "inf", "missing", "extra", "order", "zero", "mutate"]
+        ),
+        max_size=6,
+    )
+)
 def test_fuzzed_failures_never_corrupt_the_model(bad: dict[int, str]) -> None:
     result = run(bad, clients=6)
     good = [c for c in range(6) if c not in bad]
@@ -240,7 +260,9 @@ def test_fuzzed_failures_never_corrupt_the_model(bad: dict[int, str]) -> None:
     weights = np.array([c + 1 for c in good], dtype=float)
     shift = float(np.dot(weights, good) / weights.sum())
     np.testing.assert_allclose(result.arrays["w"], GLOBAL["w"] + shift, rtol=1e-5)
-    assert sorted(c.client_id for c in result.clients if not c.ok and c.stage is Stage.TRAIN) == sorted(bad)
+    assert sorted(
+        c.client_id for c in result.clients if not c.ok and c.stage is Stage.TRAIN
+    ) == sorted(bad)
 
 
 def test_shuffled_transport_gives_the_same_model() -> None:
@@ -252,6 +274,8 @@ def test_shuffled_transport_gives_the_same_model() -> None:
 
     app = LogReg()
     arrays = app.initial_arrays(0)
-    plain = Coordinator(Strategy(), InProcessTransport(LogReg), list(range(10)), 2, seed=5).run(arrays)
+    plain = Coordinator(Strategy(), InProcessTransport(LogReg), list(range(10)), 2, seed=5).run(
+        arrays
+    )
     shuffled = Coordinator(Strategy(), Shuffling(LogReg), list(range(10)), 2, seed=5).run(arrays)
     assert plain.arrays["w"].tobytes() == shuffled.arrays["w"].tobytes()

@@ -15,14 +15,20 @@ def test_all_names_exist_and_are_unique() -> None:
 
 
 def test_no_undeclared_public_names() -> None:
-    public = {n for n, v in vars(fedlearn).items()
-              if not n.startswith("_") and not isinstance(v, ModuleType)}
+    public = {
+        n
+        for n, v in vars(fedlearn).items()
+        if not n.startswith("_") and not isinstance(v, ModuleType)
+    }
     assert public - set(fedlearn.__all__) == set()
 
 
 def test_exception_tree_has_one_root() -> None:
-    errors = [v for v in vars(fedlearn.errors).values()
-              if isinstance(v, type) and issubclass(v, Exception)]
+    errors = [
+        v
+        for v in vars(fedlearn.errors).values()
+        if isinstance(v, type) and issubclass(v, Exception)
+    ]
     assert fedlearn.FedlearnError in errors
     for cls in errors:
         assert issubclass(cls, fedlearn.FedlearnError), cls

@@ -17,7 +17,9 @@ BackendName = Literal["inprocess", "pool"]
 
 
 def make_transport(
-    backend: BackendName, app_factory: Callable[[], ClientApp], workers: int | None = None,
+    backend: BackendName,
+    app_factory: Callable[[], ClientApp],
+    workers: int | None = None,
     run_id: str = "",
 ) -> Transport:
     """A simulation transport by name."""
@@ -51,18 +53,29 @@ def run_simulation(
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
-    coordinator_args = dict(seed=seed, evaluate_every=evaluate_every, sink=sink, observer=observer)
     if initial_arrays is None:
         app = app_factory()
         if not isinstance(app, ProvidesInitialArrays):
-            raise ConfigError("pass initial_arrays or give the ClientApp an initial_arrays(seed) method")
+            raise ConfigError(
+                "pass initial_arrays or give the ClientApp an initial_arrays(seed) method"
+            )
         initial_arrays = app.initial_arrays(seed)
     transport = (
-        make_transport(backend, app_factory, workers, run_id) if isinstance(backend, str) else backend
+        make_transport(backend, app_factory, workers, run_id)
+        if isinstance(backend, str)
+        else backend
     )
     try:
-        coordinator = Coordinator(strategy, transport, list(range(num_clients)), rounds,
-                                  **coordinator_args)  # type: ignore[arg-type]
+        coordinator = Coordinator(
+            strategy,
+            transport,
+            list(range(num_clients)),
+            rounds,
+            seed=seed,
+            evaluate_every=evaluate_every,
+            sink=sink,
+            observer=observer,
+        )
         return coordinator.run(initial_arrays)
     finally:
         transport.close()

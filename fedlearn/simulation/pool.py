@@ -7,6 +7,7 @@ cross the pipe as framed bytes (JSON headers + raw array bytes), never pickled.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -141,10 +142,8 @@ class PoolTransport:
     def close(self) -> None:
         """Stop every worker."""
         for w in self._workers:
-            try:
+            with contextlib.suppress(OSError):
                 w.conn.send_bytes(frame([_QUIT]))
-            except OSError:
-                pass
         for w in self._workers:
             w.process.join(timeout=5)
             if w.process.is_alive():

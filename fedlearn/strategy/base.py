@@ -74,10 +74,13 @@ class WeightedMeanFold:
     are rounded back.
     """
 
+    BLOCK = 1 << 16
+    """Elements per block: the product ``w * x`` of one block stays in L1/L2 cache."""
+
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
-        self._scratch: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype[Any]] = {}
+        self._scratch: dict[np.dtype[Any], np.ndarray] = {}
         self._total = 0.0
         self.count = 0
 
@@ -86,7 +89,7 @@ class WeightedMeanFold:
         return float(update.num_examples)
 
     def add(self, update: ClientUpdate) -> None:
-        """Add ``weight * update`` to the running sums."""
+        """Add ``weight * update`` to the running sums, block by block."""
         w = self.weight(update)
         if self.count == 0:
             for name, x in update.arrays.items():
@@ -94,15 +97,23 @@ class WeightedMeanFold:
                 acc = np.empty(x.shape, acc_dtype)
                 np.multiply(x, np.asarray(w, acc_dtype), out=acc, casting="unsafe")
                 self._sums[name] = acc
-                self._scratch[name] = np.empty_like(acc)
                 self._dtypes[name] = x.dtype
         else:
             for name, x in update.arrays.items():
-                acc, tmp = self._sums[name], self._scratch[name]
-                np.multiply(x, np.asarray(w, acc.dtype), out=tmp, casting="unsafe")
-                np.add(acc, tmp, out=acc)
+                self._fold(self._sums[name].reshape(-1), np.ravel(x), w)
         self._total += w
         self.count += 1
+
+    def _fold(self, acc: np.ndarray, x: np.ndarray, w: float) -> None:
+        weight = np.asarray(w, acc.dtype)
+        scratch = self._scratch.get(acc.dtype)
+        if scratch is None:
+            scratch = self._scratch[acc.dtype] = np.empty(self.BLOCK, acc.dtype)
+        for start in range(0, acc.size, self.BLOCK):
+            stop = min(acc.size, start + self.BLOCK)
+            tmp, part = scratch[: stop - start], acc[start:stop]
+            np.multiply(x[start:stop], weight, out=tmp, casting="unsafe")
+            np.add(part, tmp, out=part)
 
     @property
     def total_weight(self) -> float:
