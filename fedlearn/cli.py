@@ -81,6 +81,9 @@ def simulate(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="any field: key.path=value")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue the run directory's last committed round")
+    ] = False,
 ) -> None:
     """Run a federated simulation and write its run directory (model, run store, report)."""
     from fedlearn.job import run_job
@@ -115,7 +118,7 @@ def simulate(
             console=console,
             transient=True,
         ) as progress:
-            result, out_dir = run_job(cfg, ProgressObserver(progress, cfg.run.rounds))
+            result, out_dir = run_job(cfg, ProgressObserver(progress, cfg.run.rounds), resume)
     except FedlearnError as exc:
         _fail(str(exc))
     store = RunStore(out_dir / "run.db")
@@ -127,7 +130,7 @@ def simulate(
         f"run directory: {out_dir} (model.safetensors, run.db, report.json, "
         "clients.csv, rounds.csv, *.png)"
     )
-    if not any(r.ok for r in result.rounds):
+    if result.rounds and not any(r.ok for r in result.rounds):
         raise typer.Exit(1)
 
 

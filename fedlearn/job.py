@@ -37,8 +37,14 @@ def run_dir(config: SimulationConfig) -> Path:
     return Path(config.run.out_dir or Path("runs") / config.run.name)
 
 
-def run_job(config: SimulationConfig, observer: Observer | None = None) -> tuple[RunResult, Path]:
-    """Run the simulation ``config`` describes and write its run directory."""
+def run_job(
+    config: SimulationConfig, observer: Observer | None = None, resume: bool = False
+) -> tuple[RunResult, Path]:
+    """Run the simulation ``config`` describes and write its run directory.
+
+    With ``resume``, a run directory holding the same config continues after its last
+    committed round (each round commits the model and strategy state atomically).
+    """
     strategy = make_strategy(config.strategy)
     strategy.validate(config.run.clients)
     factory = resolve(config.client.app, "client.app")
@@ -61,15 +67,24 @@ def run_job(config: SimulationConfig, observer: Observer | None = None) -> tuple
     out = run_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.model_dump_json(indent=2))
-    store = RunStore(out / "run.db", run_id="run")
+    store = RunStore(out / "run.db", run_id="run", checkpoint=True)
     try:
-        store.start_run(config.run.seed, config.model_dump())
+        checkpoint = store.resume_run(config.run.seed, config.model_dump()) if resume else None
+        if not resume:
+            store.start_run(config.run.seed, config.model_dump())
+        start_round, arrays, state = (
+            (1, probe.initial_arrays(config.run.seed), None)
+            if checkpoint is None
+            else (checkpoint[0] + 1, checkpoint[1], checkpoint[2])
+        )
         result = run_simulation(
             app_factory,
             strategy,
             num_clients=config.run.clients,
             rounds=config.run.rounds,
-            initial_arrays=probe.initial_arrays(config.run.seed),
+            initial_arrays=arrays,
+            initial_state=state,
+            start_round=start_round,
             seed=config.run.seed,
             backend=config.backend.kind,
             workers=config.backend.workers,

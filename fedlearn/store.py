@@ -82,6 +82,29 @@ class RunStore:
                 (self.run_id, time.time(), seed, json.dumps(config)),
             )
 
+    def resume_run(self, seed: int, config: dict[str, Any]) -> tuple[int, Arrays, Arrays] | None:
+        """Continue this store's run if it has the same seed and config, else start afresh.
+
+        Returns the last committed ``(round, arrays, state)`` to resume from, or None
+        when the run starts from round 1.
+        """
+        info = self.run_info()
+        same = info and info["seed"] == seed and info["config"] == json.loads(json.dumps(config))
+        checkpoint = self.last_checkpoint() if same else None
+        if checkpoint is None:
+            self.start_run(seed, config)
+            return None
+        with self._db:
+            self._db.execute(
+                "DELETE FROM rounds WHERE run_id = ? AND round > ?", (self.run_id, checkpoint[0])
+            )
+            self._db.execute(
+                "DELETE FROM client_results WHERE run_id = ? AND round > ?",
+                (self.run_id, checkpoint[0]),
+            )
+            self._db.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", (self.run_id,))
+        return checkpoint
+
     def finish_run(self, status: str = "finished") -> None:
         """Mark the run finished (or failed)."""
         with self._db:

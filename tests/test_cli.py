@@ -95,3 +95,27 @@ def test_bad_config_fails_with_field_name(tmp_path: Path) -> None:
 def test_report_of_missing_run(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_shakespeare_natural_partition_runs(tmp_path: Path) -> None:
+    out = tmp_path / "shk"
+    args = [
+        "simulate",
+        "simulations/shakespeare.toml",
+        "--out",
+        str(out),
+        "--rounds",
+        "1",
+        "--clients",
+        "4",
+        "--backend",
+        "inprocess",
+        "--set",
+        "strategy.params.min_train_clients=2",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    store = RunStore(out / "run.db")
+    evals = [c for c in store.clients() if c.stage.value == "evaluate"]
+    store.close()
+    assert len(evals) == 4 and all(c.ok for c in evals)

@@ -37,6 +37,8 @@ def run_simulation(
     num_clients: int,
     rounds: int,
     initial_arrays: Arrays | None = None,
+    initial_state: Arrays | None = None,
+    start_round: int = 1,
     seed: int = 0,
     backend: BackendName | Transport = "inprocess",
     workers: int | None = None,
@@ -50,6 +52,7 @@ def run_simulation(
     ``app_factory`` builds a ClientApp; each worker builds one and keeps it (its model
     and cached data) for every task it runs. Client ids are ``0..num_clients-1``.
     With the same ``seed`` the result is bit-identical, whichever backend runs it.
+    ``initial_state`` and ``start_round`` continue a run from a checkpoint.
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -76,6 +79,6 @@ def run_simulation(
             sink=sink,
             observer=observer,
         )
-        return coordinator.run(initial_arrays)
+        return coordinator.run(initial_arrays, initial_state, start_round)
     finally:
         transport.close()

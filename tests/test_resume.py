@@ -1,0 +1,87 @@
+"""A run stopped after a committed round resumes to the model an uninterrupted run makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlearn.config import load_config
+from fedlearn.coordinator import ClientRecord, RoundRecord
+from fedlearn.job import run_job
+from fedlearn.messages import Stage
+from fedlearn.store import RunStore
+from fedlearn.weights import load_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    def __init__(self, round: int) -> None:
+        self.round = round
+
+    def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+        if round > self.round:
+            raise Interrupt
+
+    def reply_received(self, record: ClientRecord) -> None:
+        pass
+
+    def round_finished(self, record: RoundRecord) -> None:
+        pass
+
+
+def _config(out: Path):  # type: ignore[no-untyped-def]
+    return load_config(
+        None,
+        {
+            "run.out_dir": str(out),
+            "run.rounds": 4,
+            "run.clients": 5,
+            "data.dataset": "breast_cancer",
+            "data.partitioner": "iid",
+            "client.app": "clients.tabular:make_app",
+            "strategy.name": "fedadam",
+            "strategy.params.min_train_clients": 2,
+            "backend.kind": "inprocess",
+        },
+    )
+
+
+def test_resume_matches_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    full, full_dir = run_job(_config(tmp_path / "full"))
+    with pytest.raises(Interrupt):
+        run_job(_config(tmp_path / "cut"), observer=StopAfter(2))  # type: ignore[arg-type]
+    store = RunStore(tmp_path / "cut" / "run.db")
+    assert [r.round for r in store.rounds()] == [1, 2]
+    store.close()
+    resumed, cut_dir = run_job(_config(tmp_path / "cut"), resume=True)
+    assert [r.round for r in resumed.rounds] == [3, 4]
+    a, b = load_weights(full_dir / "model.safetensors"), load_weights(cut_dir / "model.safetensors")
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+    # the server optimizer state (FedAdam moments) came back from the checkpoint too
+    for name in full.state:
+        assert np.array_equal(full.state[name], resumed.state[name]), name
+    store = RunStore(cut_dir / "run.db")
+    assert [r.round for r in store.rounds()] == [1, 2, 3, 4]
+    store.close()
+
+
+def test_resume_with_other_config_starts_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    run_job(_config(tmp_path / "r"))
+    cfg = _config(tmp_path / "r").model_copy(
+        update={"run": _config(tmp_path / "r").run.model_copy(update={"seed": 9})}
+    )
+    result, _ = run_job(cfg, resume=True)
+    assert [r.round for r in result.rounds] == [1, 2, 3, 4]
