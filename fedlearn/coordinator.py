@@ -10,7 +10,7 @@ gives the same model bit for bit in every transport.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -113,6 +113,8 @@ class Coordinator:
     evaluate_every: int = 1
     sink: RoundSink | None = None
     observer: Observer | None = None
+    available: Callable[[], Sequence[int]] | None = None
+    """Which of ``client_ids`` can take tasks now (deployment); all of them if None."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -148,7 +150,8 @@ class Coordinator:
         t0 = time.perf_counter()
         ctx = RoundContext(rnd, self.rounds, np.random.default_rng([self.seed, rnd]))
         records: list[ClientRecord] = []
-        selected = self.strategy.select_train(ctx, self.client_ids)
+        clients = self._clients()
+        selected = self.strategy.select_train(ctx, clients)
         error: str | None = None
         train_metrics: Metrics = {}
         try:
@@ -161,7 +164,7 @@ class Coordinator:
         train_ok = sum(r.ok for r in records)
         eval_selected, eval_ok, eval_metrics = 0, 0, dict[str, Scalar]()
         if self.evaluate_every and (rnd % self.evaluate_every == 0 or rnd == self.rounds):
-            eval_selected, eval_ok, eval_metrics = self._evaluate(ctx, arrays, records)
+            eval_selected, eval_ok, eval_metrics = self._evaluate(ctx, arrays, records, clients)
         record = RoundRecord(
             round=rnd,
             ok=error is None,
@@ -231,9 +234,9 @@ class Coordinator:
         return new_arrays, new_state, self.strategy.summarize_train(ctx, accepted)
 
     def _evaluate(
-        self, ctx: RoundContext, arrays: Arrays, records: list[ClientRecord]
+        self, ctx: RoundContext, arrays: Arrays, records: list[ClientRecord], clients: list[int]
     ) -> tuple[int, int, Metrics]:
-        selected = self.strategy.select_evaluate(ctx, self.client_ids)
+        selected = self.strategy.select_evaluate(ctx, clients)
         config = self.strategy.evaluate_config(ctx)
         tasks = [self._task(Stage.EVALUATE, ctx.round, cid, config) for cid in selected]
         evaluations: list[ClientEvaluation] = []
@@ -262,6 +265,12 @@ class Coordinator:
             )
         metrics = self.strategy.summarize_evaluate(ctx, evaluations) if evaluations else {}
         return len(selected), len(evaluations), metrics
+
+    def _clients(self) -> list[int]:
+        if self.available is None:
+            return list(self.client_ids)
+        enrolled = set(self.client_ids)
+        return sorted(c for c in self.available() if c in enrolled)
 
     def _task(self, stage: Stage, rnd: int, cid: int, config: Config) -> Task:
         return Task(stage, rnd, cid, seed_for(self.seed, rnd, stage, cid), dict(config))

@@ -126,8 +126,11 @@ class PoolTransport:
                 yield from replies
 
     def _send(self, w: _Worker, chunk: list[Task]) -> None:
+        """Queue ``chunk`` on ``w``; if its pipe is already broken the chunk stays pending
+        there and fails with the worker when the pool notices the death."""
         w.pending.append(chunk)
-        w.conn.send_bytes(frame([_TASKS, *(encode_task(t) for t in chunk)]))
+        with contextlib.suppress(OSError):
+            w.conn.send_bytes(frame([_TASKS, *(encode_task(t) for t in chunk)]))
 
     def _lost(self, w: _Worker, chunk: list[Task], exc: BaseException) -> Iterator[Reply]:
         """A worker died: fail its outstanding tasks and replace it."""
