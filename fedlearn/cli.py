@@ -14,12 +14,15 @@ from fedlearn.config import load_config, parse_assignment
 from fedlearn.coordinator import ClientRecord, RoundRecord
 from fedlearn.errors import FedlearnError
 from fedlearn.messages import Stage
+from fedlearn.security.cli import certs_app, keys_app
 
 app = typer.Typer(
     help="fedlearn: federated learning simulations and deployments.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(certs_app, name="certs")
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 

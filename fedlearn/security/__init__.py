@@ -1,0 +1,68 @@
+"""Security pieces of a deployment: a development PKI for TLS, Ed25519 site identities with
+an allowlist, and a sans-IO challenge-response join (no sockets here)."""
+
+from fedlearn.security.auth import (
+    NONCE_SIZE,
+    SIGNATURE_SIZE,
+    TRANSCRIPT_DOMAIN,
+    Authenticator,
+    join_transcript,
+    sign_challenge,
+)
+from fedlearn.security.certs import (
+    DEFAULT_HOSTNAMES,
+    DevPkiPaths,
+    ServerPem,
+    cert_fingerprint,
+    generate_ca,
+    issue_server_cert,
+    load_pem,
+    load_server_pem,
+    verify_issued_by,
+    write_dev_pki,
+)
+from fedlearn.security.keys import (
+    Allowlist,
+    SiteEntry,
+    allowlist_entry_toml,
+    decode_public_key,
+    encode_public_key,
+    fingerprint,
+    generate_site_key,
+    load_allowlist,
+    load_private_key,
+    parse_allowlist,
+    public_key_bytes,
+    save_private_key,
+)
+
+__all__ = [
+    "DEFAULT_HOSTNAMES",
+    "NONCE_SIZE",
+    "SIGNATURE_SIZE",
+    "TRANSCRIPT_DOMAIN",
+    "Allowlist",
+    "Authenticator",
+    "DevPkiPaths",
+    "ServerPem",
+    "SiteEntry",
+    "allowlist_entry_toml",
+    "cert_fingerprint",
+    "decode_public_key",
+    "encode_public_key",
+    "fingerprint",
+    "generate_ca",
+    "generate_site_key",
+    "issue_server_cert",
+    "join_transcript",
+    "load_allowlist",
+    "load_pem",
+    "load_private_key",
+    "load_server_pem",
+    "parse_allowlist",
+    "public_key_bytes",
+    "save_private_key",
+    "sign_challenge",
+    "verify_issued_by",
+    "write_dev_pki",
+]
