@@ -45,6 +45,11 @@ class ProgressObserver:
         self.progress.advance(self.task)
 
     def round_finished(self, record: RoundRecord) -> None:
+        self.describe(record, self.progress.console)
+
+    @staticmethod
+    def describe(record: RoundRecord, out: Console) -> None:
+        """Print one line summarizing a finished round."""
         acc = record.eval_metrics.get("accuracy")
         loss = record.eval_metrics.get("loss")
         status = "[green]ok[/]" if record.ok else f"[red]failed[/]: {record.error}"
@@ -59,7 +64,7 @@ class ProgressObserver:
         if isinstance(loss, float):
             parts.append(f"loss {loss:.4f}")
         parts.append(f"{record.duration_s:.2f}s")
-        self.progress.console.print("  ".join(parts))
+        out.print("  ".join(parts))
 
 
 def _fail(message: str) -> NoReturn:
@@ -158,6 +163,70 @@ def report(
             print_report(summarize(store), console)
     finally:
         store.close()
+
+
+def _logging(verbose: bool) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+@app.command()
+def server(
+    config: Annotated[Path, typer.Option("--config", help="coordinator.toml")],
+    insecure: Annotated[bool, typer.Option(help="plaintext gRPC (TLS is on by default)")] = False,
+    verbose: Annotated[bool, typer.Option(help="log joins and rounds")] = True,
+) -> None:
+    """Run the coordinator daemon: admit enrolled sites, run rounds, keep durable state."""
+    from fedlearn.deploy.config import CoordinatorConfig, load_toml
+    from fedlearn.deploy.server import run_coordinator
+
+    _logging(verbose)
+
+    class RoundLines:
+        def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+            pass
+
+        def reply_received(self, record: ClientRecord) -> None:
+            pass
+
+        def round_finished(self, record: RoundRecord) -> None:
+            ProgressObserver.describe(record, console)
+
+    try:
+        cfg = load_toml(CoordinatorConfig, config, {"server.insecure": True} if insecure else None)
+        result = run_coordinator(cfg, observer=RoundLines())
+    except FedlearnError as exc:
+        _fail(str(exc))
+    console.print(f"run finished: {len(result.rounds)} rounds; model in {cfg.server.state_dir}")
+
+
+@app.command()
+def client(
+    config: Annotated[Path, typer.Option("--config", help="site.toml")],
+    insecure: Annotated[bool, typer.Option(help="plaintext gRPC (TLS is on by default)")] = False,
+    verbose: Annotated[bool, typer.Option(help="log connections")] = True,
+) -> None:
+    """Run a site daemon: dial out to the coordinator and answer its tasks."""
+    from fedlearn.deploy.config import SiteConfig, load_toml
+    from fedlearn.deploy.launch import build_site
+
+    _logging(verbose)
+    try:
+        cfg = load_toml(SiteConfig, config, {"coordinator.insecure": True} if insecure else None)
+        site = build_site(cfg)
+        site.run()
+    except FedlearnError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    console.print(f"site {cfg.site.name}: {site.tasks_done} tasks answered")
 
 
 @app.command()

@@ -115,6 +115,8 @@ class Coordinator:
     observer: Observer | None = None
     available: Callable[[], Sequence[int]] | None = None
     """Which of ``client_ids`` can take tasks now (deployment); all of them if None."""
+    before_round: Callable[[int], None] | None = None
+    """Called before each round (deployment: wait until enough sites are connected)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -134,6 +136,8 @@ class Coordinator:
         rounds: list[RoundRecord] = []
         clients: list[ClientRecord] = []
         for rnd in range(start_round, self.rounds + 1):
+            if self.before_round is not None:
+                self.before_round(rnd)
             arrays, state, record, records = self.run_round(rnd, arrays, state)
             rounds.append(record)
             clients.extend(records)

@@ -1,0 +1,1 @@
+"""Deployment over gRPC: the coordinator daemon and the site daemon."""

@@ -1,0 +1,155 @@
+"""Deployment configs: ``coordinator.toml`` and ``site.toml``, validated; errors name the field."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedlearn.config import BackendSection, DataSection, Scalar, StrategySection
+from fedlearn.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSection(_Section):
+    """TLS material. Plaintext only with ``insecure = true``."""
+
+    insecure: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+class ServerSection(TlsSection):
+    """[server]: where the coordinator listens and whom it admits."""
+
+    address: str = "127.0.0.1:7443"
+    allowlist: str = "sites.toml"
+    state_dir: str = "coordinator-state"
+    server_id: str = "fedlearn-coordinator"
+    max_payload_mb: int = Field(4096, ge=1)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServerSection:
+        if not self.insecure and (self.cert is None or self.key is None):
+            raise ValueError("TLS is on by default: set cert and key, or insecure = true")
+        return self
+
+
+class CoordinatorRunSection(_Section):
+    """[run]: the federated run the coordinator drives."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(3, ge=1)
+    min_clients: int = Field(1, ge=1)
+    join_timeout_s: float = Field(300.0, gt=0)
+    stage_timeout_s: float = Field(600.0, gt=0)
+    evaluate_every: int = Field(1, ge=0)
+
+
+class ModelSection(_Section):
+    """[model]: the initial global model (a safetensors file or ``module:function(seed)``)."""
+
+    weights: str | None = None
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelSection:
+        if (self.weights is None) == (self.factory is None):
+            raise ValueError("set exactly one of weights or factory")
+        return self
+
+
+class CoordinatorConfig(_Section):
+    """coordinator.toml."""
+
+    server: ServerSection = Field(default_factory=ServerSection)  # type: ignore[arg-type]
+    run: CoordinatorRunSection = Field(default_factory=CoordinatorRunSection)  # type: ignore[arg-type]
+    model: ModelSection
+    strategy: StrategySection = Field(default_factory=StrategySection)
+
+
+class ConnectSection(TlsSection):
+    """[coordinator]: where the site dials out to."""
+
+    address: str = "127.0.0.1:7443"
+    server_name: str | None = None
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    exit_when_finished: bool = False
+
+
+class SiteSection(_Section):
+    """[site]: this site's identity."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    key: str = "site.key"
+
+
+class SiteDataSection(_Section):
+    """[data]: the site's own files (``path``: .npz with x_train, y_train, x_test, y_test)
+    or, for demos and tests, a partition of a bundled dataset (``simulated``)."""
+
+    path: str | None = None
+    simulated: DataSection | None = None
+    num_clients: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one(self) -> SiteDataSection:
+        if (self.path is None) == (self.simulated is None):
+            raise ValueError("set exactly one of path or simulated")
+        if self.simulated is not None and self.num_clients is None:
+            raise ValueError("simulated data needs num_clients")
+        return self
+
+
+class SiteAppSection(_Section):
+    """[client]: the ClientApp factory, called as ``factory(data, **params)``."""
+
+    app: str = Field(..., pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    params: dict[str, Scalar] = Field(default_factory=dict)
+
+
+class SiteConfig(_Section):
+    """site.toml."""
+
+    coordinator: ConnectSection = Field(default_factory=ConnectSection)  # type: ignore[arg-type]
+    site: SiteSection
+    data: SiteDataSection
+    client: SiteAppSection
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def load_toml(model: type[_M], path: str | Path, overrides: dict[str, Any] | None = None) -> _M:
+    """Read and validate a TOML file as ``model``; ConfigError names each bad field."""
+    from fedlearn.config import set_dotted
+
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        raise ConfigError(f"invalid {path}:\n  " + "\n  ".join(problems)) from exc
+
+
+__all__ = ["BackendSection", "CoordinatorConfig", "SiteConfig", "load_toml"]

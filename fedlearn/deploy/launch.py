@@ -1,0 +1,89 @@
+"""Build the daemons from their configs (what ``fedlearn server`` and ``fedlearn client`` run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlearn.client_app import ClientApp
+from fedlearn.data import ClientData, load_dataset, partition_dataset
+from fedlearn.deploy.config import SiteConfig, SiteDataSection
+from fedlearn.deploy.site import Backoff, SiteClient
+from fedlearn.errors import ConfigError, DataError
+from fedlearn.references import resolve
+from fedlearn.security.certs import load_pem
+from fedlearn.security.keys import load_private_key
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A site's own data: every client id it is asked about is this one site."""
+
+    data: ClientData
+    num_classes: int
+
+    def client(self, cid: int) -> ClientData:
+        """The site's data (the coordinator's client id does not select anything here)."""
+        return self.data
+
+
+def load_npz(path: str | Path) -> LocalData:
+    """Read ``x_train, y_train, x_test, y_test`` from an .npz file (no pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in NPZ_KEYS if k not in npz.files]
+            if missing:
+                raise DataError(f"{path}: missing arrays {missing} (need {list(NPZ_KEYS)})")
+            arrays = {k: npz[k] for k in NPZ_KEYS}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read site data {path}: {exc}") from exc
+    classes = np.unique(np.concatenate([arrays["y_train"], arrays["y_test"]]))
+    return LocalData(ClientData(**arrays), int(classes.max()) + 1 if classes.size else 0)
+
+
+def site_data(section: SiteDataSection) -> Any:
+    """The data source a site's ClientApp factory receives."""
+    if section.path is not None:
+        return load_npz(section.path)
+    assert section.simulated is not None and section.num_clients is not None
+    spec = section.simulated
+    return partition_dataset(
+        load_dataset(spec.dataset),
+        spec.partitioner,
+        section.num_clients,
+        section.seed,
+        alpha=spec.alpha,
+        shards_per_client=spec.shards_per_client,
+        test_fraction=spec.test_fraction,
+    )
+
+
+def build_site(config: SiteConfig) -> SiteClient:
+    """A SiteClient ready to ``run()``."""
+    factory = resolve(config.client.app, "client.app")
+    try:
+        app: ClientApp = factory(site_data(config.data), **config.client.params)
+    except TypeError as exc:
+        raise ConfigError(f"client.params: {exc}") from exc
+    conn = config.coordinator
+    if conn.insecure:
+        roots = None
+    elif conn.ca is None:
+        raise ConfigError("coordinator.ca: TLS is on by default; set ca or insecure = true")
+    else:
+        roots = load_pem(conn.ca)
+    return SiteClient(
+        conn.address,
+        app,
+        load_private_key(config.site.key),
+        config.site.name,
+        root_certificates=roots,
+        server_name=conn.server_name,
+        backoff=Backoff(conn.backoff_initial_s, conn.backoff_max_s),
+        exit_when_finished=conn.exit_when_finished,
+    )

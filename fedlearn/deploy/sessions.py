@@ -1,0 +1,115 @@
+"""Connected sites: one Session per live stream, and the registry that tracks them.
+
+Plain threading objects with no gRPC in them: the servicer feeds them, the transport
+reads them.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fedlearn.messages import Reply, Task
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A task to push to a client: its header fields and the shared payload."""
+
+    task_id: str
+    task: Task
+    payload: memoryview
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """Tell a client to drop a task (``task_id == ""``: the run is over)."""
+
+    task_id: str
+    reason: str
+
+
+@dataclass
+class Session:
+    """One connected site."""
+
+    client_id: int
+    site: str
+    session_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    outbox: queue.Queue[Outgoing | Cancelled | None] = field(default_factory=queue.Queue)
+    connected_at: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        """End the stream's response loop."""
+        self.outbox.put(None)
+
+
+ReplyHandler = Callable[[Session, str, Reply], None]
+
+
+class ClientRegistry:
+    """Thread-safe map of client id -> live Session, with a condition to wait on."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[int, Session] = {}
+        self._cond = threading.Condition()
+        self.on_reply: ReplyHandler | None = None
+        self.on_disconnect: Callable[[Session], None] | None = None
+
+    def connect(self, client_id: int, site: str) -> Session:
+        """Register a new session; a reconnecting site replaces its old one."""
+        session = Session(client_id, site)
+        with self._cond:
+            old = self._sessions.get(client_id)
+            self._sessions[client_id] = session
+            self._cond.notify_all()
+        if old is not None:
+            old.close()
+            if self.on_disconnect is not None:
+                self.on_disconnect(old)
+        return session
+
+    def disconnect(self, session: Session) -> None:
+        """Forget ``session`` if it is still the live one for its client."""
+        with self._cond:
+            if self._sessions.get(session.client_id) is not session:
+                return
+            del self._sessions[session.client_id]
+            self._cond.notify_all()
+        session.close()
+        if self.on_disconnect is not None:
+            self.on_disconnect(session)
+
+    def get(self, client_id: int) -> Session | None:
+        """The live session of ``client_id``."""
+        with self._cond:
+            return self._sessions.get(client_id)
+
+    def available(self) -> list[int]:
+        """Ids of the connected clients."""
+        with self._cond:
+            return sorted(self._sessions)
+
+    def wait_for(self, count: int, timeout: float | None) -> bool:
+        """Block until at least ``count`` clients are connected; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._sessions) >= count, timeout)
+
+    def deliver(self, session: Session, task_id: str, reply: Reply) -> None:
+        """A complete reply arrived on ``session``."""
+        if self.on_reply is not None:
+            self.on_reply(session, task_id, reply)
+
+    def close_all(self, reason: str) -> None:
+        """Say goodbye to every site and end their streams."""
+        with self._cond:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for s in sessions:
+            s.outbox.put(Cancelled("", reason))
+            s.close()

@@ -1,0 +1,217 @@
+"""The site daemon: dials out to the coordinator, proves its identity, answers tasks.
+
+It runs the site's ClientApp through the same ClientRuntime as every simulation, so the
+same app gives the same update in both. Raw data never leaves: only the arrays the app
+returns are sent. Connection faults are retried forever with exponential backoff and
+full jitter; a refused join (unknown key, version mismatch) is fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedlearn.client_app import ClientApp
+from fedlearn.deploy.servicer import CAPABILITIES
+from fedlearn.errors import AuthError, SerializationError
+from fedlearn.records import decode_arrays, encode_arrays
+from fedlearn.runtime import ClientRuntime
+from fedlearn.security.auth import sign_challenge
+from fedlearn.security.keys import public_key_bytes
+from fedlearn.wire import PROTOCOL_VERSION
+from fedlearn.wire import fedlearn_pb2 as pb
+from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
+from fedlearn.wire.chunks import Assembler, payload_digest, split
+from fedlearn.wire.convert import reply_to_proto, task_from_proto
+
+log = logging.getLogger("fedlearn.site")
+
+Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
+
+FATAL = {
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: ``uniform(0, min(cap, initial * 2**attempt))``."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        return rng.uniform(0, min(self.max_s, self.initial_s * 2.0 ** min(attempt, 32)))
+
+
+class SiteClient:
+    """A long-lived site: connect, authenticate, serve tasks, reconnect on faults."""
+
+    def __init__(
+        self,
+        address: str,
+        app: ClientApp,
+        key: Ed25519PrivateKey,
+        site_name: str,
+        *,
+        root_certificates: bytes | None,
+        server_name: str | None = None,
+        backoff: Backoff = Backoff(),
+        exit_when_finished: bool = False,
+        max_payload: int = 1 << 42,
+    ) -> None:
+        self.address = address
+        self.runtime = ClientRuntime(app)
+        self.key = key
+        self.site_name = site_name
+        self.root_certificates = root_certificates
+        self.server_name = server_name
+        self.backoff = backoff
+        self.exit_when_finished = exit_when_finished
+        self.max_payload = max_payload
+        self.client_id: int | None = None
+        self.tasks_done = 0
+        self._rng = random.Random()
+
+    def _channel(self) -> grpc.Channel:
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", 8 << 20)]
+        if self.root_certificates is None:
+            return grpc.insecure_channel(self.address, options)
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.secure_channel(self.address, creds, options)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Serve until ``stop`` is set (or the run ends, with ``exit_when_finished``)."""
+        stop = stop or threading.Event()
+        attempt = 0
+        while not stop.is_set():
+            try:
+                finished = self.serve_once(stop)
+                attempt = 0
+                if finished and self.exit_when_finished:
+                    return
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code in FATAL:
+                    detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                    raise AuthError(f"coordinator refused the join: {detail}") from exc
+                log.info("connection to %s lost (%s); retrying", self.address, code)
+            delay = self.backoff.delay(attempt, self._rng)
+            attempt += 1
+            stop.wait(delay)
+
+    def serve_once(self, stop: threading.Event) -> bool:
+        """One connection: returns True when the coordinator said the run is finished."""
+        outbox: Outbox = queue.Queue()
+        outbox.put(
+            pb.ClientMessage(
+                hello=pb.Hello(
+                    protocol_version=PROTOCOL_VERSION,
+                    capabilities=list(CAPABILITIES),
+                    public_key=public_key_bytes(self.key),
+                    site_name=self.site_name,
+                )
+            )
+        )
+
+        def requests() -> Iterator[pb.ClientMessage]:
+            while True:
+                item = outbox.get()
+                if item is None:
+                    return
+                if isinstance(item, pb.ClientMessage):
+                    yield item
+                else:
+                    yield from item
+
+        with self._channel() as channel:
+            stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+            responses = stub.Connect(requests())
+            done = threading.Event()
+            stopper = threading.Thread(target=_cancel_on, args=(stop, done, responses), daemon=True)
+            stopper.start()
+            try:
+                return self._serve(responses, outbox)
+            finally:
+                done.set()
+                outbox.put(None)
+
+    def _serve(self, responses: Iterator[pb.ServerMessage], outbox: Outbox) -> bool:
+        header: pb.TaskHeader | None = None
+        assembler: Assembler | None = None
+        for message in responses:
+            kind = message.WhichOneof("kind")
+            if kind == "challenge":
+                signature = sign_challenge(
+                    self.key, message.challenge.server_id, bytes(message.challenge.nonce)
+                )
+                outbox.put(pb.ClientMessage(proof=pb.Proof(signature=signature)))
+            elif kind == "welcome":
+                self.client_id = message.welcome.client_id
+                log.info("joined as client %d", self.client_id)
+            elif kind == "task_header":
+                header = message.task_header
+                assembler = Assembler(
+                    header.task_id,
+                    header.payload_size,
+                    bytes(header.payload_sha256),
+                    self.max_payload,
+                )
+                if header.payload_size == 0:
+                    self._answer(header, assembler, outbox)
+                    header = assembler = None
+            elif kind == "chunk" and header is not None and assembler is not None:
+                assembler.add(message.chunk)
+                if message.chunk.last:
+                    self._answer(header, assembler, outbox)
+                    header = assembler = None
+            elif kind == "cancel" and not message.cancel.task_id:
+                log.info("coordinator: %s", message.cancel.reason)
+                return True
+        return False
+
+    def _answer(
+        self,
+        header: pb.TaskHeader,
+        assembler: Assembler,
+        outbox: Outbox,
+    ) -> None:
+        if self.client_id is None:
+            raise SerializationError("task received before the join completed")
+        task = task_from_proto(header, client_id=self.client_id)
+        arrays = decode_arrays(assembler.finish())
+        reply = self.runtime.handle(task, arrays)
+        payload = memoryview(encode_arrays(reply.arrays)) if reply.arrays is not None else b""
+        outbox.put(
+            pb.ClientMessage(
+                reply_header=reply_to_proto(
+                    reply,
+                    task_id=header.task_id,
+                    payload_size=len(payload),
+                    payload_sha256=payload_digest(payload),
+                )
+            )
+        )
+        outbox.put(pb.ClientMessage(chunk=c) for c in split(payload, header.task_id))
+        self.tasks_done += 1
+
+
+def _cancel_on(stop: threading.Event, done: threading.Event, call: object) -> None:
+    while not done.is_set():
+        if stop.wait(0.2):
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
+            return

@@ -1,0 +1,126 @@
+"""A real coordinator and real site processes over TLS on loopback."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from deployment import PARAMS, Deployment, simulated_data
+
+from clients.tabular import make_app
+from fedlearn.messages import Stage
+from fedlearn.simulation import run_simulation
+from fedlearn.store import RunStore
+from fedlearn.strategy import build_strategy
+from fedlearn.weights import load_weights
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    d = Deployment(tmp_path)
+    yield d
+    d.stop_all()
+
+
+def _simulated(d: Deployment, strategy: str = "fedavg"):  # type: ignore[no-untyped-def]
+    factory = functools.partial(make_app, simulated_data(d.num_sites, d.seed), **PARAMS)
+    return run_simulation(
+        factory,  # type: ignore[arg-type]
+        build_strategy(strategy, {"min_train_clients": 1}),
+        num_clients=d.num_sites,
+        rounds=d.rounds,
+        initial_arrays=d.initial,
+        seed=d.seed,
+    )
+
+
+def _assert_same(a: dict, b: dict) -> None:  # type: ignore[type-arg]
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+def test_tls_run_matches_in_process_simulation(deployment: Deployment) -> None:
+    d = deployment
+    coordinator = d.start_coordinator()
+    sites = [d.start_site(i) for i in range(d.num_sites)]
+    code, out = d.wait(coordinator)
+    assert code == 0, out
+    for site in sites:
+        site_code, site_out = d.wait(site)
+        assert site_code == 0, site_out
+    final = load_weights(d.state_dir / "model.safetensors")
+    _assert_same(final, _simulated(d).arrays)
+    store = RunStore(d.state_dir / "run.db", run_id="run")
+    rounds = store.rounds()
+    evals = store.clients(Stage.EVALUATE)
+    store.close()
+    assert [r.ok for r in rounds] == [True] * d.rounds
+    assert sorted({c.client_id for c in evals}) == [0, 1, 2]
+    assert all(c.ok for c in evals)
+
+
+def test_kill_9_mid_round_resumes_to_the_same_model(tmp_path: Path) -> None:
+    d = Deployment(tmp_path, rounds=4)
+    try:
+        # slow training down so round 2 is surely in flight when the coordinator dies
+        for i in range(d.num_sites):
+            d.write_site_config(i)
+        coordinator = d.start_coordinator()
+        sites = [d.start_site(i) for i in range(d.num_sites)]
+        db = d.state_dir / "run.db"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if db.exists():
+                store = RunStore(db, run_id="run")
+                committed = len(store.rounds())
+                store.close()
+                if committed >= 1:
+                    break
+            time.sleep(0.01)
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(timeout=10)
+        store = RunStore(db, run_id="run")
+        committed = [r.round for r in store.rounds()]
+        store.close()
+        assert 1 <= len(committed) < d.rounds
+        restarted = d.start_coordinator()
+        code, out = d.wait(restarted)
+        assert code == 0, out
+        assert f"resuming after committed round {committed[-1]}" in out
+        for site in sites:
+            assert d.wait(site)[0] == 0
+        final = load_weights(d.state_dir / "model.safetensors")
+        _assert_same(final, _simulated(d).arrays)
+        store = RunStore(db, run_id="run")
+        assert [r.round for r in store.rounds()] == list(range(1, d.rounds + 1))
+        store.close()
+    finally:
+        d.stop_all()
+
+
+def test_unknown_site_is_refused(deployment: Deployment) -> None:
+    from fedlearn.security.keys import generate_site_key, save_private_key
+
+    d = deployment
+    stranger = d.root / "stranger.key"
+    save_private_key(stranger, generate_site_key())
+    d.write_site_config(0, key=stranger)
+    coordinator = d.start_coordinator()
+    d.wait_for_port()
+    code, out = d.wait(d.start_site(0), timeout=60)
+    assert code == 2
+    assert "unknown site key" in out
+    assert coordinator.poll() is None  # the coordinator keeps serving
+
+
+def test_plaintext_needs_insecure(deployment: Deployment) -> None:
+    d = deployment
+    text = (d.root / "coordinator.toml").read_text()
+    (d.root / "coordinator.toml").write_text(text.replace(f'cert = "{d.pki.server_cert}"\n', ""))
+    code, out = d.wait(d.start_coordinator(), timeout=60)
+    assert code == 2 and "TLS is on by default" in out
