@@ -81,6 +81,28 @@ class Observer(Protocol):
         ...
 
 
+class Observers:
+    """Fans every event out to several observers."""
+
+    def __init__(self, *observers: Observer | None) -> None:
+        self.observers = [o for o in observers if o is not None]
+
+    def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+        """Forward to each observer."""
+        for o in self.observers:
+            o.stage_started(round, stage, num_tasks)
+
+    def reply_received(self, record: ClientRecord) -> None:
+        """Forward to each observer."""
+        for o in self.observers:
+            o.reply_received(record)
+
+    def round_finished(self, record: RoundRecord) -> None:
+        """Forward to each observer."""
+        for o in self.observers:
+            o.round_finished(record)
+
+
 class RoundSink(Protocol):
     """Stores each finished round atomically (see :class:`fedlearn.store.RunStore`)."""
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import grpc
 
-from fedlearn.coordinator import Coordinator, Observer, RunResult
+from fedlearn.coordinator import Coordinator, Observer, Observers, RunResult
 from fedlearn.deploy.config import CoordinatorConfig, ServerSection
+from fedlearn.deploy.metrics import CoordinatorMetrics
 from fedlearn.deploy.servicer import CoordinatorServicer
 from fedlearn.deploy.sessions import ClientRegistry
 from fedlearn.deploy.transport import GrpcTransport
@@ -85,8 +86,12 @@ def run_coordinator(
     state_dir = Path(config.server.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore(state_dir / "run.db", run_id=config.run.name, checkpoint=True)
+    metrics = CoordinatorMetrics(registry)
     server, port = start_server(config.server, servicer, max_workers=2 * len(allowlist) + 8)
     log.info("coordinator listening on port %d", port)
+    if config.server.metrics_port is not None:
+        metrics_port = metrics.serve(config.server.metrics_port)
+        log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
     if on_ready is not None:
         on_ready(port)
     try:
@@ -114,7 +119,7 @@ def run_coordinator(
             seed=config.run.seed,
             evaluate_every=config.run.evaluate_every,
             sink=store,
-            observer=observer,
+            observer=Observers(metrics, observer),
             available=registry.available,
             before_round=before_round,
         )
@@ -125,4 +130,5 @@ def run_coordinator(
         return result
     finally:
         server.stop(grace=2).wait()
+        metrics.close()
         store.close()
