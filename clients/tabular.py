@@ -9,12 +9,20 @@ Usage::
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import nn
 
-from fedlearn.data import FederatedDataset
-from fedlearn.torch_app import TorchClientApp
+from fedlearn.records import Arrays
+from fedlearn.torch_app import ClientDataSource, TorchClientApp, model_to_arrays
+
+
+class LabelledData(ClientDataSource, Protocol):
+    """Client data that also knows its number of classes."""
+
+    @property
+    def num_classes(self) -> int: ...
 
 
 def build_model(in_features: int, num_classes: int, hidden: int = 32) -> nn.Module:
@@ -24,7 +32,18 @@ def build_model(in_features: int, num_classes: int, hidden: int = 32) -> nn.Modu
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
-def make_app(data: FederatedDataset, *, hidden: int = 32, **params: Any) -> TorchClientApp:
-    """A ClientApp for ``data``'s feature count and classes (params: epochs, lr, ...)."""
-    model_fn = partial(build_model, data.dataset.x.shape[1], data.num_classes, hidden)
+def make_app(data: LabelledData, *, hidden: int = 32, **params: Any) -> TorchClientApp:
+    """A ClientApp for ``data``'s feature count and classes (params: epochs, lr, ...).
+
+    ``data`` is a simulation's FederatedDataset or a site's own files; the feature count
+    comes from its first client's training inputs.
+    """
+    in_features = data.client(0).x_train.shape[1]
+    model_fn = partial(build_model, in_features, data.num_classes, hidden)
     return TorchClientApp(model_fn, data, **params)
+
+
+def initial_breast_cancer(seed: int) -> Arrays:
+    """Initial weights of the breast_cancer MLP (30 features, 2 classes), for a coordinator."""
+    torch.manual_seed(seed)
+    return model_to_arrays(build_model(30, 2))

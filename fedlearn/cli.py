@@ -144,8 +144,9 @@ def simulate(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by simulate")],
+    run_dir: Annotated[Path, typer.Argument(help="a run or coordinator state directory")],
     write: Annotated[bool, typer.Option(help="also (re)write JSON, CSV and PNG files")] = True,
+    run: Annotated[str | None, typer.Option(help="run id, if the store holds several")] = None,
 ) -> None:
     """Print per-round and per-client summaries of a run; write JSON, CSV and plots."""
     from fedlearn.report import print_report, summarize, write_report
@@ -155,6 +156,13 @@ def report(
     if not db.is_file():
         _fail(f"{db} does not exist")
     store = RunStore(db)
+    runs = store.run_ids()
+    if run is None and len(runs) == 1:
+        run = runs[0]
+    if run not in runs:
+        store.close()
+        _fail(f"{db} holds runs {runs}; pick one with --run")
+    store.run_id = run
     try:
         if write:
             print_report(write_report(store, run_dir).report, console)

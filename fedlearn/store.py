@@ -217,6 +217,10 @@ class RunStore:
             return None
         return row[0], decode_arrays(row[1]), decode_arrays(row[2])
 
+    def run_ids(self) -> list[str]:
+        """Every run recorded in this file, oldest first."""
+        return [r[0] for r in self._db.execute("SELECT run_id FROM runs ORDER BY created")]
+
     def close(self) -> None:
         """Close the database."""
         self._db.close()
