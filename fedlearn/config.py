@@ -22,7 +22,7 @@ class RunSection(_Section):
 
     name: str = Field("mnist-fedavg", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(10, ge=1)
     clients: int = Field(20, ge=1)
     evaluate_every: int = Field(1, ge=0)
     out_dir: str | None = None
@@ -39,7 +39,7 @@ class DataSection(_Section):
 
 
 def _default_client_params() -> dict[str, Scalar]:
-    return {"epochs": 1, "batch_size": 32, "lr": 0.05}
+    return {"epochs": 2, "batch_size": 32, "lr": 0.1}
 
 
 class ClientSection(_Section):

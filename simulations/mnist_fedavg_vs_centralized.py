@@ -18,14 +18,19 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `fedlearn` and `clients` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
 
 from clients.mnist import build_model, make_app
 from fedlearn.data import load_dataset, partition_dataset
@@ -51,13 +56,32 @@ class Comparison:
         return 100 * (self.centralized_accuracy - self.federated_accuracy)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the old count.
+
+    The pool's workers already run single-threaded. Doing the same here (centralized
+    training, in-process runs) keeps the baseline fast (a small CNN gains little from
+    a second thread, and OpenMP threads thrash badly when the cores are shared) and
+    makes an in-process run bit-identical to a pool run (oneDNN's convolution weight
+    gradients are summed in an order that depends on the thread count).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def compare(
     *,
     clients: int = 20,
     alpha: float = 0.5,
     rounds: int = 20,
     epochs: int = 2,
-    lr: float = 0.05,
+    lr: float = 0.1,
+    momentum: float = 0.0,
     batch_size: int = 32,
     central_epochs: int | None = None,
     seed: int = 0,
@@ -65,43 +89,45 @@ def compare(
     evaluate_every: int = 1,
 ) -> Comparison:
     """Train FedAvg and the centralized baseline; evaluate both on the pooled test set."""
-    data = partition_dataset(load_dataset("mnist5k"), "dirichlet", clients, seed, alpha=alpha)
-    pooled = data.centralized()
+    with torch_threads(1):  # like the pool's workers
+        data = partition_dataset(load_dataset("mnist5k"), "dirichlet", clients, seed, alpha=alpha)
+        pooled = data.centralized()
 
-    start = time.perf_counter()
-    result = run_simulation(
-        partial(make_app, data, epochs=epochs, lr=lr, batch_size=batch_size),
-        FedAvg(),
-        num_clients=clients,
-        rounds=rounds,
-        seed=seed,
-        backend=backend,
-        evaluate_every=evaluate_every,
-    )
-    _, federated_accuracy = evaluate_arrays(build_model, result.arrays, pooled)
-    federated_seconds = time.perf_counter() - start
-    round_accuracies = [
-        float(r.eval_metrics["accuracy"]) for r in result.rounds if "accuracy" in r.eval_metrics
-    ]
+        start = time.perf_counter()
+        result = run_simulation(
+            partial(make_app, data, epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size),
+            FedAvg(),
+            num_clients=clients,
+            rounds=rounds,
+            seed=seed,
+            backend=backend,
+            evaluate_every=evaluate_every,
+        )
+        _, federated_accuracy = evaluate_arrays(build_model, result.arrays, pooled)
+        federated_seconds = time.perf_counter() - start
+        round_accuracies = [
+            float(r.eval_metrics["accuracy"]) for r in result.rounds if "accuracy" in r.eval_metrics
+        ]
 
-    start = time.perf_counter()
-    _, centralized_accuracy = train_centralized(
-        build_model,
-        pooled,
-        epochs=rounds * epochs if central_epochs is None else central_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-    )
-    centralized_seconds = time.perf_counter() - start
-    return Comparison(
-        federated_accuracy=federated_accuracy,
-        federated_client_mean_accuracy=round_accuracies[-1],
-        centralized_accuracy=centralized_accuracy,
-        federated_seconds=federated_seconds,
-        centralized_seconds=centralized_seconds,
-        round_accuracies=round_accuracies,
-    )
+        start = time.perf_counter()
+        _, centralized_accuracy = train_centralized(
+            build_model,
+            pooled,
+            epochs=rounds * epochs if central_epochs is None else central_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            seed=seed,
+        )
+        centralized_seconds = time.perf_counter() - start
+        return Comparison(
+            federated_accuracy=federated_accuracy,
+            federated_client_mean_accuracy=round_accuracies[-1] if round_accuracies else math.nan,
+            centralized_accuracy=centralized_accuracy,
+            federated_seconds=federated_seconds,
+            centralized_seconds=centralized_seconds,
+            round_accuracies=round_accuracies,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--momentum", type=float, default=0.0, help="local SGD momentum")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--central-epochs", type=int, default=None, help="default: rounds * epochs")
     parser.add_argument("--seed", type=int, default=0)
@@ -125,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         epochs=args.epochs,
         lr=args.lr,
+        momentum=args.momentum,
         batch_size=args.batch_size,
         central_epochs=args.central_epochs,
         seed=args.seed,
