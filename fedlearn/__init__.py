@@ -21,6 +21,7 @@ from fedlearn.errors import (
     UpdateRejected,
 )
 from fedlearn.messages import Reply, Stage, Task
+from fedlearn.flower import FlowerClientApp
 from fedlearn.records import Arrays, Config, Metrics, Scalar, decode_arrays, encode_arrays
 from fedlearn.simulation import InProcessTransport, PoolTransport, run_simulation
 from fedlearn.store import RunStore
@@ -76,6 +77,7 @@ __all__ = [
     "FedTrimmedAvg",
     "FedYogi",
     "FedlearnError",
+    "FlowerClientApp",
     "Fold",
     "InProcessTransport",
     "Krum",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -23,25 +21,6 @@ def read_only(arrays: Arrays) -> Arrays:
         view.flags.writeable = False
         out[name] = view
     return out
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch with one intra-op thread, as pool workers do.
-
-    Some kernels (oneDNN convolution gradients) sum per-thread partial results, so their
-    rounding depends on the thread count; one thread everywhere keeps every backend
-    bit-identical.
-    """
-    torch = sys.modules.get("torch")
-    previous = torch.get_num_threads() if torch is not None else 1
-    if previous != 1:
-        torch.set_num_threads(1)  # type: ignore[union-attr]
-    try:
-        yield
-    finally:
-        if previous != 1:
-            torch.set_num_threads(previous)  # type: ignore[union-attr]
 
 
 class InProcessTransport:
@@ -64,8 +43,7 @@ class InProcessTransport:
         runtime = self._runtime
         view = read_only(broadcast)
         for task in tasks:
-            with single_thread():
-                reply = runtime.handle(task, view)
+            reply = runtime.handle(task, view)
             if reply.arrays is not None:
                 reply = replace(reply, arrays={k: np.array(v) for k, v in reply.arrays.items()})
             yield reply
