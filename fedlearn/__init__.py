@@ -20,8 +20,8 @@ from fedlearn.errors import (
     SerializationError,
     UpdateRejected,
 )
-from fedlearn.messages import Reply, Stage, Task
 from fedlearn.flower import FlowerClientApp
+from fedlearn.messages import Reply, Stage, Task
 from fedlearn.records import Arrays, Config, Metrics, Scalar, decode_arrays, encode_arrays
 from fedlearn.simulation import InProcessTransport, PoolTransport, run_simulation
 from fedlearn.store import RunStore
