@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -73,22 +73,25 @@ class SimulationConfig(_Section):
     backend: BackendSection = Field(default_factory=BackendSection)  # type: ignore[arg-type]
 
 
-def parse_config(raw: dict[str, Any]) -> SimulationConfig:
-    """Validate a config mapping; ConfigError lists each bad field by its dotted path."""
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def validate(model: type[_M], raw: dict[str, Any], source: str = "config") -> _M:
+    """Validate a mapping as ``model``; ConfigError lists each bad field by dotted path."""
     try:
-        return SimulationConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
             problems.append(f"{where}: {err['msg']}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from exc
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(problems)) from exc
 
 
-def load_config(
-    path: str | Path | None, overrides: dict[str, Any] | None = None
-) -> SimulationConfig:
-    """Read a TOML config (or the embedded defaults when ``path`` is None) plus overrides.
+def load_toml(
+    model: type[_M], path: str | Path | None, overrides: dict[str, Any] | None = None
+) -> _M:
+    """Read a TOML file (nothing when ``path`` is None), apply overrides, validate.
 
     ``overrides`` maps dotted field paths (``"run.rounds"``) to values.
     """
@@ -102,7 +105,19 @@ def load_config(
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
-    return parse_config(raw)
+    return validate(model, raw, "config" if path is None else str(path))
+
+
+def parse_config(raw: dict[str, Any]) -> SimulationConfig:
+    """Validate a simulation config mapping."""
+    return validate(SimulationConfig, raw)
+
+
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None
+) -> SimulationConfig:
+    """A simulation config from TOML (or the embedded defaults when ``path`` is None)."""
+    return load_toml(SimulationConfig, path, overrides)
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
-from typing import Any, TypeVar
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from fedlearn.config import BackendSection, DataSection, Scalar, StrategySection
-from fedlearn.errors import ConfigError
+from fedlearn.config import DataSection, Scalar, StrategySection, load_toml
 
 
 class _Section(BaseModel):
@@ -127,29 +122,4 @@ class SiteConfig(_Section):
     client: SiteAppSection
 
 
-_M = TypeVar("_M", bound=BaseModel)
-
-
-def load_toml(model: type[_M], path: str | Path, overrides: dict[str, Any] | None = None) -> _M:
-    """Read and validate a TOML file as ``model``; ConfigError names each bad field."""
-    from fedlearn.config import set_dotted
-
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    for dotted, value in (overrides or {}).items():
-        set_dotted(raw, dotted, value)
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in exc.errors()
-        ]
-        raise ConfigError(f"invalid {path}:\n  " + "\n  ".join(problems)) from exc
-
-
-__all__ = ["BackendSection", "CoordinatorConfig", "SiteConfig", "load_toml"]
+__all__ = ["CoordinatorConfig", "SiteConfig", "load_toml"]
