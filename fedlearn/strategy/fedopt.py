@@ -225,7 +225,24 @@ class FedOpt(FedAvg):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAdam(FedOpt):
+class _MomentOpt(FedOpt):
+    """FedOpt with ``beta_1`` / ``beta_2``: an exponential moving average as first moment."""
+
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        check_range(self, "beta_1", low=0.0, high=1.0, high_open=True)
+        check_range(self, "beta_2", low=0.0, high=1.0, high_open=True)
+
+    def first_moment(self, delta: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Exponential moving average of ``delta``."""
+        return self.beta_1 * m + (1.0 - self.beta_1) * delta
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAdam(_MomentOpt):
     """FedAdam: Adam on the server (Reddi et al., 2021), with Flower's bias correction.
 
     ``m = beta_1 m + (1 - beta_1) d``, ``v = beta_2 v + (1 - beta_2) d^2``,
@@ -236,19 +253,7 @@ class FedAdam(FedOpt):
     ``beta_2=0.99``, ``tau=1e-3``; betas in [0, 1).
     """
 
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-
     counts_steps: ClassVar[bool] = True
-
-    def _check_settings(self) -> None:
-        super()._check_settings()
-        check_range(self, "beta_1", low=0.0, high=1.0, high_open=True)
-        check_range(self, "beta_2", low=0.0, high=1.0, high_open=True)
-
-    def first_moment(self, delta: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """Exponential moving average of ``delta``."""
-        return self.beta_1 * m + (1.0 - self.beta_1) * delta
 
     def second_moment(self, delta: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Exponential moving average of ``delta**2``."""
@@ -262,7 +267,7 @@ class FedAdam(FedOpt):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedYogi(FedOpt):
+class FedYogi(_MomentOpt):
     """FedYogi: Yogi on the server (Reddi et al., 2021); no bias correction.
 
     ``m = beta_1 m + (1 - beta_1) d``, ``v = v - (1 - beta_2) d^2 sign(v - d^2)``.
@@ -273,17 +278,6 @@ class FedYogi(FedOpt):
 
     eta: float = 1e-2
     eta_l: float = 0.0316
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-
-    def _check_settings(self) -> None:
-        super()._check_settings()
-        check_range(self, "beta_1", low=0.0, high=1.0, high_open=True)
-        check_range(self, "beta_2", low=0.0, high=1.0, high_open=True)
-
-    def first_moment(self, delta: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """Exponential moving average of ``delta``."""
-        return self.beta_1 * m + (1.0 - self.beta_1) * delta
 
     def second_moment(self, delta: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Yogi's additive, sign-controlled update of the second moment."""
