@@ -17,6 +17,7 @@ from fedlearn.errors import (
     DataError,
     FedlearnError,
     RoundFailed,
+    SecAggError,
     SerializationError,
     UpdateRejected,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "RunResult",
     "RunStore",
     "Scalar",
+    "SecAggError",
     "SerializationError",
     "Stage",
     "Strategy",

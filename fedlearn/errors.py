@@ -8,6 +8,7 @@
     ├── SerializationError   bytes that do not decode to a record
     ├── UpdateRejected       a client's reply failed validation (shape, dtype, NaN/Inf, ...)
     ├── AuthError            a client failed authentication (unknown, revoked, replayed)
+    ├── SecAggError          secure aggregation refused a message or could not finish
     └── RoundFailed          a round could not reach its quorum; the global model is unchanged
 """
 
@@ -52,3 +53,7 @@ class RoundFailed(FedlearnError):
 
 class AuthError(FedlearnError):
     """A client failed authentication (unknown, revoked, replayed or bad proof)."""
+
+
+class SecAggError(FedlearnError):
+    """Secure aggregation refused a message or could not finish."""
