@@ -63,6 +63,17 @@ class BackendSection(_Section):
     workers: int | None = Field(None, ge=1)
 
 
+class SecAggSection(_Section):
+    """[secagg]: secure aggregation (SecAgg+); the coordinator then sees only the sum."""
+
+    enabled: bool = False
+    clip: float = Field(1.0, gt=0)
+    max_weight: int = Field(100_000, ge=1)
+    modulus_bits: int = Field(32, ge=8, le=64)
+    neighbours: int | None = Field(None, ge=1)
+    threshold: int | None = Field(None, ge=2)
+
+
 class SimulationConfig(_Section):
     """A whole simulation config."""
 
@@ -71,6 +82,7 @@ class SimulationConfig(_Section):
     client: ClientSection = Field(default_factory=ClientSection)  # type: ignore[arg-type]
     strategy: StrategySection = Field(default_factory=StrategySection)
     backend: BackendSection = Field(default_factory=BackendSection)  # type: ignore[arg-type]
+    secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
 
 
 _M = TypeVar("_M", bound=BaseModel)

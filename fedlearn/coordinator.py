@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from fedlearn.messages import Reply, Stage, Task, seed_for
 from fedlearn.records import Arrays, Config, Metrics, Scalar
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, RoundContext, Strategy
 from fedlearn.validation import check_evaluation, check_update
+
+if TYPE_CHECKING:
+    from fedlearn.secagg.stages import SecureAggregation
 
 
 class Transport(Protocol):
@@ -139,6 +142,8 @@ class Coordinator:
     """Which of ``client_ids`` can take tasks now (deployment); all of them if None."""
     before_round: Callable[[int], None] | None = None
     """Called before each round (deployment: wait until enough sites are connected)."""
+    secure: SecureAggregation | None = None
+    """Secure aggregation settings; the coordinator then sees only the sum of updates."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -148,6 +153,10 @@ class Coordinator:
         if len(set(self.client_ids)) != len(self.client_ids):
             raise ConfigError("client ids must be unique")
         self.strategy.validate(len(self.client_ids))
+        if self.secure is not None:
+            self.secure.check(
+                self.strategy, self.strategy.train_clients_per_round(len(self.client_ids))
+            )
 
     def run(
         self, initial_arrays: Arrays, state: Arrays | None = None, start_round: int = 1
@@ -214,6 +223,30 @@ class Coordinator:
         records: list[ClientRecord],
     ) -> tuple[Arrays, Arrays, Metrics]:
         config = self.strategy.train_config(ctx)
+        if self.secure is not None:
+            aggregate, accepted = self._secure_mean(ctx, arrays, selected, config, records)
+        else:
+            aggregate, accepted = self._fold(ctx, arrays, selected, config, records)
+        try:
+            new_arrays, new_state = self.strategy.server_update(ctx, arrays, aggregate, state)
+            new_arrays = _check_model(new_arrays, arrays)
+        except (FedlearnError, ArithmeticError, ValueError) as exc:
+            if isinstance(exc, RoundFailed):
+                raise
+            raise RoundFailed(
+                f"round {ctx.round}: aggregation failed ({exc}); the global model is unchanged"
+            ) from exc
+        return new_arrays, new_state, self.strategy.summarize_train(ctx, accepted)
+
+    def _fold(
+        self,
+        ctx: RoundContext,
+        arrays: Arrays,
+        selected: list[int],
+        config: Config,
+        records: list[ClientRecord],
+    ) -> tuple[Arrays, list[ClientUpdate]]:
+        """Plain training stage: validate each update and fold it in as it arrives."""
         tasks = [self._task(Stage.TRAIN, ctx.round, cid, config) for cid in selected]
         fold = self.strategy.start_fold(ctx, arrays)
         accepted: list[ClientUpdate] = []
@@ -229,35 +262,59 @@ class Coordinator:
                 self._note(records, _failed(Stage.TRAIN, reply, exc))
                 continue
             accepted.append(ClientUpdate(update.client_id, {}, update.num_examples, update.metrics))
-            self._note(
-                records,
-                ClientRecord(
-                    ctx.round,
-                    Stage.TRAIN,
-                    reply.client_id,
-                    True,
-                    reply.num_examples,
-                    None,
-                    reply.metrics,
-                ),
+            record = ClientRecord(
+                ctx.round,
+                Stage.TRAIN,
+                reply.client_id,
+                True,
+                reply.num_examples,
+                None,
+                reply.metrics,
             )
-        if len(accepted) < self.strategy.min_train_clients:
-            raise RoundFailed(
-                f"round {ctx.round}: {len(accepted)} of {len(selected)} clients returned valid "
-                f"updates, below the quorum of {self.strategy.min_train_clients}; "
-                "the global model is unchanged"
-            )
+            self._note(records, record)
+        self._check_quorum(ctx, len(accepted), len(selected))
         try:
-            aggregate = fold.result()
-            new_arrays, new_state = self.strategy.server_update(ctx, arrays, aggregate, state)
-            new_arrays = _check_model(new_arrays, arrays)
+            return fold.result(), accepted
         except (FedlearnError, ArithmeticError, ValueError) as exc:
             if isinstance(exc, RoundFailed):
                 raise
             raise RoundFailed(
                 f"round {ctx.round}: aggregation failed ({exc}); the global model is unchanged"
             ) from exc
-        return new_arrays, new_state, self.strategy.summarize_train(ctx, accepted)
+
+    def _secure_mean(
+        self,
+        ctx: RoundContext,
+        arrays: Arrays,
+        selected: list[int],
+        config: Config,
+        records: list[ClientRecord],
+    ) -> tuple[Arrays, list[ClientUpdate]]:
+        """Secure training stages: the coordinator learns only the weighted sum."""
+        from fedlearn.secagg.stages import secure_mean
+
+        assert self.secure is not None
+        mean, accepted = secure_mean(
+            self.secure,
+            rnd=ctx.round,
+            seed=self.seed,
+            selected=selected,
+            global_arrays=arrays,
+            config=dict(config),
+            exchange=lambda stage, tasks, broadcast: self._stage(broadcast, tasks),
+            task_seed=lambda stage, cid: seed_for(self.seed, ctx.round, stage, cid),
+            note=lambda record: self._note(records, record),
+        )
+        self._check_quorum(ctx, len(accepted), len(selected))
+        return mean, accepted
+
+    def _check_quorum(self, ctx: RoundContext, accepted: int, selected: int) -> None:
+        if accepted < self.strategy.min_train_clients:
+            raise RoundFailed(
+                f"round {ctx.round}: {accepted} of {selected} clients returned valid "
+                f"updates, below the quorum of {self.strategy.min_train_clients}; "
+                "the global model is unchanged"
+            )
 
     def _evaluate(
         self, ctx: RoundContext, arrays: Arrays, records: list[ClientRecord], clients: list[int]

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from fedlearn.client_app import ClientApp, ProvidesInitialArrays
-from fedlearn.config import SimulationConfig, StrategySection
+from fedlearn.config import SecAggSection, SimulationConfig, StrategySection
 from fedlearn.coordinator import Observer, RunResult
 from fedlearn.data import load_dataset, partition_dataset
 from fedlearn.errors import ConfigError
 from fedlearn.references import resolve
 from fedlearn.report import write_report
+from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import run_simulation
 from fedlearn.store import RunStore
 from fedlearn.strategy import Strategy, build_strategy
@@ -32,6 +33,19 @@ def make_strategy(section: StrategySection) -> Strategy:
         raise ConfigError(f"strategy.params: {exc}") from exc
 
 
+def make_secure(section: SecAggSection) -> SecureAggregation | None:
+    """Secure aggregation settings, or None when ``[secagg]`` is off."""
+    if not section.enabled:
+        return None
+    return SecureAggregation(
+        clip=section.clip,
+        max_weight=section.max_weight,
+        modulus_bits=section.modulus_bits,
+        neighbours=section.neighbours,
+        threshold=section.threshold,
+    )
+
+
 def run_dir(config: SimulationConfig) -> Path:
     """Where a run writes its outputs."""
     return Path(config.run.out_dir or Path("runs") / config.run.name)
@@ -47,6 +61,9 @@ def run_job(
     """
     strategy = make_strategy(config.strategy)
     strategy.validate(config.run.clients)
+    secure = make_secure(config.secagg)
+    if secure is not None:
+        secure.check(strategy, strategy.train_clients_per_round(config.run.clients))
     factory = resolve(config.client.app, "client.app")
     dataset = load_dataset(config.data.dataset)
     data = partition_dataset(
@@ -92,6 +109,7 @@ def run_job(
             sink=store,
             observer=observer,
             run_id=config.run.name,
+            secure=secure,
         )
         save_weights(
             result.arrays,

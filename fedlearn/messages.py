@@ -32,6 +32,16 @@ class Stage(StrEnum):
 
     TRAIN = "train"
     EVALUATE = "evaluate"
+    # secure aggregation: training happens in the first stage, the sum comes out of the last
+    SECAGG_SETUP = "secagg-setup"
+    SECAGG_KEYS = "secagg-keys"
+    SECAGG_SHARES = "secagg-shares"
+    SECAGG_UNMASK = "secagg-unmask"
+
+    @property
+    def secure(self) -> bool:
+        """Whether this is a secure-aggregation stage (the client keeps state across them)."""
+        return self.value.startswith("secagg-")
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,8 @@ class Task:
     client_id: int
     seed: int
     config: Config = field(default_factory=dict)
+    payload: bytes = b""
+    """A per-client protocol message (secure aggregation); empty for train/evaluate."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ class Reply:
     loss: float | None = None
     metrics: Metrics = field(default_factory=dict)
     error: str | None = None
+    payload: bytes = b""
+    """The client's protocol message (secure aggregation)."""
 
     @property
     def ok(self) -> bool:
@@ -102,16 +116,19 @@ def unframe(data: bytes | memoryview) -> Iterator[memoryview]:
 
 
 def encode_task(task: Task) -> bytes:
-    """Task to bytes (JSON; no pickle)."""
-    return encode_json([task.stage.value, task.round, task.client_id, task.seed, task.config])
+    """Task to bytes: a JSON header frame and the raw payload frame (no pickle)."""
+    header = encode_json([task.stage.value, task.round, task.client_id, task.seed, task.config])
+    return frame([header, task.payload])
 
 
 def decode_task(data: bytes | memoryview) -> Task:
     """Bytes made by :func:`encode_task` back to a Task."""
-    value = decode_json(data)
+    parts = list(unframe(data))
+    if len(parts) != 2:
+        raise SerializationError("a task has two frames")
     try:
-        stage, rnd, cid, seed, config = value
-        return Task(Stage(stage), int(rnd), int(cid), int(seed), dict(config))
+        stage, rnd, cid, seed, config = decode_json(parts[0])
+        return Task(Stage(stage), int(rnd), int(cid), int(seed), dict(config), bytes(parts[1]))
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"malformed task: {exc}") from exc
 
@@ -127,7 +144,7 @@ def encode_reply(reply: Reply) -> bytes:
         reply.metrics,
         reply.error,
     ]
-    parts = [encode_json(header)]
+    parts = [encode_json(header), reply.payload]
     if reply.arrays is not None:
         parts.append(encode_arrays(reply.arrays))
     return frame(parts)
@@ -136,8 +153,8 @@ def encode_reply(reply: Reply) -> bytes:
 def decode_reply(data: bytes | memoryview) -> Reply:
     """Bytes made by :func:`encode_reply` back to a Reply."""
     parts = list(unframe(data))
-    if len(parts) not in (1, 2):
-        raise SerializationError("a reply has one or two frames")
+    if len(parts) not in (2, 3):
+        raise SerializationError("a reply has two or three frames")
     try:
         stage, rnd, cid, num_examples, loss, metrics, error = decode_json(parts[0])
         return Reply(
@@ -145,10 +162,11 @@ def decode_reply(data: bytes | memoryview) -> Reply:
             round=int(rnd),
             client_id=int(cid),
             num_examples=int(num_examples),
-            arrays=decode_arrays(parts[1]) if len(parts) == 2 else None,
+            arrays=decode_arrays(parts[2]) if len(parts) == 3 else None,
             loss=None if loss is None else float(loss),
             metrics=dict(metrics),
             error=None if error is None else str(error),
+            payload=bytes(parts[1]),
         )
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"malformed reply: {exc}") from exc

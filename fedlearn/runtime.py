@@ -26,17 +26,36 @@ class ClientRuntime:
     def __init__(self, app: ClientApp, run_id: str = "") -> None:
         self.app = app
         self.run_id = run_id
+        self._secure: Any = None
 
     def handle(self, task: Task, arrays: Arrays) -> Reply:
         """Run ``task`` on ``arrays``; any exception becomes a failed Reply."""
         ctx = ClientContext(task.client_id, task.round, task.seed, self.run_id)
         _seed_frameworks(task.seed)
         try:
-            if task.stage is Stage.TRAIN:
-                return _train_reply(task, self.app.train(arrays, task.config, ctx))
-            return _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
-        except Exception as exc:
+            with single_thread():
+                if task.stage.secure:
+                    return self._secure_reply(task, arrays, ctx)
+                if task.stage is Stage.TRAIN:
+                    return _train_reply(task, self.app.train(arrays, task.config, ctx))
+                return _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
+        except Exception as exc:  # user code may raise anything: it becomes this client's failure
             return Reply(task.stage, task.round, task.client_id, error=describe(exc))
+
+    def _secure_reply(self, task: Task, arrays: Arrays, ctx: ClientContext) -> Reply:
+        if self._secure is None:
+            from fedlearn.secagg.stages import SecureClientStates
+
+            self._secure = SecureClientStates()
+        payload, num_examples, metrics = self._secure.handle(task, arrays, self.app, ctx)
+        return Reply(
+            task.stage,
+            task.round,
+            task.client_id,
+            num_examples=num_examples,
+            metrics=metrics,
+            payload=payload,
+        )
 
 
 def describe(exc: BaseException) -> str:

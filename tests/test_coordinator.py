@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from apps import LogReg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from apps import LogReg
 from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.coordinator import Coordinator, in_task_order
 from fedlearn.errors import ConfigError

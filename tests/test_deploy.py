@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deployment import PARAMS, Deployment, simulated_data
 
 from clients.tabular import make_app
+from deployment import PARAMS, Deployment, simulated_data
 from fedlearn.messages import Stage
 from fedlearn.simulation import run_simulation
 from fedlearn.store import RunStore

@@ -12,12 +12,12 @@ import pytest
 
 flwr = pytest.importorskip("flwr")
 
-from deployment import Deployment, simulated_data  # noqa: E402
 from flwr.client import NumPyClient  # noqa: E402
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.server.strategy.aggregate import aggregate  # noqa: E402
 
 from clients.flower_numpy import LogisticRegressionClient, make_app  # noqa: E402
+from deployment import Deployment, simulated_data  # noqa: E402
 from fedlearn.client_app import ClientApp, ClientContext, ProvidesInitialArrays  # noqa: E402
 from fedlearn.data import load_dataset, partition_dataset  # noqa: E402
 from fedlearn.flower import FlowerClientApp  # noqa: E402

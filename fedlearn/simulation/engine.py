@@ -9,6 +9,7 @@ from fedlearn.client_app import ClientApp, ProvidesInitialArrays
 from fedlearn.coordinator import Coordinator, Observer, RoundSink, RunResult, Transport
 from fedlearn.errors import ConfigError
 from fedlearn.records import Arrays
+from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation.inprocess import InProcessTransport
 from fedlearn.simulation.pool import PoolTransport
 from fedlearn.strategy.base import Strategy
@@ -46,13 +47,15 @@ def run_simulation(
     sink: RoundSink | None = None,
     observer: Observer | None = None,
     run_id: str = "",
+    secure: SecureAggregation | None = None,
 ) -> RunResult:
     """Simulate ``rounds`` rounds of federated training over ``num_clients`` clients.
 
     ``app_factory`` builds a ClientApp; each worker builds one and keeps it (its model
     and cached data) for every task it runs. Client ids are ``0..num_clients-1``.
     With the same ``seed`` the result is bit-identical, whichever backend runs it.
-    ``initial_state`` and ``start_round`` continue a run from a checkpoint.
+    ``initial_state`` and ``start_round`` continue a run from a checkpoint. With
+    ``secure``, training rounds use secure aggregation (SecAgg+).
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -78,6 +81,7 @@ def run_simulation(
             evaluate_every=evaluate_every,
             sink=sink,
             observer=observer,
+            secure=secure,
         )
         return coordinator.run(initial_arrays, initial_state, start_round)
     finally:

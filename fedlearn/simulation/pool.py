@@ -90,40 +90,53 @@ class PoolTransport:
         self._chunk_size = chunk_size
         self._ctx = mp.get_context("fork")
         self._workers: list[_Worker] = []
+        self._payload = b""
 
     def _start(self) -> None:
         while len(self._workers) < self.num_workers:
             self._workers.append(_Worker(self._ctx, self._factory, self._run_id))
 
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
-        """Send the broadcast to every worker, then stream chunks; yield replies as they come."""
+        """Send the broadcast to every worker, then stream chunks; yield replies as they come.
+
+        Tasks of a secure-aggregation stage stick to worker ``client_id % workers``: that
+        worker holds the client's protocol state from the previous stage.
+        """
         if not tasks:
             return
         self._start()
-        payload = frame([_BROADCAST, encode_arrays(broadcast)])
+        self._payload = frame([_BROADCAST, encode_arrays(broadcast)])
         for w in self._workers:
-            w.conn.send_bytes(payload)
-        size = self._chunk_size or max(1, min(64, math.ceil(len(tasks) / (4 * len(self._workers)))))
-        queue = [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
-        queue.reverse()
-        for w in self._workers:
+            w.conn.send_bytes(self._payload)
+        queues = self._plan(tasks)
+        for i, w in enumerate(self._workers):
             for _ in range(2):
-                if queue:
-                    self._send(w, queue.pop())
+                if queues[i]:
+                    self._send(w, queues[i].pop())
         while any(w.pending for w in self._workers):
             ready = wait([w.conn for w in self._workers if w.pending])
-            for w in list(self._workers):
+            for i, w in enumerate(self._workers):
                 if w.conn not in ready:
                     continue
                 chunk = w.pending.pop(0)
                 try:
                     replies = [decode_reply(p) for p in unframe(w.conn.recv_bytes())]
                 except (EOFError, OSError, SerializationError) as exc:
-                    yield from self._lost(w, chunk, exc)
+                    yield from self._lost(i, chunk, exc)
                     continue
-                if queue:
-                    self._send(w, queue.pop())
+                if queues[i]:
+                    self._send(w, queues[i].pop())
                 yield from replies
+
+    def _plan(self, tasks: Sequence[Task]) -> list[list[list[Task]]]:
+        """Per worker, the chunks it will run (popped from the end)."""
+        n = len(self._workers)
+        size = self._chunk_size or max(1, min(64, math.ceil(len(tasks) / (4 * n))))
+        if tasks[0].stage.secure:
+            own = [[t for t in tasks if t.client_id % n == i] for i in range(n)]
+            return [[q[j : j + size] for j in range(0, len(q), size)][::-1] for q in own]
+        shared = [list(tasks[j : j + size]) for j in range(0, len(tasks), size)][::-1]
+        return [shared] * n
 
     def _send(self, w: _Worker, chunk: list[Task]) -> None:
         """Queue ``chunk`` on ``w``; if its pipe is already broken the chunk stays pending
@@ -132,15 +145,19 @@ class PoolTransport:
         with contextlib.suppress(OSError):
             w.conn.send_bytes(frame([_TASKS, *(encode_task(t) for t in chunk)]))
 
-    def _lost(self, w: _Worker, chunk: list[Task], exc: BaseException) -> Iterator[Reply]:
-        """A worker died: fail its outstanding tasks and replace it."""
+    def _lost(self, i: int, chunk: list[Task], exc: BaseException) -> Iterator[Reply]:
+        """Worker ``i`` died: fail its outstanding tasks and start a replacement in its slot."""
+        w = self._workers[i]
         w.process.join(timeout=1)
         reason = f"worker process died (exit code {w.process.exitcode}; {describe(exc)})"
         for task in chunk + [t for c in w.pending for t in c]:
             yield Reply(task.stage, task.round, task.client_id, error=reason)
         w.pending.clear()
-        self._workers.remove(w)
         w.conn.close()
+        fresh = _Worker(self._ctx, self._factory, self._run_id)
+        with contextlib.suppress(OSError):
+            fresh.conn.send_bytes(self._payload)
+        self._workers[i] = fresh
 
     def close(self) -> None:
         """Stop every worker."""

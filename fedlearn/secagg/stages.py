@@ -1,0 +1,245 @@
+"""Secure aggregation as coordinator stages: the glue between the sans-IO protocol and a round.
+
+A secure training round is four exchanges over any transport (``Stage.SECAGG_*``):
+
+1. ``secagg-setup``: each selected client trains on the global model, keeps its update
+   (as a weighted delta from the global model) inside its SecAggClient and answers with
+   its public keys;
+2. ``secagg-keys``: it receives its neighbours' keys and answers with encrypted shares;
+3. ``secagg-shares``: it receives the shares meant for it and answers with its masked input;
+4. ``secagg-unmask``: survivors answer with the shares that remove the masks.
+
+The coordinator learns ``sum_i w_i delta_i`` and ``sum_i w_i`` only, and adds the weighted
+mean delta to the global model. A client's secrets never leave the runtime that holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedlearn.client_app import ClientApp, ClientContext, TrainResult
+from fedlearn.errors import ConfigError, FedlearnError, SecAggError, UpdateRejected
+from fedlearn.messages import Reply, Stage, Task
+from fedlearn.records import Arrays, Metrics, check_scalars
+from fedlearn.secagg.protocol import (
+    ClientMessage,
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    ServerMessage,
+    Setup,
+    decode_message,
+    encode_message,
+)
+from fedlearn.secagg.quantize import flatten, unflatten
+from fedlearn.strategy.base import ClientUpdate, Strategy
+
+if TYPE_CHECKING:
+    from fedlearn.coordinator import ClientRecord
+
+SECURE_STAGES = (Stage.SECAGG_SETUP, Stage.SECAGG_KEYS, Stage.SECAGG_SHARES, Stage.SECAGG_UNMASK)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureAggregation:
+    """Settings of secure aggregation (one per run; each round gets a fresh SecAggConfig).
+
+    ``clip`` bounds each coordinate of a client's change to the model; ``max_weight``
+    bounds ``num_examples`` (a client above it is refused); ``modulus_bits`` is the ring
+    of the masked sum; ``neighbours`` (k) and ``threshold`` (t) default to SecAgg+'s
+    ``k = 2 ceil(log2 n)`` and a strict majority of ``k + 1``.
+    """
+
+    clip: float = 1.0
+    max_weight: int = 100_000
+    modulus_bits: int = 32
+    neighbours: int | None = None
+    threshold: int | None = None
+
+    def check(self, strategy: Strategy, clients_per_round: int) -> None:
+        """ConfigError unless ``strategy`` aggregates by a plain weighted mean."""
+        plain_fold = type(strategy).start_fold is Strategy.start_fold
+        if not strategy.linear or not plain_fold:
+            raise ConfigError(
+                f"secure aggregation needs a linear weighted-mean strategy (FedAvg, FedProx, "
+                f"FedAvgM, FedAdam, FedYogi, FedAdagrad); {type(strategy).__name__} "
+                "aggregates differently"
+            )
+        if clients_per_round < 3:
+            raise ConfigError("secure aggregation needs at least 3 clients per round")
+        self.round_config(list(range(clients_per_round)), 1, 0, 0)
+
+    def round_config(self, clients: list[int], length: int, seed: int, rnd: int) -> SecAggConfig:
+        """The public parameters of one round; the graph seed is derived from the run seed."""
+        graph_seed = hashlib.sha256(f"fedlearn-secagg-graph/{seed}/{rnd}".encode()).digest()
+        return SecAggConfig.create(
+            clients,
+            length,
+            max_weight=self.max_weight,
+            clip=self.clip,
+            num_neighbours=self.neighbours,
+            threshold=self.threshold,
+            modulus_bits=self.modulus_bits,
+            graph_seed=graph_seed,
+        )
+
+
+# ------------------------------------------------------------------------ client side
+
+
+class SecureClientStates:
+    """The SecAggClients a runtime holds, one per (round, client id)."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[int, int], SecAggClient] = {}
+
+    def handle(
+        self, task: Task, arrays: Arrays, app: ClientApp, ctx: ClientContext
+    ) -> tuple[bytes, int, Metrics]:
+        """Answer one secure stage: (client message bytes, num_examples, metrics)."""
+        msg = _server_message(task.payload)
+        key = (task.round, task.client_id)
+        if task.stage is Stage.SECAGG_SETUP:
+            self._clients = {k: v for k, v in self._clients.items() if k[0] >= task.round}
+            result = app.train(arrays, task.config, ctx)
+            delta, weight = _weighted_delta(result, arrays, msg)
+            client = SecAggClient(task.client_id, round=task.round)
+            client.set_input(delta, weight)
+            self._clients[key] = client
+            reply = client.handle(msg)
+            return encode_message(reply), weight, check_scalars(result.metrics, "metrics")
+        held = self._clients.get(key)
+        if held is None:
+            raise SecAggError(f"no secure-aggregation state for round {task.round} here")
+        reply = held.handle(msg)
+        if task.stage is Stage.SECAGG_UNMASK:
+            del self._clients[key]
+        return encode_message(reply), 0, {}
+
+
+def _server_message(payload: bytes) -> ServerMessage:
+    msg = decode_message(payload)
+    if not isinstance(msg, ServerMessage):
+        raise SecAggError(f"a client does not take {type(msg).__name__}")
+    return msg
+
+
+def _weighted_delta(
+    result: TrainResult, global_arrays: Arrays, setup: ServerMessage
+) -> tuple[np.ndarray, int]:
+    if not isinstance(result, TrainResult):
+        raise TypeError(f"train() must return TrainResult, not {type(result).__name__}")
+    if not isinstance(setup, Setup):
+        raise SecAggError("training happens at the setup stage only")
+    from fedlearn.validation import check_update
+
+    update = check_update(
+        Reply(
+            Stage.TRAIN,
+            setup.round,
+            setup.client_id,
+            int(result.num_examples),
+            {k: np.asarray(v) for k, v in result.arrays.items()},
+        ),
+        global_arrays,
+    )
+    if update.num_examples > setup.config.max_weight:
+        raise UpdateRejected(
+            f"num_examples {update.num_examples} exceeds secure aggregation's max_weight "
+            f"{setup.config.max_weight}"
+        )
+    new, _ = flatten(update.arrays)
+    old, _ = flatten(global_arrays)
+    return new.astype(np.float64) - old.astype(np.float64), update.num_examples
+
+
+# ------------------------------------------------------------------------ server side
+
+Exchange = Callable[[Stage, list[Task], Arrays], Iterator[Reply]]
+Note = Callable[["ClientRecord"], None]
+
+
+def secure_mean(
+    secure: SecureAggregation,
+    *,
+    rnd: int,
+    seed: int,
+    selected: list[int],
+    global_arrays: Arrays,
+    config: dict[str, object],
+    exchange: Exchange,
+    task_seed: Callable[[Stage, int], int],
+    note: Note,
+) -> tuple[Arrays, list[ClientUpdate]]:
+    """Run the four stages; return the new global model's weighted mean and the accepted
+    clients' metadata (no arrays). RoundFailed if too few clients survive."""
+    from fedlearn.coordinator import ClientRecord
+
+    vector, spec = flatten(global_arrays)
+    server = SecAggServer(secure.round_config(selected, vector.size, seed, rnd), rnd)
+    outgoing: list[ServerMessage] = list(server.start())
+    accepted: dict[int, ClientUpdate] = {}
+    for stage in SECURE_STAGES:
+        tasks = [
+            Task(
+                stage,
+                rnd,
+                m.client_id,
+                # training at the setup stage uses the plain training seed: the same update
+                task_seed(Stage.TRAIN if stage is Stage.SECAGG_SETUP else stage, m.client_id),
+                dict(config) if stage is Stage.SECAGG_SETUP else {},  # type: ignore[arg-type]
+                encode_message(m),
+            )
+            for m in outgoing
+        ]
+        broadcast = global_arrays if stage is Stage.SECAGG_SETUP else {}
+        for reply in exchange(stage, tasks, broadcast):
+            try:
+                if not reply.ok:
+                    raise SecAggError(str(reply.error))
+                msg = decode_message(reply.payload)
+                server.receive(msg)  # type: ignore[arg-type]
+            except FedlearnError as exc:
+                note(ClientRecord(rnd, stage, reply.client_id, False, error=str(exc)))
+                accepted.pop(reply.client_id, None)
+                continue
+            if stage is Stage.SECAGG_SETUP:
+                accepted[reply.client_id] = ClientUpdate(
+                    reply.client_id, {}, reply.num_examples, reply.metrics
+                )
+                note(
+                    ClientRecord(
+                        rnd,
+                        Stage.TRAIN,
+                        reply.client_id,
+                        True,
+                        reply.num_examples,
+                        None,
+                        reply.metrics,
+                    )
+                )
+        outgoing = server.advance()  # RoundFailed when too few survive
+    result = server.result()
+    mean_delta = unflatten(result.mean(), spec)
+    new = {name: _add(global_arrays[name], mean_delta[name]) for name in global_arrays}
+    survivors = [accepted[c] for c in sorted(result.survivors) if c in accepted]
+    return new, survivors
+
+
+def _add(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    total = base.astype(np.float64) + delta.astype(np.float64)
+    return np.asarray(total if base.dtype.kind == "f" else np.rint(total)).astype(base.dtype)
+
+
+__all__ = [
+    "SECURE_STAGES",
+    "ClientMessage",
+    "SecureAggregation",
+    "SecureClientStates",
+    "secure_mean",
+]
