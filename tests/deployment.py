@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedlearn.coordinator import RunResult
 from fedlearn.data import load_dataset, partition_dataset
-from fedlearn.security.certs import write_dev_pki
+from fedlearn.deploy.config import CoordinatorConfig, SiteConfig, load_toml
+from fedlearn.deploy.launch import build_site
+from fedlearn.deploy.server import run_coordinator
+from fedlearn.deploy.servicer import CoordinatorServicer
+from fedlearn.deploy.sessions import ClientRegistry, Session
+from fedlearn.deploy.site import SiteClient
+from fedlearn.deploy.transport import GrpcTransport
+from fedlearn.messages import Reply
+from fedlearn.records import Arrays, decode_arrays, encode_arrays
+from fedlearn.references import resolve
+from fedlearn.runtime import ClientRuntime
+from fedlearn.security.auth import sign_challenge
+from fedlearn.security.certs import load_pem, write_dev_pki
 from fedlearn.security.keys import (
     allowlist_entry_toml,
     generate_site_key,
+    load_private_key,
     public_key_bytes,
     save_private_key,
 )
+from fedlearn.store import RunStore
 from fedlearn.weights import save_weights
+from fedlearn.wire import PROTOCOL_VERSION
+from fedlearn.wire import fedlearn_pb2 as pb
+from fedlearn.wire.chunks import MAX_CHUNK, Assembler, payload_digest, split
+from fedlearn.wire.convert import reply_to_proto, task_from_proto
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "clients.tabular:make_app"
@@ -59,6 +87,9 @@ class Deployment:
     min_clients: int | None = None
     port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    app: str = APP  # the sites' client.app ("module:factory")
+    params: dict[str, object] = field(default_factory=lambda: dict(PARAMS))  # client.params
+    strategy_params: dict[str, object] = field(default_factory=lambda: {"min_train_clients": 1})
 
     def __post_init__(self) -> None:
         self.pki = write_dev_pki(self.root / "pki", ["localhost", "127.0.0.1"])
@@ -68,9 +99,8 @@ class Deployment:
             save_private_key(self.root / f"site-{i}.key", key)
             entries.append(allowlist_entry_toml(f"site-{i}", public_key_bytes(key)))
         (self.root / "sites.toml").write_text("\n".join(entries))
-        from clients.tabular import make_app
-
-        app = make_app(simulated_data(self.num_sites, self.seed), **PARAMS)  # type: ignore[arg-type]
+        make_app = resolve(self.app, "client.app")
+        app = make_app(simulated_data(self.num_sites, self.seed), **self.params)
         self.initial = app.initial_arrays(self.seed)
         save_weights(self.initial, self.root / "init.safetensors")
         self.write_coordinator_config()
@@ -108,7 +138,7 @@ weights = "{self.root / "init.safetensors"}"
 
 [strategy]
 name = "{self.strategy}"
-params = {{ min_train_clients = 1 }}
+params = {_table(self.strategy_params)}
 """
         )
         return path
@@ -134,14 +164,15 @@ seed = {self.seed}
 simulated = {_table(DATA)}
 
 [client]
-app = "{APP}"
-params = {_table(PARAMS | dict(extra))}
+app = "{self.app}"
+params = {_table(self.params | dict(extra))}
 """
         )
         return path
 
     def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        # tests/ too, so a site can name a test app ("fault_apps:make_app")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedlearn.cli", *args],
             cwd=ROOT,
@@ -176,3 +207,299 @@ params = {_table(PARAMS | dict(extra))}
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------ in-process coordinator
+#
+# For fault tests: ``run_coordinator`` in a thread (TLS, the harness's configs), with its
+# session registry, transport and servicer at hand, and raw gRPC streams that can send
+# anything a misbehaving site might.
+
+FAULT_APP = "fault_apps:make_app"
+FAULT_PARAMS: dict[str, object] = {"lr": 0.5}
+
+
+@dataclass
+class Running:
+    """A coordinator running in a thread of this process."""
+
+    deployment: Deployment
+    thread: threading.Thread
+    stop: threading.Event
+    port: int = 0
+    registry: ClientRegistry | None = None
+    transport: GrpcTransport | None = None
+    servicer: CoordinatorServicer | None = None
+    result: RunResult | None = None
+    error: BaseException | None = None
+    sites: list[tuple[SiteClient, threading.Thread, threading.Event]] = field(default_factory=list)
+
+    def wait(self, timeout: float = 60) -> RunResult:
+        """The run's result (re-raising what it raised)."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the coordinator did not finish in time"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def channel(self) -> grpc.Channel:
+        """A TLS channel to the coordinator, trusting the harness CA."""
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=load_pem(self.deployment.pki.ca_cert)
+        )
+        return grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
+
+    def start_site(self, i: int, **params: object) -> SiteClient:
+        """Run site ``i`` as a SiteClient thread (``params``: extra client params)."""
+        d = self.deployment
+        path = d.write_site_config(i, **params) if params else d.root / f"site-{i}.toml"
+        site = build_site(load_toml(SiteConfig, path))
+        stop = threading.Event()
+        thread = threading.Thread(target=site.run, args=(stop,), daemon=True, name=f"site-{i}")
+        thread.start()
+        self.sites.append((site, thread, stop))
+        return site
+
+    def wait_joined(
+        self, client_id: int, other_than: Session | None = None, timeout: float = 20.0
+    ) -> Session:
+        """The live session of ``client_id`` once there is one (other than ``other_than``)."""
+        assert self.registry is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            session = self.registry.get(client_id)
+            if session is not None and session is not other_than:
+                return session
+            time.sleep(0.01)
+        raise TimeoutError(f"client {client_id} did not join")
+
+    def store(self) -> RunStore:
+        return RunStore(self.deployment.state_dir / "run.db", run_id="run")
+
+
+@contextmanager
+def in_process_coordinator(
+    d: Deployment,
+    overrides: dict[str, Any] | None = None,
+    observer: Any = None,
+    handshake_timeout_s: float | None = None,
+) -> Iterator[Running]:
+    """Start ``run_coordinator`` on ``d``'s coordinator.toml (plus ``overrides``)."""
+    import fedlearn.deploy.server as server_mod
+
+    config = load_toml(CoordinatorConfig, d.root / "coordinator.toml", overrides)
+    stopping = threading.Event()
+    running = Running(d, threading.Thread(), threading.Event())
+    ready = threading.Event()
+
+    class Registry(ClientRegistry):
+        def __init__(self) -> None:
+            super().__init__()
+            running.registry = self
+
+        def wait_for(self, count: int, timeout: float | None) -> bool:
+            deadline = time.monotonic() + (timeout or 3600.0)
+            while not stopping.is_set() and time.monotonic() < deadline:
+                if super().wait_for(count, 0.05):
+                    return True
+            return False
+
+    class Transport(GrpcTransport):
+        def __init__(self, registry: ClientRegistry, stage_timeout_s: float) -> None:
+            super().__init__(registry, stage_timeout_s)
+            running.transport = self
+
+    class Servicer(CoordinatorServicer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if handshake_timeout_s is not None:
+                kwargs["handshake_timeout_s"] = handshake_timeout_s
+            super().__init__(*args, **kwargs)
+            running.servicer = self
+
+    def on_ready(port: int) -> None:
+        running.port = port
+        ready.set()
+
+    def target() -> None:
+        try:
+            running.result = run_coordinator(
+                config, stop=running.stop, on_ready=on_ready, observer=observer
+            )
+        except BaseException as exc:
+            running.error = exc
+        finally:
+            ready.set()
+
+    saved = (server_mod.ClientRegistry, server_mod.GrpcTransport, server_mod.CoordinatorServicer)
+    server_mod.ClientRegistry, server_mod.GrpcTransport, server_mod.CoordinatorServicer = (  # type: ignore[misc]
+        Registry,
+        Transport,
+        Servicer,
+    )
+    try:
+        running.thread = threading.Thread(target=target, daemon=True, name="coordinator")
+        running.thread.start()
+        assert ready.wait(30), "the coordinator did not start"
+    finally:
+        server_mod.ClientRegistry, server_mod.GrpcTransport, server_mod.CoordinatorServicer = (  # type: ignore[misc]
+            saved
+        )
+    if running.error is not None:
+        raise running.error
+    try:
+        yield running
+    finally:
+        running.stop.set()
+        stopping.set()
+        for _, _, stop in running.sites:
+            stop.set()
+        for _, thread, _ in running.sites:
+            thread.join(10)
+        running.thread.join(30)
+
+
+def _serialize(message: pb.ClientMessage | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class RawStream:
+    """One ``Connect`` stream driven by hand: any message, or any bytes, in any order."""
+
+    def __init__(self, channel: grpc.Channel, timeout: float = 30.0) -> None:
+        self._out: queue.Queue[pb.ClientMessage | bytes | None] = queue.Queue()
+        connect = channel.stream_stream(
+            "/fedlearn.v1.Coordinator/Connect",
+            request_serializer=_serialize,
+            response_deserializer=pb.ServerMessage.FromString,
+        )
+        self.call = connect(self._requests(), timeout=timeout)
+        self.cancels: list[pb.Cancel] = []
+
+    def _requests(self) -> Iterator[pb.ClientMessage | bytes]:
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            yield item
+
+    def send(self, *messages: pb.ClientMessage | bytes) -> None:
+        for message in messages:
+            self._out.put(message)
+
+    def close(self) -> None:
+        """Half-close: the site sends nothing more."""
+        self._out.put(None)
+
+    def recv(self) -> pb.ServerMessage:
+        return next(self.call)  # type: ignore[no-any-return]
+
+    def cancel(self) -> None:
+        """Drop the stream at once, as a crashed site would."""
+        self.call.cancel()
+        self.close()
+
+    def status(self, half_close: bool = True) -> tuple[grpc.StatusCode, str]:
+        """Read to the end of the stream (first saying that the site has said all, unless
+        ``half_close`` is False); its status code and details."""
+        if half_close:
+            self.close()
+        try:
+            for _ in self.call:
+                pass
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details()  # type: ignore[attr-defined]
+        finally:
+            self.close()
+        return self.call.code(), self.call.details()
+
+    def recv_task(self) -> tuple[pb.TaskHeader, Arrays] | None:
+        """The next task and its arrays (Cancels are collected); None when the run ends."""
+        while True:
+            message = self.recv()
+            kind = message.WhichOneof("kind")
+            if kind == "cancel":
+                if not message.cancel.task_id:
+                    self.close()  # the run is over: say so, as a site does
+                    return None
+                self.cancels.append(message.cancel)
+            elif kind == "task_header":
+                header = message.task_header
+                assembler = Assembler(
+                    header.task_id, header.payload_size, bytes(header.payload_sha256), 1 << 30
+                )
+                while not assembler.complete:
+                    assembler.add(self.recv().chunk)
+                return header, decode_arrays(assembler.finish())
+
+    def recv_cancel(self) -> pb.Cancel:
+        """The next Cancel of a task."""
+        while True:
+            message = self.recv()
+            if message.WhichOneof("kind") == "cancel":
+                self.cancels.append(message.cancel)
+                return message.cancel
+
+    def send_upload(self, header: pb.ReplyHeader, chunks: list[pb.Chunk]) -> None:
+        self.send(pb.ClientMessage(reply_header=header))
+        self.send(*(pb.ClientMessage(chunk=c) for c in chunks))
+
+    def reply(self, task_id: str, reply: Reply, chunk_size: int = MAX_CHUNK) -> None:
+        """Send ``reply`` to ``task_id`` as a well-formed upload."""
+        self.send_upload(*upload(task_id, reply, chunk_size))
+
+
+def upload(
+    task_id: str, reply: Reply, chunk_size: int = MAX_CHUNK
+) -> tuple[pb.ReplyHeader, list[pb.Chunk]]:
+    """The header and chunks a well-behaved site sends for ``reply`` (to tamper with)."""
+    payload = encode_arrays(reply.arrays) if reply.arrays is not None else b""
+    header = reply_to_proto(
+        reply,
+        task_id=task_id,
+        payload_size=len(payload),
+        payload_sha256=payload_digest(payload),
+    )
+    return header, list(split(payload, task_id, chunk_size))
+
+
+def hello(key: Ed25519PrivateKey, version: int = PROTOCOL_VERSION) -> pb.ClientMessage:
+    return pb.ClientMessage(
+        hello=pb.Hello(protocol_version=version, public_key=public_key_bytes(key), site_name="x")
+    )
+
+
+def proof(signature: bytes) -> pb.ClientMessage:
+    return pb.ClientMessage(proof=pb.Proof(signature=signature))
+
+
+def join(stream: RawStream, key: Ed25519PrivateKey) -> tuple[pb.Welcome, bytes]:
+    """Hello, Challenge, Proof, Welcome; returns the Welcome and the signature sent."""
+    stream.send(hello(key))
+    challenge = stream.recv().challenge
+    signature = sign_challenge(key, challenge.server_id, bytes(challenge.nonce))
+    stream.send(proof(signature))
+    message = stream.recv()
+    assert message.WhichOneof("kind") == "welcome", message
+    return message.welcome, signature
+
+
+@functools.cache
+def _fault_runtime(num_sites: int, seed: int) -> ClientRuntime:
+    make_app = resolve(FAULT_APP, "client.app")
+    return ClientRuntime(make_app(simulated_data(num_sites, seed), **FAULT_PARAMS))
+
+
+def genuine(d: Deployment, header: pb.TaskHeader, arrays: Arrays, client_id: int = 2) -> Reply:
+    """The reply an honest fault-app site ``client_id`` of ``d`` sends to this task."""
+    task = task_from_proto(header, client_id=client_id)
+    return _fault_runtime(d.num_sites, d.seed).handle(task, arrays)
+
+
+def site_key(d: Deployment, i: int) -> Ed25519PrivateKey:
+    return load_private_key(d.root / f"site-{i}.key")
+
+
+def reader_threads() -> int:
+    """Live servicer reader threads (one per open stream)."""
+    return sum(t.name == "fedlearn-reader" for t in threading.enumerate())

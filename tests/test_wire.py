@@ -164,6 +164,10 @@ def test_field_numbers_are_stable() -> None:
         "STAGE_UNSPECIFIED": 0,
         "STAGE_TRAIN": 1,
         "STAGE_EVALUATE": 2,
+        "STAGE_SECAGG_SETUP": 3,
+        "STAGE_SECAGG_KEYS": 4,
+        "STAGE_SECAGG_SHARES": 5,
+        "STAGE_SECAGG_UNMASK": 6,
     }
     proto = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(proto)
@@ -171,7 +175,7 @@ def test_field_numbers_are_stable() -> None:
     assert reserved["ClientMessage"] == [(10, 16)]  # end is exclusive
     assert reserved["ServerMessage"] == [(10, 16)]
     (stage,) = proto.enum_type
-    assert [(r.start, r.end) for r in stage.reserved_range] == [(3, 15)]  # end inclusive
+    assert [(r.start, r.end) for r in stage.reserved_range] == [(7, 15)]  # end inclusive
 
 
 def test_oneofs_and_presence() -> None:
@@ -336,8 +340,8 @@ def test_unspecified_and_unknown_stages_are_rejected() -> None:
     with pytest.raises(SerializationError, match="unspecified"):
         task_from_proto(pb.TaskHeader.FromString(header.SerializeToString()), client_id=1)
     # A peer from the future may send a stage number this version does not know.
-    future = pb.ReplyHeader.FromString(b"\x0a\x01t\x10\x05" + b"\x4a\x20" + EMPTY_SHA)
-    with pytest.raises(SerializationError, match="unknown stage 5"):
+    future = pb.ReplyHeader.FromString(b"\x0a\x01t\x10\x09" + b"\x4a\x20" + EMPTY_SHA)
+    with pytest.raises(SerializationError, match="unknown stage 9"):
         reply_from_proto(future, client_id=1, arrays=None)
 
 

@@ -28,6 +28,7 @@ class ServerSection(TlsSection):
     state_dir: str = "coordinator-state"
     server_id: str = "fedlearn-coordinator"
     max_payload_mb: int = Field(4096, ge=1)
+    handshake_timeout_s: float = Field(10.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)
 
     @model_validator(mode="after")

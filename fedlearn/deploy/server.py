@@ -81,7 +81,12 @@ def run_coordinator(
     authenticator = Authenticator(allowlist, config.server.server_id)
     registry = ClientRegistry()
     transport = GrpcTransport(registry, config.run.stage_timeout_s)
-    servicer = CoordinatorServicer(registry, authenticator, config.server.max_payload_mb << 20)
+    servicer = CoordinatorServicer(
+        registry,
+        authenticator,
+        config.server.max_payload_mb << 20,
+        handshake_timeout_s=config.server.handshake_timeout_s,
+    )
     strategy = make_strategy(config.strategy)
     state_dir = Path(config.server.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,33 @@
 """The coordinator's gRPC servicer: a thin shell around the join handshake and sessions.
 
 ``Connect`` authenticates the site (Hello -> Challenge -> Proof -> Welcome), registers a
-Session, starts a reader for the site's replies and streams the session's outbox (task
-headers and lazily chunked payloads) back to the site.
+Session, and streams the session's outbox (task headers and lazily chunked payloads) back
+to the site. One reader thread per stream pulls the site's messages: the first two (Hello
+and Proof) go to the handshake, which must finish within ``handshake_timeout_s``; after
+the Welcome it assembles the site's replies.
+
+Nothing a site sends can stop the coordinator serving others: a malformed join ends that
+stream with an error status (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED,
+FAILED_PRECONDITION or DEADLINE_EXCEEDED), and a malformed reply fails that task (recorded
+as the client's failure), not the stream. A site has at most one upload in progress, only
+for a task it was actually given and is still awaited, and of at most the transport's
+limit for that task (and ``max_payload``): a declared payload is buffered only then.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
-from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Outgoing, Session
+from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Session
 from fedlearn.errors import AuthError, SerializationError
+from fedlearn.messages import Reply, Stage
 from fedlearn.records import decode_arrays
 from fedlearn.security.auth import Authenticator
 from fedlearn.wire import PROTOCOL_VERSION
@@ -25,136 +38,321 @@ from fedlearn.wire.convert import reply_from_proto, task_to_proto
 
 CAPABILITIES = ("chunked-arrays", "sha256")
 
+HANDSHAKE_TIMEOUT_S = 10.0
+"""Default time a new stream has to complete Hello and Proof (below the 30 s nonce TTL)."""
+
+CLOSE_GRACE_S = 5.0
+"""How long a finished session waits for its site to close its side of the stream."""
+
 log = logging.getLogger("fedlearn.server")
+
+
+class _Refused(Exception):
+    """Ends a stream during the join with a status code and a message for the site."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _Handshake:
+    """The reader thread and ``Connect`` in lock step until the join is decided.
+
+    The reader reads a message only when ``Connect`` asks for one (the Hello, then the
+    Proof), so once the join is refused no read is left pending on the stream: gRPC ends a
+    call itself when a read brings bytes that do not parse, and doing that to a call that
+    already has its status would leave the call pending forever.
+    """
+
+    def __init__(self) -> None:
+        self.messages: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._wanted = 1  # the Hello
+        self._decided = False
+        self.session: Session | None = None
+
+    def want_proof(self) -> None:
+        with self._cond:
+            self._wanted = 2
+            self._cond.notify_all()
+
+    def decide(self, session: Session | None) -> None:
+        with self._cond:
+            self.session = session
+            self._decided = True
+            self._cond.notify_all()
+
+    def may_read(self, read: int, timeout: float) -> bool:
+        """Wait until message number ``read + 1`` is wanted; False once decided."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._decided or self._wanted > read, timeout)
+            return not self._decided and self._wanted > read
+
+    def decision(self, timeout: float) -> Session | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._decided, timeout)
+            return self.session
+
+
+@dataclass(eq=False)
+class _Upload:
+    """A reply being received: its header and the assembler for its payload."""
+
+    header: pb.ReplyHeader
+    assembler: Assembler
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """Admits enrolled sites and moves messages between their streams and the registry."""
 
     def __init__(
-        self, registry: ClientRegistry, authenticator: Authenticator, max_payload: int
+        self,
+        registry: ClientRegistry,
+        authenticator: Authenticator,
+        max_payload: int,
+        *,
+        handshake_timeout_s: float | None = None,
     ) -> None:
         self.registry = registry
         self.auth = authenticator
         self.max_payload = max_payload
+        self.handshake_timeout_s = (
+            HANDSHAKE_TIMEOUT_S if handshake_timeout_s is None else handshake_timeout_s
+        )
         self.client_ids = {site.name: i for i, site in enumerate(authenticator.allowlist.sites)}
+        self._lock = threading.Lock()
         self.rejected = 0
+        """Joins refused and uploads rejected."""
+        self.ignored = 0
+        """Uploads dropped unread because no one awaits them (late, duplicate, unknown task)."""
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
 
     def Connect(  # noqa: N802 - the gRPC method name
         self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext
     ) -> Iterator[pb.ServerMessage]:
         """One site's stream: handshake, then tasks out and replies in."""
-        hello = _next(request_iterator, "hello", context)
-        if hello.hello.protocol_version != PROTOCOL_VERSION:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"protocol version {hello.hello.protocol_version} is not supported; "
-                f"this coordinator speaks version {PROTOCOL_VERSION}",
-            )
-        public_key = bytes(hello.hello.public_key)
-        try:
-            nonce = self.auth.challenge(public_key)
-        except AuthError as exc:
-            self.rejected += 1
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        yield pb.ServerMessage(
-            challenge=pb.Challenge(
-                nonce=nonce,
-                server_id=self.auth.server_id,
-                protocol_version=PROTOCOL_VERSION,
-                capabilities=list(CAPABILITIES),
-            )
+        yield from self._connect(request_iterator, context)
+        if not context.is_active():
+            # gRPC ended this call itself (the site sent bytes that do not parse as a
+            # ClientMessage, or cancelled). Returning now would make gRPC send a second
+            # status, which never completes: the call would stay pending forever and hold
+            # up server shutdown. A message for an ended call is dropped instead, and gRPC
+            # stops iterating.
+            yield pb.ServerMessage()
+
+    def _connect(
+        self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext
+    ) -> Iterator[pb.ServerMessage]:
+        deadline = time.monotonic() + self.handshake_timeout_s
+        handshake = _Handshake()
+        reader = threading.Thread(
+            target=self._read,
+            args=(request_iterator, handshake),
+            name="fedlearn-reader",
+            daemon=True,
         )
-        proof = _next(request_iterator, "proof", context)
+        reader.start()
+        # Status codes are set and the generator returns: no context.abort() (an exception
+        # thrown through gRPC's iterator) on any path.
+        session: Session | None = None
         try:
-            site = self.auth.verify(public_key, nonce, bytes(proof.proof.signature))
-        except AuthError as exc:
-            self.rejected += 1
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        session = self.registry.connect(self.client_ids[site.name], site.name)
+            try:
+                hello = self._expect(handshake, "hello", deadline)
+                nonce, public_key = self._challenge(hello.hello)
+                yield pb.ServerMessage(
+                    challenge=pb.Challenge(
+                        nonce=nonce,
+                        server_id=self.auth.server_id,
+                        protocol_version=PROTOCOL_VERSION,
+                        capabilities=list(CAPABILITIES),
+                    )
+                )
+                handshake.want_proof()
+                proof = self._expect(handshake, "proof", deadline)
+                try:
+                    site = self.auth.verify(public_key, nonce, bytes(proof.proof.signature))
+                except AuthError as exc:
+                    raise _Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+            except _Refused as refused:
+                self._count("rejected")
+                log.info("join refused (%s): %s", refused.code.name, refused.details)
+                context.set_code(refused.code)
+                context.set_details(refused.details)
+                return
+            session = self.registry.connect(self.client_ids[site.name], site.name)
+        finally:
+            handshake.decide(session)
         log.info("site %s joined as client %d", site.name, session.client_id)
-        context.add_callback(lambda: self.registry.disconnect(session))
+        if not context.add_callback(lambda: self.registry.disconnect(session)):
+            self.registry.disconnect(session)  # the stream already ended
+            return
         yield pb.ServerMessage(
             welcome=pb.Welcome(client_id=session.client_id, session_id=session.session_id)
         )
-        reader = threading.Thread(
-            target=self._read, args=(request_iterator, session, context), daemon=True
-        )
-        reader.start()
         while True:
             item = session.outbox.get()
             if item is None:
-                return
+                break
             if isinstance(item, Cancelled):
                 yield pb.ServerMessage(cancel=pb.Cancel(task_id=item.task_id, reason=item.reason))
                 continue
-            yield from _task_messages(item)
+            try:
+                header = task_to_proto(
+                    item.task,
+                    task_id=item.task_id,
+                    payload_size=len(item.payload),
+                    payload_sha256=item.digest,
+                )
+            except SerializationError as exc:  # say, a config value no wire can carry
+                self.registry.deliver(
+                    session,
+                    item.task_id,
+                    Reply(
+                        item.task.stage,
+                        item.task.round,
+                        session.client_id,
+                        error=f"the task cannot be sent: {exc}",
+                    ),
+                )
+                continue
+            yield pb.ServerMessage(task_header=header)
+            for chunk in split(item.payload, item.task_id):
+                yield pb.ServerMessage(chunk=chunk)
+        # The session is over (the run ended, the site reconnected on another stream, or
+        # this one broke). A site that has finished closes its side at once; one that
+        # still sends after a few seconds is cut off rather than given a status while a
+        # read is pending (see _Handshake).
+        reader.join(CLOSE_GRACE_S)
+        if reader.is_alive():
+            context.cancel()
 
-    def _read(
-        self,
-        requests: Iterator[pb.ClientMessage],
-        session: Session,
-        context: grpc.ServicerContext,
-    ) -> None:
-        """Assemble the site's replies; a malformed one fails that task, not the stream."""
-        header: pb.ReplyHeader | None = None
-        assembler: Assembler | None = None
+    def _expect(self, handshake: _Handshake, kind: str, deadline: float) -> pb.ClientMessage:
         try:
+            message = handshake.messages.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise _Refused(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no {kind} within the {self.handshake_timeout_s:g} s join deadline",
+            ) from None
+        if message is None:
+            got = "end of stream"
+        else:
+            got = message.WhichOneof("kind") or "a message with no kind set"
+        if got != kind:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"expected {kind}, got {got}")
+        assert message is not None
+        return message
+
+    def _challenge(self, hello: pb.Hello) -> tuple[bytes, bytes]:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise _Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {hello.protocol_version} is not supported; "
+                f"this coordinator speaks version {PROTOCOL_VERSION}",
+            )
+        public_key = bytes(hello.public_key)
+        try:
+            return self.auth.challenge(public_key), public_key
+        except AuthError as exc:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
+
+    def _read(self, requests: Iterator[pb.ClientMessage], handshake: _Handshake) -> None:
+        """Feed the handshake, then assemble the site's replies until the stream ends."""
+        session: Session | None = None
+        wait = self.handshake_timeout_s + CLOSE_GRACE_S
+        try:
+            for read in range(2):  # the Hello and the Proof, each when Connect wants it
+                if not handshake.may_read(read, wait):
+                    return
+                message = next(requests, None)
+                handshake.messages.put(message)
+                if message is None:
+                    return
+            session = handshake.decision(wait)
+            if session is None:
+                return
             for message in requests:
-                kind = message.WhichOneof("kind")
-                if kind == "reply_header":
-                    header, assembler = message.reply_header, None
-                    try:
-                        assembler = Assembler(
-                            header.task_id,
-                            header.payload_size,
-                            bytes(header.payload_sha256),
-                            self.max_payload,
-                        )
-                    except SerializationError as exc:
-                        self._reject(session, header, str(exc))
-                        header = None
-                        continue
-                    if header.payload_size == 0:
-                        self._complete(session, header, assembler)
-                        header = assembler = None
-                elif kind == "chunk":
-                    if header is None or assembler is None:
-                        continue  # the rest of a rejected payload
-                    try:
-                        assembler.add(message.chunk)
-                    except SerializationError as exc:
-                        self._reject(session, header, str(exc))
-                        header = assembler = None
-                        continue
-                    if message.chunk.last:
-                        self._complete(session, header, assembler)
-                        header = assembler = None
-                elif kind == "heartbeat":
-                    continue
-                else:
-                    log.warning("client %d sent an unexpected %s", session.client_id, kind)
+                self._on_message(session, message)
         except grpc.RpcError:
-            pass
+            pass  # the stream broke: the site is gone
+        except Exception:  # a bug here must not leave the session half-alive
+            log.exception("reader of client %s failed", getattr(session, "client_id", "?"))
         finally:
-            self.registry.disconnect(session)
+            handshake.messages.put(None)
+            if session is not None:
+                session.drop_upload()
+                self.registry.disconnect(session)
 
-    def _complete(self, session: Session, header: pb.ReplyHeader, assembler: Assembler) -> None:
+    def _on_message(self, session: Session, message: pb.ClientMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "reply_header":
+            self._on_header(session, message.reply_header)
+        elif kind == "chunk":
+            self._on_chunk(session, message.chunk)
+        elif kind != "heartbeat":
+            log.warning("client %d sent an unexpected %s", session.client_id, kind)
+
+    def _on_header(self, session: Session, header: pb.ReplyHeader) -> None:
+        previous = session.drop_upload()
+        if isinstance(previous, _Upload):
+            self._reject(
+                session, previous.header, "a new reply header arrived before its last chunk"
+            )
+        limit = self.registry.reply_limit(session, header.task_id)
+        if limit is None:
+            self._count("ignored")
+            log.info(
+                "client %d: ignored a reply to %r (not awaited)", session.client_id, header.task_id
+            )
+            return
         try:
-            payload = assembler.finish()
+            assembler = Assembler(
+                header.task_id,
+                header.payload_size,
+                bytes(header.payload_sha256),
+                min(self.max_payload, limit),
+            )
+        except SerializationError as exc:
+            self._reject(session, header, str(exc))
+            return
+        upload = _Upload(header, assembler)
+        if header.payload_size == 0:
+            self._complete(session, upload)
+        else:
+            session.begin_upload(header.task_id, upload)
+
+    def _on_chunk(self, session: Session, chunk: pb.Chunk) -> None:
+        upload = session.current_upload()
+        if not isinstance(upload, _Upload):
+            return  # a stray chunk, or the rest of a payload that is not awaited
+        try:
+            upload.assembler.add(chunk)
+        except SerializationError as exc:
+            session.end_upload(upload)  # the rest of this payload is dropped unread
+            self._reject(session, upload.header, str(exc))
+            return
+        if chunk.last and session.end_upload(upload):
+            self._complete(session, upload)
+
+    def _complete(self, session: Session, upload: _Upload) -> None:
+        header = upload.header
+        try:
+            payload = upload.assembler.finish()
             arrays = decode_arrays(payload) if header.payload_size else None
             reply = reply_from_proto(header, client_id=session.client_id, arrays=arrays)
-        except SerializationError as exc:
+        except Exception as exc:  # whatever a malformed payload raises fails this task only
             self._reject(session, header, str(exc))
             return
         self.registry.deliver(session, header.task_id, reply)
 
     def _reject(self, session: Session, header: pb.ReplyHeader, reason: str) -> None:
-        from fedlearn.messages import Reply, Stage
-
-        self.rejected += 1
+        self._count("rejected")
         log.warning(
-            "client %d: rejected reply to %s: %s", session.client_id, header.task_id, reason
+            "client %d: rejected reply to %r: %s", session.client_id, header.task_id, reason
         )
         stage = Stage.EVALUATE if header.stage == pb.STAGE_EVALUATE else Stage.TRAIN
         self.registry.deliver(
@@ -162,26 +360,3 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             header.task_id,
             Reply(stage, header.round, session.client_id, error=f"rejected upload: {reason}"),
         )
-
-
-def _task_messages(item: Outgoing) -> Iterator[pb.ServerMessage]:
-    header = task_to_proto(
-        item.task,
-        task_id=item.task_id,
-        payload_size=len(item.payload),
-        payload_sha256=item.digest,
-    )
-    yield pb.ServerMessage(task_header=header)
-    for chunk in split(item.payload, item.task_id):
-        yield pb.ServerMessage(chunk=chunk)
-
-
-def _next(
-    requests: Iterator[pb.ClientMessage], kind: str, context: grpc.ServicerContext
-) -> pb.ClientMessage:
-    message = next(requests, None)
-    if message is None or message.WhichOneof("kind") != kind:
-        got = "end of stream" if message is None else message.WhichOneof("kind")
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected {kind}, got {got}")
-        raise AssertionError("context.abort returns only by raising")
-    return message

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from fedlearn.messages import Reply, Task
 
+UNLIMITED = 1 << 62
+"""``ClientRegistry.reply_limit`` when no transport sets a tighter bound."""
+
 
 @dataclass(frozen=True)
 class Outgoing:
@@ -36,20 +39,67 @@ class Cancelled:
 
 @dataclass
 class Session:
-    """One connected site."""
+    """One connected site.
+
+    A session holds at most one upload in progress (the reply the site is sending now);
+    whoever stops waiting for that reply may drop it with :meth:`abandon_upload`, which
+    frees its buffer even if the site never sends another byte.
+    """
 
     client_id: int
     site: str
     session_id: str = field(default_factory=lambda: secrets.token_hex(8))
     outbox: queue.Queue[Outgoing | Cancelled | None] = field(default_factory=queue.Queue)
     connected_at: float = field(default_factory=time.monotonic)
+    closed: bool = field(default=False, init=False, compare=False)
+    _upload: tuple[str, object] | None = field(default=None, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def close(self) -> None:
         """End the stream's response loop."""
+        self.closed = True
         self.outbox.put(None)
+
+    def begin_upload(self, task_id: str, upload: object) -> object | None:
+        """Make ``upload`` (a reply to ``task_id``) the one in progress; returns the
+        upload it replaces, if that one never finished."""
+        with self._lock:
+            previous = self._upload
+            self._upload = (task_id, upload)
+        return None if previous is None else previous[1]
+
+    def drop_upload(self) -> object | None:
+        """Clear the upload in progress and return it (None if there was none)."""
+        with self._lock:
+            previous, self._upload = self._upload, None
+        return None if previous is None else previous[1]
+
+    def current_upload(self) -> object | None:
+        """The upload in progress, if any."""
+        with self._lock:
+            return None if self._upload is None else self._upload[1]
+
+    def end_upload(self, upload: object) -> bool:
+        """Clear ``upload`` if it is still the one in progress (False if it was dropped)."""
+        with self._lock:
+            if self._upload is None or self._upload[1] is not upload:
+                return False
+            self._upload = None
+            return True
+
+    def abandon_upload(self, task_id: str) -> bool:
+        """Drop the upload in progress if it answers ``task_id``; True if one was dropped."""
+        with self._lock:
+            if self._upload is None or self._upload[0] != task_id:
+                return False
+            self._upload = None
+            return True
 
 
 ReplyHandler = Callable[[Session, str, Reply], None]
+ReplyLimit = Callable[[Session, str], int | None]
 
 
 class ClientRegistry:
@@ -60,6 +110,7 @@ class ClientRegistry:
         self._cond = threading.Condition()
         self.on_reply: ReplyHandler | None = None
         self.on_disconnect: Callable[[Session], None] | None = None
+        self.on_reply_limit: ReplyLimit | None = None
 
     def connect(self, client_id: int, site: str) -> Session:
         """Register a new session; a reconnecting site replaces its old one."""
@@ -99,6 +150,14 @@ class ClientRegistry:
         """Block until at least ``count`` clients are connected; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: len(self._sessions) >= count, timeout)
+
+    def reply_limit(self, session: Session, task_id: str) -> int | None:
+        """The most payload bytes a reply to ``task_id`` on ``session`` may carry, or None
+        when no such reply is awaited (never issued, already answered, or past its deadline):
+        its payload is then discarded without being buffered."""
+        if self.on_reply_limit is None:
+            return UNLIMITED
+        return self.on_reply_limit(session, task_id)
 
     def deliver(self, session: Session, task_id: str, reply: Reply) -> None:
         """A complete reply arrived on ``session``."""

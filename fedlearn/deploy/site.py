@@ -162,24 +162,36 @@ class SiteClient:
                 self.client_id = message.welcome.client_id
                 log.info("joined as client %d", self.client_id)
             elif kind == "task_header":
-                header = message.task_header
-                assembler = Assembler(
-                    header.task_id,
-                    header.payload_size,
-                    bytes(header.payload_sha256),
-                    self.max_payload,
-                )
+                header, assembler = message.task_header, None
+                try:
+                    assembler = Assembler(
+                        header.task_id,
+                        header.payload_size,
+                        bytes(header.payload_sha256),
+                        self.max_payload,
+                    )
+                except SerializationError as exc:
+                    self._refuse(header, f"task payload refused: {exc}", outbox)
+                    header = None
+                    continue
                 if header.payload_size == 0:
                     self._answer(header, assembler, outbox)
                     header = assembler = None
             elif kind == "chunk" and header is not None and assembler is not None:
-                assembler.add(message.chunk)
+                try:
+                    assembler.add(message.chunk)
+                except SerializationError as exc:
+                    self._refuse(header, f"task payload refused: {exc}", outbox)
+                    header = assembler = None
+                    continue
                 if message.chunk.last:
                     self._answer(header, assembler, outbox)
                     header = assembler = None
-            elif kind == "cancel" and not message.cancel.task_id:
-                log.info("coordinator: %s", message.cancel.reason)
-                return True
+            elif kind == "cancel":
+                if not message.cancel.task_id:
+                    log.info("coordinator: %s", message.cancel.reason)
+                    return True
+                log.info("task %s cancelled: %s", message.cancel.task_id, message.cancel.reason)
         return False
 
     def _answer(
@@ -190,22 +202,45 @@ class SiteClient:
     ) -> None:
         if self.client_id is None:
             raise SerializationError("task received before the join completed")
-        task = task_from_proto(header, client_id=self.client_id)
-        arrays = decode_arrays(assembler.finish())
+        try:
+            task = task_from_proto(header, client_id=self.client_id)
+            arrays = decode_arrays(assembler.finish())
+        except SerializationError as exc:
+            self._refuse(header, f"malformed task: {exc}", outbox)
+            return
         reply = self.runtime.handle(task, arrays)
-        payload = memoryview(encode_arrays(reply.arrays)) if reply.arrays is not None else b""
+        try:
+            payload = memoryview(encode_arrays(reply.arrays)) if reply.arrays is not None else b""
+            reply_header = reply_to_proto(
+                reply,
+                task_id=header.task_id,
+                payload_size=len(payload),
+                payload_sha256=payload_digest(payload),
+            )
+        except SerializationError as exc:
+            # What the app returned cannot travel (say, an object array): fail this task,
+            # never the daemon.
+            self._refuse(header, f"the reply cannot be sent: {exc}", outbox)
+            return
+        outbox.put(pb.ClientMessage(reply_header=reply_header))
+        outbox.put(pb.ClientMessage(chunk=c) for c in split(payload, header.task_id))
+        self.tasks_done += 1
+
+    def _refuse(self, header: pb.TaskHeader, error: str, outbox: Outbox) -> None:
+        """Answer ``header``'s task with a failure (no payload)."""
+        log.warning("task %s failed: %s", header.task_id, error)
         outbox.put(
             pb.ClientMessage(
-                reply_header=reply_to_proto(
-                    reply,
+                reply_header=pb.ReplyHeader(
                     task_id=header.task_id,
-                    payload_size=len(payload),
-                    payload_sha256=payload_digest(payload),
+                    stage=header.stage,
+                    round=header.round,
+                    error=error.encode("utf-8", "replace").decode("utf-8"),
+                    payload_size=0,
+                    payload_sha256=payload_digest(b""),
                 )
             )
         )
-        outbox.put(pb.ClientMessage(chunk=c) for c in split(payload, header.task_id))
-        self.tasks_done += 1
 
 
 def _cancel_on(stop: threading.Event, done: threading.Event, call: object) -> None:

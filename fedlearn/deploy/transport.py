@@ -4,6 +4,12 @@ The global arrays are encoded once per stage and shared by every session's outbo
 stream expands them into chunks lazily, so the coordinator never holds N copies. Replies
 are yielded as they complete; a stage ends when every task has answered or its deadline
 passes (stragglers then count as failures and get a Cancel).
+
+Each task settles exactly once, under the transport's lock: by its reply, by its session
+going away, or by the deadline. A reply for a task that has already settled (a late reply,
+a duplicate, a task id that was never issued, another site's task) is counted in
+``late_replies`` and dropped; the servicer asks :meth:`GrpcTransport.reply_limit` before
+buffering an upload, so such a reply's payload is never even held in memory.
 """
 
 from __future__ import annotations
@@ -20,11 +26,24 @@ from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Outgoing, Sessio
 from fedlearn.messages import Reply, Task
 from fedlearn.records import Arrays, encode_arrays
 
+REPLY_SLACK = 1 << 20
+"""Bytes a reply's payload may exceed twice the broadcast payload by (see reply_limit)."""
+
+
+def reply_limit_for(broadcast_size: int) -> int:
+    """The largest reply payload accepted for a task whose broadcast is ``broadcast_size``
+    bytes. A valid training reply has the global model's names, shapes and dtypes, so its
+    payload is exactly ``broadcast_size`` bytes; anything over twice that (plus
+    REPLY_SLACK) is refused before a buffer is allocated."""
+    return 2 * broadcast_size + REPLY_SLACK
+
 
 @dataclass
 class _Pending:
     task: Task
     session: Session
+    reply_limit: int
+    stage: int
 
 
 class GrpcTransport:
@@ -36,51 +55,100 @@ class GrpcTransport:
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._inbox: queue.Queue[Reply] = queue.Queue()
+        self._stage = 0
         registry.on_reply = self._on_reply
         registry.on_disconnect = self._on_disconnect
+        registry.on_reply_limit = self.reply_limit
         self.late_replies = 0
 
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
         """Send every task now; yield replies until all arrive or the deadline passes."""
         payload = memoryview(encode_arrays(broadcast))
         digest = hashlib.sha256(payload).digest()
+        limit = reply_limit_for(len(payload))
         inbox: queue.Queue[Reply] = queue.Queue()
+        self._cancel_pending("stage abandoned")  # left over by an unfinished earlier stage
         with self._lock:
-            self._pending.clear()
+            self._stage += 1
+            stage = self._stage
             self._inbox = inbox
         immediate: list[Reply] = []
-        for task in tasks:
-            session = self.registry.get(task.client_id)
-            if session is None:
-                immediate.append(_fail(task, "client is not connected"))
-                continue
-            task_id = f"r{task.round}-{task.stage.value}-c{task.client_id}-{secrets.token_hex(4)}"
-            with self._lock:
-                self._pending[task_id] = _Pending(task, session)
-            session.outbox.put(Outgoing(task_id, task, payload, digest))
-        yield from immediate
-        deadline = time.monotonic() + self.stage_timeout_s
+        sent = 0
         try:
-            while self._outstanding():
+            for task in tasks:
+                session = self.registry.get(task.client_id)
+                if session is None:
+                    immediate.append(_fail(task, "client is not connected"))
+                    continue
+                task_id = (
+                    f"r{task.round}-{task.stage.value}-c{task.client_id}-{secrets.token_hex(4)}"
+                )
+                with self._lock:
+                    self._pending[task_id] = _Pending(task, session, limit, stage)
+                sent += 1
+                if self.registry.get(task.client_id) is not session:
+                    # The session went away between get() and now; its on_disconnect may
+                    # have run before the task was pending, so settle the task here.
+                    self._settle(task_id, "client disconnected before the task was sent")
+                    continue
+                session.outbox.put(Outgoing(task_id, task, payload, digest))
+            yield from immediate
+            deadline = time.monotonic() + self.stage_timeout_s
+            received = 0
+            while received < sent:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 try:
-                    yield inbox.get(timeout=left)
+                    reply = inbox.get(timeout=left)
                 except queue.Empty:
                     break
-            while not inbox.empty():
-                yield inbox.get_nowait()
+                received += 1
+                yield reply
+            stragglers = self._cancel_pending("stage deadline passed", stage)
+            while True:  # replies that settled just before the deadline
+                try:
+                    yield inbox.get_nowait()
+                except queue.Empty:
+                    break
+            for pending in stragglers:
+                yield _fail(
+                    pending.task,
+                    f"no reply within the stage deadline of {self.stage_timeout_s:g} s",
+                )
         finally:
-            with self._lock:
-                stragglers = list(self._pending.items())
-                self._pending.clear()
-            for task_id, pending in stragglers:
-                pending.session.outbox.put(Cancelled(task_id, "stage deadline passed"))
+            self._cancel_pending("stage abandoned", stage)
 
-    def _outstanding(self) -> bool:
+    def reply_limit(self, session: Session, task_id: str) -> int | None:
+        """The payload limit for a reply to ``task_id`` on ``session``; None (and counted as
+        a late reply) when that task is not awaited from that session."""
         with self._lock:
-            return bool(self._pending)
+            pending = self._pending.get(task_id)
+            if pending is None or pending.session is not session:
+                self.late_replies += 1
+                return None
+            return pending.reply_limit
+
+    def _cancel_pending(self, reason: str, stage: int | None = None) -> list[_Pending]:
+        """Settle the tasks still pending (of ``stage``, or all) as stragglers: tell their
+        sites and drop their uploads."""
+        with self._lock:
+            stragglers = [
+                (k, p) for k, p in self._pending.items() if stage is None or p.stage == stage
+            ]
+            for task_id, _ in stragglers:
+                del self._pending[task_id]
+        for task_id, pending in stragglers:
+            pending.session.abandon_upload(task_id)
+            if not pending.session.closed:
+                pending.session.outbox.put(Cancelled(task_id, reason))
+        return [pending for _, pending in stragglers]
+
+    def _settle(self, task_id: str, error: str) -> None:
+        with self._lock:
+            pending = self._pending.pop(task_id, None)
+            if pending is not None:
+                self._inbox.put(_fail(pending.task, error))
 
     def _on_reply(self, session: Session, task_id: str, reply: Reply) -> None:
         with self._lock:
@@ -90,25 +158,30 @@ class GrpcTransport:
                 return
             del self._pending[task_id]
             task = pending.task
-            inbox = self._inbox
-        if not reply.ok:
-            reply = _fail(task, str(reply.error))
-        elif (reply.stage, reply.round, reply.client_id) != (
-            task.stage,
-            task.round,
-            task.client_id,
-        ):
-            reply = _fail(task, "reply does not match its task (stage, round or client)")
-        inbox.put(reply)
+            if not reply.ok:
+                reply = _fail(task, str(reply.error))
+            elif (reply.stage, reply.round, reply.client_id) != (
+                task.stage,
+                task.round,
+                task.client_id,
+            ):
+                reply = _fail(
+                    task,
+                    f"reply is for stage {reply.stage.value!r} of round {reply.round}, but the "
+                    f"task is stage {task.stage.value!r} of round {task.round}",
+                )
+            # Put under the lock: a task leaves _pending and enters the inbox atomically,
+            # so the stage loop never sees it in neither.
+            self._inbox.put(reply)
 
     def _on_disconnect(self, session: Session) -> None:
         with self._lock:
-            lost = [(k, p) for k, p in self._pending.items() if p.session is session]
-            for task_id, _ in lost:
-                del self._pending[task_id]
-            inbox = self._inbox
-        for _, pending in lost:
-            inbox.put(_fail(pending.task, "client disconnected during the task"))
+            lost = [k for k, p in self._pending.items() if p.session is session]
+            for task_id in lost:
+                pending = self._pending.pop(task_id)
+                self._inbox.put(
+                    _fail(pending.task, f"site {session.site!r} disconnected during the task")
+                )
 
     def close(self) -> None:
         """Nothing to release: sessions belong to the registry."""

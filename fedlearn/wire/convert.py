@@ -30,6 +30,10 @@ INT64_MAX = 2**63 - 1
 _STAGE_TO_PROTO: dict[Stage, pb.Stage] = {
     Stage.TRAIN: pb.STAGE_TRAIN,
     Stage.EVALUATE: pb.STAGE_EVALUATE,
+    Stage.SECAGG_SETUP: pb.STAGE_SECAGG_SETUP,
+    Stage.SECAGG_KEYS: pb.STAGE_SECAGG_KEYS,
+    Stage.SECAGG_SHARES: pb.STAGE_SECAGG_SHARES,
+    Stage.SECAGG_UNMASK: pb.STAGE_SECAGG_UNMASK,
 }
 _STAGE_FROM_PROTO: dict[int, Stage] = {int(v): k for k, v in _STAGE_TO_PROTO.items()}
 

@@ -12,9 +12,17 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_UNSPECIFIED: _ClassVar[Stage]
     STAGE_TRAIN: _ClassVar[Stage]
     STAGE_EVALUATE: _ClassVar[Stage]
+    STAGE_SECAGG_SETUP: _ClassVar[Stage]
+    STAGE_SECAGG_KEYS: _ClassVar[Stage]
+    STAGE_SECAGG_SHARES: _ClassVar[Stage]
+    STAGE_SECAGG_UNMASK: _ClassVar[Stage]
 STAGE_UNSPECIFIED: Stage
 STAGE_TRAIN: Stage
 STAGE_EVALUATE: Stage
+STAGE_SECAGG_SETUP: Stage
+STAGE_SECAGG_KEYS: Stage
+STAGE_SECAGG_SHARES: Stage
+STAGE_SECAGG_UNMASK: Stage
 
 class Value(_message.Message):
     __slots__ = ("bool_value", "int_value", "float_value", "string_value")

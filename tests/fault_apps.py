@@ -1,0 +1,105 @@
+"""A small numpy ClientApp for deployment fault tests, with faults chosen by its params.
+
+``make_app(data, **params)`` is a ``[client] app`` factory: ``data`` is the site's data
+source (anything with ``client(cid) -> ClientData``), and the params set in one site's
+``site.toml`` pick that site's misbehaviour:
+
+* ``crash_round = r``: ``os._exit`` in the middle of training round ``r`` (a crashed site);
+* ``sleep_round = r, sleep_s = s``: training round ``r`` first sleeps ``s`` seconds;
+* ``fail_rounds = "1,3"`` (with ``fail_client = c``, default any): training raises;
+* ``unsendable_round = r``: training round ``r`` returns an array no wire can carry.
+
+The model is a logistic regression (``w``, ``b`` in float64) trained by a few full-batch
+gradient steps; it needs no torch, so a site starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.records import Arrays, Config
+from fedlearn.strategy import FedAvg
+from fedlearn.strategy.base import RoundContext
+
+
+def _rounds(text: str) -> set[int]:
+    return {int(part) for part in text.split(",") if part.strip()}
+
+
+class FaultyLogReg:
+    """Logistic regression whose faults are set per site."""
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        lr: float = 0.5,
+        steps: int = 3,
+        crash_round: int = 0,
+        sleep_round: int = 0,
+        sleep_s: float = 0.0,
+        fail_rounds: str = "",
+        fail_client: int = -1,
+        unsendable_round: int = 0,
+    ) -> None:
+        self.data = data
+        self.lr = lr
+        self.steps = steps
+        self.crash_round = crash_round
+        self.sleep_round = sleep_round
+        self.sleep_s = sleep_s
+        self.fail_rounds = _rounds(fail_rounds)
+        self.fail_client = fail_client
+        self.unsendable_round = unsendable_round
+
+    def initial_arrays(self, seed: int) -> Arrays:
+        features = self.data.client(0).x_train.shape[1]
+        return {"w": np.zeros(features), "b": np.zeros(1)}
+
+    def _xy(self, cid: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        part = self.data.client(cid)
+        x = np.asarray(getattr(part, f"x_{split}"), dtype=np.float64)
+        y = np.asarray(getattr(part, f"y_{split}"), dtype=np.float64)
+        return x, y
+
+    def train(self, arrays: Arrays, config: Config, ctx: ClientContext) -> TrainResult:
+        if ctx.round == self.crash_round:
+            os._exit(3)  # no reply, no goodbye: the process is gone mid-task
+        if ctx.round == self.sleep_round:
+            time.sleep(self.sleep_s)
+        if ctx.round in self.fail_rounds and self.fail_client in (-1, ctx.client_id):
+            raise RuntimeError(f"injected training failure in round {ctx.round}")
+        x, y = self._xy(ctx.client_id, "train")
+        w, b = arrays["w"].copy(), arrays["b"].copy()
+        for _ in range(self.steps):
+            err = 1.0 / (1.0 + np.exp(-(x @ w + b))) - y
+            w -= self.lr * (x.T @ err / len(y) + ctx.rng.normal(scale=1e-3, size=w.shape))
+            b -= self.lr * err.mean()
+        if ctx.round == self.unsendable_round:
+            w = w.astype(object)  # encode_arrays refuses object arrays
+        return TrainResult({"w": w, "b": b}, len(y), {"train_mse": float(np.mean(err**2))})
+
+    def evaluate(self, arrays: Arrays, config: Config, ctx: ClientContext) -> EvaluateResult:
+        x, y = self._xy(ctx.client_id, "test")
+        p = np.clip(1.0 / (1.0 + np.exp(-(x @ arrays["w"] + arrays["b"]))), 1e-9, 1 - 1e-9)
+        loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        return EvaluateResult(len(y), loss, {"accuracy": float(np.mean((p > 0.5) == y))})
+
+
+def make_app(data: Any, **params: Any) -> FaultyLogReg:
+    """The ``[client] app`` factory."""
+    return FaultyLogReg(data, **params)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnsendableConfig(FedAvg):
+    """FedAvg whose round-1 training config holds an int no wire can carry (64-bit max)."""
+
+    def train_config(self, ctx: RoundContext) -> Config:
+        return {"seed_offset": 2**70} if ctx.round == 1 else {}
