@@ -153,9 +153,19 @@ def _weighted_delta(
             f"num_examples {update.num_examples} exceeds secure aggregation's max_weight "
             f"{setup.config.max_weight}"
         )
-    new, _ = flatten(update.arrays)
-    old, _ = flatten(global_arrays)
-    return new.astype(np.float64) - old.astype(np.float64), update.num_examples
+    total = sum(a.size for a in global_arrays.values())
+    delta = np.empty(total, np.float64)
+    offset = 0
+    for name, old in global_arrays.items():  # one pass per array, no intermediate copies
+        size = old.size
+        np.subtract(
+            update.arrays[name].reshape(-1),
+            old.reshape(-1),
+            out=delta[offset : offset + size],
+            dtype=np.float64,
+        )
+        offset += size
+    return delta, update.num_examples
 
 
 # ------------------------------------------------------------------------ server side
