@@ -128,6 +128,7 @@ SCHEMA = {
         "error": 7,
         "payload_size": 8,
         "payload_sha256": 9,
+        "message_size": 10,
     },
     "ServerMessage": {
         "challenge": 1,
@@ -147,6 +148,7 @@ SCHEMA = {
         "config": 5,
         "payload_size": 6,
         "payload_sha256": 7,
+        "message_size": 8,
     },
     "Cancel": {"task_id": 1, "reason": 2},
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedlearn.config import DataSection, Scalar, StrategySection, load_toml
+from fedlearn.config import DataSection, Scalar, SecAggSection, StrategySection, load_toml
 
 
 class _Section(BaseModel):
@@ -70,6 +70,7 @@ class CoordinatorConfig(_Section):
     run: CoordinatorRunSection = Field(default_factory=CoordinatorRunSection)  # type: ignore[arg-type]
     model: ModelSection
     strategy: StrategySection = Field(default_factory=StrategySection)
+    secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
 
 
 class ConnectSection(TlsSection):

@@ -23,7 +23,7 @@ from fedlearn.deploy.servicer import CoordinatorServicer
 from fedlearn.deploy.sessions import ClientRegistry
 from fedlearn.deploy.transport import GrpcTransport
 from fedlearn.errors import ConfigError, RoundFailed
-from fedlearn.job import make_strategy
+from fedlearn.job import make_secure, make_strategy
 from fedlearn.records import Arrays
 from fedlearn.references import resolve
 from fedlearn.security.auth import Authenticator
@@ -127,6 +127,7 @@ def run_coordinator(
             observer=Observers(metrics, observer),
             available=registry.available,
             before_round=before_round,
+            secure=make_secure(config.secagg),
         )
         result = coordinator.run(arrays, state, start)
         save_weights(result.arrays, state_dir / "model.safetensors", {"run": config.run.name})

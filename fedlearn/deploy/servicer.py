@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -33,7 +33,7 @@ from fedlearn.security.auth import Authenticator
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.wire.chunks import Assembler, split
+from fedlearn.wire.chunks import Assembler, split_parts
 from fedlearn.wire.convert import reply_from_proto, task_to_proto
 
 CAPABILITIES = ("chunked-arrays", "sha256")
@@ -204,8 +204,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 header = task_to_proto(
                     item.task,
                     task_id=item.task_id,
-                    payload_size=len(item.payload),
+                    payload_size=len(item.payload) + len(item.task.payload),
                     payload_sha256=item.digest,
+                    message_size=len(item.task.payload),
                 )
             except SerializationError as exc:  # say, a config value no wire can carry
                 self.registry.deliver(
@@ -220,7 +221,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 )
                 continue
             yield pb.ServerMessage(task_header=header)
-            for chunk in split(item.payload, item.task_id):
+            for chunk in split_parts([item.payload, item.task.payload], item.task_id):
                 yield pb.ServerMessage(chunk=chunk)
         # The session is over (the run ended, the site reconnected on another stream, or
         # this one broke). A site that has finished closes its side at once; one that
@@ -342,8 +343,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         header = upload.header
         try:
             payload = upload.assembler.finish()
-            arrays = decode_arrays(payload) if header.payload_size else None
+            split_at = header.payload_size - header.message_size
+            arrays = decode_arrays(payload[:split_at]) if split_at > 0 else None
             reply = reply_from_proto(header, client_id=session.client_id, arrays=arrays)
+            if header.message_size:
+                reply = replace(reply, payload=bytes(payload[split_at:]))
         except Exception as exc:  # whatever a malformed payload raises fails this task only
             self._reject(session, header, str(exc))
             return

@@ -8,12 +8,13 @@ full jitter; a refused join (unknown key, version mismatch) is fatal.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import random
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,7 +29,7 @@ from fedlearn.security.keys import public_key_bytes
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.wire.chunks import Assembler, payload_digest, split
+from fedlearn.wire.chunks import Assembler, payload_digest, split_parts
 from fedlearn.wire.convert import reply_to_proto, task_from_proto
 
 log = logging.getLogger("fedlearn.site")
@@ -204,18 +205,28 @@ class SiteClient:
             raise SerializationError("task received before the join completed")
         try:
             task = task_from_proto(header, client_id=self.client_id)
-            arrays = decode_arrays(assembler.finish())
+            payload = assembler.finish()
+            split_at = header.payload_size - header.message_size
+            arrays = decode_arrays(payload[:split_at])
+            if header.message_size:  # a protocol message follows the arrays
+                task = replace(task, payload=bytes(payload[split_at:]))
         except SerializationError as exc:
             self._refuse(header, f"malformed task: {exc}", outbox)
             return
         reply = self.runtime.handle(task, arrays)
         try:
-            payload = memoryview(encode_arrays(reply.arrays)) if reply.arrays is not None else b""
+            parts = [
+                memoryview(encode_arrays(reply.arrays)) if reply.arrays is not None else b"",
+                reply.payload,
+            ]
+            digest = hashlib.sha256(parts[0])
+            digest.update(parts[1])
             reply_header = reply_to_proto(
                 reply,
                 task_id=header.task_id,
-                payload_size=len(payload),
-                payload_sha256=payload_digest(payload),
+                payload_size=len(parts[0]) + len(parts[1]),
+                payload_sha256=digest.digest(),
+                message_size=len(reply.payload),
             )
         except SerializationError as exc:
             # What the app returned cannot travel (say, an object array): fail this task,
@@ -223,7 +234,7 @@ class SiteClient:
             self._refuse(header, f"the reply cannot be sent: {exc}", outbox)
             return
         outbox.put(pb.ClientMessage(reply_header=reply_header))
-        outbox.put(pb.ClientMessage(chunk=c) for c in split(payload, header.task_id))
+        outbox.put(pb.ClientMessage(chunk=c) for c in split_parts(parts, header.task_id))
         self.tasks_done += 1
 
     def _refuse(self, header: pb.TaskHeader, error: str, outbox: Outbox) -> None:

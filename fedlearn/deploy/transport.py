@@ -30,6 +30,10 @@ REPLY_SLACK = 1 << 20
 """Bytes a reply's payload may exceed twice the broadcast payload by (see reply_limit)."""
 
 
+SECURE_REPLY_LIMIT = 1 << 62
+"""Secure-aggregation replies are limited only by the servicer's ``max_payload``."""
+
+
 def reply_limit_for(broadcast_size: int) -> int:
     """The largest reply payload accepted for a task whose broadcast is ``broadcast_size``
     bytes. A valid training reply has the global model's names, shapes and dtypes, so its
@@ -64,7 +68,8 @@ class GrpcTransport:
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
         """Send every task now; yield replies until all arrive or the deadline passes."""
         payload = memoryview(encode_arrays(broadcast))
-        digest = hashlib.sha256(payload).digest()
+        hasher = hashlib.sha256(payload)
+        digest = hasher.digest()
         limit = reply_limit_for(len(payload))
         inbox: queue.Queue[Reply] = queue.Queue()
         self._cancel_pending("stage abandoned")  # left over by an unfinished earlier stage
@@ -83,15 +88,22 @@ class GrpcTransport:
                 task_id = (
                     f"r{task.round}-{task.stage.value}-c{task.client_id}-{secrets.token_hex(4)}"
                 )
+                task_digest, task_limit = digest, limit
+                if task.payload:  # a protocol message follows the shared arrays
+                    h = hasher.copy()
+                    h.update(task.payload)
+                    task_digest = h.digest()
+                if task.stage.secure:  # masked vectors; the servicer's max_payload caps them
+                    task_limit = SECURE_REPLY_LIMIT
                 with self._lock:
-                    self._pending[task_id] = _Pending(task, session, limit, stage)
+                    self._pending[task_id] = _Pending(task, session, task_limit, stage)
                 sent += 1
                 if self.registry.get(task.client_id) is not session:
                     # The session went away between get() and now; its on_disconnect may
                     # have run before the task was pending, so settle the task here.
                     self._settle(task_id, "client disconnected before the task was sent")
                     continue
-                session.outbox.put(Outgoing(task_id, task, payload, digest))
+                session.outbox.put(Outgoing(task_id, task, payload, task_digest))
             yield from immediate
             deadline = time.monotonic() + self.stage_timeout_s
             received = 0

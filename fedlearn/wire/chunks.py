@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from fedlearn.errors import SerializationError
 from fedlearn.wire import fedlearn_pb2 as pb
@@ -70,6 +70,32 @@ def split(
     for index, start in enumerate(range(0, size, chunk_size)):
         end = min(start + chunk_size, size)
         yield pb.Chunk(task_id=task_id, index=index, data=bytes(view[start:end]), last=end == size)
+
+
+def split_parts(
+    parts: Sequence[bytes | bytearray | memoryview], task_id: str, chunk_size: int = MAX_CHUNK
+) -> Iterator[pb.Chunk]:
+    """Like :func:`split` for the concatenation of ``parts``, without building it."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    if len(views) <= 1:
+        yield from split(views[0] if views else b"", task_id, chunk_size)
+        return
+    check_task_id(task_id)
+    total = sum(len(v) for v in views)
+    index, sent, pending, pending_size = 0, 0, [], 0
+    for view in views:
+        start = 0
+        while start < len(view):
+            take = min(chunk_size - pending_size, len(view) - start)
+            pending.append(view[start : start + take])
+            pending_size += take
+            start += take
+            if pending_size == chunk_size or sent + pending_size == total:
+                sent += pending_size
+                yield pb.Chunk(
+                    task_id=task_id, index=index, data=b"".join(pending), last=sent == total
+                )
+                index, pending, pending_size = index + 1, [], 0
 
 
 def format_size(size: int) -> str:

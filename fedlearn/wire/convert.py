@@ -132,7 +132,7 @@ def stage_from_proto(stage: int) -> Stage:
 
 
 def task_to_proto(
-    task: Task, *, task_id: str, payload_size: int, payload_sha256: bytes
+    task: Task, *, task_id: str, payload_size: int, payload_sha256: bytes, message_size: int = 0
 ) -> pb.TaskHeader:
     """A Task to the header sent ahead of its payload (the broadcast arrays).
 
@@ -148,6 +148,7 @@ def task_to_proto(
         config=scalars_to_proto(task.config, "config"),
         payload_size=payload_size,
         payload_sha256=payload_sha256,
+        message_size=_check_message(message_size, payload_size, task_id),
     )
 
 
@@ -159,6 +160,7 @@ def task_from_proto(header: pb.TaskHeader, *, client_id: int) -> Task:
     """
     check_task_id(header.task_id)
     _check_payload(header.payload_size, header.payload_sha256, header.task_id)
+    _check_message(header.message_size, header.payload_size, header.task_id)
     return Task(
         stage=stage_from_proto(header.stage),
         round=header.round,
@@ -169,7 +171,7 @@ def task_from_proto(header: pb.TaskHeader, *, client_id: int) -> Task:
 
 
 def reply_to_proto(
-    reply: Reply, *, task_id: str, payload_size: int, payload_sha256: bytes
+    reply: Reply, *, task_id: str, payload_size: int, payload_sha256: bytes, message_size: int = 0
 ) -> pb.ReplyHeader:
     """A Reply to the header sent ahead of its payload (its encoded arrays, if any).
 
@@ -177,7 +179,8 @@ def reply_to_proto(
     """
     check_task_id(task_id)
     _check_payload(payload_size, payload_sha256, task_id)
-    _check_arrays_match(reply.arrays, payload_size, task_id)
+    _check_message(message_size, payload_size, task_id)
+    _check_arrays_match(reply.arrays, payload_size - message_size, task_id)
     header = pb.ReplyHeader(
         task_id=task_id,
         stage=stage_to_proto(reply.stage),
@@ -186,6 +189,7 @@ def reply_to_proto(
         metrics=scalars_to_proto(reply.metrics, "metrics"),
         payload_size=payload_size,
         payload_sha256=payload_sha256,
+        message_size=message_size,
     )
     if reply.loss is not None:
         loss = reply.loss
@@ -205,7 +209,8 @@ def reply_from_proto(header: pb.ReplyHeader, *, client_id: int, arrays: Arrays |
     payload (None when ``payload_size`` is 0)."""
     check_task_id(header.task_id)
     _check_payload(header.payload_size, header.payload_sha256, header.task_id)
-    _check_arrays_match(arrays, header.payload_size, header.task_id)
+    _check_message(header.message_size, header.payload_size, header.task_id)
+    _check_arrays_match(arrays, header.payload_size - header.message_size, header.task_id)
     return Reply(
         stage=stage_from_proto(header.stage),
         round=header.round,
@@ -230,6 +235,15 @@ def _check_payload(size: Any, sha256: Any, task_id: str) -> None:
         raise SerializationError(
             f"payload digest of task {task_id!r} must be {SHA256_SIZE} bytes of SHA-256"
         )
+
+
+def _check_message(message_size: Any, payload_size: int, task_id: str) -> int:
+    size = _check_uint(message_size, UINT64_MAX, f"message size of task {task_id!r}")
+    if size > payload_size:
+        raise SerializationError(
+            f"task {task_id!r} declares a {size}-byte message in a {payload_size}-byte payload"
+        )
+    return size
 
 
 def _check_arrays_match(arrays: Arrays | None, payload_size: int, task_id: str) -> None:

@@ -85,7 +85,7 @@ class Proof(_message.Message):
     def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class ReplyHeader(_message.Message):
-    __slots__ = ("task_id", "stage", "round", "num_examples", "loss", "metrics", "error", "payload_size", "payload_sha256")
+    __slots__ = ("task_id", "stage", "round", "num_examples", "loss", "metrics", "error", "payload_size", "payload_sha256", "message_size")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class ReplyHeader(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     stage: Stage
     round: int
@@ -111,7 +112,8 @@ class ReplyHeader(_message.Message):
     error: str
     payload_size: int
     payload_sha256: bytes
-    def __init__(self, task_id: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, Value]] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ...) -> None: ...
+    message_size: int
+    def __init__(self, task_id: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, Value]] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., message_size: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("challenge", "welcome", "task_header", "chunk", "cancel", "heartbeat")
@@ -150,7 +152,7 @@ class Welcome(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "stage", "round", "seed", "config", "payload_size", "payload_sha256")
+    __slots__ = ("task_id", "stage", "round", "seed", "config", "payload_size", "payload_sha256", "message_size")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class TaskHeader(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     stage: Stage
     round: int
@@ -172,7 +175,8 @@ class TaskHeader(_message.Message):
     config: _containers.MessageMap[str, Value]
     payload_size: int
     payload_sha256: bytes
-    def __init__(self, task_id: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., config: _Optional[_Mapping[str, Value]] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ...) -> None: ...
+    message_size: int
+    def __init__(self, task_id: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., config: _Optional[_Mapping[str, Value]] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., message_size: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("task_id", "reason")
