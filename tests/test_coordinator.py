@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +25,7 @@ from fedlearn.records import Arrays, Config
 from fedlearn.simulation import InProcessTransport, PoolTransport, run_simulation
 from fedlearn.strategy.base import Strategy
 
+ROOT = Path(__file__).resolve().parents[1]
 GLOBAL: Arrays = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([0.5])}
 
 
@@ -279,3 +285,45 @@ def test_shuffled_transport_gives_the_same_model() -> None:
     )
     shuffled = Coordinator(Strategy(), Shuffling(LogReg), list(range(10)), 2, seed=5).run(arrays)
     assert plain.arrays["w"].tobytes() == shuffled.arrays["w"].tobytes()
+
+
+def test_pool_workers_exit_when_their_parent_dies(tmp_path: Path) -> None:
+    script = tmp_path / "orphan.py"
+    script.write_text(
+        "import os\n"
+        "from apps import LogReg\n"
+        "from fedlearn.simulation import PoolTransport\n"
+        "from fedlearn.messages import Task, Stage\n"
+        "t = PoolTransport(LogReg, workers=2)\n"
+        "tasks = [Task(Stage.EVALUATE, 1, c, c) for c in range(4)]\n"
+        "list(t.execute(LogReg().initial_arrays(0), tasks))\n"
+        "print(' '.join(str(w.process.pid) for w in t._workers), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout
+    pids = [int(p) for p in out.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.05)
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert alive == [], "orphaned pool workers kept running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -149,3 +149,41 @@ def test_too_many_dropouts_abort_and_keep_the_model() -> None:
     assert not record.ok and "secure aggregation" in str(record.error)
     for name, value in start.items():
         assert result.arrays[name].tobytes() == value.tobytes()  # type: ignore[attr-defined]
+
+
+class Wide(LogReg):
+    """1000 clients: task chunks and reply chunks both larger than a socket buffer."""
+
+    def initial_arrays(self, seed: int) -> Arrays:
+        return {"w": np.zeros(2_000)}
+
+    def train(self, arrays: Arrays, config: Config, ctx: ClientContext) -> TrainResult:
+        return TrainResult({"w": arrays["w"] + 0.001 * (ctx.client_id % 7)}, 10)
+
+
+def test_pool_moves_large_messages_both_ways_without_deadlock() -> None:
+    import threading
+
+    results: list[object] = []
+
+    def run() -> None:
+        results.append(
+            run_simulation(
+                Wide,
+                FedAvg(),
+                num_clients=1000,
+                rounds=1,
+                backend="pool",
+                workers=2,
+                evaluate_every=0,
+                secure=SECURE,
+            )
+        )
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the pool deadlocked"
+    (result,) = results
+    expected = np.mean([0.001 * (c % 7) for c in range(1000)])
+    np.testing.assert_allclose(result.arrays["w"], expected, atol=2e-5)  # type: ignore[attr-defined]

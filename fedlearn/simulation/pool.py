@@ -33,10 +33,20 @@ from fedlearn.runtime import ClientRuntime, describe
 from fedlearn.simulation.inprocess import read_only
 
 _BROADCAST, _TASKS, _QUIT = b"B", b"T", b"Q"
+PIPELINE_BYTES = 16 * 1024
+"""Largest task message queued behind a running one (well under a pipe's 64 KiB buffer)."""
 
 
-def _serve(conn: Connection, factory: Callable[[], ClientApp], run_id: str) -> None:
-    """Worker main loop."""
+def _serve(
+    conn: Connection,
+    factory: Callable[[], ClientApp],
+    run_id: str,
+    inherited: list[Connection],
+) -> None:
+    """Worker main loop. It first closes the parent's ends of every pipe it inherited
+    through fork (its own included), so it sees end-of-file as soon as the parent dies."""
+    for other in inherited:
+        other.close()
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
@@ -62,9 +72,18 @@ def _serve(conn: Connection, factory: Callable[[], ClientApp], run_id: str) -> N
 
 
 class _Worker:
-    def __init__(self, ctx: Any, factory: Callable[[], ClientApp], run_id: str) -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        factory: Callable[[], ClientApp],
+        run_id: str,
+        siblings: list[_Worker],
+    ) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_serve, args=(child, factory, run_id), daemon=True)
+        inherited = [self.conn, *(w.conn for w in siblings)]
+        self.process = ctx.Process(
+            target=_serve, args=(child, factory, run_id, inherited), daemon=True
+        )
         self.process.start()
         child.close()
         self.pending: list[list[Task]] = []
@@ -94,7 +113,7 @@ class PoolTransport:
 
     def _start(self) -> None:
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx, self._factory, self._run_id))
+            self._workers.append(_Worker(self._ctx, self._factory, self._run_id, self._workers))
 
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
         """Send the broadcast to every worker, then stream chunks; yield replies as they come.
@@ -109,10 +128,8 @@ class PoolTransport:
         for w in self._workers:
             w.conn.send_bytes(self._payload)
         queues = self._plan(tasks)
-        for i, w in enumerate(self._workers):
-            for _ in range(2):
-                if queues[i]:
-                    self._send(w, queues[i].pop())
+        for i in range(len(self._workers)):
+            self._fill(i, queues[i])
         while any(w.pending for w in self._workers):
             ready = wait([w.conn for w in self._workers if w.pending])
             for i, w in enumerate(self._workers):
@@ -123,27 +140,49 @@ class PoolTransport:
                     replies = [decode_reply(p) for p in unframe(w.conn.recv_bytes())]
                 except (EOFError, OSError, SerializationError) as exc:
                     yield from self._lost(i, chunk, exc)
+                    self._fill(i, queues[i])
                     continue
-                if queues[i]:
-                    self._send(w, queues[i].pop())
+                self._fill(i, queues[i])
                 yield from replies
+            for i, w in enumerate(self._workers):  # idle workers take what busy ones left
+                if not w.pending:
+                    self._fill(i, queues[i])
 
-    def _plan(self, tasks: Sequence[Task]) -> list[list[list[Task]]]:
-        """Per worker, the chunks it will run (popped from the end)."""
+    def _fill(self, i: int, queue: list[tuple[list[Task], bytes]]) -> None:
+        """Give worker ``i`` up to two chunks. A second one goes only while it is small:
+        a worker that is sending its replies must never face a parent blocked on a
+        full pipe (both sides would wait forever)."""
+        w = self._workers[i]
+        while queue and len(w.pending) < 2:
+            chunk, message = queue[-1]
+            if w.pending and len(message) > PIPELINE_BYTES:
+                return
+            queue.pop()
+            self._send(w, chunk, message)
+
+    def _plan(self, tasks: Sequence[Task]) -> list[list[tuple[list[Task], bytes]]]:
+        """Per worker, the encoded chunks it will run (popped from the end)."""
         n = len(self._workers)
         size = self._chunk_size or max(1, min(64, math.ceil(len(tasks) / (4 * n))))
+
+        def chunks(ts: Sequence[Task]) -> list[tuple[list[Task], bytes]]:
+            out = []
+            for j in range(0, len(ts), size):
+                chunk = list(ts[j : j + size])
+                out.append((chunk, frame([_TASKS, *(encode_task(t) for t in chunk)])))
+            return out[::-1]
+
         if tasks[0].stage.secure:
-            own = [[t for t in tasks if t.client_id % n == i] for i in range(n)]
-            return [[q[j : j + size] for j in range(0, len(q), size)][::-1] for q in own]
-        shared = [list(tasks[j : j + size]) for j in range(0, len(tasks), size)][::-1]
+            return [chunks([t for t in tasks if t.client_id % n == i]) for i in range(n)]
+        shared = chunks(tasks)
         return [shared] * n
 
-    def _send(self, w: _Worker, chunk: list[Task]) -> None:
+    def _send(self, w: _Worker, chunk: list[Task], message: bytes) -> None:
         """Queue ``chunk`` on ``w``; if its pipe is already broken the chunk stays pending
         there and fails with the worker when the pool notices the death."""
         w.pending.append(chunk)
         with contextlib.suppress(OSError):
-            w.conn.send_bytes(frame([_TASKS, *(encode_task(t) for t in chunk)]))
+            w.conn.send_bytes(message)
 
     def _lost(self, i: int, chunk: list[Task], exc: BaseException) -> Iterator[Reply]:
         """Worker ``i`` died: fail its outstanding tasks and start a replacement in its slot."""
@@ -154,7 +193,8 @@ class PoolTransport:
             yield Reply(task.stage, task.round, task.client_id, error=reason)
         w.pending.clear()
         w.conn.close()
-        fresh = _Worker(self._ctx, self._factory, self._run_id)
+        others = [o for j, o in enumerate(self._workers) if j != i]
+        fresh = _Worker(self._ctx, self._factory, self._run_id, others)
         with contextlib.suppress(OSError):
             fresh.conn.send_bytes(self._payload)
         self._workers[i] = fresh
