@@ -19,7 +19,7 @@ import numpy as np
 from fedlearn.errors import ConfigError, FedlearnError, RoundFailed, UpdateRejected
 from fedlearn.messages import Reply, Stage, Task, seed_for
 from fedlearn.records import Arrays, Config, Metrics, Scalar
-from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, RoundContext, Strategy
+from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, Fold, RoundContext, Strategy
 from fedlearn.validation import check_evaluation, check_update
 
 if TYPE_CHECKING:
@@ -223,11 +223,12 @@ class Coordinator:
         records: list[ClientRecord],
     ) -> tuple[Arrays, Arrays, Metrics]:
         config = self.strategy.train_config(ctx)
-        if self.secure is not None:
-            aggregate, accepted = self._secure_mean(ctx, arrays, selected, config, records)
-        else:
-            aggregate, accepted = self._fold(ctx, arrays, selected, config, records)
         try:
+            if self.secure is not None:
+                aggregate, accepted = self._secure_mean(ctx, arrays, selected, config, records)
+            else:
+                fold, accepted = self._fold(ctx, arrays, selected, config, records)
+                aggregate = fold.result()
             new_arrays, new_state = self.strategy.server_update(ctx, arrays, aggregate, state)
             new_arrays = _check_model(new_arrays, arrays)
         except (FedlearnError, ArithmeticError, ValueError) as exc:
@@ -245,7 +246,7 @@ class Coordinator:
         selected: list[int],
         config: Config,
         records: list[ClientRecord],
-    ) -> tuple[Arrays, list[ClientUpdate]]:
+    ) -> tuple[Fold, list[ClientUpdate]]:
         """Plain training stage: validate each update and fold it in as it arrives."""
         tasks = [self._task(Stage.TRAIN, ctx.round, cid, config) for cid in selected]
         fold = self.strategy.start_fold(ctx, arrays)
@@ -273,14 +274,7 @@ class Coordinator:
             )
             self._note(records, record)
         self._check_quorum(ctx, len(accepted), len(selected))
-        try:
-            return fold.result(), accepted
-        except (FedlearnError, ArithmeticError, ValueError) as exc:
-            if isinstance(exc, RoundFailed):
-                raise
-            raise RoundFailed(
-                f"round {ctx.round}: aggregation failed ({exc}); the global model is unchanged"
-            ) from exc
+        return fold, accepted
 
     def _secure_mean(
         self,
