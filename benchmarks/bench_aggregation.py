@@ -109,8 +109,9 @@ class BlockedFold:
         step = -(-n // self.threads)
         return [(s, min(n, s + step)) for s in range(0, n, step)]
 
-    def _span(self, x: np.ndarray, w: np.ndarray, lo: int, hi: int, tmp: np.ndarray,
-              first: bool) -> None:
+    def _span(
+        self, x: np.ndarray, w: np.ndarray, lo: int, hi: int, tmp: np.ndarray, first: bool
+    ) -> None:
         acc, b = self._acc, self.block
         assert acc is not None
         for s in range(lo, hi, b):
@@ -134,8 +135,10 @@ class BlockedFold:
             for (lo, hi), tmp in zip(spans, self._scratch, strict=True):
                 self._span(x, w, lo, hi, tmp, first)
         else:
-            futures = [self.pool.submit(self._span, x, w, lo, hi, tmp, first)
-                       for (lo, hi), tmp in zip(spans, self._scratch, strict=True)]
+            futures = [
+                self.pool.submit(self._span, x, w, lo, hi, tmp, first)
+                for (lo, hi), tmp in zip(spans, self._scratch, strict=True)
+            ]
             for f in futures:
                 f.result()
         self._total += float(update.num_examples)
@@ -145,8 +148,12 @@ class BlockedFold:
         return self._acc / np.asarray(self._total, self._acc.dtype)
 
 
-def blocked_fold(updates: Sequence[ClientUpdate], block: int, threads: int = 1,
-                 pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+def blocked_fold(
+    updates: Sequence[ClientUpdate],
+    block: int,
+    threads: int = 1,
+    pool: ThreadPoolExecutor | None = None,
+) -> np.ndarray:
     fold = BlockedFold(block, threads, pool)
     for u in updates:
         fold.add(u)
@@ -176,8 +183,11 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=100)
     p.add_argument("--size", type=int, default=1_000_000, help="float32 elements per update")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--blocks", default="16384,32768,65536,131072",
-                   help="block sizes (elements) for the blocked variants")
+    p.add_argument(
+        "--blocks",
+        default="16384,32768,65536,131072",
+        help="block sizes (elements) for the blocked variants",
+    )
     args = p.parse_args()
 
     rng = np.random.default_rng(0)
@@ -187,9 +197,11 @@ def main() -> None:
     updates = [ClientUpdate(i, {"x": v}, int(n)) for i, (v, n) in enumerate(pairs)]
     in_bytes = args.updates * args.size * 4
     threads = os.cpu_count() or 1
-    print(f"machine: {platform.machine()}, {threads} cores; numpy {np.__version__}; "
-          f"{args.updates} updates x {args.size:,} float32 = {in_bytes / 1e6:.0f} MB input; "
-          f"medians of {args.reps}")
+    print(
+        f"machine: {platform.machine()}, {threads} cores; numpy {np.__version__}; "
+        f"{args.updates} updates x {args.size:,} float32 = {in_bytes / 1e6:.0f} MB input; "
+        f"medians of {args.reps}"
+    )
 
     copy_before = memcopy_times(args.reps)
     copy_t = statistics.median(copy_before)
@@ -205,13 +217,20 @@ def main() -> None:
     ]
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     for b in (int(s) for s in args.blocks.split(",") if s):
-        variants.append((f"blocked fold, block={b // 1024}K", lambda b=b: blocked_fold(updates, b),
-                         True))
+        variants.append(
+            (f"blocked fold, block={b // 1024}K", lambda b=b: blocked_fold(updates, b), True)
+        )
     if pool is not None:
-        variants.append((f"blocked fold, block=64K, {threads} threads",
-                         lambda: blocked_fold(updates, 65536, threads, pool), True))
-    variants.append(("block-major (all updates at once), block=64K",
-                     lambda: chunk_major(updates, 65536), True))
+        variants.append(
+            (
+                f"blocked fold, block=64K, {threads} threads",
+                lambda: blocked_fold(updates, 65536, threads, pool),
+                True,
+            )
+        )
+    variants.append(
+        ("block-major (all updates at once), block=64K", lambda: chunk_major(updates, 65536), True)
+    )
 
     # Warm up and check every variant, then time them round-robin (rep by rep) so that
     # noise from other tenants of this shared machine spreads over all variants alike.
@@ -232,25 +251,32 @@ def main() -> None:
         bw = in_bytes / t / 1e9
         results.append((name, t, bw, same))
         tag = "" if same is None else ("  bit-identical" if same else "  DIFFERS FROM REFERENCE")
-        print(f"{name:<48} {t * 1e3:8.1f} ms  {bw:6.1f} GB/s  {bw / copy_bw:5.2f} x memcopy{tag}"
-              f"   (min {min(ts) * 1e3:.1f} ms)", flush=True)
+        print(
+            f"{name:<48} {t * 1e3:8.1f} ms  {bw:6.1f} GB/s  {bw / copy_bw:5.2f} x memcopy{tag}"
+            f"   (min {min(ts) * 1e3:.1f} ms)",
+            flush=True,
+        )
     if pool is not None:
         pool.shutdown()
 
     copy_after = memcopy_times(args.reps)
     copy_t = statistics.median(copy_before + copy_after)
     copy_bw = 2 * MEMCOPY_BYTES / copy_t / 1e9
-    print(f"memcopy 512 MiB again: {statistics.median(copy_after) * 1e3:.1f} ms; median of "
-          f"both sets {copy_t * 1e3:.1f} ms -> {copy_bw:.1f} GB/s (read+write), used below")
+    print(
+        f"memcopy 512 MiB again: {statistics.median(copy_after) * 1e3:.1f} ms; median of "
+        f"both sets {copy_t * 1e3:.1f} ms -> {copy_bw:.1f} GB/s (read+write), used below"
+    )
     fold_bw = next(bw for name, _, bw, _ in results if name.startswith("WeightedMeanFold"))
     bare_bw = results[0][2]
     best = max((r for r in results if r[3]), key=lambda r: r[2])
     print()
     print(f"aggregation/memcopy = {fold_bw / copy_bw:.2f}   (WeightedMeanFold; target >= 0.5)")
     print(f"bare-add/memcopy = {bare_bw / copy_bw:.2f}   (the floor: an unweighted sum)")
-    print(f"best bit-identical variant: {best[0]}: {best[1] * 1e3:.1f} ms, "
-          f"{best[2]:.1f} GB/s, {best[2] / copy_bw:.2f} x memcopy, "
-          f"{fold_bw and best[2] / fold_bw:.2f} x WeightedMeanFold")
+    print(
+        f"best bit-identical variant: {best[0]}: {best[1] * 1e3:.1f} ms, "
+        f"{best[2]:.1f} GB/s, {best[2] / copy_bw:.2f} x memcopy, "
+        f"{fold_bw and best[2] / fold_bw:.2f} x WeightedMeanFold"
+    )
 
 
 if __name__ == "__main__":

@@ -174,11 +174,18 @@ class Child:
 
     def __init__(self, role: str, role_args: dict[str, Any], env: dict[str, str] | None = None):
         self.role = role
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--role", role,
-               "--role-args", json.dumps(role_args)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--role",
+            role,
+            "--role-args",
+            json.dumps(role_args),
+        ]
         full_env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
         self._tagged: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -258,8 +265,13 @@ def write_pki_and_keys(root: Path, num_sites: int) -> dict[str, Any]:
         entries.append(allowlist_entry_toml(f"site-{i}", public_key_bytes(key)))
     allowlist = root / "sites.toml"
     allowlist.write_text("\n".join(entries))
-    return {"ca": str(pki.ca_cert), "cert": str(pki.server_cert), "key": str(pki.server_key),
-            "allowlist": str(allowlist), "site_keys": keys}
+    return {
+        "ca": str(pki.ca_cert),
+        "cert": str(pki.server_cert),
+        "key": str(pki.server_key),
+        "allowlist": str(allowlist),
+        "site_keys": keys,
+    }
 
 
 def _tls_lines(material: dict[str, Any], tls: bool, server: bool) -> str:
@@ -270,9 +282,19 @@ def _tls_lines(material: dict[str, Any], tls: bool, server: bool) -> str:
     return f'ca = "{material["ca"]}"'
 
 
-def coordinator_toml(path: Path, material: dict[str, Any], *, port: int, state_dir: Path,
-                     rounds: int, min_clients: int, tls: bool, model_factory: str,
-                     evaluate_every: int = 1, name: str = "run") -> Path:
+def coordinator_toml(
+    path: Path,
+    material: dict[str, Any],
+    *,
+    port: int,
+    state_dir: Path,
+    rounds: int,
+    min_clients: int,
+    tls: bool,
+    model_factory: str,
+    evaluate_every: int = 1,
+    name: str = "run",
+) -> Path:
     """Write a coordinator.toml."""
     path.write_text(f"""
 [server]
@@ -299,8 +321,9 @@ name = "fedavg"
     return path
 
 
-def site_toml(path: Path, material: dict[str, Any], *, index: int, port: int, tls: bool,
-              npz: Path, app: str) -> Path:
+def site_toml(
+    path: Path, material: dict[str, Any], *, index: int, port: int, tls: bool, npz: Path, app: str
+) -> Path:
     """Write a site.toml for site ``index``."""
     path.write_text(f"""
 [coordinator]
@@ -328,8 +351,13 @@ def fedlearn_cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
     """Start ``python -m fedlearn.cli ARGS`` from the repo root, output to ``log``."""
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "fedlearn.cli", *args], cwd=REPO,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedlearn.cli", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def prepare_fedlearn_deploy(root: Path, clients: int) -> dict[str, Any]:
@@ -341,8 +369,15 @@ def prepare_fedlearn_deploy(root: Path, clients: int) -> dict[str, Any]:
     return material
 
 
-def run_fedlearn_deploy(root: Path, material: dict[str, Any], clients: int, rounds: int,
-                        rep: int, tls: bool, timeout: float) -> dict[str, Any]:
+def run_fedlearn_deploy(
+    root: Path,
+    material: dict[str, Any],
+    clients: int,
+    rounds: int,
+    rep: int,
+    tls: bool,
+    timeout: float,
+) -> dict[str, Any]:
     """One whole deployment run: coordinator + ``clients`` site processes, fresh state."""
     from fedlearn.store import RunStore
     from fedlearn.weights import load_weights
@@ -351,17 +386,35 @@ def run_fedlearn_deploy(root: Path, material: dict[str, Any], clients: int, roun
     run_dir = root / f"rep-{rep}"
     run_dir.mkdir()
     state = run_dir / "state"
-    coord_cfg = coordinator_toml(run_dir / "coordinator.toml", material, port=port,
-                                 state_dir=state, rounds=rounds, min_clients=clients, tls=tls,
-                                 model_factory="benchmarks.peer_site:initial_arrays")
-    site_cfgs = [site_toml(run_dir / f"site-{i}.toml", material, index=i, port=port, tls=tls,
-                           npz=Path(material["npz"][i]), app="benchmarks.peer_site:make_app")
-                 for i in range(clients)]
+    coord_cfg = coordinator_toml(
+        run_dir / "coordinator.toml",
+        material,
+        port=port,
+        state_dir=state,
+        rounds=rounds,
+        min_clients=clients,
+        tls=tls,
+        model_factory="benchmarks.peer_site:initial_arrays",
+    )
+    site_cfgs = [
+        site_toml(
+            run_dir / f"site-{i}.toml",
+            material,
+            index=i,
+            port=port,
+            tls=tls,
+            npz=Path(material["npz"][i]),
+            app="benchmarks.peer_site:make_app",
+        )
+        for i in range(clients)
+    ]
     wall0 = time.time()
     t0 = time.perf_counter()
     coord = fedlearn_cli("server", "--config", str(coord_cfg), log=run_dir / "coordinator.log")
-    sites = [fedlearn_cli("client", "--config", str(c), log=run_dir / f"site-{i}.log")
-             for i, c in enumerate(site_cfgs)]
+    sites = [
+        fedlearn_cli("client", "--config", str(c), log=run_dir / f"site-{i}.log")
+        for i, c in enumerate(site_cfgs)
+    ]
     t_spawned = time.perf_counter() - t0
     exits: dict[int, float] = {}
     t_listen = None
@@ -373,8 +426,10 @@ def run_fedlearn_deploy(root: Path, material: dict[str, Any], clients: int, roun
                     if proc.poll() is None:
                         os.kill(proc.pid, signal.SIGABRT)
                 time.sleep(1.0)
-                raise RuntimeError(f"fedlearn deployment did not finish within {timeout} s:\n"
-                                   + (run_dir / "coordinator.log").read_text()[-6000:])
+                raise RuntimeError(
+                    f"fedlearn deployment did not finish within {timeout} s:\n"
+                    + (run_dir / "coordinator.log").read_text()[-6000:]
+                )
             now = time.perf_counter() - t0
             for proc in (coord, *sites):
                 if proc.pid not in exits and proc.poll() is not None:
@@ -394,8 +449,10 @@ def run_fedlearn_deploy(root: Path, material: dict[str, Any], clients: int, roun
     site_rcs = [s.returncode for s in sites]
     model_path = state / "model.safetensors"
     if rc != 0 or not model_path.exists():
-        raise RuntimeError(f"fedlearn deployment failed (rc={rc}):\n"
-                           + (run_dir / "coordinator.log").read_text()[-3000:])
+        raise RuntimeError(
+            f"fedlearn deployment failed (rc={rc}):\n"
+            + (run_dir / "coordinator.log").read_text()[-3000:]
+        )
     store = RunStore(state / "run.db", run_id="run")
     try:
         rounds_done = store.rounds()
@@ -445,7 +502,7 @@ from peerapp import sim_bench
 app = sim_bench.client_app
 '''
 
-FLOWER_PYPROJECT = '''[build-system]
+FLOWER_PYPROJECT = """[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
 
@@ -470,7 +527,7 @@ clientapp = "peerapp.client_app:app"
 clients = 10
 rounds = 5
 out = ""
-'''
+"""
 
 
 def build_flower_app(root: Path, superlink_port: int) -> tuple[Path, Path]:
@@ -487,12 +544,14 @@ def build_flower_app(root: Path, superlink_port: int) -> tuple[Path, Path]:
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-        f'address = "127.0.0.1:{superlink_port}"\ninsecure = true\n')
+        f'address = "127.0.0.1:{superlink_port}"\ninsecure = true\n'
+    )
     return app_dir, home
 
 
-def run_flower_deploy(venv: Path, root: Path, clients: int, rounds: int,
-                      timeout: float) -> dict[str, Any]:
+def run_flower_deploy(
+    venv: Path, root: Path, clients: int, rounds: int, timeout: float
+) -> dict[str, Any]:
     """SuperLink + ``clients`` SuperNodes + ``flwr run``; wall time to the final model."""
     root.mkdir(parents=True)
     port = free_port()
@@ -503,9 +562,15 @@ def run_flower_deploy(venv: Path, root: Path, clients: int, rounds: int,
     env = dict(os.environ)
     for key in ("PYTHONPATH", "RAY_ADDRESS", "VIRTUAL_ENV"):
         env.pop(key, None)
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_HOME=str(home),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", TMPDIR=str(tmp),
-               PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", PYTHONUNBUFFERED="1")
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        TMPDIR=str(tmp),
+        PATH=f"{venv / 'bin'}:{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
     bin_dir = venv / "bin"
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
@@ -522,22 +587,49 @@ def run_flower_deploy(venv: Path, root: Path, clients: int, rounds: int,
     wall0 = time.time()
     t0 = time.perf_counter()
     try:
-        start("superlink", [str(bin_dir / "flower-superlink"), "--insecure",
-                            "--port", str(port),
-                            "--fleet-api-address", f"127.0.0.1:{free_port()}",
-                            "--control-api-address", f"127.0.0.1:{free_port()}",
-                            "--disable-runtime-dependency-installation"])
+        start(
+            "superlink",
+            [
+                str(bin_dir / "flower-superlink"),
+                "--insecure",
+                "--port",
+                str(port),
+                "--fleet-api-address",
+                f"127.0.0.1:{free_port()}",
+                "--control-api-address",
+                f"127.0.0.1:{free_port()}",
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         for i in range(clients):
-            start(f"supernode-{i}", [
-                str(bin_dir / "flower-supernode"), "--insecure",
-                "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                "--node-config", f"partition-id={i} num-partitions={clients}"])
+            start(
+                f"supernode-{i}",
+                [
+                    str(bin_dir / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={clients}",
+                ],
+            )
         if not wait_for_port(port, 120):
             raise RuntimeError("the SuperLink did not listen within 120 s")
         marks["superlink_listening_s"] = time.perf_counter() - t0
-        run = start("flwr-run", [str(bin_dir / "flwr"), "run", str(app_dir), "bench", "--stream",
-                                 "--run-config",
-                                 f"clients={clients} rounds={rounds} out='{out_json}'"])
+        run = start(
+            "flwr-run",
+            [
+                str(bin_dir / "flwr"),
+                "run",
+                str(app_dir),
+                "bench",
+                "--stream",
+                "--run-config",
+                f"clients={clients} rounds={rounds} out='{out_json}'",
+            ],
+        )
         deadline = time.monotonic() + timeout
         while not out_json.exists():
             if time.monotonic() > deadline:
@@ -555,21 +647,30 @@ def run_flower_deploy(venv: Path, root: Path, clients: int, rounds: int,
         time.sleep(0.2)
         result = json.loads(out_json.read_text())
     except Exception as exc:
-        tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
-                          for p in logs[:2] + logs[-1:] if p.exists())
+        tails = "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
+            for p in logs[:2] + logs[-1:]
+            if p.exists()
+        )
         raise RuntimeError(f"Flower deployment failed: {exc}\n{tails}") from exc
     finally:
         killed = stop_tree(procs)
-    return {"wall_s": marks["final_model_s"], **marks, "bench": result,
-            "killed_after_sigterm": killed}
+    return {
+        "wall_s": marks["final_model_s"],
+        **marks,
+        "bench": result,
+        "killed_after_sigterm": killed,
+    }
 
 
 def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from benchmarks.peer_workload import bare_loop
 
-    print(f"\n== (a) deployment, {args.clients} sites x {args.rounds} rounds: fedlearn "
-          f"({'TLS' if not args.insecure else 'plaintext'}) vs Flower 1.42 deployment",
-          flush=True)
+    print(
+        f"\n== (a) deployment, {args.clients} sites x {args.rounds} rounds: fedlearn "
+        f"({'TLS' if not args.insecure else 'plaintext'}) vs Flower 1.42 deployment",
+        flush=True,
+    )
     root = work / "a"
     material = prepare_fedlearn_deploy(root, args.clients)
     ref, ref_acc = bare_loop(args.clients, args.rounds)
@@ -577,52 +678,71 @@ def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     failures = []
     for rep in range(args.fed_reps):
         try:
-            run = run_fedlearn_deploy(root, material, args.clients, args.rounds, rep,
-                                      tls=not args.insecure, timeout=60)
+            run = run_fedlearn_deploy(
+                root, material, args.clients, args.rounds, rep, tls=not args.insecure, timeout=60
+            )
         except RuntimeError as exc:
             failures.append(str(exc))
             print(f"fedlearn rep {rep} FAILED (left out of the median): {exc}", flush=True)
             continue
         run["bit_identical_to_bare_loop"] = all(
-            np.array_equal(run["arrays"][k], ref[k]) for k in ref)
+            np.array_equal(run["arrays"][k], ref[k]) for k in ref
+        )
         run["w_norm"] = float(np.linalg.norm(run.pop("arrays")["w"]))
         fed_runs.append(run)
-        print(f"fedlearn rep {rep}: {run['wall_s']:.3f} s to the final model (all spawned "
-              f"{run['spawned_s']:.3f} s, coordinator listening {run['listening_s']:.3f} s, "
-              f"coordinator exited {run['coordinator_exited_s']:.3f} s, sites exited "
-              f"{run['first_site_exit_s']:.3f}-{run['all_sites_exited_s']:.3f} s); rounds "
-              f"{', '.join(f'{d * 1e3:.1f}' for d in run['round_durations_s'])} ms; "
-              f"acc {run['accuracy']:.5f}; bit-identical to bare loop: "
-              f"{run['bit_identical_to_bare_loop']}", flush=True)
+        print(
+            f"fedlearn rep {rep}: {run['wall_s']:.3f} s to the final model (all spawned "
+            f"{run['spawned_s']:.3f} s, coordinator listening {run['listening_s']:.3f} s, "
+            f"coordinator exited {run['coordinator_exited_s']:.3f} s, sites exited "
+            f"{run['first_site_exit_s']:.3f}-{run['all_sites_exited_s']:.3f} s); rounds "
+            f"{', '.join(f'{d * 1e3:.1f}' for d in run['round_durations_s'])} ms; "
+            f"acc {run['accuracy']:.5f}; bit-identical to bare loop: "
+            f"{run['bit_identical_to_bare_loop']}",
+            flush=True,
+        )
     fed = statistics.median(r["wall_s"] for r in fed_runs)
     fed_exit = statistics.median(r["coordinator_exited_s"] for r in fed_runs)
-    out: dict[str, Any] = {"fedlearn_runs": fed_runs, "fedlearn_median_s": fed,
-                           "fedlearn_median_exit_s": fed_exit, "bare_loop_acc": ref_acc,
-                           "fedlearn_failures": failures}
+    out: dict[str, Any] = {
+        "fedlearn_runs": fed_runs,
+        "fedlearn_median_s": fed,
+        "fedlearn_median_exit_s": fed_exit,
+        "bare_loop_acc": ref_acc,
+        "fedlearn_failures": failures,
+    }
     flower_runs: list[dict[str, Any]] = []
     if not args.skip_flower:
-        python = DEFAULT_FLOWER_VENV / "bin" / "python" if args.flower_venv is None \
+        python = (
+            DEFAULT_FLOWER_VENV / "bin" / "python"
+            if args.flower_venv is None
             else args.flower_venv / "bin" / "python"
+        )
         venv = python.parent.parent
         if not python.exists():
             print(f"creating the Flower peer venv {venv} (about 25 s) ...", flush=True)
-            subprocess.run(["bash", str(FLOWER_DIR / "setup.sh"), str(venv)], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                ["bash", str(FLOWER_DIR / "setup.sh"), str(venv)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         for rep in range(args.flower_reps):
             try:
-                run = run_flower_deploy(venv, root / f"flower-{rep}", args.clients, args.rounds,
-                                        args.flower_timeout)
+                run = run_flower_deploy(
+                    venv, root / f"flower-{rep}", args.clients, args.rounds, args.flower_timeout
+                )
             except RuntimeError as exc:
                 print(f"Flower deployment FAILED: {exc}", flush=True)
                 out["flower_error"] = str(exc)
                 break
             flower_runs.append(run)
             bench = run["bench"]
-            print(f"flower rep {rep}: {run['wall_s']:.3f} s to the final model (SuperLink "
-                  f"listening at {run['superlink_listening_s']:.2f} s; `flwr run` exited at "
-                  f"{run['flwr_run_exited_s']:.2f} s); rounds "
-                  f"{', '.join(f'{v:.1f}' for v in bench['round_seconds'].values())} s; "
-                  f"final_eval_aggregated {bench['final_eval_aggregated']}", flush=True)
+            print(
+                f"flower rep {rep}: {run['wall_s']:.3f} s to the final model (SuperLink "
+                f"listening at {run['superlink_listening_s']:.2f} s; `flwr run` exited at "
+                f"{run['flwr_run_exited_s']:.2f} s); rounds "
+                f"{', '.join(f'{v:.1f}' for v in bench['round_seconds'].values())} s; "
+                f"final_eval_aggregated {bench['final_eval_aggregated']}",
+                flush=True,
+            )
     out["flower_runs"] = flower_runs
     if flower_runs:
         flower = statistics.median(r["wall_s"] for r in flower_runs)
@@ -630,24 +750,36 @@ def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out.update(flower_median_s=flower, ratio=ratio, measured_in_same_run=True)
         acc = flower_runs[-1]["bench"]["final_eval_aggregated"].get("eval_acc")
         fw = flower_runs[-1]["bench"]["final_w_norm"]
-        print(f"same model: fedlearn acc {fed_runs[-1]['accuracy']:.5f} vs Flower eval_acc "
-              f"{acc:.5f}; |w| {fed_runs[-1]['w_norm']:.16f} vs {fw:.16f} (rel diff "
-              f"{abs(fed_runs[-1]['w_norm'] - fw) / fw:.1e})")
-        print(f"deploy fedlearn/flower = {ratio:.4f} ({1 / ratio:.1f}x faster)  "
-              f"[fedlearn median of {len(fed_runs)}: {fed:.3f} s; Flower median of "
-              f"{len(flower_runs)}: {flower:.3f} s; same run]", flush=True)
+        print(
+            f"same model: fedlearn acc {fed_runs[-1]['accuracy']:.5f} vs Flower eval_acc "
+            f"{acc:.5f}; |w| {fed_runs[-1]['w_norm']:.16f} vs {fw:.16f} (rel diff "
+            f"{abs(fed_runs[-1]['w_norm'] - fw) / fw:.1e})"
+        )
+        print(
+            f"deploy fedlearn/flower = {ratio:.4f} ({1 / ratio:.1f}x faster)  "
+            f"[fedlearn median of {len(fed_runs)}: {fed:.3f} s; Flower median of "
+            f"{len(flower_runs)}: {flower:.3f} s; same run]",
+            flush=True,
+        )
         flower_exit = statistics.median(r["flwr_run_exited_s"] for r in flower_runs)
         out["flower_median_exit_s"] = flower_exit
-        print(f"  to process exit instead: fedlearn coordinator exit {fed_exit:.3f} s vs Flower "
-              f"`flwr run` exit {flower_exit:.3f} s: {fed_exit / flower_exit:.4f}")
+        print(
+            f"  to process exit instead: fedlearn coordinator exit {fed_exit:.3f} s vs Flower "
+            f"`flwr run` exit {flower_exit:.3f} s: {fed_exit / flower_exit:.4f}"
+        )
     else:
         ratio = fed / README_FLOWER_DEPLOY_S
         out.update(ratio=ratio, measured_in_same_run=False)
-        print(f"deploy fedlearn/flower = {ratio:.4f} ({1 / ratio:.1f}x faster)  "
-              f"[NOT measured in the same run: fedlearn {fed:.3f} s vs the peer README's "
-              f"{README_FLOWER_DEPLOY_S} s]", flush=True)
-        print(f"  to coordinator exit instead: {fed_exit:.3f} s, "
-              f"{fed_exit / README_FLOWER_DEPLOY_S:.4f}")
+        print(
+            f"deploy fedlearn/flower = {ratio:.4f} ({1 / ratio:.1f}x faster)  "
+            f"[NOT measured in the same run: fedlearn {fed:.3f} s vs the peer README's "
+            f"{README_FLOWER_DEPLOY_S} s]",
+            flush=True,
+        )
+        print(
+            f"  to coordinator exit instead: {fed_exit:.3f} s, "
+            f"{fed_exit / README_FLOWER_DEPLOY_S:.4f}"
+        )
     return out
 
 
@@ -685,7 +817,8 @@ def blockwise_equal(x: np.ndarray, y: np.ndarray, block: int = 1 << 22) -> bool:
     peak RSS being measured)."""
     x, y = x.reshape(-1), y.reshape(-1)
     return x.shape == y.shape and all(
-        np.array_equal(x[i:i + block], y[i:i + block]) for i in range(0, x.size, block))
+        np.array_equal(x[i : i + block], y[i : i + block]) for i in range(0, x.size, block)
+    )
 
 
 def role_wire_coord(a: dict[str, Any]) -> None:
@@ -706,8 +839,14 @@ def role_wire_coord(a: dict[str, Any]) -> None:
     auth = Authenticator(load_allowlist(a["allowlist"]), "fedlearn-bench")
     servicer = CoordinatorServicer(registry, auth, 2 * a["model_bytes"] + MIB)
     section = ServerSection.model_validate(
-        {"address": "127.0.0.1:0", "insecure": not a["tls"], "cert": a.get("cert"),
-         "key": a.get("key"), "allowlist": a["allowlist"]})
+        {
+            "address": "127.0.0.1:0",
+            "insecure": not a["tls"],
+            "cert": a.get("cert"),
+            "key": a.get("key"),
+            "allowlist": a["allowlist"],
+        }
+    )
     server, port = start_server(section, servicer, max_workers=10)
     emit("READY", {"port": port})
     if not registry.wait_for(1, 120):
@@ -726,14 +865,22 @@ def role_wire_coord(a: dict[str, Any]) -> None:
         m = reply.metrics
         assert reply.arrays is not None
         same = blockwise_equal(reply.arrays["w"], arrays["w"]) if rep == 0 else None
-        reps.append({"download_s": float(m["t_recv"]) - t0, "upload_s": t1 - float(m["t_ret"]),
-                     "total_s": t1 - t0, "echo_identical": same})
+        reps.append(
+            {
+                "download_s": float(m["t_recv"]) - t0,
+                "upload_s": t1 - float(m["t_ret"]),
+                "total_s": t1 - t0,
+                "echo_identical": same,
+            }
+        )
         del replies, reply
     peak = peak_rss_bytes()
     registry.close_all("benchmark finished")
     server.stop(grace=1).wait()
-    emit("RESULT", {"reps": reps, "peak_rss": peak, "baseline_rss": baseline,
-                    "rss_with_model": with_model})
+    emit(
+        "RESULT",
+        {"reps": reps, "peak_rss": peak, "baseline_rss": baseline, "rss_with_model": with_model},
+    )
 
 
 def role_wire_site(a: dict[str, Any]) -> None:
@@ -743,15 +890,23 @@ def role_wire_site(a: dict[str, Any]) -> None:
     from fedlearn.security.certs import load_pem
     from fedlearn.security.keys import load_private_key
 
-    site = SiteClient(f"127.0.0.1:{a['port']}", EchoApp(), load_private_key(a["site_key"]),
-                      "site-0", root_certificates=load_pem(a["ca"]) if a["tls"] else None,
-                      backoff=Backoff(0.05, 1.0), exit_when_finished=True)
+    site = SiteClient(
+        f"127.0.0.1:{a['port']}",
+        EchoApp(),
+        load_private_key(a["site_key"]),
+        "site-0",
+        root_certificates=load_pem(a["ca"]) if a["tls"] else None,
+        backoff=Backoff(0.05, 1.0),
+        exit_when_finished=True,
+    )
     site.run()
     emit("RESULT", {"tasks": site.tasks_done, "peak_rss": peak_rss_bytes()})
 
 
-RAW_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1),
-               ("grpc.max_receive_message_length", 2**31 - 1)]
+RAW_OPTIONS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+]
 
 
 def role_raw_server(a: dict[str, Any]) -> None:
@@ -774,7 +929,7 @@ def role_raw_server(a: dict[str, Any]) -> None:
         buf = memoryview(bytearray(a["model_bytes"]))  # a fresh buffer, as a receiver needs
         n = 0
         for piece in it:
-            buf[n:n + len(piece)] = piece
+            buf[n : n + len(piece)] = piece
             n += len(piece)
         return n.to_bytes(8, "little")
 
@@ -782,18 +937,22 @@ def role_raw_server(a: dict[str, Any]) -> None:
         n = int.from_bytes(req, "little")
         view = memoryview(payload)
         for start in range(0, n, chunk):
-            yield bytes(view[start:min(n, start + chunk)])
+            yield bytes(view[start : min(n, start + chunk)])
 
-    handler = grpc.method_handlers_generic_handler("b.B", {
-        "C": grpc.stream_unary_rpc_method_handler(upload),
-        "A": grpc.stream_unary_rpc_method_handler(upload_assembled),
-        "S": grpc.unary_stream_rpc_method_handler(download),
-    })
+    handler = grpc.method_handlers_generic_handler(
+        "b.B",
+        {
+            "C": grpc.stream_unary_rpc_method_handler(upload),
+            "A": grpc.stream_unary_rpc_method_handler(upload_assembled),
+            "S": grpc.unary_stream_rpc_method_handler(download),
+        },
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=RAW_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     if a["tls"]:
         creds = grpc.ssl_server_credentials(
-            [(Path(a["key"]).read_bytes(), Path(a["cert"]).read_bytes())])
+            [(Path(a["key"]).read_bytes(), Path(a["cert"]).read_bytes())]
+        )
         port = server.add_secure_port("127.0.0.1:0", creds)
     else:
         port = server.add_insecure_port("127.0.0.1:0")
@@ -802,8 +961,9 @@ def role_raw_server(a: dict[str, Any]) -> None:
     server.wait_for_termination()
 
 
-def raw_transfers(port: int, tls: bool, ca: str | None, size: int, chunk: int,
-                  reps: int) -> list[dict[str, float]]:
+def raw_transfers(
+    port: int, tls: bool, ca: str | None, size: int, chunk: int, reps: int
+) -> list[dict[str, float]]:
     """Upload (client-streaming) and download (server-streaming) ``size`` bytes, ``reps``
     times each, from this process."""
     import grpc
@@ -822,7 +982,7 @@ def raw_transfers(port: int, tls: bool, ca: str | None, size: int, chunk: int,
 
     def pieces() -> Iterator[bytes]:
         for start in range(0, size, chunk):
-            yield bytes(view[start:start + chunk])
+            yield bytes(view[start : start + chunk])
 
     upload(iter([b"x"]))  # connect (and TLS handshake) outside the timings
     out = []
@@ -840,23 +1000,36 @@ def raw_transfers(port: int, tls: bool, ca: str | None, size: int, chunk: int,
         buf = memoryview(bytearray(size))
         n_a = 0
         for piece in download(size.to_bytes(8, "little")):
-            buf[n_a:n_a + len(piece)] = piece
+            buf[n_a : n_a + len(piece)] = piece
             n_a += len(piece)
         down_a = time.perf_counter() - t
         del buf
         if got != size or n != size or got_a != size or n_a != size:
             raise RuntimeError(f"raw transfer lost bytes: {got}, {n}, {got_a}, {n_a} of {size}")
-        out.append({"upload_s": up, "download_s": down, "upload_assembled_s": up_a,
-                    "download_assembled_s": down_a})
+        out.append(
+            {
+                "upload_s": up,
+                "download_s": down,
+                "upload_assembled_s": up_a,
+                "download_assembled_s": down_a,
+            }
+        )
     channel.close()
     return out
 
 
-def wire_once(material: dict[str, Any], tls: bool, size: int, reps: int,
-              patch: Sequence[str]) -> dict[str, Any]:
+def wire_once(
+    material: dict[str, Any], tls: bool, size: int, reps: int, patch: Sequence[str]
+) -> dict[str, Any]:
     """fedlearn's wire path: coordinator process + site process, ``reps`` round trips."""
-    base = {"tls": tls, "cert": material["cert"], "key": material["key"], "ca": material["ca"],
-            "allowlist": material["allowlist"], "patch": list(patch)}
+    base = {
+        "tls": tls,
+        "cert": material["cert"],
+        "key": material["key"],
+        "ca": material["ca"],
+        "allowlist": material["allowlist"],
+        "patch": list(patch),
+    }
     coord = Child("wire-coord", {**base, "model_bytes": size, "reps": reps})
     site = None
     try:
@@ -871,11 +1044,20 @@ def wire_once(material: dict[str, Any], tls: bool, size: int, reps: int,
             site.stop()
 
 
-def raw_once(material: dict[str, Any], tls: bool, size: int, chunk: int,
-             reps: int) -> list[dict[str, float]]:
+def raw_once(
+    material: dict[str, Any], tls: bool, size: int, chunk: int, reps: int
+) -> list[dict[str, float]]:
     """The raw grpcio floor, server in its own process."""
-    server = Child("raw-server", {"tls": tls, "cert": material["cert"], "key": material["key"],
-                                  "model_bytes": size, "chunk": chunk})
+    server = Child(
+        "raw-server",
+        {
+            "tls": tls,
+            "cert": material["cert"],
+            "key": material["key"],
+            "model_bytes": size,
+            "chunk": chunk,
+        },
+    )
     try:
         port = server.expect("READY", 60)["port"]
         return raw_transfers(port, tls, material["ca"], size, chunk, reps)
@@ -893,26 +1075,51 @@ def role_full_coord(a: dict[str, Any]) -> None:
     baseline = current_rss_bytes()
     t0 = time.perf_counter()
     run_coordinator(config, on_ready=lambda port: emit("READY", {"port": port}))
-    emit("RESULT", {"wall_s": time.perf_counter() - t0, "peak_rss": peak_rss_bytes(),
-                    "baseline_rss": baseline})
+    emit(
+        "RESULT",
+        {
+            "wall_s": time.perf_counter() - t0,
+            "peak_rss": peak_rss_bytes(),
+            "baseline_rss": baseline,
+        },
+    )
 
 
-def full_coordinator_once(material: dict[str, Any], root: Path, tls: bool, size: int,
-                          patch: Sequence[str]) -> dict[str, Any]:
+def full_coordinator_once(
+    material: dict[str, Any], root: Path, tls: bool, size: int, patch: Sequence[str]
+) -> dict[str, Any]:
     """Peak RSS of a whole coordinator process running one round with a ``size`` model."""
     port = free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="full-", dir=root))
-    cfg = coordinator_toml(run_dir / "coordinator.toml", material, port=port,
-                           state_dir=run_dir / "state", rounds=1, min_clients=1, tls=tls,
-                           model_factory="benchmarks.bench_deploy_vs_flower:wire_model",
-                           evaluate_every=0)
-    coord = Child("full-coord", {"config": str(cfg), "patch": list(patch)},
-                  env={"FEDLEARN_BENCH_MODEL_BYTES": str(size)})
+    cfg = coordinator_toml(
+        run_dir / "coordinator.toml",
+        material,
+        port=port,
+        state_dir=run_dir / "state",
+        rounds=1,
+        min_clients=1,
+        tls=tls,
+        model_factory="benchmarks.bench_deploy_vs_flower:wire_model",
+        evaluate_every=0,
+    )
+    coord = Child(
+        "full-coord",
+        {"config": str(cfg), "patch": list(patch)},
+        env={"FEDLEARN_BENCH_MODEL_BYTES": str(size)},
+    )
     site = None
     try:
         coord.expect("READY", 60)
-        site = Child("wire-site", {"tls": tls, "ca": material["ca"], "port": port,
-                                   "site_key": material["site_keys"][0], "patch": list(patch)})
+        site = Child(
+            "wire-site",
+            {
+                "tls": tls,
+                "ca": material["ca"],
+                "port": port,
+                "site_key": material["site_keys"][0],
+                "patch": list(patch),
+            },
+        )
         try:
             result: dict[str, Any] = coord.expect("RESULT", 300)
         except RuntimeError:
@@ -937,9 +1144,12 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     chunk = int(args.raw_chunk_mib * MIB)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.wire_tls]
     variants = [v for v in args.variants.split(",") if v]
-    print(f"\n== (b) {size / MIB:.0f} MiB model: fedlearn wire path vs raw grpcio "
-          f"({args.wire_reps} reps each; raw chunks {chunk / MIB:g} MiB, raw measured before "
-          f"and after fedlearn; variants: {', '.join(variants)})", flush=True)
+    print(
+        f"\n== (b) {size / MIB:.0f} MiB model: fedlearn wire path vs raw grpcio "
+        f"({args.wire_reps} reps each; raw chunks {chunk / MIB:g} MiB, raw measured before "
+        f"and after fedlearn; variants: {', '.join(variants)})",
+        flush=True,
+    )
     if any(v != "baseline" for v in variants):
         check_patches()
     material = write_pki_and_keys(work / "b", 1)
@@ -963,39 +1173,61 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         r_down = statistics.median(r["download_s"] for r in raw)
         a_up = statistics.median(r["upload_assembled_s"] for r in raw)
         a_down = statistics.median(r["download_assembled_s"] for r in raw)
-        print(f"[{label}] raw grpcio: upload {r_up:.3f} s ({mb / r_up:.0f} MB/s), download "
-              f"{r_down:.3f} s ({mb / r_down:.0f} MB/s); per rep up/down s {updown(raw)}")
-        print(f"[{label}] raw grpcio + copy into a fresh buffer at the receiver (what any "
-              f"receiver that keeps the model must add): upload {a_up:.3f} s "
-              f"({mb / a_up:.0f} MB/s), download {a_down:.3f} s ({mb / a_down:.0f} MB/s)")
-        res: dict[str, Any] = {"raw": raw, "raw_upload_s": r_up, "raw_download_s": r_down,
-                               "raw_assembled_upload_s": a_up,
-                               "raw_assembled_download_s": a_down}
+        print(
+            f"[{label}] raw grpcio: upload {r_up:.3f} s ({mb / r_up:.0f} MB/s), download "
+            f"{r_down:.3f} s ({mb / r_down:.0f} MB/s); per rep up/down s {updown(raw)}"
+        )
+        print(
+            f"[{label}] raw grpcio + copy into a fresh buffer at the receiver (what any "
+            f"receiver that keeps the model must add): upload {a_up:.3f} s "
+            f"({mb / a_up:.0f} MB/s), download {a_down:.3f} s ({mb / a_down:.0f} MB/s)"
+        )
+        res: dict[str, Any] = {
+            "raw": raw,
+            "raw_upload_s": r_up,
+            "raw_download_s": r_down,
+            "raw_assembled_upload_s": a_up,
+            "raw_assembled_download_s": a_down,
+        }
         for variant, fed in feds.items():
             f_up = statistics.median(r["upload_s"] for r in fed["reps"])
             f_down = statistics.median(r["download_s"] for r in fed["reps"])
             peak = fed["peak_rss"]
-            v = {"fedlearn": fed, "fed_upload_s": f_up, "fed_download_s": f_down,
-                 "upload_ratio": r_up / f_up, "download_ratio": r_down / f_down,
-                 "upload_ratio_vs_assembled": a_up / f_up,
-                 "download_ratio_vs_assembled": a_down / f_down,
-                 "peak_rss_over_model": peak / size,
-                 "peak_rss_above_baseline_over_model": (peak - fed["baseline_rss"]) / size}
+            v = {
+                "fedlearn": fed,
+                "fed_upload_s": f_up,
+                "fed_download_s": f_down,
+                "upload_ratio": r_up / f_up,
+                "download_ratio": r_down / f_down,
+                "upload_ratio_vs_assembled": a_up / f_up,
+                "download_ratio_vs_assembled": a_down / f_down,
+                "peak_rss_over_model": peak / size,
+                "peak_rss_above_baseline_over_model": (peak - fed["baseline_rss"]) / size,
+            }
             res[variant] = v
             tag = f"[{label}]" + ("" if variant == "baseline" else f"[{variant}]")
-            print(f"{tag} fedlearn upload {f_up:.3f} s ({mb / f_up:.0f} MB/s), download "
-                  f"{f_down:.3f} s ({mb / f_down:.0f} MB/s); per rep up/down s "
-                  f"{updown(fed['reps'])}; echo identical: "
-                  f"{fed['reps'][0]['echo_identical']}")
-            print(f"{tag} upload fedlearn/raw = {v['upload_ratio']:.3f}  (vs raw + copy: "
-                  f"{v['upload_ratio_vs_assembled']:.3f})")
-            print(f"{tag} download fedlearn/raw = {v['download_ratio']:.3f}  (vs raw + copy: "
-                  f"{v['download_ratio_vs_assembled']:.3f})")
-            print(f"{tag} coordinator peak RSS = {peak / 2**30:.2f} GiB = "
-                  f"{v['peak_rss_over_model']:.2f}x the model "
-                  f"({v['peak_rss_above_baseline_over_model']:.2f}x above the "
-                  f"{fed['baseline_rss'] / MIB:.0f} MiB interpreter baseline); site peak RSS "
-                  f"{fed['site']['peak_rss'] / 2**30:.2f} GiB", flush=True)
+            print(
+                f"{tag} fedlearn upload {f_up:.3f} s ({mb / f_up:.0f} MB/s), download "
+                f"{f_down:.3f} s ({mb / f_down:.0f} MB/s); per rep up/down s "
+                f"{updown(fed['reps'])}; echo identical: "
+                f"{fed['reps'][0]['echo_identical']}"
+            )
+            print(
+                f"{tag} upload fedlearn/raw = {v['upload_ratio']:.3f}  (vs raw + copy: "
+                f"{v['upload_ratio_vs_assembled']:.3f})"
+            )
+            print(
+                f"{tag} download fedlearn/raw = {v['download_ratio']:.3f}  (vs raw + copy: "
+                f"{v['download_ratio_vs_assembled']:.3f})"
+            )
+            print(
+                f"{tag} coordinator peak RSS = {peak / 2**30:.2f} GiB = "
+                f"{v['peak_rss_over_model']:.2f}x the model "
+                f"({v['peak_rss_above_baseline_over_model']:.2f}x above the "
+                f"{fed['baseline_rss'] / MIB:.0f} MiB interpreter baseline); site peak RSS "
+                f"{fed['site']['peak_rss'] / 2**30:.2f} GiB",
+                flush=True,
+            )
         out[label] = res
     if args.full_coordinator:
         tls = modes[-1]
@@ -1004,14 +1236,20 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         full = full_coordinator_once(material, work / "b", tls, full_size, patch)
         out["full_coordinator"] = full
         if "error" in full:
-            print(f"[{'TLS' if tls else 'plaintext'}] whole run_coordinator with a "
-                  f"{full_size / MIB:.0f} MiB model FAILED: {full['error']}", flush=True)
+            print(
+                f"[{'TLS' if tls else 'plaintext'}] whole run_coordinator with a "
+                f"{full_size / MIB:.0f} MiB model FAILED: {full['error']}",
+                flush=True,
+            )
         else:
-            print(f"[{'TLS' if tls else 'plaintext'}] whole run_coordinator, "
-                  f"{full_size / MIB:.0f} MiB model, 1 round (train, fold, checkpoint, save)"
-                  f"{', patches ' + ','.join(patch) if patch else ''}: {full['wall_s']:.2f} s; "
-                  f"coordinator peak RSS {full['peak_rss'] / 2**30:.2f} GiB = "
-                  f"{full['peak_rss'] / full_size:.2f}x the model", flush=True)
+            print(
+                f"[{'TLS' if tls else 'plaintext'}] whole run_coordinator, "
+                f"{full_size / MIB:.0f} MiB model, 1 round (train, fold, checkpoint, save)"
+                f"{', patches ' + ','.join(patch) if patch else ''}: {full['wall_s']:.2f} s; "
+                f"coordinator peak RSS {full['peak_rss'] / 2**30:.2f} GiB = "
+                f"{full['peak_rss'] / full_size:.2f}x the model",
+                flush=True,
+            )
     return out
 
 
@@ -1110,14 +1348,22 @@ def role_c_coord(a: dict[str, Any]) -> None:
     config = load_toml(CoordinatorConfig, a["config"])
     profilers = start_profiling() if a.get("profile") else None
     t0 = time.perf_counter()
-    result = run_coordinator(config, on_ready=lambda port: emit("READY", {"port": port}),
-                             observer=Stamps())
+    result = run_coordinator(
+        config, on_ready=lambda port: emit("READY", {"port": port}), observer=Stamps()
+    )
     profile = stop_profiling(profilers) if profilers is not None else None
-    emit("RESULT", {"wall_s": time.perf_counter() - t0, "marks": marks, "profile": profile,
-                    "durations": [r.duration_s for r in result.rounds],
-                    "train_ok": [r.train_ok for r in result.rounds],
-                    "eval_ok": [r.eval_ok for r in result.rounds],
-                    "peak_rss": peak_rss_bytes()})
+    emit(
+        "RESULT",
+        {
+            "wall_s": time.perf_counter() - t0,
+            "marks": marks,
+            "profile": profile,
+            "durations": [r.duration_s for r in result.rounds],
+            "train_ok": [r.train_ok for r in result.rounds],
+            "eval_ok": [r.eval_ok for r in result.rounds],
+            "peak_rss": peak_rss_bytes(),
+        },
+    )
 
 
 def role_c_sites(a: dict[str, Any]) -> None:
@@ -1134,10 +1380,15 @@ def role_c_sites(a: dict[str, Any]) -> None:
 
     def serve(index: int) -> None:
         try:
-            SiteClient(f"127.0.0.1:{a['port']}", TinyApp(compute, lock),
-                       load_private_key(a["site_keys"][index]), f"site-{index}",
-                       root_certificates=roots, backoff=Backoff(0.05, 1.0),
-                       exit_when_finished=True).run()
+            SiteClient(
+                f"127.0.0.1:{a['port']}",
+                TinyApp(compute, lock),
+                load_private_key(a["site_keys"][index]),
+                f"site-{index}",
+                root_certificates=roots,
+                backoff=Backoff(0.05, 1.0),
+                exit_when_finished=True,
+            ).run()
         except Exception as exc:  # reported to the parent
             errors.append(f"site-{index}: {exc!r}")
 
@@ -1146,8 +1397,14 @@ def role_c_sites(a: dict[str, Any]) -> None:
         t.start()
     for t in threads:
         t.join()
-    emit("RESULT", {"compute": [[r, s, v] for (r, s), v in compute.items()],
-                    "errors": errors, "peak_rss": peak_rss_bytes()})
+    emit(
+        "RESULT",
+        {
+            "compute": [[r, s, v] for (r, s), v in compute.items()],
+            "errors": errors,
+            "peak_rss": peak_rss_bytes(),
+        },
+    )
 
 
 def role_c_raw_server(a: dict[str, Any]) -> None:
@@ -1187,12 +1444,14 @@ def role_c_raw_server(a: dict[str, Any]) -> None:
             yield item
 
     handler = grpc.method_handlers_generic_handler(
-        "r.R", {"C": grpc.stream_stream_rpc_method_handler(connect)})
+        "r.R", {"C": grpc.stream_stream_rpc_method_handler(connect)}
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * n + 8))
     server.add_generic_rpc_handlers((handler,))
     if a["tls"]:
         creds = grpc.ssl_server_credentials(
-            [(Path(a["key"]).read_bytes(), Path(a["cert"]).read_bytes())])
+            [(Path(a["key"]).read_bytes(), Path(a["cert"]).read_bytes())]
+        )
         port = server.add_secure_port("127.0.0.1:0", creds)
     else:
         port = server.add_insecure_port("127.0.0.1:0")
@@ -1227,8 +1486,9 @@ def role_c_raw_clients(a: dict[str, Any]) -> None:
         if roots is None:
             channel = grpc.insecure_channel(f"127.0.0.1:{a['port']}")
         else:
-            channel = grpc.secure_channel(f"127.0.0.1:{a['port']}",
-                                          grpc.ssl_channel_credentials(roots))
+            channel = grpc.secure_channel(
+                f"127.0.0.1:{a['port']}", grpc.ssl_channel_credentials(roots)
+            )
         out: queue.Queue[bytes | None] = queue.Queue()
         out.put(str(cid).encode())
 
@@ -1255,47 +1515,87 @@ def role_c_raw_clients(a: dict[str, Any]) -> None:
         t.join()
 
 
-def raw_overhead_floor(material: dict[str, Any], n: int, rounds: int, procs: int,
-                       tls: bool) -> dict[str, float]:
+def raw_overhead_floor(
+    material: dict[str, Any], n: int, rounds: int, procs: int, tls: bool
+) -> dict[str, float]:
     """Median ms per round (rounds 2..R) and server CPU of the raw-grpcio floor."""
-    server = Child("c-raw-server", {"clients": n, "rounds": rounds, "tls": tls,
-                                    "cert": material["cert"], "key": material["key"]})
+    server = Child(
+        "c-raw-server",
+        {
+            "clients": n,
+            "rounds": rounds,
+            "tls": tls,
+            "cert": material["cert"],
+            "key": material["key"],
+        },
+    )
     clients: list[Child] = []
     try:
         port = server.expect("READY", 60)["port"]
         for p in range(procs):
-            clients.append(Child("c-raw-clients", {"port": port, "tls": tls, "ca": material["ca"],
-                                                   "indices": list(range(p, n, procs))}))
+            clients.append(
+                Child(
+                    "c-raw-clients",
+                    {
+                        "port": port,
+                        "tls": tls,
+                        "ca": material["ca"],
+                        "indices": list(range(p, n, procs)),
+                    },
+                )
+            )
         rows = server.expect("RESULT", 600)["rows"][1:]
     finally:
         server.stop()
         for c in clients:
             c.stop()
-    return {"round_ms": statistics.median(r[0] for r in rows) * 1e3,
-            "server_cpu_ms": statistics.median(r[1] for r in rows) * 1e3}
+    return {
+        "round_ms": statistics.median(r[0] for r in rows) * 1e3,
+        "server_cpu_ms": statistics.median(r[1] for r in rows) * 1e3,
+    }
 
 
 def part_c(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     n, rounds, procs = args.overhead_clients, args.overhead_rounds, args.overhead_procs
     tls = not args.insecure
     patch = [p for p in args.patch.split(",") if p]
-    print(f"\n== (c) round overhead: {n} connected sites ({procs} processes of threads), "
-          f"tiny model (21 float64), {rounds} rounds, {'TLS' if tls else 'plaintext'}", flush=True)
+    print(
+        f"\n== (c) round overhead: {n} connected sites ({procs} processes of threads), "
+        f"tiny model (21 float64), {rounds} rounds, {'TLS' if tls else 'plaintext'}",
+        flush=True,
+    )
     root = work / "c"
     material = write_pki_and_keys(root, n)
     port = free_port()
-    cfg = coordinator_toml(root / "coordinator.toml", material, port=port,
-                           state_dir=root / "state", rounds=rounds, min_clients=n, tls=tls,
-                           model_factory="benchmarks.peer_site:initial_arrays")
+    cfg = coordinator_toml(
+        root / "coordinator.toml",
+        material,
+        port=port,
+        state_dir=root / "state",
+        rounds=rounds,
+        min_clients=n,
+        tls=tls,
+        model_factory="benchmarks.peer_site:initial_arrays",
+    )
     coord = Child("c-coord", {"config": str(cfg), "patch": patch, "profile": args.profile})
     children: list[Child] = []
     try:
         coord.expect("READY", 60)
         for p in range(procs):
             indices = list(range(p, n, procs))
-            children.append(Child("c-sites", {"tls": tls, "ca": material["ca"], "port": port,
-                                              "site_keys": material["site_keys"],
-                                              "indices": indices, "patch": patch}))
+            children.append(
+                Child(
+                    "c-sites",
+                    {
+                        "tls": tls,
+                        "ca": material["ca"],
+                        "port": port,
+                        "site_keys": material["site_keys"],
+                        "indices": indices,
+                        "patch": patch,
+                    },
+                )
+            )
         res = coord.expect("RESULT", 600)
         sites = [c.expect("RESULT", 120) for c in children]
     finally:
@@ -1319,47 +1619,74 @@ def part_c(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows = []
     for r in range(2, rounds + 1):
         interval = ends[r] - ends[r - 1]
-        rows.append({"round": r, "interval_s": interval, "duration_s": res["durations"][r - 1],
-                     "train_start_gap_s": starts[r] - ends[r - 1],
-                     "compute_s": compute.get(r, 0.0),
-                     "overhead_s": interval - compute.get(r, 0.0),
-                     "coordinator_cpu_s": coord_cpu[r] - coord_cpu[r - 1],
-                     "sites_cpu_s": site_cpu.get(r)})
+        rows.append(
+            {
+                "round": r,
+                "interval_s": interval,
+                "duration_s": res["durations"][r - 1],
+                "train_start_gap_s": starts[r] - ends[r - 1],
+                "compute_s": compute.get(r, 0.0),
+                "overhead_s": interval - compute.get(r, 0.0),
+                "coordinator_cpu_s": coord_cpu[r] - coord_cpu[r - 1],
+                "sites_cpu_s": site_cpu.get(r),
+            }
+        )
     med = statistics.median(x["overhead_s"] for x in rows)
     med_dur = statistics.median(x["duration_s"] - x["compute_s"] for x in rows)
     cpu_c = statistics.median(x["coordinator_cpu_s"] for x in rows)
     cpu_s = statistics.median(x["sites_cpu_s"] for x in rows if x["sites_cpu_s"] is not None)
-    out = {"clients": n, "rounds": rounds, "rows": rows, "errors": errors,
-           "median_coordinator_cpu_ms_per_round": cpu_c * 1e3,
-           "median_sites_cpu_ms_per_round": cpu_s * 1e3,
-           "train_ok": res["train_ok"], "eval_ok": res["eval_ok"],
-           "median_overhead_ms_per_round": med * 1e3,
-           "median_overhead_ms_per_client": med * 1e3 / n,
-           "median_duration_minus_compute_ms": med_dur * 1e3,
-           "first_round_ms": res["durations"][0] * 1e3,
-           "coordinator_peak_rss_mib": res["peak_rss"] / MIB}
-    print(f"tasks ok per round (train/eval): {res['train_ok']} / {res['eval_ok']}; "
-          f"errors: {errors or 'none'}")
-    print("round: interval between round ends ms (train+eval stages ms, store+wait gap ms), "
-          "client compute ms: "
-          + "; ".join(f"{x['round']}: {x['interval_s'] * 1e3:.1f} ({x['duration_s'] * 1e3:.1f},"
-                      f" {x['train_start_gap_s'] * 1e3:.1f}), {x['compute_s'] * 1e3:.2f}"
-                      for x in rows))
-    print(f"round overhead, {n} clients: median {med * 1e3:.1f} ms per round = "
-          f"{med * 1e3 / n:.3f} ms per client (stages only: {med_dur * 1e3:.1f} ms); "
-          f"round 1 {res['durations'][0] * 1e3:.1f} ms; coordinator peak RSS "
-          f"{res['peak_rss'] / MIB:.0f} MiB", flush=True)
-    print(f"CPU per round (median): coordinator process {cpu_c * 1e3:.1f} ms, site processes "
-          f"{cpu_s * 1e3:.1f} ms together ({os.cpu_count()} cores)", flush=True)
+    out = {
+        "clients": n,
+        "rounds": rounds,
+        "rows": rows,
+        "errors": errors,
+        "median_coordinator_cpu_ms_per_round": cpu_c * 1e3,
+        "median_sites_cpu_ms_per_round": cpu_s * 1e3,
+        "train_ok": res["train_ok"],
+        "eval_ok": res["eval_ok"],
+        "median_overhead_ms_per_round": med * 1e3,
+        "median_overhead_ms_per_client": med * 1e3 / n,
+        "median_duration_minus_compute_ms": med_dur * 1e3,
+        "first_round_ms": res["durations"][0] * 1e3,
+        "coordinator_peak_rss_mib": res["peak_rss"] / MIB,
+    }
+    print(
+        f"tasks ok per round (train/eval): {res['train_ok']} / {res['eval_ok']}; "
+        f"errors: {errors or 'none'}"
+    )
+    print(
+        "round: interval between round ends ms (train+eval stages ms, store+wait gap ms), "
+        "client compute ms: "
+        + "; ".join(
+            f"{x['round']}: {x['interval_s'] * 1e3:.1f} ({x['duration_s'] * 1e3:.1f},"
+            f" {x['train_start_gap_s'] * 1e3:.1f}), {x['compute_s'] * 1e3:.2f}"
+            for x in rows
+        )
+    )
+    print(
+        f"round overhead, {n} clients: median {med * 1e3:.1f} ms per round = "
+        f"{med * 1e3 / n:.3f} ms per client (stages only: {med_dur * 1e3:.1f} ms); "
+        f"round 1 {res['durations'][0] * 1e3:.1f} ms; coordinator peak RSS "
+        f"{res['peak_rss'] / MIB:.0f} MiB",
+        flush=True,
+    )
+    print(
+        f"CPU per round (median): coordinator process {cpu_c * 1e3:.1f} ms, site processes "
+        f"{cpu_s * 1e3:.1f} ms together ({os.cpu_count()} cores)",
+        flush=True,
+    )
     if res.get("profile"):
         print(f"coordinator profile, all threads, whole run:\n{res['profile']}")
     if not args.skip_raw_floor:
         floor = raw_overhead_floor(material, n, rounds, procs, tls)
         out["raw_floor"] = floor
-        print(f"raw grpcio floor, same streams and message pattern (2+2 train, 2+1 evaluate "
-              f"messages per client; thread per stream): median {floor['round_ms']:.1f} ms per "
-              f"round, server CPU {floor['server_cpu_ms']:.1f} ms; fedlearn/raw = "
-              f"{med * 1e3 / floor['round_ms']:.2f}", flush=True)
+        print(
+            f"raw grpcio floor, same streams and message pattern (2+2 train, 2+1 evaluate "
+            f"messages per client; thread per stream): median {floor['round_ms']:.1f} ms per "
+            f"round, server CPU {floor['server_cpu_ms']:.1f} ms; fedlearn/raw = "
+            f"{med * 1e3 / floor['round_ms']:.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -1498,7 +1825,7 @@ def _chunks(
         start = 0
         while start < len(view):
             take = min(chunk_size - pending_size, len(view) - start)
-            pending.append(view[start:start + take])
+            pending.append(view[start : start + take])
             pending_size += take
             start += take
             if pending_size == chunk_size or sent + pending_size == total:
@@ -1507,8 +1834,9 @@ def _chunks(
                 index, pending, pending_size = index + 1, [], 0
 
 
-def patched_split_parts(parts: Sequence[Any], task_id: str,
-                        chunk_size: int | None = None) -> Iterator[Any]:
+def patched_split_parts(
+    parts: Sequence[Any], task_id: str, chunk_size: int | None = None
+) -> Iterator[Any]:
     """``chunks.split_parts`` for buffers and Segments: hashes each chunk (streamdigest),
     yields serialized messages (rawframe), and releases Held payloads once sent (unpin)."""
     import hashlib
@@ -1560,7 +1888,8 @@ def frame_chunk(task_id: str, index: int, pieces: Sequence[Any], size: int, last
     one chunk, built with a single copy of the data (protobuf's field order and defaults)."""
     tid = task_id.encode()
     head = (b"\x0a" + _varint(len(tid)) + tid if tid else b"") + (
-        b"\x10" + _varint(index) if index else b"")
+        b"\x10" + _varint(index) if index else b""
+    )
     data_head = b"\x1a" + _varint(size) if size else b""
     tail = b"\x20\x01" if last else b""
     body = len(head) + len(data_head) + size + len(tail)
@@ -1603,7 +1932,7 @@ def _fast_parser(message_class: Any) -> Any:
             field, wire = tag >> 3, tag & 7
             if wire == 2:
                 size, pos = _read_varint(buf, pos)
-                value = buf[pos:pos + size]
+                value = buf[pos : pos + size]
                 pos += size
                 if field == 1:
                     task_id = bytes(value).decode()
@@ -1667,7 +1996,8 @@ def _require(module: Any, *names: str) -> None:
     missing = [n for n in names if not hasattr(module, n)]
     if missing:
         raise PatchDoesNotApply(
-            f"{module.__name__} no longer has {', '.join(missing)}: the patch must be redone")
+            f"{module.__name__} no longer has {', '.join(missing)}: the patch must be redone"
+        )
 
 
 def _patch_wire() -> None:
@@ -1732,17 +2062,24 @@ def _patch_rawframe() -> None:
     _require(site, "pb")
 
     def add_servicer(svc: Any, server: Any) -> None:
-        handlers = {"Connect": grpc.stream_stream_rpc_method_handler(
-            svc.Connect, request_deserializer=_fast_parser(pb.ClientMessage),
-            response_serializer=_serialize)}
+        handlers = {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                svc.Connect,
+                request_deserializer=_fast_parser(pb.ClientMessage),
+                response_serializer=_serialize,
+            )
+        }
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("fedlearn.v1.Coordinator", handlers),))
+            (grpc.method_handlers_generic_handler("fedlearn.v1.Coordinator", handlers),)
+        )
 
     class Stub:
         def __init__(self, channel: Any) -> None:
             self.Connect = channel.stream_stream(
-                "/fedlearn.v1.Coordinator/Connect", request_serializer=_serialize,
-                response_deserializer=_fast_parser(pb.ServerMessage))
+                "/fedlearn.v1.Coordinator/Connect",
+                request_serializer=_serialize,
+                response_deserializer=_fast_parser(pb.ServerMessage),
+            )
 
     _replace(pb_grpc, "add_CoordinatorServicer_to_server", add_servicer)
     _replace(pb_grpc, "CoordinatorStub", Stub)
@@ -1758,11 +2095,13 @@ def _enable(mode: str) -> Any:
             _patch_wire()
         if mode == "rawframe":
             _patch_rawframe()
+
     return apply
 
 
-PATCHES: dict[str, Any] = {m: _enable(m) for m in ("unpin", "zerocopy", "streamdigest",
-                                                    "nodigest", "rawframe")}
+PATCHES: dict[str, Any] = {
+    m: _enable(m) for m in ("unpin", "zerocopy", "streamdigest", "nodigest", "rawframe")
+}
 
 
 def check_patches() -> None:
@@ -1773,8 +2112,11 @@ def check_patches() -> None:
 
     rng = np.random.default_rng(0)
     arrays: dict[str, Any] = {
-        "a": rng.normal(size=(3, 5)).astype(np.float32), "b": np.arange(7, dtype=">i8"),
-        "c": np.float64(2.5), "d": rng.normal(size=(40, 30))[:, ::3]}
+        "a": rng.normal(size=(3, 5)).astype(np.float32),
+        "b": np.arange(7, dtype=">i8"),
+        "c": np.float64(2.5),
+        "d": rng.normal(size=(40, 30))[:, ::3],
+    }
     reference = encode_arrays(arrays)
     segments = encode_segments(arrays)
     assert segments.tobytes() == reference
@@ -1783,16 +2125,23 @@ def check_patches() -> None:
         theirs = list(split_parts([reference, extra], "r1-train-c0-abcd", size))
         ours = list(patched_split_parts([segments, extra], "r1-train-c0-abcd", size))
         assert [(c.index, c.data, c.last) for c in ours] == [
-            (c.index, c.data, c.last) for c in theirs], size
-        framed = [frame_chunk("r1-train-c0-abcd", i, p, n, last)
-                  for i, p, n, last in _chunks(_flatten([segments, extra]), size)]
+            (c.index, c.data, c.last) for c in theirs
+        ], size
+        framed = [
+            frame_chunk("r1-train-c0-abcd", i, p, n, last)
+            for i, p, n, last in _chunks(_flatten([segments, extra]), size)
+        ]
         for kind in (pb.ServerMessage, pb.ClientMessage):
             assert framed == [kind(chunk=c).SerializeToString() for c in theirs], size
             parse = _fast_parser(kind)
             for raw, c in zip(framed, theirs, strict=True):
                 got = parse(raw).chunk
                 assert (got.task_id, got.index, bytes(got.data), got.last) == (
-                    c.task_id, c.index, c.data, c.last)
+                    c.task_id,
+                    c.index,
+                    c.data,
+                    c.last,
+                )
     hello = pb.ClientMessage(hello=pb.Hello(protocol_version=1, site_name="s"))
     assert _fast_parser(pb.ClientMessage)(hello.SerializeToString()) == hello
 
@@ -1813,21 +2162,34 @@ ROLES = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="a,b,c", help="comma-separated: a, b, c")
-    p.add_argument("--insecure", action="store_true",
-                   help="(a), (c): plaintext gRPC for fedlearn (TLS by default)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="(a), (c): plaintext gRPC for fedlearn (TLS by default)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep configs and logs here (default: a temp dir, removed)")
-    p.add_argument("--patch", default="",
-                   help="comma-separated proposed fixes to monkeypatch into the fedlearn "
-                        "processes of (c) and --full-coordinator (see PATCHES)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep configs and logs here (default: a temp dir, removed)",
+    )
+    p.add_argument(
+        "--patch",
+        default="",
+        help="comma-separated proposed fixes to monkeypatch into the fedlearn "
+        "processes of (c) and --full-coordinator (see PATCHES)",
+    )
     g = p.add_argument_group("(a) deployment vs Flower")
     g.add_argument("--clients", type=int, default=10)
     g.add_argument("--rounds", type=int, default=5)
     g.add_argument("--fed-reps", type=int, default=3)
     g.add_argument("--flower-reps", type=int, default=1)
-    g.add_argument("--skip-flower", action="store_true",
-                   help=f"compare with the peer README's {README_FLOWER_DEPLOY_S} s instead")
+    g.add_argument(
+        "--skip-flower",
+        action="store_true",
+        help=f"compare with the peer README's {README_FLOWER_DEPLOY_S} s instead",
+    )
     g.add_argument("--flower-venv", type=Path, default=None)
     g.add_argument("--flower-timeout", type=float, default=600.0)
     g = p.add_argument_group("(b) 1 GiB through the wire path")
@@ -1835,23 +2197,39 @@ def main() -> None:
     g.add_argument("--wire-reps", type=int, default=3)
     g.add_argument("--raw-chunk-mib", type=float, default=5.0)
     g.add_argument("--wire-tls", choices=["off", "on", "both"], default="both")
-    g.add_argument("--variants", default="baseline",
-                   help="comma-separated fedlearn variants: baseline, or '+'-joined patches "
-                        "(unpin, zerocopy, streamdigest, nodigest), e.g. "
-                        "baseline,unpin+zerocopy+streamdigest; empty: only --full-coordinator")
-    g.add_argument("--full-coordinator", action="store_true",
-                   help="also the peak RSS of a whole run_coordinator round")
-    g.add_argument("--full-model-mib", type=float, default=900.0,
-                   help="model size for --full-coordinator (SQLite refuses blobs over 1e9 "
-                        "bytes, so a 1 GiB model cannot be checkpointed)")
+    g.add_argument(
+        "--variants",
+        default="baseline",
+        help="comma-separated fedlearn variants: baseline, or '+'-joined patches "
+        "(unpin, zerocopy, streamdigest, nodigest), e.g. "
+        "baseline,unpin+zerocopy+streamdigest; empty: only --full-coordinator",
+    )
+    g.add_argument(
+        "--full-coordinator",
+        action="store_true",
+        help="also the peak RSS of a whole run_coordinator round",
+    )
+    g.add_argument(
+        "--full-model-mib",
+        type=float,
+        default=900.0,
+        help="model size for --full-coordinator (SQLite refuses blobs over 1e9 "
+        "bytes, so a 1 GiB model cannot be checkpointed)",
+    )
     g = p.add_argument_group("(c) round overhead")
     g.add_argument("--overhead-clients", type=int, default=100)
     g.add_argument("--overhead-rounds", type=int, default=10)
     g.add_argument("--overhead-procs", type=int, default=2)
-    g.add_argument("--skip-raw-floor", action="store_true",
-                   help="skip the raw-grpcio floor of the (c) message pattern")
-    g.add_argument("--profile", action="store_true",
-                   help="cProfile every thread of the (c) coordinator and print the top")
+    g.add_argument(
+        "--skip-raw-floor",
+        action="store_true",
+        help="skip the raw-grpcio floor of the (c) message pattern",
+    )
+    g.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile every thread of the (c) coordinator and print the top",
+    )
     p.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     p.add_argument("--role-args", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -1863,9 +2241,12 @@ def main() -> None:
         return
 
     parts = [x for x in args.parts.split(",") if x]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.1f}; python {platform.python_version()}, "
-          f"numpy {np.__version__}", flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.1f}; python {platform.python_version()}, "
+        f"numpy {np.__version__}",
+        flush=True,
+    )
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}

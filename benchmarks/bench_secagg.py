@@ -73,8 +73,13 @@ def fedlearn_peer(clients: int, params: int, rounds: int, secure: bool) -> tuple
     setting = SecureAggregation(clip=0.1, max_weight=2048, neighbours=4, threshold=3)
     t0 = time.perf_counter()
     result = run_simulation(
-        lambda: PeerApp(params), FedAvg(), num_clients=clients, rounds=rounds,
-        backend="pool", evaluate_every=0, secure=setting if secure else None,
+        lambda: PeerApp(params),
+        FedAvg(),
+        num_clients=clients,
+        rounds=rounds,
+        backend="pool",
+        evaluate_every=0,
+        secure=setting if secure else None,
     )
     wall = time.perf_counter() - t0
     weights = np.array([num_examples(i) for i in range(clients)], dtype=np.float64)
@@ -85,11 +90,28 @@ def fedlearn_peer(clients: int, params: int, rounds: int, secure: bool) -> tuple
 
 def flower_peer(venv: Path, clients: int, params: int, rounds: int) -> float:
     """Wall seconds of Flower's SecAgg+ on the same workload (its own process)."""
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               RAY_TMPDIR=tempfile.mkdtemp(prefix="ray-"))
-    cmd = [str(venv / "bin" / "python"), str(PEER), "--clients", str(clients), "--rounds",
-           str(rounds), "--params", str(params), "--secagg", "1", "--num-shares", "5",
-           "--threshold", "3"]
+    env = dict(
+        os.environ,
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_TMPDIR=tempfile.mkdtemp(prefix="ray-"),
+    )
+    cmd = [
+        str(venv / "bin" / "python"),
+        str(PEER),
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--params",
+        str(params),
+        "--secagg",
+        "1",
+        "--num-shares",
+        "5",
+        "--threshold",
+        "3",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t0
@@ -102,10 +124,13 @@ def part_flower(args: argparse.Namespace) -> None:
     venv = ROOT / ".peer-venv-flower"
     ours = [fedlearn_peer(args.clients, args.params, 3, True) for _ in range(args.reps)]
     wall = statistics.median(w for w, _ in ours)
-    print(f"fedlearn SecAgg+ {args.clients} clients x {args.params:,} params x 3 rounds: "
-          f"{wall:.2f} s (median of {args.reps}); max error vs exact {ours[0][1]:.2e}")
-    plain = statistics.median(fedlearn_peer(args.clients, args.params, 3, False)[0]
-                              for _ in range(args.reps))
+    print(
+        f"fedlearn SecAgg+ {args.clients} clients x {args.params:,} params x 3 rounds: "
+        f"{wall:.2f} s (median of {args.reps}); max error vs exact {ours[0][1]:.2e}"
+    )
+    plain = statistics.median(
+        fedlearn_peer(args.clients, args.params, 3, False)[0] for _ in range(args.reps)
+    )
     print(f"fedlearn plain FedAvg, same workload: {plain:.2f} s")
     if not venv.exists():
         print(f"no Flower venv at {venv}: run shared/peers/flower/setup.sh .peer-venv-flower")
@@ -125,29 +150,46 @@ def part_mnist(args: argparse.Namespace) -> None:
     times: dict[str, list[float]] = {"plain": [], "secure": []}
     for _ in range(args.reps):
         for kind in ("plain", "secure"):
-            result = run_simulation(factory, FedAvg(), num_clients=20, rounds=2, backend="pool",
-                                    evaluate_every=0,
-                                    secure=secure if kind == "secure" else None)
+            result = run_simulation(
+                factory,
+                FedAvg(),
+                num_clients=20,
+                rounds=2,
+                backend="pool",
+                evaluate_every=0,
+                secure=secure if kind == "secure" else None,
+            )
             times[kind].append(result.rounds[-1].duration_s)  # round 2: workers warm
     plain, sec = statistics.median(times["plain"]), statistics.median(times["secure"])
-    print(f"MNIST CNN, 20 clients: plain round {plain:.2f} s, secure round {sec:.2f} s "
-          f"(medians of {args.reps}, round 2)")
+    print(
+        f"MNIST CNN, 20 clients: plain round {plain:.2f} s, secure round {sec:.2f} s "
+        f"(medians of {args.reps}, round 2)"
+    )
     print(f"secure/plain round = {sec / plain:.2f} (target <= 1.3)")
 
 
 def part_scale(args: argparse.Namespace) -> None:
     secure = SecureAggregation(clip=0.1, max_weight=16384)
     t0 = time.perf_counter()
-    result = run_simulation(lambda: PeerApp(100_000), FedAvg(), num_clients=1000, rounds=2,
-                            backend="pool", evaluate_every=0, secure=secure)
+    result = run_simulation(
+        lambda: PeerApp(100_000),
+        FedAvg(),
+        num_clients=1000,
+        rounds=2,
+        backend="pool",
+        evaluate_every=0,
+        secure=secure,
+    )
     wall = time.perf_counter() - t0
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     cfg = secure.round_config(list(range(1000)), 100_000, 0, 1)
-    print(f"scale: 1000 clients x 100,000 params, k={cfg.num_neighbours}, t={cfg.threshold}: "
-          f"{wall:.1f} s for 2 rounds ({[round(r.duration_s, 1) for r in result.rounds]} s "
-          f"per round); peak RSS coordinator {own:.0f} MiB, largest worker {kids:.0f} MiB; "
-          f"rounds ok: {[r.ok for r in result.rounds]}")
+    print(
+        f"scale: 1000 clients x 100,000 params, k={cfg.num_neighbours}, t={cfg.threshold}: "
+        f"{wall:.1f} s for 2 rounds ({[round(r.duration_s, 1) for r in result.rounds]} s "
+        f"per round); peak RSS coordinator {own:.0f} MiB, largest worker {kids:.0f} MiB; "
+        f"rounds ok: {[r.ok for r in result.rounds]}"
+    )
 
 
 def main() -> None:

@@ -81,8 +81,15 @@ def median_of(fn: Callable[[], Any], reps: int) -> tuple[float, list[float], Any
 # --------------------------------------------------------------------------- fedlearn
 def run_fedlearn(clients: int, rounds: int, backend: str, workers: int | None) -> RunResult:
     """One whole fedlearn run (pool workers are started and stopped inside)."""
-    return run_simulation(PeerLogReg, Strategy(), num_clients=clients, rounds=rounds,
-                          seed=0, backend=backend, workers=workers)  # type: ignore[arg-type]
+    return run_simulation(
+        PeerLogReg,
+        Strategy(),
+        num_clients=clients,
+        rounds=rounds,
+        seed=0,
+        backend=backend,
+        workers=workers,
+    )  # type: ignore[arg-type]
 
 
 def final_accuracy(result: RunResult) -> float:
@@ -96,8 +103,9 @@ def ensure_flower_venv(venv: Path) -> Path:
     python = venv / "bin" / "python"
     if not python.exists():
         print(f"creating the Flower peer venv {venv} (about 25 s) ...", flush=True)
-        subprocess.run(["bash", str(FLOWER_DIR / "setup.sh"), str(venv)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["bash", str(FLOWER_DIR / "setup.sh"), str(venv)], check=True, stdout=subprocess.DEVNULL
+        )
     return python
 
 
@@ -137,19 +145,41 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def run_flower(python: Path, clients: int, rounds: int, cpus_per_client: float,
-               timeout: float) -> dict[str, Any]:
+def run_flower(
+    python: Path, clients: int, rounds: int, cpus_per_client: float, timeout: float
+) -> dict[str, Any]:
     """One run of Flower's sim_bench.py; the parent's wall time and its BENCH_RESULT."""
     tmp = tempfile.mkdtemp(prefix="flwr-bench-")
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_TMPDIR=tmp,
-               TMPDIR=tmp, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    cmd = [str(python), str(FLOWER_DIR / "sim_bench.py"), "--clients", str(clients),
-           "--rounds", str(rounds), "--cpus-per-client", str(cpus_per_client)]
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_TMPDIR=tmp,
+        TMPDIR=tmp,
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+    )
+    cmd = [
+        str(python),
+        str(FLOWER_DIR / "sim_bench.py"),
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--cpus-per-client",
+        str(cpus_per_client),
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, cwd=tmp)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=tmp,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -162,7 +192,7 @@ def run_flower(python: Path, clients: int, rounds: int, cpus_per_client: float,
     result: dict[str, Any] = {"wall_s": wall, "rc": proc.returncode, "leftover_killed": leftover}
     for line in out.splitlines():
         if line.startswith("BENCH_RESULT "):
-            result["bench"] = json.loads(line[len("BENCH_RESULT "):])
+            result["bench"] = json.loads(line[len("BENCH_RESULT ") :])
     for line in err.splitlines():
         if line.startswith("BENCH_TOTAL_SECONDS "):
             result["run_simulation_s"] = float(line.split()[1])
@@ -199,42 +229,62 @@ def main() -> None:
     p.add_argument("--flower-reps", type=int, default=1)
     p.add_argument("--skip-flower", action="store_true")
     p.add_argument("--flower-venv", type=Path, default=DEFAULT_FLOWER_VENV)
-    p.add_argument("--cpus-per-client", type=float, default=1.0,
-                   help="Flower's Ray num_cpus per client (the peer README's figures use 1)")
+    p.add_argument(
+        "--cpus-per-client",
+        type=float,
+        default=1.0,
+        help="Flower's Ray num_cpus per client (the peer README's figures use 1)",
+    )
     p.add_argument("--flower-timeout", type=float, default=900.0)
     p.add_argument("--workers", type=int, default=None, help="pool workers (default: cores)")
-    p.add_argument("--profile", action="store_true",
-                   help="cProfile one in-process fedlearn run at the largest size")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile one in-process fedlearn run at the largest size",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     python = None if args.skip_flower else ensure_flower_venv(args.flower_venv)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"python {platform.python_version()}, numpy {np.__version__}; rounds={args.rounds}, "
-          f"fedlearn reps={args.reps}, flower reps={0 if args.skip_flower else args.flower_reps}",
-          flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"python {platform.python_version()}, numpy {np.__version__}; rounds={args.rounds}, "
+        f"fedlearn reps={args.reps}, flower reps={0 if args.skip_flower else args.flower_reps}",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     for n in sizes:
         row: dict[str, Any] = {"clients": n}
         bare_t, _, _ = median_of(lambda n=n: bare_loop(n, args.rounds), args.reps)
         cached_t, _, (ref, ref_acc) = median_of(
-            lambda n=n: bare_loop(n, args.rounds, cache=True), args.reps)
+            lambda n=n: bare_loop(n, args.rounds, cache=True), args.reps
+        )
         row.update(bare_s=bare_t, bare_cached_s=cached_t, bare_acc=ref_acc)
         for backend in ("inprocess", "pool"):
             t, times, res = median_of(
-                lambda n=n, b=backend: run_fedlearn(n, args.rounds, b, args.workers), args.reps)
+                lambda n=n, b=backend: run_fedlearn(n, args.rounds, b, args.workers), args.reps
+            )
             same = all(np.array_equal(res.arrays[k], ref[k]) for k in ref)
-            row[backend] = {"median_s": t, "times_s": times, "acc": final_accuracy(res),
-                            "loss": float(res.rounds[-1].eval_metrics["loss"]),
-                            "w_norm": float(np.linalg.norm(res.arrays["w"])),
-                            "bit_identical_to_bare": same}
-            print(f"clients={n} fedlearn[{backend}] median {t:.3f}s "
-                  f"({', '.join(f'{x:.3f}' for x in times)}) acc={final_accuracy(res):.5f} "
-                  f"bit-identical to bare loop: {same}", flush=True)
+            row[backend] = {
+                "median_s": t,
+                "times_s": times,
+                "acc": final_accuracy(res),
+                "loss": float(res.rounds[-1].eval_metrics["loss"]),
+                "w_norm": float(np.linalg.norm(res.arrays["w"])),
+                "bit_identical_to_bare": same,
+            }
+            print(
+                f"clients={n} fedlearn[{backend}] median {t:.3f}s "
+                f"({', '.join(f'{x:.3f}' for x in times)}) acc={final_accuracy(res):.5f} "
+                f"bit-identical to bare loop: {same}",
+                flush=True,
+            )
         if python is not None:
-            runs = [run_flower(python, n, args.rounds, args.cpus_per_client, args.flower_timeout)
-                    for _ in range(args.flower_reps)]
+            runs = [
+                run_flower(python, n, args.rounds, args.cpus_per_client, args.flower_timeout)
+                for _ in range(args.flower_reps)
+            ]
             good = [r for r in runs if "bench" in r]
             row["flower_runs"] = runs
             if good:
@@ -244,28 +294,37 @@ def main() -> None:
                 bench = good[-1]["bench"]
                 row["flower_eval"] = bench["final_eval_aggregated"]
                 row["flower_w_norm"] = bench["final_w_norm"]
-                print(f"clients={n} flower wall {row['flower_wall_s']:.3f}s "
-                      f"(run_simulation {fmt(row['flower_sim_s'])}s) "
-                      f"final_eval_aggregated={bench['final_eval_aggregated']}", flush=True)
+                print(
+                    f"clients={n} flower wall {row['flower_wall_s']:.3f}s "
+                    f"(run_simulation {fmt(row['flower_sim_s'])}s) "
+                    f"final_eval_aggregated={bench['final_eval_aggregated']}",
+                    flush=True,
+                )
             else:
                 print(f"clients={n} flower FAILED: {runs[-1].get('error', '')}", flush=True)
         rows.append(row)
 
     print()
-    print(f"{'clients':>7} | {'bare':>7} | {'bare+cache':>10} | {'fl inproc':>9} | "
-          f"{'fl pool':>7} | {'flower':>8} | {'flwr sim':>8} | {'fl acc':>7} | "
-          f"{'flwr acc':>8} | {'|w| fedlearn':>14} | {'|w| rel diff':>12}")
+    print(
+        f"{'clients':>7} | {'bare':>7} | {'bare+cache':>10} | {'fl inproc':>9} | "
+        f"{'fl pool':>7} | {'flower':>8} | {'flwr sim':>8} | {'fl acc':>7} | "
+        f"{'flwr acc':>8} | {'|w| fedlearn':>14} | {'|w| rel diff':>12}"
+    )
     for r in rows:
         acc = r.get("flower_eval", {}).get("eval_acc")
         fw = r.get("flower_w_norm")
         rel = None if fw is None else abs(r["inprocess"]["w_norm"] - fw) / fw
-        print(f"{r['clients']:>7} | {r['bare_s']:>7.3f} | {r['bare_cached_s']:>10.3f} | "
-              f"{r['inprocess']['median_s']:>9.3f} | {r['pool']['median_s']:>7.3f} | "
-              f"{fmt(r.get('flower_wall_s')):>8} | {fmt(r.get('flower_sim_s')):>8} | "
-              f"{r['inprocess']['acc']:>7.5f} | {fmt(acc, 5):>8} | "
-              f"{r['inprocess']['w_norm']:>14.12f} | {'-' if rel is None else f'{rel:.1e}':>12}")
-    print("(seconds for the whole run; 'flower' = subprocess wall incl. interpreter, imports "
-          "and Ray start-up; 'flwr sim' = Flower's own run_simulation time, BENCH_TOTAL_SECONDS)")
+        print(
+            f"{r['clients']:>7} | {r['bare_s']:>7.3f} | {r['bare_cached_s']:>10.3f} | "
+            f"{r['inprocess']['median_s']:>9.3f} | {r['pool']['median_s']:>7.3f} | "
+            f"{fmt(r.get('flower_wall_s')):>8} | {fmt(r.get('flower_sim_s')):>8} | "
+            f"{r['inprocess']['acc']:>7.5f} | {fmt(acc, 5):>8} | "
+            f"{r['inprocess']['w_norm']:>14.12f} | {'-' if rel is None else f'{rel:.1e}':>12}"
+        )
+    print(
+        "(seconds for the whole run; 'flower' = subprocess wall incl. interpreter, imports "
+        "and Ray start-up; 'flwr sim' = Flower's own run_simulation time, BENCH_TOTAL_SECONDS)"
+    )
     print()
     for r in rows:
         n = r["clients"]
@@ -275,8 +334,10 @@ def main() -> None:
             if r.get("flower_wall_s"):
                 ratio = t / r["flower_wall_s"]
                 sim_ratio = t / (r["flower_sim_s"] or r["flower_wall_s"])
-                print(f"clients={n} fedlearn/flower = {ratio:.4f} ({1 / ratio:.1f}x faster) "
-                      f"[{backend}; vs Flower's run_simulation alone: {sim_ratio:.4f}]; {vs_bare}")
+                print(
+                    f"clients={n} fedlearn/flower = {ratio:.4f} ({1 / ratio:.1f}x faster) "
+                    f"[{backend}; vs Flower's run_simulation alone: {sim_ratio:.4f}]; {vs_bare}"
+                )
             else:
                 print(f"clients={n} [{backend}] {vs_bare}")
     if args.profile:

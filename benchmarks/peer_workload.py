@@ -55,8 +55,12 @@ def loss_acc(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray) -> tupl
 
 
 def local_train(
-    w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray,
-    epochs: int = LOCAL_EPOCHS, lr: float = LR,
+    w: np.ndarray,
+    b: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int = LOCAL_EPOCHS,
+    lr: float = LR,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Full-batch gradient descent from ``(w, b)``; the inputs are not modified."""
     w, b = w.copy(), b.copy()

@@ -223,6 +223,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.ServerMessage(task_header=header)
             for chunk in split_parts([item.payload, item.task.payload], item.task_id):
                 yield pb.ServerMessage(chunk=chunk)
+            # drop our references before waiting again: they pin the stage's whole payload
+            item = header = chunk = None  # type: ignore[assignment]
         # The session is over (the run ended, the site reconnected on another stream, or
         # this one broke). A site that has finished closes its side at once; one that
         # still sends after a few seconds is cut off rather than given a status while a
