@@ -6,7 +6,9 @@ and strategy state commit together or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -14,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fedlearn.coordinator import ClientRecord, RoundRecord
+from fedlearn.errors import SerializationError
 from fedlearn.messages import Stage
-from fedlearn.records import Arrays, decode_arrays, encode_arrays
+from fedlearn.records import Arrays
+from fedlearn.weights import load_weights, save_weights
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -54,8 +58,8 @@ CREATE TABLE IF NOT EXISTS client_results (
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT PRIMARY KEY,
     round INTEGER NOT NULL,
-    arrays BLOB NOT NULL,
-    state BLOB NOT NULL
+    file TEXT NOT NULL,
+    sha256 TEXT NOT NULL
 );
 """
 
@@ -81,6 +85,7 @@ class RunStore:
                 "INSERT INTO runs VALUES (?, ?, ?, ?, 'running')",
                 (self.run_id, time.time(), seed, json.dumps(config)),
             )
+        self._prune_checkpoints(keep="")
 
     def resume_run(self, seed: int, config: dict[str, Any]) -> tuple[int, Arrays, Arrays] | None:
         """Continue this store's run if it has the same seed and config, else start afresh.
@@ -114,6 +119,7 @@ class RunStore:
         self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
     ) -> None:
         """Write a round, its client rows and (if enabled) the checkpoint atomically."""
+        checkpoint = self._write_checkpoint(round.round, arrays, state) if self.checkpoint else None
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -148,11 +154,36 @@ class RunStore:
                     for c in clients
                 ],
             )
-            if self.checkpoint:
+            if checkpoint is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
-                    (self.run_id, round.round, encode_arrays(arrays), encode_arrays(state)),
+                    (self.run_id, round.round, checkpoint[0], checkpoint[1]),
                 )
+        if checkpoint is not None:
+            self._prune_checkpoints(keep=checkpoint[0])
+
+    def _write_checkpoint(self, rnd: int, arrays: Arrays, state: Arrays) -> tuple[str, str]:
+        """Model and strategy state as a safetensors file next to the database, written to
+        a temporary name, synced and renamed; returns (file name, sha256). Files have no
+        size limit (a SQLite blob stops at 1 GB) and are never unpickled."""
+        name = f"{self.run_id}.round-{rnd}.safetensors"
+        final = self.path.parent / name
+        tmp = final.with_suffix(".tmp")
+        tensors = {f"arrays/{k}": v for k, v in arrays.items()}
+        tensors.update({f"state/{k}": v for k, v in state.items()})
+        save_weights(tensors, tmp)
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        return name, digest.hexdigest()
+
+    def _prune_checkpoints(self, keep: str) -> None:
+        for old in self.path.parent.glob(f"{self.run_id}.round-*.safetensors"):
+            if old.name != keep:
+                old.unlink(missing_ok=True)
 
     def rounds(self) -> list[RoundRecord]:
         """Every recorded round of this run, in order."""
@@ -209,13 +240,25 @@ class RunStore:
         }
 
     def last_checkpoint(self) -> tuple[int, Arrays, Arrays] | None:
-        """The last committed (round, arrays, state), if checkpoints are kept."""
+        """The last committed (round, arrays, state), if checkpoints are kept; the file's
+        digest is checked against the one committed with the round."""
         row = self._db.execute(
-            "SELECT round, arrays, state FROM checkpoints WHERE run_id = ?", (self.run_id,)
+            "SELECT round, file, sha256 FROM checkpoints WHERE run_id = ?", (self.run_id,)
         ).fetchone()
         if row is None:
             return None
-        return row[0], decode_arrays(row[1]), decode_arrays(row[2])
+        path = self.path.parent / row[1]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SerializationError(f"checkpoint {path} is missing: {exc}") from exc
+        if hashlib.sha256(data).hexdigest() != row[2]:
+            raise SerializationError(f"checkpoint {path} does not match its recorded digest")
+        del data
+        tensors = load_weights(path)
+        arrays = {k[7:]: v for k, v in tensors.items() if k.startswith("arrays/")}
+        state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
+        return row[0], arrays, state
 
     def run_ids(self) -> list[str]:
         """Every run recorded in this file, oldest first."""

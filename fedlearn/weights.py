@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fedlearn.errors import SerializationError
@@ -19,7 +19,7 @@ def save_weights(arrays: Arrays, path: str | Path, metadata: dict[str, str] | No
     """Write ``arrays`` to a safetensors file (their order goes in the metadata)."""
     meta = dict(metadata or {})
     meta[_ORDER_KEY] = json.dumps(list(arrays))
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), meta)
+    save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, str(path), meta)
 
 
 def load_weights(path: str | Path) -> Arrays:
@@ -33,5 +33,5 @@ def load_weights(path: str | Path) -> Arrays:
                 if sorted(order) == sorted(names):
                     names = order
             return {name: f.get_tensor(name) for name in names}
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, json.JSONDecodeError, SafetensorError) as exc:
         raise SerializationError(f"cannot read weights from {path}: {exc}") from exc
