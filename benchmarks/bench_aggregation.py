@@ -235,9 +235,12 @@ def main() -> None:
     # Warm up and check every variant, then time them round-robin (rep by rep) so that
     # noise from other tenants of this shared machine spreads over all variants alike.
     checks: list[bool | None] = []
+    errors: list[float] = []
     for _, fn, check in variants:
         out = fn()
         checks.append(bool(np.array_equal(out, expected)) if check else None)
+        scale = float(np.max(np.abs(expected)))
+        errors.append(float(np.max(np.abs(out - expected))) / scale if check else 0.0)
         del out
     times: list[list[float]] = [[] for _ in variants]
     for _ in range(args.reps):
@@ -246,11 +249,15 @@ def main() -> None:
             fn()
             times[i].append(time.perf_counter() - t0)
     results = []
-    for (name, _, _), ts, same in zip(variants, times, checks, strict=True):
+    for (name, _, _), ts, same, err in zip(variants, times, checks, errors, strict=True):
         t = statistics.median(ts)
         bw = in_bytes / t / 1e9
         results.append((name, t, bw, same))
-        tag = "" if same is None else ("  bit-identical" if same else "  DIFFERS FROM REFERENCE")
+        tag = (
+            ""
+            if same is None
+            else ("  bit-identical" if same else f"  max abs diff / max abs value {err:.1e}")
+        )
         print(
             f"{name:<48} {t * 1e3:8.1f} ms  {bw:6.1f} GB/s  {bw / copy_bw:5.2f} x memcopy{tag}"
             f"   (min {min(ts) * 1e3:.1f} ms)",

@@ -13,6 +13,7 @@ Aggregation comes in two kinds:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,14 +69,18 @@ class Fold(Protocol):
 class WeightedMeanFold:
     """Streaming weighted mean ``sum(w_i x_i) / sum(w_i)`` with ``w_i = num_examples``.
 
-    Floating arrays accumulate in their own dtype with the operations in the same order
-    as the textbook formula (multiply, add in arrival order, divide once), so results
-    match a list-based reference bit for bit; integer arrays accumulate in float64 and
-    are rounded back.
+    Floating arrays accumulate in their own dtype in arrival order and are divided once
+    at the end, like the textbook formula. Small arrays multiply then add (bit for bit
+    the list-based reference); large float32/float64 arrays use BLAS ``axpy``, one pass
+    with no temporary, which may fuse the multiply-add (within an ulp of the reference,
+    and the same in every transport). Integer arrays accumulate in float64 and are
+    rounded back.
     """
 
     BLOCK = 1 << 16
     """Elements per block: the product ``w * x`` of one block stays in L1/L2 cache."""
+    AXPY_MIN = 1 << 14
+    """Arrays at least this large (float32/float64) fold through BLAS ``axpy``."""
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
@@ -105,6 +110,11 @@ class WeightedMeanFold:
         self.count += 1
 
     def _fold(self, acc: np.ndarray, x: np.ndarray, w: float) -> None:
+        if acc.size >= self.AXPY_MIN and acc.dtype == x.dtype and acc.dtype in _AXPY:
+            # BLAS axpy: one pass over x, accumulator updated in place (no temporary)
+            axpy = _axpy(acc.dtype)
+            axpy(np.ascontiguousarray(x), acc, a=w)
+            return
         weight = np.asarray(w, acc.dtype)
         scratch = self._scratch.get(acc.dtype)
         if scratch is None:
@@ -131,6 +141,17 @@ class WeightedMeanFold:
             out[name] = mean if mean.dtype == dtype else np.rint(mean).astype(dtype)
         self._scratch.clear()
         return out
+
+
+_AXPY = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@functools.cache
+def _axpy(dtype: np.dtype[Any]) -> Any:
+    """BLAS ``y += a * x`` for ``dtype`` (scipy's OpenBLAS; imported on first use)."""
+    from scipy.linalg import blas
+
+    return blas.saxpy if dtype == np.float32 else blas.daxpy
 
 
 class CollectFold:
