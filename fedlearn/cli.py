@@ -129,7 +129,7 @@ def simulate(
             result, out_dir = run_job(cfg, ProgressObserver(progress, cfg.run.rounds), resume)
     except FedlearnError as exc:
         _fail(str(exc))
-    store = RunStore(out_dir / "run.db")
+    store = RunStore(out_dir / "run.db", run_id=cfg.run.name)
     try:
         print_report(summarize(store), console)
     finally:

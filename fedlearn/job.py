@@ -84,7 +84,7 @@ def run_job(
     out = run_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.model_dump_json(indent=2))
-    store = RunStore(out / "run.db", run_id="run", checkpoint=True)
+    store = RunStore(out / "run.db", run_id=config.run.name, checkpoint=True)
     try:
         checkpoint = store.resume_run(config.run.seed, config.model_dump()) if resume else None
         if not resume:

@@ -61,7 +61,7 @@ def test_simulate_writes_run_directory(tmp_path: Path) -> None:
         "config.json",
     ):
         assert (out / name).is_file(), name
-    store = RunStore(out / "run.db")
+    store = RunStore(out / "run.db", run_id="mnist-fedavg")
     rounds = store.rounds()
     evals = [c for c in store.clients() if c.stage.value == "evaluate"]
     store.close()
@@ -115,7 +115,7 @@ def test_shakespeare_natural_partition_runs(tmp_path: Path) -> None:
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    store = RunStore(out / "run.db")
+    store = RunStore(out / "run.db", run_id="shakespeare-fedavg")
     evals = [c for c in store.clients() if c.stage.value == "evaluate"]
     store.close()
     assert len(evals) == 4 and all(c.ok for c in evals)

@@ -58,7 +58,7 @@ def test_resume_matches_uninterrupted(tmp_path: Path, monkeypatch: pytest.Monkey
     full, full_dir = run_job(_config(tmp_path / "full"))
     with pytest.raises(Interrupt):
         run_job(_config(tmp_path / "cut"), observer=StopAfter(2))  # type: ignore[arg-type]
-    store = RunStore(tmp_path / "cut" / "run.db")
+    store = RunStore(tmp_path / "cut" / "run.db", run_id="mnist-fedavg")
     assert [r.round for r in store.rounds()] == [1, 2]
     store.close()
     resumed, cut_dir = run_job(_config(tmp_path / "cut"), resume=True)
@@ -70,7 +70,7 @@ def test_resume_matches_uninterrupted(tmp_path: Path, monkeypatch: pytest.Monkey
     # the server optimizer state (FedAdam moments) came back from the checkpoint too
     for name in full.state:
         assert np.array_equal(full.state[name], resumed.state[name]), name
-    store = RunStore(cut_dir / "run.db")
+    store = RunStore(cut_dir / "run.db", run_id="mnist-fedavg")
     assert [r.round for r in store.rounds()] == [1, 2, 3, 4]
     store.close()
 
