@@ -50,8 +50,15 @@ def arrays_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
     """Encode named arrays as header + raw little-endian bytes (no pickle)."""
+    return b"".join(encode_arrays_parts(arrays))
+
+
+def encode_arrays_parts(arrays: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
+    """The pieces of :func:`encode_arrays`, without joining them: the header, then a view
+    of each array's bytes (no copy for C-contiguous little-endian arrays). The views
+    share memory with ``arrays``, which must not change until the parts are used."""
     entries = []
-    chunks = []
+    chunks: list[bytes | memoryview] = []
     for name, array in arrays.items():
         a = np.asarray(array)
         if a.dtype.byteorder == ">":
@@ -60,9 +67,9 @@ def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
         if dtype not in ALLOWED_DTYPES:
             raise SerializationError(f"array {name!r}: dtype {a.dtype} cannot be encoded")
         entries.append({"name": name, "dtype": dtype, "shape": list(a.shape)})
-        chunks.append(np.ascontiguousarray(a).tobytes())
+        chunks.append(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
     header = json.dumps(entries, separators=(",", ":")).encode()
-    return b"".join([_HEADER.pack(MAGIC, len(header)), header, *chunks])
+    return [_HEADER.pack(MAGIC, len(header)) + header, *chunks]
 
 
 def decode_arrays(data: bytes | memoryview) -> Arrays:

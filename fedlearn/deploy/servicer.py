@@ -204,7 +204,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 header = task_to_proto(
                     item.task,
                     task_id=item.task_id,
-                    payload_size=len(item.payload) + len(item.task.payload),
+                    payload_size=item.size,
                     payload_sha256=item.digest,
                     message_size=len(item.task.payload),
                 )
@@ -221,7 +221,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 )
                 continue
             yield pb.ServerMessage(task_header=header)
-            for chunk in split_parts([item.payload, item.task.payload], item.task_id):
+            for chunk in split_parts([*item.payload, item.task.payload], item.task_id):
                 yield pb.ServerMessage(chunk=chunk)
             # drop our references before waiting again: they pin the stage's whole payload
             item = header = chunk = None  # type: ignore[assignment]

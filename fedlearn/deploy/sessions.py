@@ -25,8 +25,14 @@ class Outgoing:
 
     task_id: str
     task: Task
-    payload: memoryview
+    payload: tuple[bytes | memoryview, ...]
+    """The encoded broadcast arrays as parts (views of the global model, not a copy)."""
     digest: bytes
+
+    @property
+    def size(self) -> int:
+        """Payload bytes: the arrays, then the task's protocol message."""
+        return sum(len(p) for p in self.payload) + len(self.task.payload)
 
 
 @dataclass(frozen=True)

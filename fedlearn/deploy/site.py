@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedlearn.client_app import ClientApp
 from fedlearn.deploy.servicer import CAPABILITIES
 from fedlearn.errors import AuthError, SerializationError
-from fedlearn.records import decode_arrays, encode_arrays
+from fedlearn.records import decode_arrays, encode_arrays_parts
 from fedlearn.runtime import ClientRuntime
 from fedlearn.security.auth import sign_challenge
 from fedlearn.security.keys import public_key_bytes
@@ -216,15 +216,16 @@ class SiteClient:
         reply = self.runtime.handle(task, arrays)
         try:
             parts = [
-                memoryview(encode_arrays(reply.arrays)) if reply.arrays is not None else b"",
+                *(encode_arrays_parts(reply.arrays) if reply.arrays is not None else []),
                 reply.payload,
             ]
-            digest = hashlib.sha256(parts[0])
-            digest.update(parts[1])
+            digest = hashlib.sha256()
+            for part in parts:
+                digest.update(part)
             reply_header = reply_to_proto(
                 reply,
                 task_id=header.task_id,
-                payload_size=len(parts[0]) + len(parts[1]),
+                payload_size=sum(len(p) for p in parts),
                 payload_sha256=digest.digest(),
                 message_size=len(reply.payload),
             )

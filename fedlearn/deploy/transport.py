@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Outgoing, Session
 from fedlearn.messages import Reply, Task
-from fedlearn.records import Arrays, encode_arrays
+from fedlearn.records import Arrays, encode_arrays_parts
 
 REPLY_SLACK = 1 << 20
 """Bytes a reply's payload may exceed twice the broadcast payload by (see reply_limit)."""
@@ -67,10 +67,12 @@ class GrpcTransport:
 
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
         """Send every task now; yield replies until all arrive or the deadline passes."""
-        payload = memoryview(encode_arrays(broadcast))
-        hasher = hashlib.sha256(payload)
+        payload = tuple(encode_arrays_parts(broadcast))  # views: one copy of the model at most
+        hasher = hashlib.sha256()
+        for part in payload:
+            hasher.update(part)
         digest = hasher.digest()
-        limit = reply_limit_for(len(payload))
+        limit = reply_limit_for(sum(len(p) for p in payload))
         inbox: queue.Queue[Reply] = queue.Queue()
         self._cancel_pending("stage abandoned")  # left over by an unfinished earlier stage
         with self._lock:
