@@ -262,16 +262,8 @@ class Coordinator:
             except UpdateRejected as exc:
                 self._note(records, _failed(Stage.TRAIN, reply, exc))
                 continue
-            accepted.append(ClientUpdate(update.client_id, {}, update.num_examples, update.metrics))
-            record = ClientRecord(
-                ctx.round,
-                Stage.TRAIN,
-                reply.client_id,
-                True,
-                reply.num_examples,
-                None,
-                reply.metrics,
-            )
+            meta, record = accepted_train(ctx.round, reply)
+            accepted.append(meta)
             self._note(records, record)
         self._check_quorum(ctx, len(accepted), len(selected))
         return fold, accepted
@@ -386,6 +378,15 @@ def in_task_order(replies: Iterable[Reply], tasks: Sequence[Task]) -> Iterator[R
         else:
             t = tasks[i]
             yield Reply(t.stage, t.round, t.client_id, error="no reply from the client")
+
+
+def accepted_train(rnd: int, reply: Reply) -> tuple[ClientUpdate, ClientRecord]:
+    """An accepted training reply as the strategy sees it (no arrays) and as it is recorded."""
+    meta = ClientUpdate(reply.client_id, {}, reply.num_examples, reply.metrics)
+    record = ClientRecord(
+        rnd, Stage.TRAIN, reply.client_id, True, reply.num_examples, None, reply.metrics
+    )
+    return meta, record
 
 
 def _failed(stage: Stage, reply: Reply, exc: UpdateRejected) -> ClientRecord:

@@ -75,7 +75,7 @@ def run_job(
         shards_per_client=config.data.shards_per_client,
         test_fraction=config.data.test_fraction,
     )
-    app_factory = functools.partial(_build_app, factory, data, dict(config.client.params))
+    app_factory = functools.partial(build_app, factory, data, dict(config.client.params))
     probe = app_factory()
     if not isinstance(probe, ProvidesInitialArrays):
         raise ConfigError(
@@ -123,7 +123,8 @@ def run_job(
     return result, out
 
 
-def _build_app(factory: Any, data: Any, params: dict[str, Any]) -> ClientApp:
+def build_app(factory: Any, data: Any, params: dict[str, Any]) -> ClientApp:
+    """``factory(data, **params)`` as a ClientApp; ConfigError names what is wrong."""
     try:
         app = factory(data, **params)
     except TypeError as exc:

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from fedlearn.client_app import ClientApp
 from fedlearn.data import ClientData, load_dataset, partition_dataset
 from fedlearn.deploy.config import SiteConfig, SiteDataSection
 from fedlearn.deploy.site import Backoff, SiteClient
 from fedlearn.errors import ConfigError, DataError
+from fedlearn.job import build_app
 from fedlearn.references import resolve
 from fedlearn.security.certs import load_pem
 from fedlearn.security.keys import load_private_key
@@ -66,10 +66,7 @@ def site_data(section: SiteDataSection) -> Any:
 def build_site(config: SiteConfig) -> SiteClient:
     """A SiteClient ready to ``run()``."""
     factory = resolve(config.client.app, "client.app")
-    try:
-        app: ClientApp = factory(site_data(config.data), **config.client.params)
-    except TypeError as exc:
-        raise ConfigError(f"client.params: {exc}") from exc
+    app = build_app(factory, site_data(config.data), dict(config.client.params))
     conn = config.coordinator
     if conn.insecure:
         roots = None

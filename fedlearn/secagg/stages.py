@@ -188,7 +188,7 @@ def secure_mean(
 ) -> tuple[Arrays, list[ClientUpdate]]:
     """Run the four stages; return the new global model's weighted mean and the accepted
     clients' metadata (no arrays). RoundFailed if too few clients survive."""
-    from fedlearn.coordinator import ClientRecord
+    from fedlearn.coordinator import ClientRecord, accepted_train
 
     vector, spec = flatten(global_arrays)
     server = SecAggServer(secure.round_config(selected, vector.size, seed, rnd), rnd)
@@ -219,20 +219,8 @@ def secure_mean(
                 accepted.pop(reply.client_id, None)
                 continue
             if stage is Stage.SECAGG_SETUP:
-                accepted[reply.client_id] = ClientUpdate(
-                    reply.client_id, {}, reply.num_examples, reply.metrics
-                )
-                note(
-                    ClientRecord(
-                        rnd,
-                        Stage.TRAIN,
-                        reply.client_id,
-                        True,
-                        reply.num_examples,
-                        None,
-                        reply.metrics,
-                    )
-                )
+                accepted[reply.client_id], record = accepted_train(rnd, reply)
+                note(record)
         outgoing = server.advance()  # RoundFailed when too few survive
     result = server.result()
     mean_delta = unflatten(result.mean(), spec)
