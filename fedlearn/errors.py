@@ -9,7 +9,11 @@
     ├── UpdateRejected       a client's reply failed validation (shape, dtype, NaN/Inf, ...)
     ├── AuthError            a client failed authentication (unknown, revoked, replayed)
     ├── SecAggError          secure aggregation refused a message or could not finish
-    └── RoundFailed          a round could not reach its quorum; the global model is unchanged
+    ├── RoundFailed          a round could not reach its quorum; the global model is unchanged
+    └── InferenceError       a serving request cannot be answered
+        ├── ModelNotFound    unknown model name or version
+        ├── ModelNotReady    the model exists but has no servable version loaded
+        └── InvalidInput     a request's tensors do not match the model's signature
 """
 
 from __future__ import annotations
@@ -57,3 +61,19 @@ class AuthError(FedlearnError):
 
 class SecAggError(FedlearnError):
     """Secure aggregation refused a message or could not finish."""
+
+
+class InferenceError(FedlearnError):
+    """A serving request cannot be answered (the endpoint keeps serving)."""
+
+
+class ModelNotFound(InferenceError):
+    """The request names a model or version the endpoint does not have."""
+
+
+class ModelNotReady(InferenceError):
+    """The model is known but no version is loaded for the requested alias."""
+
+
+class InvalidInput(InferenceError):
+    """The request's tensors do not match the model's signature (name, datatype, shape)."""

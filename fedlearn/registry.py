@@ -184,7 +184,9 @@ class ModelRegistry:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.root / "registry.db", isolation_level=None)
+        self._db = sqlite3.connect(
+            self.root / "registry.db", isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
