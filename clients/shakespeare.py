@@ -8,6 +8,7 @@ Usage::
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,4 +35,4 @@ class CharGRU(nn.Module):
 
 def make_app(data: ClientDataSource, *, hidden: int = 64, **params: Any) -> TorchClientApp:
     """A ClientApp training :class:`CharGRU` on each role's lines (params: epochs, lr, ...)."""
-    return TorchClientApp(lambda: CharGRU(hidden=hidden), data, **params)
+    return TorchClientApp(partial(CharGRU, hidden=hidden), data, **params)

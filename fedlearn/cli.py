@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -14,7 +14,11 @@ from fedlearn.config import load_config, parse_assignment
 from fedlearn.coordinator import ClientRecord, RoundRecord
 from fedlearn.errors import FedlearnError
 from fedlearn.messages import Stage
+from fedlearn.models_cli import models_app
 from fedlearn.security.cli import certs_app, keys_app
+
+if TYPE_CHECKING:
+    from fedlearn.publish import Published
 
 app = typer.Typer(
     help="fedlearn: federated learning simulations and deployments.",
@@ -23,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(certs_app, name="certs")
 app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
 console = Console()
 
 
@@ -65,6 +70,16 @@ class ProgressObserver:
             parts.append(f"loss {loss:.4f}")
         parts.append(f"{record.duration_s:.2f}s")
         out.print("  ".join(parts))
+
+
+def _print_published(published: Published) -> None:
+    v = published.version
+    mark = "[green]production[/]" if published.decision.promoted else "[yellow]not promoted[/]"
+    console.print(
+        f"published {v.name} v{v.version} (round {v.round}) to {v.path.parent.parent}: "
+        f"{mark} - {escape(published.decision.reason)}",
+        soft_wrap=True,
+    )
 
 
 def _fail(message: str) -> NoReturn:
@@ -126,19 +141,21 @@ def simulate(
             console=console,
             transient=True,
         ) as progress:
-            result, out_dir = run_job(cfg, ProgressObserver(progress, cfg.run.rounds), resume)
+            job = run_job(cfg, ProgressObserver(progress, cfg.run.rounds), resume)
     except FedlearnError as exc:
         _fail(str(exc))
-    store = RunStore(out_dir / "run.db", run_id=cfg.run.name)
+    store = RunStore(job.out_dir / "run.db", run_id=cfg.run.name)
     try:
         print_report(summarize(store), console)
     finally:
         store.close()
     console.print(
-        f"run directory: {out_dir} (model.safetensors, run.db, report.json, "
+        f"run directory: {job.out_dir} (model.safetensors, run.db, report.json, "
         "clients.csv, rounds.csv, *.png)"
     )
-    if result.rounds and not any(r.ok for r in result.rounds):
+    for published in job.published:
+        _print_published(published)
+    if job.result.rounds and not any(r.ok for r in job.result.rounds):
         raise typer.Exit(1)
 
 

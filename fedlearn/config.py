@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedlearn.errors import ConfigError
 
@@ -74,6 +74,71 @@ class SecAggSection(_Section):
     threshold: int | None = Field(None, ge=2)
 
 
+class TensorSection(_Section):
+    """One input or output tensor of a published model (``-1`` in a shape: any size)."""
+
+    name: str = Field(min_length=1)
+    datatype: Literal[
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+    ]
+    shape: list[Annotated[int, Field(ge=-1)]]
+
+
+class GateSection(_Section):
+    """[publish.gate]: what a new version must meet to become ``production``.
+
+    ``tolerance`` is the regression allowed versus the current production, in the
+    metric's units (0.005 = half a point of accuracy); ``min_worst_client`` bounds the
+    worst client's value. ``higher_is_better`` defaults from the metric's name (loss and
+    error are lower-is-better).
+    """
+
+    metric: str = Field("accuracy", min_length=1)
+    higher_is_better: bool | None = None
+    tolerance: float = Field(0.005, ge=0)
+    min_worst_client: float | None = None
+
+
+class PublishSection(_Section):
+    """[publish]: publish the global model to a registry (and through it to ``fedlearn serve``).
+
+    The final model is published when the run ends, and every ``every`` rounds when that
+    is > 0; each version then goes through the gate. ``registry`` defaults to
+    ``registry/`` next to the run directory (``runs/registry`` for ``runs/<name>``).
+    ``factory``, ``factory_params``, ``inputs`` and ``outputs`` default to what the client
+    app describes (a TorchClientApp derives them from its model and data).
+    """
+
+    enabled: bool = True
+    registry: str | None = None
+    model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    every: int = Field(0, ge=0)
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    factory_params: dict[str, Scalar] = Field(default_factory=dict)
+    inputs: list[TensorSection] | None = None
+    outputs: list[TensorSection] | None = None
+    gate: GateSection = Field(default_factory=GateSection)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _signature(self) -> PublishSection:
+        if (self.inputs is None) != (self.outputs is None):
+            raise ValueError("set both inputs and outputs, or neither")
+        if self.inputs is not None and self.factory is None:
+            raise ValueError("inputs and outputs describe a factory's model: set factory too")
+        return self
+
+
 class SimulationConfig(_Section):
     """A whole simulation config."""
 
@@ -83,6 +148,7 @@ class SimulationConfig(_Section):
     strategy: StrategySection = Field(default_factory=StrategySection)
     backend: BackendSection = Field(default_factory=BackendSection)  # type: ignore[arg-type]
     secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
+    publish: PublishSection = Field(default_factory=PublishSection)  # type: ignore[arg-type]
 
 
 _M = TypeVar("_M", bound=BaseModel)

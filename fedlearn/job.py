@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedlearn.client_app import ClientApp, ProvidesInitialArrays
 from fedlearn.config import SecAggSection, SimulationConfig, StrategySection
-from fedlearn.coordinator import Observer, RunResult
+from fedlearn.coordinator import Observer, RoundSink, RunResult
 from fedlearn.data import load_dataset, partition_dataset
 from fedlearn.errors import ConfigError
+from fedlearn.publish import Published, Publisher, PublishingSink, serving_spec
 from fedlearn.references import resolve
 from fedlearn.report import write_report
 from fedlearn.secagg.stages import SecureAggregation
@@ -18,6 +20,16 @@ from fedlearn.simulation import run_simulation
 from fedlearn.store import RunStore
 from fedlearn.strategy import Strategy, build_strategy
 from fedlearn.weights import save_weights
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A finished simulation job: the run, its directory, what it published, one app."""
+
+    result: RunResult
+    out_dir: Path
+    published: list[Published]
+    app: ClientApp
 
 
 def make_strategy(section: StrategySection) -> Strategy:
@@ -51,9 +63,16 @@ def run_dir(config: SimulationConfig) -> Path:
     return Path(config.run.out_dir or Path("runs") / config.run.name)
 
 
+def registry_dir(config: SimulationConfig) -> Path:
+    """Where a run publishes: ``publish.registry``, else ``registry/`` beside the run dir."""
+    if config.publish.registry is not None:
+        return Path(config.publish.registry)
+    return run_dir(config).parent / "registry"
+
+
 def run_job(
     config: SimulationConfig, observer: Observer | None = None, resume: bool = False
-) -> tuple[RunResult, Path]:
+) -> JobResult:
     """Run the simulation ``config`` describes and write its run directory.
 
     With ``resume``, a run directory holding the same config continues after its last
@@ -85,6 +104,19 @@ def run_job(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.model_dump_json(indent=2))
     store = RunStore(out / "run.db", run_id=config.run.name, checkpoint=True)
+    publisher = (
+        Publisher(
+            config.publish,
+            config.run.name,
+            serving_spec(config.publish, probe),
+            registry_dir(config),
+        )
+        if config.publish.enabled
+        else None
+    )
+    sink: RoundSink = (
+        store if publisher is None else PublishingSink(store, publisher, config.publish.every)
+    )
     try:
         checkpoint = store.resume_run(config.run.seed, config.model_dump()) if resume else None
         if not resume:
@@ -106,7 +138,7 @@ def run_job(
             backend=config.backend.kind,
             workers=config.backend.workers,
             evaluate_every=config.run.evaluate_every,
-            sink=store,
+            sink=sink,
             observer=observer,
             run_id=config.run.name,
             secure=secure,
@@ -116,11 +148,13 @@ def run_job(
             out / "model.safetensors",
             {"run": config.run.name, "rounds": str(config.run.rounds)},
         )
+        if publisher is not None:
+            publisher.publish_final(result.arrays, result.rounds, result.clients)
         store.finish_run("finished" if any(r.ok for r in result.rounds) else "failed")
         write_report(store, out)
     finally:
         store.close()
-    return result, out
+    return JobResult(result, out, [] if publisher is None else publisher.published, probe)
 
 
 def build_app(factory: Any, data: Any, params: dict[str, Any]) -> ClientApp:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS versions (
     metrics TEXT NOT NULL,
     client_summary TEXT,
     factory TEXT NOT NULL,
+    factory_params TEXT NOT NULL,
     signature TEXT NOT NULL,
     sha256 TEXT NOT NULL,
     parent INTEGER,
@@ -82,8 +83,8 @@ DEFAULT_FACTORY_PREFIXES: tuple[str, ...] = ("clients.", "fedlearn.")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION_COLUMNS = (
-    "name, version, created, run, round, metrics, client_summary, factory, signature,"
-    " sha256, parent"
+    "name, version, created, run, round, metrics, client_summary, factory, factory_params,"
+    " signature, sha256, parent"
 )
 
 
@@ -99,6 +100,7 @@ class ModelVersion:
     metrics: dict[str, float]
     client_summary: dict[str, float] | None
     factory: str
+    factory_params: dict[str, Any]
     signature: dict[str, Any]
     sha256: str
     parent: int | None
@@ -205,8 +207,13 @@ class ModelRegistry:
         factory: str,
         signature: Mapping[str, Any],
         parent: int | None = None,
+        factory_params: Mapping[str, Any] | None = None,
     ) -> ModelVersion:
-        """Store ``arrays`` as the next version of ``name`` and index it; returns it."""
+        """Store ``arrays`` as the next version of ``name`` and index it; returns it.
+
+        ``factory`` (``module:function``) called with ``factory_params`` (keyword
+        arguments: booleans, numbers, strings) rebuilds the module the arrays belong to.
+        """
         _check_name(name, "model name")
         if not isinstance(run, str):
             raise ConfigError(f"run must be a string, got {run!r}")
@@ -219,6 +226,7 @@ class ModelRegistry:
             else json.dumps(_numbers(client_summary, "client_summary"))
         )
         _parse_factory(factory)
+        params_json = json.dumps(_factory_params(factory_params or {}))
         signature_json = json.dumps(_check_signature(signature))
         if not arrays:
             raise ConfigError("cannot publish a model with no arrays")
@@ -235,7 +243,7 @@ class ModelRegistry:
             )
             try:
                 self._db.execute(
-                    f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         name,
                         version,
@@ -245,6 +253,7 @@ class ModelRegistry:
                         metrics_json,
                         summary_json,
                         factory,
+                        params_json,
                         signature_json,
                         digest,
                         parent,
@@ -468,9 +477,10 @@ class ModelRegistry:
             metrics=json.loads(r[5]),
             client_summary=None if r[6] is None else json.loads(r[6]),
             factory=r[7],
-            signature=json.loads(r[8]),
-            sha256=r[9],
-            parent=None if r[10] is None else int(r[10]),
+            factory_params=json.loads(r[8]),
+            signature=json.loads(r[9]),
+            sha256=r[10],
+            parent=None if r[11] is None else int(r[11]),
             path=self._path(r[0], int(r[1])),
         )
 
@@ -575,6 +585,19 @@ def _numbers(values: Mapping[str, float], field: str) -> dict[str, float]:
             raise ConfigError(f"{field}: {key!r} must map a name to a finite number, got {value!r}")
         out[key] = float(value)
     return out
+
+
+def _factory_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"factory_params must be a mapping, got {params!r}")
+    for key, value in params.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"factory_params: {key!r} is not a keyword argument name")
+        if not (isinstance(value, bool | str) or _finite(value)):
+            raise ConfigError(
+                f"factory_params: {key} must be a boolean, finite number or string, got {value!r}"
+            )
+    return dict(params)
 
 
 def _check_signature(signature: Mapping[str, Any]) -> dict[str, Any]:

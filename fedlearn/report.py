@@ -265,13 +265,15 @@ def _round_metrics(
             columns.setdefault(name, []).append((record.client_id, record.num_examples, value))
     out: dict[str, MetricSummary] = {}
     for name in names:
-        summary = _metric_summary(name, columns.get(name, []))
+        summary = metric_summary(name, columns.get(name, []))
         if summary is not None:
             out[name] = summary
     return out
 
 
-def _metric_summary(name: str, rows: Sequence[tuple[int, int, float]]) -> MetricSummary | None:
+def metric_summary(name: str, rows: Sequence[tuple[int, int, float]]) -> MetricSummary | None:
+    """Summarize ``(client_id, num_examples, value)`` rows of one metric (None if no
+    value is finite)."""
     finite = [row for row in rows if math.isfinite(row[2])]
     nonfinite = tuple(cid for cid, _, value in rows if not math.isfinite(value))
     if not finite:

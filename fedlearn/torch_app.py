@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.records import Arrays, Config, Scalar
+from fedlearn.serving.spec import ServingSpec, derive_spec
 
 __all__ = [
     "ClientDataSource",
@@ -312,6 +313,13 @@ class TorchClientApp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return model_to_arrays(self.model_fn())
+
+    def serving_spec(self) -> ServingSpec:
+        """How a registry rebuilds and serves this app's model (factory, arguments,
+        signature), derived from ``model_fn`` and client 0's test inputs."""
+        data = self.data.client(0)
+        x = data.x_test if len(data.x_test) else data.x_train
+        return derive_spec(self.model_fn, _inputs(np.asarray(x[:1])))
 
     def client_tensors(self, cid: int) -> ClientTensors:
         """Client ``cid``'s data as tensors (converted on first use, then cached)."""

@@ -55,13 +55,15 @@ def _config(out: Path):  # type: ignore[no-untyped-def]
 
 def test_resume_matches_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    full, full_dir = run_job(_config(tmp_path / "full"))
+    full_job = run_job(_config(tmp_path / "full"))
     with pytest.raises(Interrupt):
         run_job(_config(tmp_path / "cut"), observer=StopAfter(2))  # type: ignore[arg-type]
     store = RunStore(tmp_path / "cut" / "run.db", run_id="mnist-fedavg")
     assert [r.round for r in store.rounds()] == [1, 2]
     store.close()
-    resumed, cut_dir = run_job(_config(tmp_path / "cut"), resume=True)
+    resumed_job = run_job(_config(tmp_path / "cut"), resume=True)
+    full, full_dir = full_job.result, full_job.out_dir
+    resumed, cut_dir = resumed_job.result, resumed_job.out_dir
     assert [r.round for r in resumed.rounds] == [3, 4]
     a, b = load_weights(full_dir / "model.safetensors"), load_weights(cut_dir / "model.safetensors")
     assert list(a) == list(b)
@@ -83,5 +85,5 @@ def test_resume_with_other_config_starts_afresh(
     cfg = _config(tmp_path / "r").model_copy(
         update={"run": _config(tmp_path / "r").run.model_copy(update={"seed": 9})}
     )
-    result, _ = run_job(cfg, resume=True)
+    result = run_job(cfg, resume=True).result
     assert [r.round for r in result.rounds] == [1, 2, 3, 4]

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedlearn.config import DataSection, Scalar, SecAggSection, StrategySection, load_toml
+from fedlearn.config import (
+    DataSection,
+    PublishSection,
+    Scalar,
+    SecAggSection,
+    StrategySection,
+    load_toml,
+)
 
 
 class _Section(BaseModel):
@@ -63,6 +70,20 @@ class ModelSection(_Section):
         return self
 
 
+class CoordinatorPublishSection(PublishSection):
+    """[publish] of a coordinator: off unless enabled; the coordinator holds no client app,
+    so ``factory``, ``inputs`` and ``outputs`` must be set. ``registry`` defaults to
+    ``<state_dir>/registry``."""
+
+    enabled: bool = False
+
+    @model_validator(mode="after")
+    def _explicit(self) -> CoordinatorPublishSection:
+        if self.enabled and (self.factory is None or self.inputs is None):
+            raise ValueError("a coordinator publishes only with factory, inputs and outputs set")
+        return self
+
+
 class CoordinatorConfig(_Section):
     """coordinator.toml."""
 
@@ -71,6 +92,7 @@ class CoordinatorConfig(_Section):
     model: ModelSection
     strategy: StrategySection = Field(default_factory=StrategySection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
+    publish: CoordinatorPublishSection = Field(default_factory=CoordinatorPublishSection)  # type: ignore[arg-type]
 
 
 class ConnectSection(TlsSection):

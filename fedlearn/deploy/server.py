@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from fedlearn.coordinator import Coordinator, Observer, Observers, RunResult
+from fedlearn.coordinator import Coordinator, Observer, Observers, RoundSink, RunResult
 from fedlearn.deploy.config import CoordinatorConfig, ServerSection
 from fedlearn.deploy.metrics import CoordinatorMetrics
 from fedlearn.deploy.servicer import CoordinatorServicer
@@ -24,6 +24,7 @@ from fedlearn.deploy.sessions import ClientRegistry
 from fedlearn.deploy.transport import GrpcTransport
 from fedlearn.errors import ConfigError, RoundFailed
 from fedlearn.job import make_secure, make_strategy
+from fedlearn.publish import Publisher, PublishingSink, serving_spec
 from fedlearn.records import Arrays
 from fedlearn.references import resolve
 from fedlearn.security.auth import Authenticator
@@ -91,6 +92,19 @@ def run_coordinator(
     state_dir = Path(config.server.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore(state_dir / "run.db", run_id=config.run.name, checkpoint=True)
+    publisher = (
+        Publisher(
+            config.publish,
+            config.run.name,
+            serving_spec(config.publish, None),
+            Path(config.publish.registry or state_dir / "registry"),
+        )
+        if config.publish.enabled
+        else None
+    )
+    sink: RoundSink = (
+        store if publisher is None else PublishingSink(store, publisher, config.publish.every)
+    )
     metrics = CoordinatorMetrics(registry)
     server, port = start_server(config.server, servicer, max_workers=2 * len(allowlist) + 8)
     log.info("coordinator listening on port %d", port)
@@ -123,7 +137,7 @@ def run_coordinator(
             config.run.rounds,
             seed=config.run.seed,
             evaluate_every=config.run.evaluate_every,
-            sink=store,
+            sink=sink,
             observer=Observers(metrics, observer),
             available=registry.available,
             before_round=before_round,
@@ -131,6 +145,8 @@ def run_coordinator(
         )
         result = coordinator.run(arrays, state, start)
         save_weights(result.arrays, state_dir / "model.safetensors", {"run": config.run.name})
+        if publisher is not None:
+            publisher.publish_final(result.arrays, result.rounds, result.clients)
         store.finish_run("finished")
         registry.close_all("run finished")
         return result

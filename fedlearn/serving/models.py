@@ -27,9 +27,13 @@ from fedlearn.serving.tensors import Signature, datatype_of
 
 
 def build_module(
-    factory: str, arrays: Arrays, allowed: tuple[str, ...] = DEFAULT_FACTORY_PREFIXES
+    factory: str,
+    arrays: Arrays,
+    allowed: tuple[str, ...] = DEFAULT_FACTORY_PREFIXES,
+    params: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """``factory()`` (an allowed ``module:function``) with ``arrays`` loaded, in eval mode."""
+    """``factory(**params)`` (an allowed ``module:function``) with ``arrays`` loaded, in
+    eval mode."""
     module_name, function = check_factory(factory, allowed)
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -41,7 +45,10 @@ def build_module(
     build = getattr(module, function, None)
     if not callable(build):
         raise ConfigError(f"factory {factory!r}: {module_name} has no callable {function!r}")
-    model = build()
+    try:
+        model = build(**(params or {}))
+    except TypeError as exc:
+        raise ConfigError(f"factory {factory!r}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"factory {factory!r} returned {type(model).__name__}, not a torch Module"
@@ -80,7 +87,7 @@ class ServedModel:
         allowed: tuple[str, ...] = DEFAULT_FACTORY_PREFIXES,
     ) -> ServedModel:
         """A registry version and its (sha256-verified) arrays as a servable model."""
-        module = build_module(info.factory, arrays, allowed)
+        module = build_module(info.factory, arrays, allowed, info.factory_params)
         return cls(info.name, info.version, Signature.from_dict(info.signature), module, info)
 
     @classmethod

@@ -1,0 +1,167 @@
+"""``fedlearn models``: list, show, promote and roll back published model versions."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from fedlearn.errors import FedlearnError
+from fedlearn.registry import PRODUCTION, Gate, ModelRegistry, ModelVersion
+from fedlearn.report import lower_is_better
+
+models_app = typer.Typer(
+    help="Published model versions: list, show, promote, roll back.", no_args_is_help=True
+)
+console = Console()
+
+RegistryOption = Annotated[
+    Path, typer.Option("--registry", help="registry directory (registry.db + weights)")
+]
+DEFAULT_REGISTRY = Path("runs/registry")
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _open(root: Path) -> ModelRegistry:
+    if not (root / "registry.db").is_file():
+        _fail(f"no model registry at {root} (publish a run first, or pass --registry)")
+    return ModelRegistry(root)
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _metrics(values: dict[str, float] | None) -> str:
+    if not values:
+        return "-"
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+
+
+def _labels(version: ModelVersion, aliases: dict[str, int]) -> str:
+    return ", ".join(sorted(a for a, v in aliases.items() if v == version.version))
+
+
+@models_app.command("list")
+def list_(
+    name: Annotated[str | None, typer.Argument(help="one model (default: all)")] = None,
+    registry: RegistryOption = DEFAULT_REGISTRY,
+) -> None:
+    """Every version with its run, round, metrics and aliases."""
+    with _open(registry) as reg:
+        names = reg.names() if name is None else [name]
+        table = Table("model", "version", "aliases", "run", "round", "metrics", "published")
+        for model in names:
+            versions = reg.versions(model)
+            if not versions:
+                _fail(f"no model {model!r} in {registry}")
+            aliases = reg.aliases(model)
+            for v in versions:
+                table.add_row(
+                    v.name,
+                    str(v.version),
+                    _labels(v, aliases),
+                    v.run,
+                    str(v.round),
+                    _metrics(v.metrics),
+                    _when(v.created),
+                )
+    console.print(table)
+
+
+@models_app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="model name")],
+    version: Annotated[str, typer.Argument(help="version number or alias")] = PRODUCTION,
+    registry: RegistryOption = DEFAULT_REGISTRY,
+) -> None:
+    """One version in full, and the model's promotion decisions."""
+    with _open(registry) as reg:
+        try:
+            v = reg.resolve(name, version)
+        except FedlearnError as exc:
+            _fail(str(exc))
+        aliases = reg.aliases(name)
+        decisions = reg.decisions(name)
+    rows = [
+        ("version", f"{v.version} ({_labels(v, aliases) or 'no alias'})"),
+        ("run / round", f"{v.run} / {v.round}"),
+        ("published", _when(v.created)),
+        ("metrics", _metrics(v.metrics)),
+        ("client summary", _metrics(v.client_summary)),
+        ("factory", f"{v.factory}({_metrics(v.factory_params) if v.factory_params else ''})"),
+        (
+            "inputs",
+            ", ".join(f"{t['name']} {t['datatype']}{t['shape']}" for t in v.signature["inputs"]),
+        ),
+        (
+            "outputs",
+            ", ".join(f"{t['name']} {t['datatype']}{t['shape']}" for t in v.signature["outputs"]),
+        ),
+        ("sha256", v.sha256),
+        ("parent", "-" if v.parent is None else str(v.parent)),
+        ("file", str(v.path)),
+    ]
+    table = Table(title=f"{name} v{v.version}", show_header=False)
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    console.print(table)
+    if decisions:
+        log = Table("time", "action", "version", "outcome", "reason", title="decisions")
+        for d in decisions:
+            outcome = "[green]yes[/]" if d.promoted else "[yellow]no[/]"
+            log.add_row(_when(d.time), d.action, str(d.version), outcome, escape(d.reason))
+        console.print(log)
+
+
+@models_app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="model name")],
+    version: Annotated[int, typer.Argument(help="version to make production")],
+    registry: RegistryOption = DEFAULT_REGISTRY,
+    metric: Annotated[str, typer.Option(help="gate metric")] = "accuracy",
+    tolerance: Annotated[float, typer.Option(help="regression allowed vs production")] = 0.0,
+    min_worst_client: Annotated[
+        float | None, typer.Option(help="bound on the worst client's value of the metric")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="skip the gate (still recorded)")] = False,
+) -> None:
+    """Make a version production if it passes the gate; the decision is recorded."""
+    with _open(registry) as reg:
+        try:
+            gate = (
+                None
+                if force
+                else Gate(metric, not lower_is_better(metric), tolerance, min_worst_client)
+            )
+            decision = reg.promote(name, version, gate)
+        except FedlearnError as exc:
+            _fail(str(exc))
+    if decision.promoted:
+        console.print(f"[green]promoted[/]: {escape(decision.reason)}", soft_wrap=True)
+    else:
+        console.print(f"[yellow]not promoted[/]: {escape(decision.reason)}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@models_app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="model name")],
+    registry: RegistryOption = DEFAULT_REGISTRY,
+) -> None:
+    """Restore the previous production version (recorded as a decision)."""
+    with _open(registry) as reg:
+        try:
+            restored = reg.rollback(name)
+        except FedlearnError as exc:
+            _fail(str(exc))
+    console.print(f"production of {name} is v{restored.version} again")

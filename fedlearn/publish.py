@@ -1,0 +1,180 @@
+"""Publishing a run's global model to a registry, through the publish gate.
+
+A :class:`Publisher` turns a round's model and evaluation into a registry version: the
+strategy's aggregate evaluation metrics become the version's ``metrics``, the clients'
+individual results its per-client summary (``<metric>_worst``, ``_p10``, ``_p50``,
+``_mean``, ``clients``), and every version goes through :meth:`ModelRegistry.promote`
+with the configured :class:`Gate`, whose decision is recorded and returned.
+:class:`PublishingSink` publishes every N rounds as rounds commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from fedlearn.config import PublishSection
+from fedlearn.coordinator import ClientRecord, RoundRecord, RoundSink
+from fedlearn.errors import ConfigError
+from fedlearn.messages import Stage
+from fedlearn.records import Arrays
+from fedlearn.registry import Decision, Gate, ModelRegistry, ModelVersion
+from fedlearn.report import evaluation_values, lower_is_better, metric_summary
+from fedlearn.serving.spec import ServingSpec
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class ProvidesServingSpec(Protocol):
+    """A client app that can describe its model for serving (e.g. TorchClientApp)."""
+
+    def serving_spec(self) -> ServingSpec: ...
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published version and the gate's decision about it."""
+
+    version: ModelVersion
+    decision: Decision
+
+
+def serving_spec(section: PublishSection, app: object | None) -> ServingSpec:
+    """The spec to publish with: the config's own, else what ``app`` describes."""
+    if section.factory is not None and section.inputs is not None and section.outputs is not None:
+        return ServingSpec(
+            section.factory,
+            {
+                "inputs": [t.model_dump() for t in section.inputs],
+                "outputs": [t.model_dump() for t in section.outputs],
+            },
+            dict(section.factory_params),
+        )
+    if isinstance(app, ProvidesServingSpec):
+        spec = app.serving_spec()
+        if section.factory is None:
+            return spec
+        return ServingSpec(section.factory, spec.signature, dict(section.factory_params))
+    raise ConfigError(
+        "publish: the client app cannot describe its model for serving; set publish.factory, "
+        "publish.inputs and publish.outputs, or publish.enabled = false"
+    )
+
+
+def make_gate(section: PublishSection) -> Gate:
+    """The promotion gate a ``[publish.gate]`` section describes."""
+    g = section.gate
+    higher = not lower_is_better(g.metric) if g.higher_is_better is None else g.higher_is_better
+    return Gate(g.metric, higher, g.tolerance, g.min_worst_client)
+
+
+def client_summary(clients: Sequence[ClientRecord], round: int) -> dict[str, float]:
+    """Per-client statistics of ``round``'s successful evaluations, flattened for a registry."""
+    rows: dict[str, list[tuple[int, int, float]]] = {}
+    for record in clients:
+        if record.round != round or record.stage is not Stage.EVALUATE or not record.ok:
+            continue
+        for name, value in evaluation_values(record).items():
+            rows.setdefault(name, []).append((record.client_id, record.num_examples, value))
+    out: dict[str, float] = {}
+    for name, values in sorted(rows.items()):
+        summary = metric_summary(name, values)
+        if summary is None:
+            continue
+        out[f"{name}_worst"] = summary.worst
+        out[f"{name}_p10"] = summary.p10
+        out[f"{name}_p50"] = summary.p50
+        out[f"{name}_mean"] = summary.mean
+        out[f"{name}_clients"] = float(summary.clients)
+    return out
+
+
+def round_metrics(record: RoundRecord | None) -> dict[str, float]:
+    """The strategy's aggregate evaluation metrics of a round (finite numbers only)."""
+    if record is None:
+        return {}
+    return {
+        name: float(value)
+        for name, value in record.eval_metrics.items()
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    }
+
+
+class Publisher:
+    """Publishes versions of one model for one run (see the module docstring)."""
+
+    def __init__(self, section: PublishSection, run_id: str, spec: ServingSpec, root: Path) -> None:
+        self.section = section
+        self.run_id = run_id
+        self.spec = spec
+        self.name = section.model or run_id
+        self.gate = make_gate(section)
+        self.root = root
+        self.published: list[Published] = []
+
+    def publish(
+        self,
+        arrays: Arrays,
+        round: RoundRecord | None,
+        clients: Sequence[ClientRecord],
+        number: int,
+    ) -> Published:
+        """Publish ``arrays`` as of round ``number`` and run the gate; returns both."""
+        with ModelRegistry(self.root) as registry:
+            previous = [v for v in registry.versions(self.name) if v.run == self.run_id]
+            version = registry.publish(
+                self.name,
+                arrays,
+                run=self.run_id,
+                round=number,
+                metrics=round_metrics(round),
+                client_summary=client_summary(clients, number) or None,
+                factory=self.spec.factory,
+                factory_params=dict(self.spec.params),
+                signature=self.spec.signature,
+                parent=previous[-1].version if previous else None,
+            )
+            decision = registry.promote(self.name, version.version, self.gate)
+        log.info("published %s v%d: %s", self.name, version.version, decision.reason)
+        result = Published(version, decision)
+        self.published.append(result)
+        return result
+
+    def publish_final(
+        self, arrays: Arrays, rounds: Sequence[RoundRecord], clients: Sequence[ClientRecord]
+    ) -> Published | None:
+        """Publish the run's final model unless the last round was already published."""
+        applied = [r for r in rounds if r.ok]
+        if not applied:
+            return None
+        last = applied[-1]
+        if self.published and self.published[-1].version.round == last.round:
+            return None
+        return self.publish(arrays, last, clients, last.round)
+
+
+class PublishingSink:
+    """A :class:`RoundSink` that also publishes every ``every`` committed rounds."""
+
+    def __init__(self, sink: RoundSink, publisher: Publisher, every: int) -> None:
+        self.sink = sink
+        self.publisher = publisher
+        self.every = every
+
+    def record_round(
+        self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
+    ) -> None:
+        """Commit the round, then publish it when due (a failed round is not published)."""
+        self.sink.record_round(round, clients, arrays, state)
+        if self.every and round.ok and round.round % self.every == 0:
+            self.publisher.publish(arrays, round, clients, round.round)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)

@@ -1,0 +1,84 @@
+"""What a registry needs to serve a model again: factory reference, its arguments, signature.
+
+A :class:`ServingSpec` is derived from the callable that builds the model (a module-level
+function or class, or a ``functools.partial`` of one with scalar arguments) and one
+example input, so publishing needs no hand-written signature for the usual apps.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedlearn.errors import ConfigError
+from fedlearn.serving.tensors import datatype_of
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """``factory(**params)`` rebuilds the module; ``signature`` is its OIP inputs/outputs."""
+
+    factory: str
+    signature: dict[str, Any]
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def factory_reference(build: Callable[..., Any]) -> tuple[str, dict[str, Any]]:
+    """``("module:name", keyword arguments)`` that call ``build`` again from a fresh process.
+
+    ``build`` must be a module-level function or class, or a ``functools.partial`` of one
+    whose arguments are booleans, numbers or strings; anything else (a lambda, a closure,
+    a bound method) raises :class:`ConfigError`.
+    """
+    params: dict[str, Any] = {}
+    target = build
+    if isinstance(build, functools.partial):
+        target = build.func
+        try:
+            bound = inspect.signature(target).bind_partial(*build.args, **build.keywords)
+        except TypeError as exc:
+            raise ConfigError(f"cannot name the model factory {build!r}: {exc}") from exc
+        params = dict(bound.arguments)
+        for key, value in params.items():
+            if not isinstance(value, bool | int | float | str):
+                raise ConfigError(
+                    f"model factory argument {key}={value!r} is not a boolean, number or string"
+                )
+    module = getattr(target, "__module__", None)
+    qualname = getattr(target, "__qualname__", "")
+    if not module or not qualname.isidentifier() or module == "__main__":
+        raise ConfigError(
+            f"cannot name the model factory {build!r}: use a module-level function or class "
+            "(or a functools.partial of one), or set publish.factory"
+        )
+    return f"{module}:{qualname}", params
+
+
+def tensor_spec(name: str, tensor: torch.Tensor) -> dict[str, Any]:
+    """``{name, datatype, shape}`` of a batch ``tensor``, its first dimension any size."""
+    array = tensor.detach().cpu().numpy()
+    return {"name": name, "datatype": datatype_of(array), "shape": [-1, *array.shape[1:]]}
+
+
+def derive_spec(build: Callable[..., nn.Module], example: torch.Tensor) -> ServingSpec:
+    """The spec of the module ``build()`` makes, run once on ``example`` (a batch)."""
+    factory, params = factory_reference(build)
+    with torch.random.fork_rng(devices=[]):
+        module = build().eval()
+    with torch.inference_mode():
+        output = module(example[:1])
+    if not isinstance(output, torch.Tensor):
+        raise ConfigError(
+            f"{factory} returns {type(output).__name__}; set publish.inputs and publish.outputs"
+        )
+    signature = {
+        "inputs": [tensor_spec("input", example)],
+        "outputs": [tensor_spec("logits", output)],
+    }
+    return ServingSpec(factory, signature, params)
