@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from fedlearn.config import load_config, parse_assignment
 from fedlearn.coordinator import ClientRecord, RoundRecord
@@ -18,6 +19,7 @@ from fedlearn.models_cli import models_app
 from fedlearn.security.cli import certs_app, keys_app
 
 if TYPE_CHECKING:
+    from fedlearn.job import JobResult
     from fedlearn.publish import Published
 
 app = typer.Typer(
@@ -107,8 +109,16 @@ def simulate(
     resume: Annotated[
         bool, typer.Option(help="continue the run directory's last committed round")
     ] = False,
+    check_serving: Annotated[
+        bool,
+        typer.Option(help="serve the published model and query it over REST and gRPC"),
+    ] = True,
+    serve: Annotated[
+        bool, typer.Option(help="then keep serving it (OIP v2 on :8000 and :8001) until Ctrl-C")
+    ] = False,
 ) -> None:
-    """Run a federated simulation and write its run directory (model, run store, report)."""
+    """Run a federated simulation, write its run directory (model, run store, report),
+    publish the model to the registry and query it through the serving endpoint."""
     from fedlearn.job import run_job
     from fedlearn.report import print_report, summarize
     from fedlearn.store import RunStore
@@ -157,6 +167,78 @@ def simulate(
         _print_published(published)
     if job.result.rounds and not any(r.ok for r in job.result.rounds):
         raise typer.Exit(1)
+    if job.published and (check_serving or serve):
+        from fedlearn.job import registry_dir
+
+        try:
+            _serve_published(job, registry_dir(cfg), serve)
+        except FedlearnError as exc:
+            _fail(str(exc))
+
+
+def _serve_published(job: JobResult, registry: Path, keep_serving: bool) -> None:
+    """Start the OIP endpoint on the registry, query the new version, optionally stay up."""
+    import numpy as np
+
+    from fedlearn.serving.check import check_served
+    from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
+    from fedlearn.torch_app import TorchClientApp, arrays_to_model, model_inputs
+
+    app = job.app
+    if not isinstance(app, TorchClientApp):
+        console.print("serving check skipped: the client app is not a TorchClientApp")
+        return
+    version = job.published[-1].version
+    data = app.data.client(0)
+    x = model_inputs(np.asarray(data.x_test[:8])).numpy()
+    module = app.model_fn()
+    arrays_to_model(module, job.result.arrays)
+    settings = EndpointSettings(
+        registry=registry,
+        http_port=8000 if keep_serving else 0,
+        grpc_port=8001 if keep_serving else 0,
+        models=(version.name,),
+    )
+    with start_endpoint(settings) as endpoint:
+        check = check_served(endpoint, version, module, x, np.asarray(data.y_test[:8]))
+        table = Table(
+            "", *(str(i) for i in range(len(x))), title=f"{version.name} v{version.version} served"
+        )
+        table.add_row("label", *(str(int(v)) for v in check.labels))
+        for label, out in (
+            ("in-process", check.in_process),
+            ("REST", check.rest),
+            ("gRPC", check.grpc),
+        ):
+            table.add_row(label, *(str(int(v)) for v in out.argmax(axis=1)))
+        console.print(table)
+        verdict = "[green]same predictions[/]" if check.same_predictions else "[red]DIFFERENT[/]"
+        console.print(
+            f"OIP v2 endpoint: REST {endpoint.http_url}, gRPC {endpoint.grpc_address}: "
+            f"{verdict} as in-process (max |diff| {check.max_abs_diff:.2g}); production is "
+            f"v{check.served_version}",
+            soft_wrap=True,
+        )
+        if not check.same_predictions:
+            raise typer.Exit(1)
+        if keep_serving:
+            console.print(
+                f"serving until Ctrl-C: curl {endpoint.http_url}/v2/models/{version.name}"
+            )
+            _wait_for_signal()
+
+
+def _wait_for_signal() -> None:
+    import signal
+    import threading
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
@@ -252,6 +334,67 @@ def client(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     console.print(f"site {cfg.site.name}: {site.tasks_done} tasks answered")
+
+
+@app.command("serve")
+def serve_(
+    registry: Annotated[Path, typer.Option(help="registry directory to serve and watch")] = Path(
+        "runs/registry"
+    ),
+    host: Annotated[str, typer.Option(help="listen address (non-loopback needs TLS)")] = (
+        "127.0.0.1"
+    ),
+    http_port: Annotated[int, typer.Option(help="OIP v2 REST port (0: any free)")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="OIP v2 gRPC port (0: any free)")] = 8001,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="serve only these models")
+    ] = None,
+    alias: Annotated[str, typer.Option(help="the alias unversioned requests get")] = "production",
+    allow_factory: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="module prefixes a model factory may come from (default clients., fedlearn.)"
+        ),
+    ] = None,
+    cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM)")] = None,
+    key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
+    insecure: Annotated[bool, typer.Option(help="plaintext on a non-loopback address")] = False,
+    max_request_mb: Annotated[int, typer.Option(help="largest request accepted")] = 64,
+    poll: Annotated[float, typer.Option(help="seconds between registry checks")] = 0.5,
+    verbose: Annotated[bool, typer.Option(help="log swaps and errors")] = True,
+) -> None:
+    """Serve the registry's models over the Open Inference Protocol v2 (REST and gRPC),
+    hot-swapping each model when its alias moves."""
+    from fedlearn.registry import DEFAULT_FACTORY_PREFIXES
+    from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
+
+    _logging(verbose)
+    try:
+        settings = EndpointSettings(
+            registry=registry,
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            alias=alias,
+            models=tuple(model) if model else None,
+            allowed_factories=tuple(allow_factory) if allow_factory else DEFAULT_FACTORY_PREFIXES,
+            poll_interval_s=poll,
+            max_request_mb=max_request_mb,
+            cert=cert,
+            key=key,
+            insecure=insecure,
+        )
+        endpoint = start_endpoint(settings)
+    except FedlearnError as exc:
+        _fail(str(exc))
+    with endpoint:
+        served = ", ".join(f"{n} v{v}" for n, v in endpoint.repository.served().items())
+        console.print(
+            f"serving {served or 'no model yet'} from {registry}: REST {endpoint.http_url} "
+            f"(metrics at /metrics), gRPC {endpoint.grpc_address}",
+            soft_wrap=True,
+        )
+        _wait_for_signal()
 
 
 @app.command()

@@ -40,6 +40,7 @@ __all__ = [
     "evaluate_arrays",
     "evaluate_model",
     "fit",
+    "model_inputs",
     "model_to_arrays",
     "train_centralized",
 ]
@@ -124,8 +125,8 @@ class ClientTensors:
     y_test: torch.Tensor
 
 
-def _inputs(x: np.ndarray) -> torch.Tensor:
-    """A copy of ``x`` as float32 (or int64 for token ids)."""
+def model_inputs(x: np.ndarray) -> torch.Tensor:
+    """A copy of ``x`` as the model takes it: float32 (or int64 for token ids)."""
     dtype = np.float32 if np.issubdtype(x.dtype, np.floating) else np.int64
     return torch.from_numpy(np.array(x, dtype=dtype))
 
@@ -136,7 +137,10 @@ def _labels(y: np.ndarray) -> torch.Tensor:
 
 def _tensors(data: SplitData) -> ClientTensors:
     return ClientTensors(
-        _inputs(data.x_train), _labels(data.y_train), _inputs(data.x_test), _labels(data.y_test)
+        model_inputs(data.x_train),
+        _labels(data.y_train),
+        model_inputs(data.x_test),
+        _labels(data.y_test),
     )
 
 
@@ -319,7 +323,7 @@ class TorchClientApp:
         signature), derived from ``model_fn`` and client 0's test inputs."""
         data = self.data.client(0)
         x = data.x_test if len(data.x_test) else data.x_train
-        return derive_spec(self.model_fn, _inputs(np.asarray(x[:1])))
+        return derive_spec(self.model_fn, model_inputs(np.asarray(x[:1])))
 
     def client_tensors(self, cid: int) -> ClientTensors:
         """Client ``cid``'s data as tensors (converted on first use, then cached)."""
@@ -389,4 +393,4 @@ def evaluate_arrays(
     with torch.random.fork_rng(devices=[]):
         model = model_fn()
     arrays_to_model(model, arrays)
-    return evaluate_model(model, _inputs(data.x_test), _labels(data.y_test))
+    return evaluate_model(model, model_inputs(data.x_test), _labels(data.y_test))

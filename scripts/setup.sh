@@ -10,6 +10,10 @@ py=.venv/bin/python
 "$py" -m pip install -q torch==2.13.0
 if [ "${1:-}" = "test" ]; then
   "$py" -m pip install -q -e '.[test]'
+  # tritonclient (the standard OIP v2 client the serving tests drive the endpoint with) pins
+  # protobuf < 7 and registers the same inference.* protobuf names: its own venv.
+  [ -x .venv-triton/bin/python ] || python3 -m venv .venv-triton
+  .venv-triton/bin/python -m pip install -q 'tritonclient[grpc,http]==2.73.0' 'numpy>=1.26'
 else
   "$py" -m pip install -q -e .
 fi

@@ -100,6 +100,18 @@ class ModelRepository:
         """``{name: version}`` currently answering unversioned requests."""
         return {name: model.version for name, model in self._current.items()}
 
+    def all_ready(self) -> bool:
+        """Whether every model whose serving alias is set has a version loaded (a model
+        never promoted does not hold the whole endpoint back)."""
+        served = self.served()
+        for name in self.names():
+            if name in served:
+                continue
+            with self._db_lock:
+                if self.settings.alias in self._registry.aliases(name):
+                    return False
+        return True
+
     def get(self, name: str, version: str | int | None = None) -> ServedModel:
         """The model answering ``name`` (its alias's version) or an explicit version."""
         if version is None or version == "":
@@ -168,7 +180,12 @@ class ModelRepository:
         self._check_name(name)
         if isinstance(version, int) and not isinstance(version, bool):
             number = version
-        elif isinstance(version, str) and version.isdigit() and len(version) < 10:
+        elif (
+            isinstance(version, str)
+            and version.isascii()
+            and version.isdigit()
+            and len(version) < 10
+        ):
             number = int(version)
         else:
             raise ModelNotFound(

@@ -191,6 +191,6 @@ def _element_count(shape: Sequence[int]) -> int:
     count = 1
     for d in shape:
         count *= d
-    if count > 2**40:
+    if count > 2**40 or any(d > 2**40 for d in shape):
         raise InvalidInput(f"shape {list(shape)} is too large")
     return count

@@ -1,0 +1,156 @@
+"""``fedlearn serve``: one repository, served over OIP v2 REST and gRPC side by side.
+
+Plaintext is allowed on loopback only; any other address needs a certificate and key
+(TLS on both protocols) or an explicit ``insecure``. Prometheus metrics are at REST
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from fedlearn.errors import ConfigError
+from fedlearn.registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION
+from fedlearn.serving.grpc_service import start_grpc_server
+from fedlearn.serving.metrics import ServingMetrics
+from fedlearn.serving.repository import ModelRepository, RepositorySettings
+from fedlearn.serving.rest import RestServer, create_app, serve_rest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """Where and what ``fedlearn serve`` serves."""
+
+    registry: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    alias: str = PRODUCTION
+    models: tuple[str, ...] | None = None
+    allowed_factories: tuple[str, ...] = DEFAULT_FACTORY_PREFIXES
+    poll_interval_s: float = 0.5
+    max_request_mb: int = 64
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False
+    grpc_workers: int = 8
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("serve: give both --cert and --key, or neither")
+        if self.cert is None and not self.insecure and not _loopback(self.host):
+            raise ConfigError(
+                f"serve: {self.host} is not a loopback address; give --cert and --key "
+                "(TLS) or --insecure"
+            )
+        if self.max_request_mb < 1:
+            raise ConfigError(
+                f"serve: max request size must be >= 1 MiB, got {self.max_request_mb}"
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether both protocols use TLS."""
+        return self.cert is not None
+
+
+@dataclass
+class ServingEndpoint:
+    """A started endpoint; ``close()`` stops both servers and the registry watcher."""
+
+    settings: EndpointSettings
+    repository: ModelRepository
+    metrics: ServingMetrics
+    rest: RestServer
+    grpc_server: grpc.Server
+    grpc_port: int
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the REST endpoint."""
+        return self.rest.url
+
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` of the gRPC endpoint."""
+        host = self.settings.host
+        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+
+    def close(self) -> None:
+        """Stop serving (in-flight gRPC calls get a short grace period)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.grpc_server.stop(grace=2).wait()
+        self.rest.stop()
+        self.repository.close()
+
+    def __enter__(self) -> ServingEndpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
+    """Open the registry, load what the alias points at, start REST and gRPC."""
+    repository = ModelRepository(
+        settings.registry,
+        RepositorySettings(
+            alias=settings.alias,
+            models=settings.models,
+            allowed_factories=settings.allowed_factories,
+            poll_interval_s=settings.poll_interval_s,
+        ),
+    )
+    metrics = ServingMetrics()
+    repository.on_swap(metrics.swapped)
+    repository.start()
+    limit = settings.max_request_mb << 20
+    rest: RestServer | None = None
+    try:
+        rest = serve_rest(
+            create_app(repository, metrics, max_body_bytes=limit),
+            settings.host,
+            settings.http_port,
+            ssl_certfile=None if settings.cert is None else str(settings.cert),
+            ssl_keyfile=None if settings.key is None else str(settings.key),
+        )
+        credentials = None
+        if settings.cert is not None and settings.key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.key.read_bytes(), settings.cert.read_bytes())]
+            )
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        server, port = start_grpc_server(
+            repository,
+            metrics,
+            f"{host}:{settings.grpc_port}",
+            max_message_bytes=limit,
+            credentials=credentials,
+            workers=settings.grpc_workers,
+        )
+    except BaseException:
+        if rest is not None:
+            rest.stop()
+        repository.close()
+        raise
+    log.info("serving %s: REST %s, gRPC port %d", settings.registry, rest.url, port)
+    return ServingEndpoint(settings, repository, metrics, rest, server, port)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
