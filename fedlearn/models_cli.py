@@ -165,3 +165,49 @@ def rollback(
         except FedlearnError as exc:
             _fail(str(exc))
     console.print(f"production of {name} is v{restored.version} again")
+
+
+@models_app.command("export-mlflow")
+def export_mlflow(
+    name: Annotated[str, typer.Argument(help="model name")],
+    tracking_uri: Annotated[
+        str,
+        typer.Option(
+            "--tracking-uri", help="MLflow tracking and registry URI, e.g. sqlite:///mlflow.db"
+        ),
+    ],
+    version: Annotated[str, typer.Argument(help="version number or alias")] = PRODUCTION,
+    registered_name: Annotated[
+        str | None,
+        typer.Option("--registered-name", help="MLflow registered model (default: NAME)"),
+    ] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "fedlearn",
+    artifact_location: Annotated[
+        str | None,
+        typer.Option(help="artifact root when the experiment is created (default: MLflow's)"),
+    ] = None,
+    registry: RegistryOption = DEFAULT_REGISTRY,
+) -> None:
+    """Log a version as an MLflow run and register it in MLflow (needs the mlflow extra)."""
+    from fedlearn.mlflow_export import export_version
+
+    _open(registry).close()
+    try:
+        result = export_version(
+            registry,
+            name,
+            version,
+            tracking_uri=tracking_uri,
+            registered_name=registered_name,
+            experiment=experiment,
+            artifact_location=artifact_location,
+        )
+    except FedlearnError as exc:
+        _fail(str(exc))
+    state = "registered" if result.created else "already registered as"
+    console.print(
+        f"{escape(name)} v{result.fedlearn_version}: {state} [bold]{escape(result.model_uri)}[/]\n"
+        f"  run {result.run_id} (experiment {result.experiment_id or '-'})\n"
+        f"  artifacts {escape(result.source)}",
+        soft_wrap=True,
+    )

@@ -15,6 +15,7 @@ the loss when positive).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.errors import ConfigError
 from fedlearn.records import Arrays, Config, Scalar
 from fedlearn.serving.spec import ServingSpec, derive_spec
 
@@ -233,7 +235,7 @@ def fit(
     loss_sum = 0.0
     correct = 0
     for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(x.device)
         loss_sum, correct = 0.0, 0
         for start in range(0, n, settings.batch_size):
             batch = order[start : start + settings.batch_size]
@@ -284,6 +286,11 @@ class TorchClientApp:
     epochs, batch_size, lr, momentum, weight_decay
         Local SGD settings; a training config may override any of them (and set
         ``proximal_mu`` for FedProx).
+    device
+        Where training and evaluation run (``"cpu"``, ``"cuda"``, ``"cuda:1"``). The
+        model moves there on the first task, so a parent process that only builds the
+        app (a pool backend forks workers from it) never initializes CUDA. Results on a
+        GPU are close to, not bit-identical with, the CPU's.
     """
 
     def __init__(
@@ -296,7 +303,12 @@ class TorchClientApp:
         lr: float = 0.05,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        device: str = "cpu",
     ) -> None:
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device: {device!r} is not a torch device ({exc})") from None
         self.model_fn = model_fn
         self.data = data
         self.settings = TrainSettings(
@@ -307,7 +319,17 @@ class TorchClientApp:
             weight_decay=weight_decay,
         )
         self.model = model_fn()
+        self._placed = self.device.type == "cpu"
         self._cache: dict[int, ClientTensors] = {}
+
+    def _placed_model(self) -> nn.Module:
+        """The model, moved to ``device`` on first use."""
+        if not self._placed:
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError(f"device {self.device} asked for, but CUDA is not available")
+            self.model.to(self.device)
+            self._placed = True
+        return self.model
 
     def initial_arrays(self, seed: int) -> Arrays:
         """Weights of a fresh model built under ``torch.manual_seed(seed)``.
@@ -329,7 +351,13 @@ class TorchClientApp:
         """Client ``cid``'s data as tensors (converted on first use, then cached)."""
         tensors = self._cache.get(cid)
         if tensors is None:
-            tensors = self._cache[cid] = _tensors(self.data.client(cid))
+            tensors = _tensors(self.data.client(cid))
+            if self.device.type != "cpu":
+                self._placed_model()  # checks the device is there
+                tensors = ClientTensors(
+                    *(getattr(tensors, f.name).to(self.device) for f in dataclasses.fields(tensors))
+                )
+            self._cache[cid] = tensors
         return tensors
 
     def train(self, arrays: Arrays, config: Config, ctx: ClientContext) -> TrainResult:
@@ -338,11 +366,12 @@ class TorchClientApp:
         data = self.client_tensors(ctx.client_id)
         if data.y_train.shape[0] == 0:
             raise ValueError(f"client {ctx.client_id} has no training samples")
-        arrays_to_model(self.model, arrays)
+        model = self._placed_model()
+        arrays_to_model(model, arrays)
         generator = torch.Generator().manual_seed(ctx.seed)
-        loss, accuracy = fit(self.model, data.x_train, data.y_train, settings, generator)
+        loss, accuracy = fit(model, data.x_train, data.y_train, settings, generator)
         return TrainResult(
-            model_to_arrays(self.model),
+            model_to_arrays(model),
             int(data.y_train.shape[0]),
             {"train_loss": loss, "train_accuracy": accuracy},
         )
@@ -353,8 +382,9 @@ class TorchClientApp:
         n = int(data.y_test.shape[0])
         if n == 0:
             raise ValueError(f"client {ctx.client_id} has an empty test split")
-        arrays_to_model(self.model, arrays)
-        loss, accuracy = evaluate_model(self.model, data.x_test, data.y_test)
+        model = self._placed_model()
+        arrays_to_model(model, arrays)
+        loss, accuracy = evaluate_model(model, data.x_test, data.y_test)
         return EvaluateResult(n, loss, {"accuracy": accuracy})
 
 
