@@ -154,6 +154,22 @@ def promote(
 
 
 @models_app.command()
+def alias(
+    name: Annotated[str, typer.Argument(help="model name")],
+    alias: Annotated[str, typer.Argument(help="alias to set, e.g. candidate or staging")],
+    version: Annotated[int, typer.Argument(help="version it names")],
+    registry: RegistryOption = DEFAULT_REGISTRY,
+) -> None:
+    """Point an alias other than production (which only promote moves) at a version."""
+    with _open(registry) as reg:
+        try:
+            reg.set_alias(name, alias, version)
+        except FedlearnError as exc:
+            _fail(str(exc))
+    console.print(f"{name}: {alias} -> v{version}")
+
+
+@models_app.command()
 def rollback(
     name: Annotated[str, typer.Argument(help="model name")],
     registry: RegistryOption = DEFAULT_REGISTRY,

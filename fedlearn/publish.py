@@ -3,7 +3,8 @@
 A :class:`Publisher` turns a round's model and evaluation into a registry version: the
 strategy's aggregate evaluation metrics become the version's ``metrics``, the clients'
 individual results its per-client summary (``<metric>_worst``, ``_p10``, ``_p50``,
-``_mean``, ``clients``), and every version goes through :meth:`ModelRegistry.promote`
+``_mean``, ``clients``); each new version becomes ``candidate`` and goes through
+:meth:`ModelRegistry.promote`
 with the configured :class:`Gate`, whose decision is recorded and returned.
 :class:`PublishingSink` publishes every N rounds as rounds commit.
 """
@@ -27,6 +28,9 @@ from fedlearn.report import evaluation_values, lower_is_better, metric_summary
 from fedlearn.serving.spec import ServingSpec
 
 log = logging.getLogger(__name__)
+
+#: The alias each newly published version gets before the gate decides on ``production``.
+CANDIDATE = "candidate"
 
 
 @runtime_checkable
@@ -141,6 +145,7 @@ class Publisher:
                 signature=self.spec.signature,
                 parent=previous[-1].version if previous else None,
             )
+            registry.set_alias(self.name, CANDIDATE, version.version)
             decision = registry.promote(self.name, version.version, self.gate)
         log.info("published %s v%d: %s", self.name, version.version, decision.reason)
         result = Published(version, decision)

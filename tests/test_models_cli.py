@@ -51,6 +51,16 @@ def test_promote_through_the_gate_and_rollback(tmp_path: Path) -> None:
     assert actions[-3:] == [("promote", 2, False), ("promote", 2, True), ("rollback", 1, True)]
 
 
+def test_alias_sets_any_alias_but_production(tmp_path: Path) -> None:
+    publish_mnist(tmp_path, seeds=(0, 1))
+    code, out = _run("models", "alias", "mnist", "staging", "1", "--registry", str(tmp_path))
+    assert code == 0 and "staging -> v1" in out
+    with ModelRegistry(tmp_path) as registry:
+        assert registry.aliases("mnist")["staging"] == 1
+    code, out = _run("models", "alias", "mnist", "production", "1", "--registry", str(tmp_path))
+    assert code == 2 and "use promote" in out
+
+
 def test_errors_are_clear(tmp_path: Path) -> None:
     code, out = _run("models", "list", "--registry", str(tmp_path / "none"))
     assert code == 2 and "no model registry" in out

@@ -69,6 +69,7 @@ def test_publisher_gates_each_version_and_links_parents(tmp_path: Path) -> None:
         {"gate": {"metric": "accuracy", "tolerance": 0.01, "min_worst_client": 0.4}}
     )
     publisher = Publisher(section, "run-a", SPEC, tmp_path)
+
     def clients(round: int) -> list[ClientRecord]:
         return [_eval(0, 10, 0.8, 0.4, round), _eval(1, 10, 0.6, 0.5, round)]
 
@@ -89,6 +90,7 @@ def test_publisher_gates_each_version_and_links_parents(tmp_path: Path) -> None:
     assert not fourth.decision.promoted and "0.3" in fourth.decision.reason
     with ModelRegistry(tmp_path) as registry:
         assert registry.aliases("run-a")["production"] == 2
+        assert registry.aliases("run-a")["candidate"] == 4  # the newest, whatever the gate said
         decisions = registry.decisions("run-a")
         assert [d.promoted for d in decisions] == [True, True, False, False]
         assert [d.reason for d in decisions[2:]] == [
