@@ -26,8 +26,7 @@
     chunks, measured before and after fedlearn; also shown: raw plus the one copy into a
     fresh buffer that any receiver keeping the model needs. Prints ``upload fedlearn/raw``
     and ``download fedlearn/raw`` (throughput ratios) and the coordinator process's peak
-    RSS (``VmHWM``) over the model size. ``--variants`` also measures proposed fixes
-    (see PATCHES below), monkeypatched into the fedlearn processes. ``--full-coordinator``
+    RSS (``VmHWM``) over the model size. ``--full-coordinator``
     measures the peak RSS of a whole ``run_coordinator`` round (fold, SQLite checkpoint and
     final save included) with a ``--full-model-mib`` model.
 
@@ -44,8 +43,7 @@ Usage (from the repo root)::
     python benchmarks/bench_deploy_vs_flower.py --parts a --fed-reps 5
     python benchmarks/bench_deploy_vs_flower.py --parts a --skip-flower   # vs README figure
     python benchmarks/bench_deploy_vs_flower.py --parts b --model-mib 256 --wire-tls both
-    python benchmarks/bench_deploy_vs_flower.py --parts b --wire-tls on \
-        --variants baseline,unpin+zerocopy,unpin+zerocopy+streamdigest+rawframe
+    python benchmarks/bench_deploy_vs_flower.py --parts b --wire-tls on --wire-reps 3
     python benchmarks/bench_deploy_vs_flower.py --parts b --variants "" --full-coordinator
     python benchmarks/bench_deploy_vs_flower.py --parts c --overhead-clients 100 --profile
 
@@ -805,13 +803,6 @@ def wire_model(seed: int) -> dict[str, np.ndarray]:
     return {"w": np.full(n, 1.5, np.float32)}
 
 
-def apply_patches(names: Sequence[str]) -> None:
-    """Monkeypatch proposed fixes into this process (see ``--patch``); fedlearn's files
-    stay untouched."""
-    for name in names:
-        PATCHES[name]()
-
-
 def blockwise_equal(x: np.ndarray, y: np.ndarray, block: int = 1 << 22) -> bool:
     """``np.array_equal`` without a temporary the size of the arrays (it would count in the
     peak RSS being measured)."""
@@ -823,7 +814,6 @@ def blockwise_equal(x: np.ndarray, y: np.ndarray, block: int = 1 << 22) -> bool:
 
 def role_wire_coord(a: dict[str, Any]) -> None:
     """Host the coordinator side of the wire path; run ``reps`` one-task stages."""
-    apply_patches(a.get("patch", []))
     from fedlearn.deploy.config import ServerSection
     from fedlearn.deploy.server import start_server
     from fedlearn.deploy.servicer import CoordinatorServicer
@@ -885,7 +875,6 @@ def role_wire_coord(a: dict[str, Any]) -> None:
 
 def role_wire_site(a: dict[str, Any]) -> None:
     """One SiteClient with the echo app; exits when the coordinator says goodbye."""
-    apply_patches(a.get("patch", []))
     from fedlearn.deploy.site import Backoff, SiteClient
     from fedlearn.security.certs import load_pem
     from fedlearn.security.keys import load_private_key
@@ -1018,9 +1007,7 @@ def raw_transfers(
     return out
 
 
-def wire_once(
-    material: dict[str, Any], tls: bool, size: int, reps: int, patch: Sequence[str]
-) -> dict[str, Any]:
+def wire_once(material: dict[str, Any], tls: bool, size: int, reps: int) -> dict[str, Any]:
     """fedlearn's wire path: coordinator process + site process, ``reps`` round trips."""
     base = {
         "tls": tls,
@@ -1028,7 +1015,6 @@ def wire_once(
         "key": material["key"],
         "ca": material["ca"],
         "allowlist": material["allowlist"],
-        "patch": list(patch),
     }
     coord = Child("wire-coord", {**base, "model_bytes": size, "reps": reps})
     site = None
@@ -1067,7 +1053,6 @@ def raw_once(
 
 def role_full_coord(a: dict[str, Any]) -> None:
     """A whole ``run_coordinator`` (1 round, no evaluation) with a ``model_bytes`` model."""
-    apply_patches(a.get("patch", []))
     from fedlearn.deploy.config import CoordinatorConfig, load_toml
     from fedlearn.deploy.server import run_coordinator
 
@@ -1086,7 +1071,7 @@ def role_full_coord(a: dict[str, Any]) -> None:
 
 
 def full_coordinator_once(
-    material: dict[str, Any], root: Path, tls: bool, size: int, patch: Sequence[str]
+    material: dict[str, Any], root: Path, tls: bool, size: int
 ) -> dict[str, Any]:
     """Peak RSS of a whole coordinator process running one round with a ``size`` model."""
     port = free_port()
@@ -1104,7 +1089,7 @@ def full_coordinator_once(
     )
     coord = Child(
         "full-coord",
-        {"config": str(cfg), "patch": list(patch)},
+        {"config": str(cfg)},
         env={"FEDLEARN_BENCH_MODEL_BYTES": str(size)},
     )
     site = None
@@ -1117,7 +1102,6 @@ def full_coordinator_once(
                 "ca": material["ca"],
                 "port": port,
                 "site_key": material["site_keys"][0],
-                "patch": list(patch),
             },
         )
         try:
@@ -1151,7 +1135,7 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         flush=True,
     )
     if any(v != "baseline" for v in variants):
-        check_patches()
+        raise SystemExit("--variants: only 'baseline' (or '') is left; see BENCHMARKS.md 3(b)")
     material = write_pki_and_keys(work / "b", 1)
     out: dict[str, Any] = {"model_bytes": size, "variants": variants}
     mb = size / 1e6
@@ -1160,9 +1144,8 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         raw = raw_once(material, tls, size, chunk, args.wire_reps)
         feds = {}
         for variant in variants:
-            patch = [] if variant == "baseline" else variant.split("+")
             try:
-                feds[variant] = wire_once(material, tls, size, args.wire_reps, patch)
+                feds[variant] = wire_once(material, tls, size, args.wire_reps)
             except RuntimeError as exc:
                 lines = [x for x in str(exc).splitlines() if "Error" in x or "Apply" in x]
                 print(f"[{label}][{variant}] FAILED: {lines[-1] if lines else exc}", flush=True)
@@ -1232,8 +1215,7 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.full_coordinator:
         tls = modes[-1]
         full_size = int(args.full_model_mib * MIB)
-        patch = [p for p in args.patch.split(",") if p]
-        full = full_coordinator_once(material, work / "b", tls, full_size, patch)
+        full = full_coordinator_once(material, work / "b", tls, full_size)
         out["full_coordinator"] = full
         if "error" in full:
             print(
@@ -1245,7 +1227,7 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             print(
                 f"[{'TLS' if tls else 'plaintext'}] whole run_coordinator, "
                 f"{full_size / MIB:.0f} MiB model, 1 round (train, fold, checkpoint, save)"
-                f"{', patches ' + ','.join(patch) if patch else ''}: {full['wall_s']:.2f} s; "
+                f": {full['wall_s']:.2f} s; "
                 f"coordinator peak RSS {full['peak_rss'] / 2**30:.2f} GiB = "
                 f"{full['peak_rss'] / full_size:.2f}x the model",
                 flush=True,
@@ -1328,7 +1310,6 @@ def stop_profiling(profilers: list[Any], top: int = 30) -> str:
 
 def role_c_coord(a: dict[str, Any]) -> None:
     """run_coordinator with an observer stamping each stage start and round end."""
-    apply_patches(a.get("patch", []))
     from fedlearn.deploy.config import CoordinatorConfig, load_toml
     from fedlearn.deploy.server import run_coordinator
 
@@ -1368,7 +1349,6 @@ def role_c_coord(a: dict[str, Any]) -> None:
 
 def role_c_sites(a: dict[str, Any]) -> None:
     """Many SiteClients as threads of this process, each with its own channel and key."""
-    apply_patches(a.get("patch", []))
     from fedlearn.deploy.site import Backoff, SiteClient
     from fedlearn.security.certs import load_pem
     from fedlearn.security.keys import load_private_key
@@ -1558,7 +1538,6 @@ def raw_overhead_floor(
 def part_c(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     n, rounds, procs = args.overhead_clients, args.overhead_rounds, args.overhead_procs
     tls = not args.insecure
-    patch = [p for p in args.patch.split(",") if p]
     print(
         f"\n== (c) round overhead: {n} connected sites ({procs} processes of threads), "
         f"tiny model (21 float64), {rounds} rounds, {'TLS' if tls else 'plaintext'}",
@@ -1577,7 +1556,7 @@ def part_c(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         tls=tls,
         model_factory="benchmarks.peer_site:initial_arrays",
     )
-    coord = Child("c-coord", {"config": str(cfg), "patch": patch, "profile": args.profile})
+    coord = Child("c-coord", {"config": str(cfg), "profile": args.profile})
     children: list[Child] = []
     try:
         coord.expect("READY", 60)
@@ -1592,7 +1571,6 @@ def part_c(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         "port": port,
                         "site_keys": material["site_keys"],
                         "indices": indices,
-                        "patch": patch,
                     },
                 )
             )
@@ -1690,462 +1668,6 @@ def part_c(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
-# =========================================================================== patches
-# Proposed fixes, monkeypatched into the fedlearn processes this script starts (``--variants``
-# in (b), ``--patch`` in (c) and --full-coordinator). fedlearn's files are not modified: the
-# patches replace module-level names that fedlearn.deploy looks up at call time
-# (encode_arrays, memoryview, hashlib, split_parts, Outgoing, pb, pb_grpc) and wrap two
-# Assembler methods. If fedlearn.deploy no longer has a name a patch needs, the variant is
-# reported as not applicable instead of being measured.
-#
-#   unpin       the servicer's Connect loop keeps its last task, hence the whole encoded
-#               broadcast, referenced while it blocks on the outbox for the next task; here
-#               a task's reference to the payload is dropped once its chunks are sent.
-#   zerocopy    the encoded arrays are never materialised: a payload is the header bytes plus
-#               a view of each array's buffer, hashed and chunked segment by segment (the same
-#               bytes on the wire as encode_arrays + split; checked by check_patches).
-#   streamdigest  emulates moving the SHA-256 from the header to the last chunk: the sender
-#               hashes each chunk as it produces it instead of the whole payload before the
-#               header; the receiver hashes as before. The emulation sends 32 zero bytes as the
-#               header digest and skips the final comparison (same CPU work as the protocol
-#               change; the check itself is not made).
-#   nodigest    no application-level SHA-256 at all (integrity left to TLS and the size and
-#               index checks): the bound for dropping the digest when TLS is on.
-#   rawframe    chunk messages are framed by hand instead of through protobuf objects: the
-#               sender writes each serialized ServerMessage/ClientMessage with one copy of the
-#               data (pb.Chunk(data=...), then Message(chunk=...), then SerializeToString copy
-#               it three times), and the receiving gRPC deserializer returns a view of the
-#               chunk's data in the received bytes (FromString and .data copy it twice).
-#               Byte-identical on the wire (checked by check_patches); every other message
-#               still goes through protobuf.
-ZERO_DIGEST = bytes(32)
-_MODE: dict[str, bool] = {}
-
-
-class PatchDoesNotApply(RuntimeError):
-    """fedlearn.deploy changed: a name this patch replaces is gone."""
-
-
-class Segments:
-    """An encoded-arrays payload as a list of byte views: header, then each array's data."""
-
-    def __init__(self, parts: Sequence[Any]) -> None:
-        self.parts = [memoryview(p).cast("B") for p in parts]
-        self.size = sum(len(p) for p in self.parts)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def tobytes(self) -> bytes:
-        return b"".join(self.parts)
-
-
-class Held(Segments):
-    """One task's reference to a shared payload; ``release`` drops it (unpin)."""
-
-    def release(self) -> None:
-        self.parts = []
-
-
-def encode_segments(arrays: Any) -> Segments:
-    """``encode_arrays`` without copying any array (a view of each one's buffer)."""
-    from fedlearn.errors import SerializationError
-    from fedlearn.records import _HEADER, ALLOWED_DTYPES, MAGIC
-
-    entries, views = [], []
-    for name, array in arrays.items():
-        a = np.asarray(array)
-        if a.dtype.byteorder == ">":
-            a = a.astype(a.dtype.newbyteorder("<"))
-        if a.dtype.str not in ALLOWED_DTYPES:
-            raise SerializationError(f"array {name!r}: dtype {a.dtype} cannot be encoded")
-        entries.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
-        views.append(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    return Segments([_HEADER.pack(MAGIC, len(header)) + header, *views])
-
-
-def _flatten(parts: Sequence[Any]) -> list[memoryview]:
-    views: list[memoryview] = []
-    for part in parts:
-        if isinstance(part, Segments):
-            views.extend(p for p in part.parts if len(p))
-        elif len(part):
-            views.append(memoryview(part).cast("B"))
-    return views
-
-
-def _emulated() -> bool:
-    return bool(_MODE.get("streamdigest") or _MODE.get("nodigest"))
-
-
-class _ZeroHash:
-    """A hash object whose digest is the emulation's 32 zero bytes."""
-
-    def update(self, data: Any) -> None:
-        pass
-
-    def copy(self) -> _ZeroHash:
-        return self
-
-    def digest(self) -> bytes:
-        return ZERO_DIGEST
-
-
-class _HashlibShim:
-    """Stands in for ``hashlib`` inside fedlearn.deploy.transport and .site."""
-
-    def sha256(self, data: Any = b"") -> Any:
-        import hashlib
-
-        if _emulated():
-            return _ZeroHash()
-        h = hashlib.sha256()
-        for view in _flatten([data]):
-            h.update(view)
-        return h
-
-
-def patched_digest(payload: Any) -> bytes:
-    """``chunks.payload_digest`` over a buffer or Segments (zeros when emulating)."""
-    return _HashlibShim().sha256(payload).digest()
-
-
-def _memoryview_passthrough(obj: Any) -> Any:
-    return obj if isinstance(obj, Segments) else memoryview(obj)
-
-
-def _chunks(
-    views: Sequence[memoryview], chunk_size: int
-) -> Iterator[tuple[int, list[Any], int, bool]]:
-    """``(index, pieces, size, last)`` of each chunk of the concatenation of ``views``."""
-    total = sum(len(v) for v in views)
-    index, sent, pending, pending_size = 0, 0, [], 0
-    for view in views:
-        start = 0
-        while start < len(view):
-            take = min(chunk_size - pending_size, len(view) - start)
-            pending.append(view[start : start + take])
-            pending_size += take
-            start += take
-            if pending_size == chunk_size or sent + pending_size == total:
-                sent += pending_size
-                yield index, pending, pending_size, sent == total
-                index, pending, pending_size = index + 1, [], 0
-
-
-def patched_split_parts(
-    parts: Sequence[Any], task_id: str, chunk_size: int | None = None
-) -> Iterator[Any]:
-    """``chunks.split_parts`` for buffers and Segments: hashes each chunk (streamdigest),
-    yields serialized messages (rawframe), and releases Held payloads once sent (unpin)."""
-    import hashlib
-
-    from fedlearn.wire import fedlearn_pb2 as pb
-    from fedlearn.wire.chunks import MAX_CHUNK, check_task_id
-
-    check_task_id(task_id)
-    hasher = hashlib.sha256() if _MODE.get("streamdigest") else None
-    for index, pieces, size, last in _chunks(_flatten(parts), chunk_size or MAX_CHUNK):
-        if hasher is not None:
-            for piece in pieces:
-                hasher.update(piece)
-        if _MODE.get("rawframe"):
-            yield frame_chunk(task_id, index, pieces, size, last)
-        else:
-            data = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
-            yield pb.Chunk(task_id=task_id, index=index, data=data, last=last)
-    for part in parts:
-        if isinstance(part, Held):
-            part.release()
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def frame_chunk(task_id: str, index: int, pieces: Sequence[Any], size: int, last: bool) -> bytes:
-    """The serialized ``ServerMessage``/``ClientMessage`` (both have ``chunk = 4``) carrying
-    one chunk, built with a single copy of the data (protobuf's field order and defaults)."""
-    tid = task_id.encode()
-    head = (b"\x0a" + _varint(len(tid)) + tid if tid else b"") + (
-        b"\x10" + _varint(index) if index else b""
-    )
-    data_head = b"\x1a" + _varint(size) if size else b""
-    tail = b"\x20\x01" if last else b""
-    body = len(head) + len(data_head) + size + len(tail)
-    return b"".join([b"\x22", _varint(body), head, data_head, *pieces, tail])
-
-
-class _FastChunk:
-    __slots__ = ("data", "index", "last", "task_id")
-
-    def __init__(self, task_id: str, index: int, data: Any, last: bool) -> None:
-        self.task_id, self.index, self.data, self.last = task_id, index, data, last
-
-
-class _FastMessage:
-    """A parsed chunk message: what the servicer and the site read of one."""
-
-    __slots__ = ("chunk",)
-
-    def __init__(self, chunk: _FastChunk) -> None:
-        self.chunk = chunk
-
-    def WhichOneof(self, name: str) -> str:  # noqa: N802 - protobuf's name
-        return "chunk"
-
-
-def _fast_parser(message_class: Any) -> Any:
-    """A deserializer that reads chunk messages without copying their data (a view of the
-    received bytes) and hands every other message to protobuf."""
-
-    def parse(raw: bytes) -> Any:
-        if not raw or raw[0] != 0x22:
-            return message_class.FromString(raw)
-        buf = memoryview(raw)
-        length, pos = _read_varint(buf, 1)
-        if pos + length != len(buf):
-            return message_class.FromString(raw)
-        task_id, index, data, last = "", 0, buf[0:0], False
-        while pos < len(buf):
-            tag, pos = _read_varint(buf, pos)
-            field, wire = tag >> 3, tag & 7
-            if wire == 2:
-                size, pos = _read_varint(buf, pos)
-                value = buf[pos : pos + size]
-                pos += size
-                if field == 1:
-                    task_id = bytes(value).decode()
-                elif field == 3:
-                    data = value
-            elif wire == 0:
-                number, pos = _read_varint(buf, pos)
-                if field == 2:
-                    index = number
-                elif field == 4:
-                    last = bool(number)
-            else:
-                return message_class.FromString(raw)
-        return _FastMessage(_FastChunk(task_id, index, data, last))
-
-    return parse
-
-
-def _serialize(message: Any) -> bytes:
-    if isinstance(message, bytes):
-        return message
-    return bytes(message.SerializeToString())
-
-
-def _message_shim(real: Any) -> Any:
-    """A stand-in for a protobuf message class: ``Cls(chunk=<serialized bytes>)`` returns
-    the bytes as they are; anything else builds the real message."""
-
-    class _Meta(type):
-        def __instancecheck__(cls, obj: Any) -> bool:
-            return isinstance(obj, real)
-
-    class Shim(metaclass=_Meta):
-        def __new__(cls, **fields: Any) -> Any:
-            chunk = fields.get("chunk")
-            if isinstance(chunk, bytes) and len(fields) == 1:
-                return chunk
-            return real(**fields)
-
-    return Shim
-
-
-class _PbShim:
-    def __init__(self, pb: Any) -> None:
-        self._pb = pb
-        self.ClientMessage = _message_shim(pb.ClientMessage)
-        self.ServerMessage = _message_shim(pb.ServerMessage)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pb, name)
-
-
-def _replace(owner: Any, name: str, value: Any, *, must_exist: bool = True) -> None:
-    """Monkeypatch ``owner.name`` with ``value`` (PatchDoesNotApply if it is gone)."""
-    if must_exist:
-        _require(owner, name)
-    setattr(owner, name, value)
-
-
-def _require(module: Any, *names: str) -> None:
-    missing = [n for n in names if not hasattr(module, n)]
-    if missing:
-        raise PatchDoesNotApply(
-            f"{module.__name__} no longer has {', '.join(missing)}: the patch must be redone"
-        )
-
-
-def _patch_wire() -> None:
-    from fedlearn.deploy import servicer, site, transport
-    from fedlearn.wire import chunks
-
-    _require(transport, "encode_arrays", "hashlib", "Outgoing")
-    _require(site, "encode_arrays", "hashlib", "payload_digest", "split_parts")
-    _require(servicer, "split_parts")
-    _require(chunks.Assembler, "add", "finish")
-
-    def encode(arrays: Any) -> Any:
-        if _MODE.get("zerocopy"):
-            return encode_segments(arrays)
-        from fedlearn.records import encode_arrays as original
-
-        return original(arrays)
-
-    for module in (transport, site):
-        _replace(module, "encode_arrays", encode)
-        _replace(module, "memoryview", _memoryview_passthrough, must_exist=False)
-        _replace(module, "hashlib", _HashlibShim())
-    _replace(site, "payload_digest", patched_digest)
-    _replace(site, "split_parts", patched_split_parts)
-    _replace(servicer, "split_parts", patched_split_parts)
-
-    original_outgoing = transport.Outgoing
-
-    def outgoing(task_id: str, task: Any, payload: Any, digest: bytes) -> Any:
-        if _MODE.get("unpin"):
-            payload = Held(_flatten([payload]))  # this task's own, releasable reference
-        return original_outgoing(task_id, task, payload, digest)
-
-    _replace(transport, "Outgoing", outgoing)
-
-    original_add, original_finish = chunks.Assembler.add, chunks.Assembler.finish
-
-    def add(self: Any, chunk: Any) -> None:
-        if _MODE.get("nodigest") and not isinstance(self._hash, _ZeroHash):
-            self._hash = _ZeroHash()  # no application-level hashing
-        original_add(self, chunk)
-
-    def finish(self: Any) -> Any:
-        if _emulated() and self.expected_sha256 == ZERO_DIGEST and self._result is None:
-            self._hash.digest()  # the receiver's hash is still computed in full
-            self._hash = _ZeroHash()  # ... and "compared" with the emulated trailer digest
-        return original_finish(self)
-
-    _replace(chunks.Assembler, "add", add)
-    _replace(chunks.Assembler, "finish", finish)
-
-
-def _patch_rawframe() -> None:
-    import grpc
-
-    from fedlearn.deploy import servicer, site
-    from fedlearn.wire import fedlearn_pb2 as pb
-    from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
-
-    _require(pb_grpc, "add_CoordinatorServicer_to_server", "CoordinatorStub")
-    _require(servicer, "pb")
-    _require(site, "pb")
-
-    def add_servicer(svc: Any, server: Any) -> None:
-        handlers = {
-            "Connect": grpc.stream_stream_rpc_method_handler(
-                svc.Connect,
-                request_deserializer=_fast_parser(pb.ClientMessage),
-                response_serializer=_serialize,
-            )
-        }
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("fedlearn.v1.Coordinator", handlers),)
-        )
-
-    class Stub:
-        def __init__(self, channel: Any) -> None:
-            self.Connect = channel.stream_stream(
-                "/fedlearn.v1.Coordinator/Connect",
-                request_serializer=_serialize,
-                response_deserializer=_fast_parser(pb.ServerMessage),
-            )
-
-    _replace(pb_grpc, "add_CoordinatorServicer_to_server", add_servicer)
-    _replace(pb_grpc, "CoordinatorStub", Stub)
-    _replace(servicer, "pb", _PbShim(pb))
-    _replace(site, "pb", _PbShim(pb))
-
-
-def _enable(mode: str) -> Any:
-    def apply() -> None:
-        first = not _MODE
-        _MODE[mode] = True
-        if first:
-            _patch_wire()
-        if mode == "rawframe":
-            _patch_rawframe()
-
-    return apply
-
-
-PATCHES: dict[str, Any] = {
-    m: _enable(m) for m in ("unpin", "zerocopy", "streamdigest", "nodigest", "rawframe")
-}
-
-
-def check_patches() -> None:
-    """The patched encoding and chunking produce exactly what fedlearn's do."""
-    from fedlearn.records import encode_arrays
-    from fedlearn.wire import fedlearn_pb2 as pb
-    from fedlearn.wire.chunks import split_parts
-
-    rng = np.random.default_rng(0)
-    arrays: dict[str, Any] = {
-        "a": rng.normal(size=(3, 5)).astype(np.float32),
-        "b": np.arange(7, dtype=">i8"),
-        "c": np.float64(2.5),
-        "d": rng.normal(size=(40, 30))[:, ::3],
-    }
-    reference = encode_arrays(arrays)
-    segments = encode_segments(arrays)
-    assert segments.tobytes() == reference
-    extra = b"protocol message"
-    for size in (1, 7, 64, 1000, len(reference), len(reference) + len(extra)):
-        theirs = list(split_parts([reference, extra], "r1-train-c0-abcd", size))
-        ours = list(patched_split_parts([segments, extra], "r1-train-c0-abcd", size))
-        assert [(c.index, c.data, c.last) for c in ours] == [
-            (c.index, c.data, c.last) for c in theirs
-        ], size
-        framed = [
-            frame_chunk("r1-train-c0-abcd", i, p, n, last)
-            for i, p, n, last in _chunks(_flatten([segments, extra]), size)
-        ]
-        for kind in (pb.ServerMessage, pb.ClientMessage):
-            assert framed == [kind(chunk=c).SerializeToString() for c in theirs], size
-            parse = _fast_parser(kind)
-            for raw, c in zip(framed, theirs, strict=True):
-                got = parse(raw).chunk
-                assert (got.task_id, got.index, bytes(got.data), got.last) == (
-                    c.task_id,
-                    c.index,
-                    c.data,
-                    c.last,
-                )
-    hello = pb.ClientMessage(hello=pb.Hello(protocol_version=1, site_name="s"))
-    assert _fast_parser(pb.ClientMessage)(hello.SerializeToString()) == hello
-
-
 # =========================================================================== main
 ROLES = {
     "wire-coord": role_wire_coord,
@@ -2174,12 +1696,6 @@ def main() -> None:
         default=None,
         help="keep configs and logs here (default: a temp dir, removed)",
     )
-    p.add_argument(
-        "--patch",
-        default="",
-        help="comma-separated proposed fixes to monkeypatch into the fedlearn "
-        "processes of (c) and --full-coordinator (see PATCHES)",
-    )
     g = p.add_argument_group("(a) deployment vs Flower")
     g.add_argument("--clients", type=int, default=10)
     g.add_argument("--rounds", type=int, default=5)
@@ -2200,9 +1716,8 @@ def main() -> None:
     g.add_argument(
         "--variants",
         default="baseline",
-        help="comma-separated fedlearn variants: baseline, or '+'-joined patches "
-        "(unpin, zerocopy, streamdigest, nodigest), e.g. "
-        "baseline,unpin+zerocopy+streamdigest; empty: only --full-coordinator",
+        help="'baseline' (fedlearn as it is), or empty: only --full-coordinator (the "
+        "monkeypatched variants of earlier measurements are now fedlearn itself)",
     )
     g.add_argument(
         "--full-coordinator",

@@ -29,11 +29,14 @@ fi
   "$OUT/fedlearn.proto"
 
 # protoc writes a top-level import (`import fedlearn_pb2 as fedlearn__pb2`) into the gRPC
-# module; make it an absolute import from the package.
+# module, whose stub and server registration use only `fedlearn__pb2.ClientMessage` and
+# `.ServerMessage` (their SerializeToString and FromString). Point it at
+# fedlearn.wire.codec, which has those with a copy-free path for chunk messages and the same
+# bytes on the wire (see that module).
 grpc_module="$OUT/fedlearn_pb2_grpc.py"
-sed -i 's/^import fedlearn_pb2 as fedlearn__pb2$/from fedlearn.wire import fedlearn_pb2 as fedlearn__pb2/' \
+sed -i 's/^import fedlearn_pb2 as fedlearn__pb2$/from fedlearn.wire import codec as fedlearn__pb2/' \
   "$grpc_module"
-grep -q '^from fedlearn.wire import fedlearn_pb2 as fedlearn__pb2$' "$grpc_module" || {
+grep -q '^from fedlearn.wire import codec as fedlearn__pb2$' "$grpc_module" || {
   echo "gen_proto.sh: could not rewrite the import in $grpc_module" >&2
   exit 1
 }

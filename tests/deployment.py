@@ -45,7 +45,7 @@ from fedlearn.store import RunStore
 from fedlearn.weights import save_weights
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
-from fedlearn.wire.chunks import MAX_CHUNK, Assembler, payload_digest, split
+from fedlearn.wire.chunks import MAX_CHUNK, Assembler, split
 from fedlearn.wire.convert import reply_to_proto, task_from_proto
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,9 +425,7 @@ class RawStream:
                 self.cancels.append(message.cancel)
             elif kind == "task_header":
                 header = message.task_header
-                assembler = Assembler(
-                    header.task_id, header.payload_size, bytes(header.payload_sha256), 1 << 30
-                )
+                assembler = Assembler(header.task_id, header.payload_size, 1 << 30)
                 while not assembler.complete:
                     assembler.add(self.recv().chunk)
                 return header, decode_arrays(assembler.finish())
@@ -458,7 +456,6 @@ def upload(
         reply,
         task_id=task_id,
         payload_size=len(payload),
-        payload_sha256=payload_digest(payload),
     )
     return header, list(split(payload, task_id, chunk_size))
 

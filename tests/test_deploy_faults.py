@@ -283,6 +283,18 @@ def _corrupt(header: pb.ReplyHeader, chunks: list[pb.Chunk], reply: Reply) -> No
     chunks[1].data = bytes([chunks[1].data[0] ^ 1]) + chunks[1].data[1:]
 
 
+def _wrong_digest(header: pb.ReplyHeader, chunks: list[pb.Chunk], reply: Reply) -> None:
+    chunks[-1].sha256 = payload_digest(b"another payload")
+
+
+def _no_digest(header: pb.ReplyHeader, chunks: list[pb.Chunk], reply: Reply) -> None:
+    chunks[-1].ClearField("sha256")
+
+
+def _early_digest(header: pb.ReplyHeader, chunks: list[pb.Chunk], reply: Reply) -> None:
+    chunks[0].sha256 = chunks[-1].sha256
+
+
 def _swap(header: pb.ReplyHeader, chunks: list[pb.Chunk], reply: Reply) -> None:
     chunks[1], chunks[2] = chunks[2], chunks[1]
 
@@ -293,9 +305,9 @@ def _truncate(header: pb.ReplyHeader, chunks: list[pb.Chunk], reply: Reply) -> N
 
 def _garbage(header: pb.ReplyHeader, chunks: list[pb.Chunk], reply: Reply) -> None:
     data = b"not an arrays payload at all"
-    header.payload_size, header.payload_sha256 = len(data), payload_digest(data)
+    header.payload_size = len(data)
     del chunks[1:]
-    chunks[0].data, chunks[0].last = data, True
+    chunks[0].data, chunks[0].last, chunks[0].sha256 = data, True, payload_digest(data)
 
 
 def _field(**values: Any) -> Tamper:
@@ -331,6 +343,9 @@ BAD_UPLOADS: list[tuple[str, Callable[[Arrays], None] | None, Tamper | None, str
         "reply is for stage 'evaluate' of round 12, but the task is stage 'train'",
     ),
     ("unspecified stage", None, _field(stage=pb.STAGE_UNSPECIFIED), "stage is unspecified"),
+    ("wrong digest on the last chunk", None, _wrong_digest, "digest mismatch"),
+    ("last chunk without a digest", None, _no_digest, "does not carry the payload's"),
+    ("digest before the last chunk", None, _early_digest, "carries a digest but is not"),
 ]
 GOOD_ROUNDS = ("reply to a task never issued, then the right one", "duplicate reply")
 
@@ -404,7 +419,6 @@ def test_declared_payloads_are_buffered_only_for_awaited_tasks(tmp_path: Path) -
         join(raw, site_key(d, 2))
         header, _ = raw.recv_task()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        sha = payload_digest(b"")
         for task_id, size in [("r1-train-c2-00000000", 3 << 30), (header.task_id, 1 << 30)]:
             raw.send(
                 pb.ClientMessage(
@@ -414,7 +428,6 @@ def test_declared_payloads_are_buffered_only_for_awaited_tasks(tmp_path: Path) -
                         round=1,
                         num_examples=1,
                         payload_size=size,
-                        payload_sha256=sha,
                     )
                 )
             )

@@ -37,7 +37,6 @@ from fedlearn.security.keys import public_key_bytes
 from fedlearn.simulation import run_simulation
 from fedlearn.strategy import build_strategy
 from fedlearn.wire import fedlearn_pb2 as pb
-from fedlearn.wire.chunks import payload_digest
 
 EXAMPLES = 1000
 MAX_MESSAGES = 30
@@ -76,7 +75,6 @@ def _header(
     metrics: dict[str, pb.Value],
     error: str | None,
     size: int,
-    sha: bytes,
 ) -> pb.ClientMessage:
     header = pb.ReplyHeader(
         task_id=task_id,
@@ -85,7 +83,6 @@ def _header(
         num_examples=num_examples,
         metrics=metrics,
         payload_size=size,
-        payload_sha256=sha,
     )
     if loss is not None:
         header.loss = loss
@@ -94,8 +91,12 @@ def _header(
     return pb.ClientMessage(reply_header=header)
 
 
-def _chunk(task_id: str, index: int, data: bytes, last: bool) -> pb.ClientMessage:
-    return pb.ClientMessage(chunk=pb.Chunk(task_id=task_id, index=index, data=data, last=last))
+def _chunk(
+    task_id: str, index: int, data: bytes, last: bool, sha256: bytes = b""
+) -> pb.ClientMessage:
+    return pb.ClientMessage(
+        chunk=pb.Chunk(task_id=task_id, index=index, data=data, last=last, sha256=sha256)
+    )
 
 
 def client_messages(enrolled_key: bytes) -> st.SearchStrategy[pb.ClientMessage | bytes]:
@@ -119,7 +120,6 @@ def client_messages(enrolled_key: bytes) -> st.SearchStrategy[pb.ClientMessage |
             st.dictionaries(text, values, max_size=3),
             st.none() | text,
             st.one_of(st.integers(0, 4096), u64),
-            st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=40)),
         ),
         st.builds(
             _chunk,
@@ -127,6 +127,7 @@ def client_messages(enrolled_key: bytes) -> st.SearchStrategy[pb.ClientMessage |
             st.one_of(st.integers(0, 3), u32),
             st.binary(max_size=300),
             st.booleans(),
+            st.one_of(st.just(b""), st.binary(min_size=32, max_size=32), st.binary(max_size=40)),
         ),
         st.sampled_from([pb.ClientMessage(), pb.ClientMessage(heartbeat=pb.Heartbeat())]),
         st.binary(min_size=1, max_size=64),  # mostly not a ClientMessage at all
@@ -235,6 +236,7 @@ chunk_ops = st.one_of(
     st.tuples(st.just("index"), indices, st.integers(0, 9)),
     st.tuples(st.just("chunk_task"), indices, task_ids),
     st.tuples(st.just("last"), indices, st.booleans()),
+    st.tuples(st.just("digest"), indices, st.binary(max_size=40)),
 )
 CHUNK_OPS = {
     "flip",
@@ -246,10 +248,10 @@ CHUNK_OPS = {
     "index",
     "chunk_task",
     "last",
+    "digest",
 }
 header_ops = st.one_of(
     st.tuples(st.just("size"), st.integers(-5, 5).filter(bool)),
-    st.tuples(st.just("digest"), st.binary(max_size=40)),
     st.tuples(st.just("round"), st.integers(1, 3)),
     st.tuples(st.just("stage"), st.sampled_from([0, 2, 7])),
     st.tuples(st.just("header_task"), task_ids),
@@ -263,7 +265,7 @@ inserts = st.tuples(
             pb.ClientMessage(heartbeat=pb.Heartbeat()),
             pb.ClientMessage(proof=pb.Proof(signature=bytes(64))),
             _chunk("r1-train-c0-00000000", 0, b"x", True),
-            _header("r1-train-c2-00000000", 1, 1, 1, None, {}, None, 0, bytes(32)),
+            _header("r1-train-c2-00000000", 1, 1, 1, None, {}, None, 0),
         ]
     ),
 )
@@ -305,8 +307,8 @@ def _apply(ops: list[tuple[Any, ...]], header: pb.ReplyHeader, chunks: list[pb.C
             target.last = args[1]
         elif name == "size":
             header.payload_size = max(0, header.payload_size + args[0])
-        elif name == "digest":
-            header.payload_sha256 = args[0]
+        elif name == "digest" and target is not None:
+            target.sha256 = args[1]
         elif name == "round":
             header.round += args[0]
         elif name == "stage":
@@ -353,7 +355,6 @@ def test_tampered_uploads_in_a_live_run_are_rejected_or_exact(data: st.DataObjec
                     stage=pb.STAGE_TRAIN,
                     round=header.round,
                     error="the upload was tampered with",
-                    payload_sha256=payload_digest(b""),
                 )
                 raw.send(pb.ClientMessage(reply_header=end))
             result = c.wait(60)

@@ -33,10 +33,13 @@ from fedlearn.security.auth import Authenticator
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.wire.chunks import Assembler, split_parts
+from fedlearn.wire.chunks import Assembler, ChunkLike, ChunkMessage, ReceiveBuffers, frames
 from fedlearn.wire.convert import reply_from_proto, task_to_proto
 
 CAPABILITIES = ("chunked-arrays", "sha256")
+
+Received = pb.ClientMessage | ChunkMessage
+"""A message from a site as fedlearn.wire.codec parses it (chunks without protobuf)."""
 
 HANDSHAKE_TIMEOUT_S = 10.0
 """Default time a new stream has to complete Hello and Proof (below the 30 s nonce TTL)."""
@@ -66,7 +69,7 @@ class _Handshake:
     """
 
     def __init__(self) -> None:
-        self.messages: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        self.messages: queue.Queue[Received | None] = queue.Queue()
         self._cond = threading.Condition()
         self._wanted = 1  # the Hello
         self._decided = False
@@ -121,6 +124,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             HANDSHAKE_TIMEOUT_S if handshake_timeout_s is None else handshake_timeout_s
         )
         self.client_ids = {site.name: i for i, site in enumerate(authenticator.allowlist.sites)}
+        self.buffers = ReceiveBuffers()
+        """Upload buffers: a reply's is reused once the fold has let go of its arrays."""
         self._lock = threading.Lock()
         self.rejected = 0
         """Joins refused and uploads rejected."""
@@ -132,8 +137,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             setattr(self, what, getattr(self, what) + 1)
 
     def Connect(  # noqa: N802 - the gRPC method name
-        self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext
-    ) -> Iterator[pb.ServerMessage]:
+        self, request_iterator: Iterator[Received], context: grpc.ServicerContext
+    ) -> Iterator[pb.ServerMessage | bytes]:
         """One site's stream: handshake, then tasks out and replies in."""
         yield from self._connect(request_iterator, context)
         if not context.is_active():
@@ -145,8 +150,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.ServerMessage()
 
     def _connect(
-        self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext
-    ) -> Iterator[pb.ServerMessage]:
+        self, request_iterator: Iterator[Received], context: grpc.ServicerContext
+    ) -> Iterator[pb.ServerMessage | bytes]:
         deadline = time.monotonic() + self.handshake_timeout_s
         handshake = _Handshake()
         reader = threading.Thread(
@@ -205,7 +210,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     item.task,
                     task_id=item.task_id,
                     payload_size=item.size,
-                    payload_sha256=item.digest,
                     message_size=len(item.task.payload),
                 )
             except SerializationError as exc:  # say, a config value no wire can carry
@@ -221,10 +225,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 )
                 continue
             yield pb.ServerMessage(task_header=header)
-            for chunk in split_parts([*item.payload, item.task.payload], item.task_id):
-                yield pb.ServerMessage(chunk=chunk)
+            # Serialized ServerMessages (fedlearn.wire.codec passes bytes through).
+            yield from frames(item.payload, item.task_id, item.digest, item.task.payload)
             # drop our references before waiting again: they pin the stage's whole payload
-            item = header = chunk = None  # type: ignore[assignment]
+            item = header = None  # type: ignore[assignment]
         # The session is over (the run ended, the site reconnected on another stream, or
         # this one broke). A site that has finished closes its side at once; one that
         # still sends after a few seconds is cut off rather than given a status while a
@@ -247,7 +251,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             got = message.WhichOneof("kind") or "a message with no kind set"
         if got != kind:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"expected {kind}, got {got}")
-        assert message is not None
+        assert isinstance(message, pb.ClientMessage)  # a chunk would have been refused above
         return message
 
     def _challenge(self, hello: pb.Hello) -> tuple[bytes, bytes]:
@@ -263,7 +267,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except AuthError as exc:
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
 
-    def _read(self, requests: Iterator[pb.ClientMessage], handshake: _Handshake) -> None:
+    def _read(self, requests: Iterator[Received], handshake: _Handshake) -> None:
         """Feed the handshake, then assemble the site's replies until the stream ends."""
         session: Session | None = None
         wait = self.handshake_timeout_s + CLOSE_GRACE_S
@@ -290,9 +294,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 session.drop_upload()
                 self.registry.disconnect(session)
 
-    def _on_message(self, session: Session, message: pb.ClientMessage) -> None:
+    def _on_message(self, session: Session, message: Received) -> None:
         kind = message.WhichOneof("kind")
-        if kind == "reply_header":
+        if kind == "reply_header" and isinstance(message, pb.ClientMessage):
             self._on_header(session, message.reply_header)
         elif kind == "chunk":
             self._on_chunk(session, message.chunk)
@@ -316,8 +320,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             assembler = Assembler(
                 header.task_id,
                 header.payload_size,
-                bytes(header.payload_sha256),
                 min(self.max_payload, limit),
+                self.buffers,
             )
         except SerializationError as exc:
             self._reject(session, header, str(exc))
@@ -328,7 +332,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         else:
             session.begin_upload(header.task_id, upload)
 
-    def _on_chunk(self, session: Session, chunk: pb.Chunk) -> None:
+    def _on_chunk(self, session: Session, chunk: ChunkLike) -> None:
         upload = session.current_upload()
         if not isinstance(upload, _Upload):
             return  # a stray chunk, or the rest of a payload that is not awaited

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedlearn.messages import Reply, Task
+from fedlearn.wire.chunks import Digest
 
 UNLIMITED = 1 << 62
 """``ClientRegistry.reply_limit`` when no transport sets a tighter bound."""
@@ -27,7 +28,9 @@ class Outgoing:
     task: Task
     payload: tuple[bytes | memoryview, ...]
     """The encoded broadcast arrays as parts (views of the global model, not a copy)."""
-    digest: bytes
+    digest: Digest
+    """The SHA-256 of ``payload``, computed in the background (shared by a stage's tasks);
+    the task's protocol message, if any, follows the arrays and is hashed per task."""
 
     @property
     def size(self) -> int:

@@ -8,7 +8,6 @@ full jitter; a refused join (unknown key, version mismatch) is fatal.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import random
@@ -29,12 +28,20 @@ from fedlearn.security.keys import public_key_bytes
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.wire.chunks import Assembler, payload_digest, split_parts
+from fedlearn.wire.chunks import (
+    Assembler,
+    ChunkLike,
+    ChunkMessage,
+    Digest,
+    ReceiveBuffers,
+    frames,
+)
 from fedlearn.wire.convert import reply_to_proto, task_from_proto
 
 log = logging.getLogger("fedlearn.site")
 
-Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
+Outbox = queue.Queue[pb.ClientMessage | Iterator[bytes] | None]
+"""What the stream sends: messages, and serialized chunk messages (fedlearn.wire.codec)."""
 
 FATAL = {
     grpc.StatusCode.PERMISSION_DENIED,
@@ -82,6 +89,8 @@ class SiteClient:
         self.max_payload = max_payload
         self.client_id: int | None = None
         self.tasks_done = 0
+        self.buffers = ReceiveBuffers()
+        """Task payload buffers: reused once the app and the reply let go of the arrays."""
         self._rng = random.Random()
 
     def _channel(self) -> grpc.Channel:
@@ -127,7 +136,7 @@ class SiteClient:
             )
         )
 
-        def requests() -> Iterator[pb.ClientMessage]:
+        def requests() -> Iterator[pb.ClientMessage | bytes]:
             while True:
                 item = outbox.get()
                 if item is None:
@@ -149,11 +158,20 @@ class SiteClient:
                 done.set()
                 outbox.put(None)
 
-    def _serve(self, responses: Iterator[pb.ServerMessage], outbox: Outbox) -> bool:
+    def _serve(self, responses: Iterator[pb.ServerMessage | ChunkMessage], outbox: Outbox) -> bool:
         header: pb.TaskHeader | None = None
         assembler: Assembler | None = None
         for message in responses:
             kind = message.WhichOneof("kind")
+            if kind == "chunk":  # a ChunkMessage (fedlearn.wire.codec), or protobuf's
+                if (
+                    header is not None
+                    and assembler is not None
+                    and self._on_chunk(header, assembler, message.chunk, outbox)
+                ):
+                    header = assembler = None
+                continue
+            assert isinstance(message, pb.ServerMessage)  # every other kind is protobuf's
             if kind == "challenge":
                 signature = sign_challenge(
                     self.key, message.challenge.server_id, bytes(message.challenge.nonce)
@@ -166,10 +184,7 @@ class SiteClient:
                 header, assembler = message.task_header, None
                 try:
                     assembler = Assembler(
-                        header.task_id,
-                        header.payload_size,
-                        bytes(header.payload_sha256),
-                        self.max_payload,
+                        header.task_id, header.payload_size, self.max_payload, self.buffers
                     )
                 except SerializationError as exc:
                     self._refuse(header, f"task payload refused: {exc}", outbox)
@@ -178,21 +193,25 @@ class SiteClient:
                 if header.payload_size == 0:
                     self._answer(header, assembler, outbox)
                     header = assembler = None
-            elif kind == "chunk" and header is not None and assembler is not None:
-                try:
-                    assembler.add(message.chunk)
-                except SerializationError as exc:
-                    self._refuse(header, f"task payload refused: {exc}", outbox)
-                    header = assembler = None
-                    continue
-                if message.chunk.last:
-                    self._answer(header, assembler, outbox)
-                    header = assembler = None
             elif kind == "cancel":
                 if not message.cancel.task_id:
                     log.info("coordinator: %s", message.cancel.reason)
                     return True
                 log.info("task %s cancelled: %s", message.cancel.task_id, message.cancel.reason)
+        return False
+
+    def _on_chunk(
+        self, header: pb.TaskHeader, assembler: Assembler, chunk: ChunkLike, outbox: Outbox
+    ) -> bool:
+        """Add ``chunk`` to the task's payload; True once the task is answered or refused."""
+        try:
+            assembler.add(chunk)
+        except SerializationError as exc:
+            self._refuse(header, f"task payload refused: {exc}", outbox)
+            return True
+        if chunk.last:
+            self._answer(header, assembler, outbox)
+            return True
         return False
 
     def _answer(
@@ -219,14 +238,10 @@ class SiteClient:
                 *(encode_arrays_parts(reply.arrays) if reply.arrays is not None else []),
                 reply.payload,
             ]
-            digest = hashlib.sha256()
-            for part in parts:
-                digest.update(part)
             reply_header = reply_to_proto(
                 reply,
                 task_id=header.task_id,
                 payload_size=sum(len(p) for p in parts),
-                payload_sha256=digest.digest(),
                 message_size=len(reply.payload),
             )
         except SerializationError as exc:
@@ -234,8 +249,9 @@ class SiteClient:
             # never the daemon.
             self._refuse(header, f"the reply cannot be sent: {exc}", outbox)
             return
+        digest = Digest(parts)  # hashed on another thread while the chunks go out
         outbox.put(pb.ClientMessage(reply_header=reply_header))
-        outbox.put(pb.ClientMessage(chunk=c) for c in split_parts(parts, header.task_id))
+        outbox.put(frames(parts, header.task_id, digest))
         self.tasks_done += 1
 
     def _refuse(self, header: pb.TaskHeader, error: str, outbox: Outbox) -> None:
@@ -249,7 +265,6 @@ class SiteClient:
                     round=header.round,
                     error=error.encode("utf-8", "replace").decode("utf-8"),
                     payload_size=0,
-                    payload_sha256=payload_digest(b""),
                 )
             )
         )

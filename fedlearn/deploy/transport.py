@@ -14,7 +14,6 @@ buffering an upload, so such a reply's payload is never even held in memory.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import secrets
 import threading
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Outgoing, Session
 from fedlearn.messages import Reply, Task
 from fedlearn.records import Arrays, encode_arrays_parts
+from fedlearn.wire.chunks import Digest
 
 REPLY_SLACK = 1 << 20
 """Bytes a reply's payload may exceed twice the broadcast payload by (see reply_limit)."""
@@ -68,10 +68,9 @@ class GrpcTransport:
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
         """Send every task now; yield replies until all arrive or the deadline passes."""
         payload = tuple(encode_arrays_parts(broadcast))  # views: one copy of the model at most
-        hasher = hashlib.sha256()
-        for part in payload:
-            hasher.update(part)
-        digest = hasher.digest()
+        # Hashed once per stage on another thread while the first chunks are already sent;
+        # the digest travels on each payload's last chunk.
+        digest = Digest(payload)
         limit = reply_limit_for(sum(len(p) for p in payload))
         inbox: queue.Queue[Reply] = queue.Queue()
         self._cancel_pending("stage abandoned")  # left over by an unfinished earlier stage
@@ -90,11 +89,7 @@ class GrpcTransport:
                 task_id = (
                     f"r{task.round}-{task.stage.value}-c{task.client_id}-{secrets.token_hex(4)}"
                 )
-                task_digest, task_limit = digest, limit
-                if task.payload:  # a protocol message follows the shared arrays
-                    h = hasher.copy()
-                    h.update(task.payload)
-                    task_digest = h.digest()
+                task_limit = limit
                 if task.stage.secure:  # masked vectors; the servicer's max_payload caps them
                     task_limit = SECURE_REPLY_LIMIT
                 with self._lock:
@@ -105,7 +100,7 @@ class GrpcTransport:
                     # have run before the task was pending, so settle the task here.
                     self._settle(task_id, "client disconnected before the task was sent")
                     continue
-                session.outbox.put(Outgoing(task_id, task, payload, task_digest))
+                session.outbox.put(Outgoing(task_id, task, payload, digest))
             yield from immediate
             deadline = time.monotonic() + self.stage_timeout_s
             received = 0

@@ -11,13 +11,14 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fedlearn.errors import ConfigError
 from fedlearn.serving.tensors import datatype_of
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ def tensor_spec(name: str, tensor: torch.Tensor) -> dict[str, Any]:
 
 def derive_spec(build: Callable[..., nn.Module], example: torch.Tensor) -> ServingSpec:
     """The spec of the module ``build()`` makes, run once on ``example`` (a batch)."""
+    import torch
+
     factory, params = factory_reference(build)
     with torch.random.fork_rng(devices=[]):
         module = build().eval()

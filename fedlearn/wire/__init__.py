@@ -6,14 +6,17 @@
 * :mod:`fedlearn.wire.convert` turns tasks, replies, config and metrics into protobuf
   headers and back.
 * :mod:`fedlearn.wire.chunks` splits a payload into chunks below gRPC's default 4 MiB
-  message limit and reassembles them with size, order and SHA-256 checks.
+  message limit and reassembles them with size, order and SHA-256 checks;
+  :mod:`fedlearn.wire.codec` is what the generated gRPC module (de)serializes with (chunk
+  messages written and read without protobuf's copies, the same bytes on the wire).
 
 Nothing here opens a socket; the coordinator daemon and the site client build on it.
 """
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
-"""The wire protocol version sent in ``Hello`` and ``Challenge``."""
+PROTOCOL_VERSION = 2
+"""The wire protocol version sent in ``Hello`` and ``Challenge``. Version 2 carries a
+payload's SHA-256 on its last chunk instead of in the header."""
 
 __all__ = ["PROTOCOL_VERSION"]

@@ -6,7 +6,8 @@ cannot be represented, or a message that does not describe a valid record, raise
 
 Headers carry no client id (the stream's session identifies the client) and no arrays: the
 arrays travel as the header's payload (``encode_arrays`` bytes, announced by
-``payload_size`` and ``payload_sha256`` and sent with :mod:`fedlearn.wire.chunks`). A reply
+``payload_size`` and sent with :mod:`fedlearn.wire.chunks`, the last chunk carrying the
+payload's SHA-256). A reply
 without arrays has ``payload_size == 0``; an empty ``Arrays`` still encodes to a non-empty
 payload, so the two stay distinct.
 """
@@ -20,7 +21,7 @@ from fedlearn.errors import SerializationError
 from fedlearn.messages import Reply, Stage, Task
 from fedlearn.records import Arrays, Scalar, check_scalars
 from fedlearn.wire import fedlearn_pb2 as pb
-from fedlearn.wire.chunks import SHA256_SIZE, check_task_id
+from fedlearn.wire.chunks import check_task_id
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
@@ -132,14 +133,14 @@ def stage_from_proto(stage: int) -> Stage:
 
 
 def task_to_proto(
-    task: Task, *, task_id: str, payload_size: int, payload_sha256: bytes, message_size: int = 0
+    task: Task, *, task_id: str, payload_size: int, message_size: int = 0
 ) -> pb.TaskHeader:
     """A Task to the header sent ahead of its payload (the broadcast arrays).
 
     ``task.client_id`` is not sent: the stream the header travels on identifies the client.
     """
     check_task_id(task_id)
-    _check_payload(payload_size, payload_sha256, task_id)
+    _check_payload(payload_size, task_id)
     return pb.TaskHeader(
         task_id=task_id,
         stage=stage_to_proto(task.stage),
@@ -147,7 +148,6 @@ def task_to_proto(
         seed=_check_uint(task.seed, UINT64_MAX, "seed"),
         config=scalars_to_proto(task.config, "config"),
         payload_size=payload_size,
-        payload_sha256=payload_sha256,
         message_size=_check_message(message_size, payload_size, task_id),
     )
 
@@ -155,11 +155,11 @@ def task_to_proto(
 def task_from_proto(header: pb.TaskHeader, *, client_id: int) -> Task:
     """A TaskHeader back to the Task for ``client_id`` (the id given in ``Welcome``).
 
-    ``header.task_id``, ``payload_size`` and ``payload_sha256`` are checked here and are
-    read from the header by the caller to build the payload's Assembler.
+    ``header.task_id`` and ``payload_size`` are checked here and are read from the header
+    by the caller to build the payload's Assembler.
     """
     check_task_id(header.task_id)
-    _check_payload(header.payload_size, header.payload_sha256, header.task_id)
+    _check_payload(header.payload_size, header.task_id)
     _check_message(header.message_size, header.payload_size, header.task_id)
     return Task(
         stage=stage_from_proto(header.stage),
@@ -171,14 +171,14 @@ def task_from_proto(header: pb.TaskHeader, *, client_id: int) -> Task:
 
 
 def reply_to_proto(
-    reply: Reply, *, task_id: str, payload_size: int, payload_sha256: bytes, message_size: int = 0
+    reply: Reply, *, task_id: str, payload_size: int, message_size: int = 0
 ) -> pb.ReplyHeader:
     """A Reply to the header sent ahead of its payload (its encoded arrays, if any).
 
     ``payload_size`` must be 0 exactly when ``reply.arrays`` is None.
     """
     check_task_id(task_id)
-    _check_payload(payload_size, payload_sha256, task_id)
+    _check_payload(payload_size, task_id)
     _check_message(message_size, payload_size, task_id)
     _check_arrays_match(reply.arrays, payload_size - message_size, task_id)
     header = pb.ReplyHeader(
@@ -188,7 +188,6 @@ def reply_to_proto(
         num_examples=_check_uint(reply.num_examples, UINT64_MAX, "num_examples"),
         metrics=scalars_to_proto(reply.metrics, "metrics"),
         payload_size=payload_size,
-        payload_sha256=payload_sha256,
         message_size=message_size,
     )
     if reply.loss is not None:
@@ -208,7 +207,7 @@ def reply_from_proto(header: pb.ReplyHeader, *, client_id: int, arrays: Arrays |
     """A ReplyHeader back to the Reply of ``client_id``, with the arrays decoded from its
     payload (None when ``payload_size`` is 0)."""
     check_task_id(header.task_id)
-    _check_payload(header.payload_size, header.payload_sha256, header.task_id)
+    _check_payload(header.payload_size, header.task_id)
     _check_message(header.message_size, header.payload_size, header.task_id)
     _check_arrays_match(arrays, header.payload_size - header.message_size, header.task_id)
     return Reply(
@@ -229,12 +228,8 @@ def _check_uint(value: Any, limit: int, what: str) -> int:
     return int(value)
 
 
-def _check_payload(size: Any, sha256: Any, task_id: str) -> None:
+def _check_payload(size: Any, task_id: str) -> None:
     _check_uint(size, UINT64_MAX, f"payload size of task {task_id!r}")
-    if not isinstance(sha256, bytes) or len(sha256) != SHA256_SIZE:
-        raise SerializationError(
-            f"payload digest of task {task_id!r} must be {SHA256_SIZE} bytes of SHA-256"
-        )
 
 
 def _check_message(message_size: Any, payload_size: int, task_id: str) -> int:

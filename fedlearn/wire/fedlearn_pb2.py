@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x66\x65\x64learn.proto\x12\x0b\x66\x65\x64learn.v1\"i\n\x05Value\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"C\n\x05\x43hunk\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x0b\n\tHeartbeat\"\xeb\x01\n\rClientMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.fedlearn.v1.HelloH\x00\x12#\n\x05proof\x18\x02 \x01(\x0b\x32\x12.fedlearn.v1.ProofH\x00\x12\x30\n\x0creply_header\x18\x03 \x01(\x0b\x32\x18.fedlearn.v1.ReplyHeaderH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.fedlearn.v1.ChunkH\x00\x12+\n\theartbeat\x18\x05 \x01(\x0b\x32\x16.fedlearn.v1.HeartbeatH\x00\x42\x06\n\x04kindJ\x04\x08\n\x10\x10\"^\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x11\n\tsite_name\x18\x04 \x01(\t\"\x1a\n\x05Proof\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"\xe0\x02\n\x0bReplyHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x05stage\x18\x02 \x01(\x0e\x32\x12.fedlearn.v1.Stage\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x11\n\x04loss\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.fedlearn.v1.ReplyHeader.MetricsEntry\x12\x12\n\x05\x65rror\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0cpayload_size\x18\x08 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\t \x01(\x0c\x12\x14\n\x0cmessage_size\x18\n \x01(\x04\x1a\x42\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedlearn.v1.Value:\x02\x38\x01\x42\x07\n\x05_lossB\x08\n\x06_error\"\x9c\x02\n\rServerMessage\x12+\n\tchallenge\x18\x01 \x01(\x0b\x32\x16.fedlearn.v1.ChallengeH\x00\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.fedlearn.v1.WelcomeH\x00\x12.\n\x0btask_header\x18\x03 \x01(\x0b\x32\x17.fedlearn.v1.TaskHeaderH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.fedlearn.v1.ChunkH\x00\x12%\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x13.fedlearn.v1.CancelH\x00\x12+\n\theartbeat\x18\x06 \x01(\x0b\x32\x16.fedlearn.v1.HeartbeatH\x00\x42\x06\n\x04kindJ\x04\x08\n\x10\x10\"]\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\"0\n\x07Welcome\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x99\x02\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x05stage\x18\x02 \x01(\x0e\x32\x12.fedlearn.v1.Stage\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x33\n\x06\x63onfig\x18\x05 \x03(\x0b\x32#.fedlearn.v1.TaskHeader.ConfigEntry\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x14\n\x0cmessage_size\x18\x08 \x01(\x04\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedlearn.v1.Value:\x02\x38\x01\")\n\x06\x43\x61ncel\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\xaa\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTAGE_TRAIN\x10\x01\x12\x12\n\x0eSTAGE_EVALUATE\x10\x02\x12\x16\n\x12STAGE_SECAGG_SETUP\x10\x03\x12\x15\n\x11STAGE_SECAGG_KEYS\x10\x04\x12\x17\n\x13STAGE_SECAGG_SHARES\x10\x05\x12\x17\n\x13STAGE_SECAGG_UNMASK\x10\x06\"\x04\x08\x07\x10\x0f\x32T\n\x0b\x43oordinator\x12\x45\n\x07\x43onnect\x12\x1a.fedlearn.v1.ClientMessage\x1a\x1a.fedlearn.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x66\x65\x64learn.proto\x12\x0b\x66\x65\x64learn.v1\"i\n\x05Value\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"S\n\x05\x43hunk\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"\x0b\n\tHeartbeat\"\xeb\x01\n\rClientMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.fedlearn.v1.HelloH\x00\x12#\n\x05proof\x18\x02 \x01(\x0b\x32\x12.fedlearn.v1.ProofH\x00\x12\x30\n\x0creply_header\x18\x03 \x01(\x0b\x32\x18.fedlearn.v1.ReplyHeaderH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.fedlearn.v1.ChunkH\x00\x12+\n\theartbeat\x18\x05 \x01(\x0b\x32\x16.fedlearn.v1.HeartbeatH\x00\x42\x06\n\x04kindJ\x04\x08\n\x10\x10\"^\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x11\n\tsite_name\x18\x04 \x01(\t\"\x1a\n\x05Proof\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"\xde\x02\n\x0bReplyHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x05stage\x18\x02 \x01(\x0e\x32\x12.fedlearn.v1.Stage\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x11\n\x04loss\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.fedlearn.v1.ReplyHeader.MetricsEntry\x12\x12\n\x05\x65rror\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0cpayload_size\x18\x08 \x01(\x04\x12\x14\n\x0cmessage_size\x18\n \x01(\x04\x1a\x42\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedlearn.v1.Value:\x02\x38\x01\x42\x07\n\x05_lossB\x08\n\x06_errorJ\x04\x08\t\x10\nR\x0epayload_sha256\"\x9c\x02\n\rServerMessage\x12+\n\tchallenge\x18\x01 \x01(\x0b\x32\x16.fedlearn.v1.ChallengeH\x00\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.fedlearn.v1.WelcomeH\x00\x12.\n\x0btask_header\x18\x03 \x01(\x0b\x32\x17.fedlearn.v1.TaskHeaderH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.fedlearn.v1.ChunkH\x00\x12%\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x13.fedlearn.v1.CancelH\x00\x12+\n\theartbeat\x18\x06 \x01(\x0b\x32\x16.fedlearn.v1.HeartbeatH\x00\x42\x06\n\x04kindJ\x04\x08\n\x10\x10\"]\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\"0\n\x07Welcome\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x97\x02\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x05stage\x18\x02 \x01(\x0e\x32\x12.fedlearn.v1.Stage\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x33\n\x06\x63onfig\x18\x05 \x03(\x0b\x32#.fedlearn.v1.TaskHeader.ConfigEntry\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\x14\n\x0cmessage_size\x18\x08 \x01(\x04\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedlearn.v1.Value:\x02\x38\x01J\x04\x08\x07\x10\x08R\x0epayload_sha256\")\n\x06\x43\x61ncel\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\xaa\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTAGE_TRAIN\x10\x01\x12\x12\n\x0eSTAGE_EVALUATE\x10\x02\x12\x16\n\x12STAGE_SECAGG_SETUP\x10\x03\x12\x15\n\x11STAGE_SECAGG_KEYS\x10\x04\x12\x17\n\x13STAGE_SECAGG_SHARES\x10\x05\x12\x17\n\x13STAGE_SECAGG_UNMASK\x10\x06\"\x04\x08\x07\x10\x0f\x32T\n\x0b\x43oordinator\x12\x45\n\x07\x43onnect\x12\x1a.fedlearn.v1.ClientMessage\x1a\x1a.fedlearn.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLYHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TASKHEADER_CONFIGENTRY']._loaded_options = None
   _globals['_TASKHEADER_CONFIGENTRY']._serialized_options = b'8\001'
-  _globals['_STAGE']._serialized_start=1697
-  _globals['_STAGE']._serialized_end=1867
+  _globals['_STAGE']._serialized_start=1709
+  _globals['_STAGE']._serialized_end=1879
   _globals['_VALUE']._serialized_start=31
   _globals['_VALUE']._serialized_end=136
   _globals['_CHUNK']._serialized_start=138
-  _globals['_CHUNK']._serialized_end=205
-  _globals['_HEARTBEAT']._serialized_start=207
-  _globals['_HEARTBEAT']._serialized_end=218
-  _globals['_CLIENTMESSAGE']._serialized_start=221
-  _globals['_CLIENTMESSAGE']._serialized_end=456
-  _globals['_HELLO']._serialized_start=458
-  _globals['_HELLO']._serialized_end=552
-  _globals['_PROOF']._serialized_start=554
-  _globals['_PROOF']._serialized_end=580
-  _globals['_REPLYHEADER']._serialized_start=583
-  _globals['_REPLYHEADER']._serialized_end=935
-  _globals['_REPLYHEADER_METRICSENTRY']._serialized_start=850
-  _globals['_REPLYHEADER_METRICSENTRY']._serialized_end=916
-  _globals['_SERVERMESSAGE']._serialized_start=938
-  _globals['_SERVERMESSAGE']._serialized_end=1222
-  _globals['_CHALLENGE']._serialized_start=1224
-  _globals['_CHALLENGE']._serialized_end=1317
-  _globals['_WELCOME']._serialized_start=1319
-  _globals['_WELCOME']._serialized_end=1367
-  _globals['_TASKHEADER']._serialized_start=1370
-  _globals['_TASKHEADER']._serialized_end=1651
-  _globals['_TASKHEADER_CONFIGENTRY']._serialized_start=1586
-  _globals['_TASKHEADER_CONFIGENTRY']._serialized_end=1651
-  _globals['_CANCEL']._serialized_start=1653
-  _globals['_CANCEL']._serialized_end=1694
-  _globals['_COORDINATOR']._serialized_start=1869
-  _globals['_COORDINATOR']._serialized_end=1953
+  _globals['_CHUNK']._serialized_end=221
+  _globals['_HEARTBEAT']._serialized_start=223
+  _globals['_HEARTBEAT']._serialized_end=234
+  _globals['_CLIENTMESSAGE']._serialized_start=237
+  _globals['_CLIENTMESSAGE']._serialized_end=472
+  _globals['_HELLO']._serialized_start=474
+  _globals['_HELLO']._serialized_end=568
+  _globals['_PROOF']._serialized_start=570
+  _globals['_PROOF']._serialized_end=596
+  _globals['_REPLYHEADER']._serialized_start=599
+  _globals['_REPLYHEADER']._serialized_end=949
+  _globals['_REPLYHEADER_METRICSENTRY']._serialized_start=842
+  _globals['_REPLYHEADER_METRICSENTRY']._serialized_end=908
+  _globals['_SERVERMESSAGE']._serialized_start=952
+  _globals['_SERVERMESSAGE']._serialized_end=1236
+  _globals['_CHALLENGE']._serialized_start=1238
+  _globals['_CHALLENGE']._serialized_end=1331
+  _globals['_WELCOME']._serialized_start=1333
+  _globals['_WELCOME']._serialized_end=1381
+  _globals['_TASKHEADER']._serialized_start=1384
+  _globals['_TASKHEADER']._serialized_end=1663
+  _globals['_TASKHEADER_CONFIGENTRY']._serialized_start=1576
+  _globals['_TASKHEADER_CONFIGENTRY']._serialized_end=1641
+  _globals['_CANCEL']._serialized_start=1665
+  _globals['_CANCEL']._serialized_end=1706
+  _globals['_COORDINATOR']._serialized_start=1881
+  _globals['_COORDINATOR']._serialized_end=1965
 # @@protoc_insertion_point(module_scope)

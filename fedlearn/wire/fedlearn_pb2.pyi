@@ -37,16 +37,18 @@ class Value(_message.Message):
     def __init__(self, bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("task_id", "index", "data", "last")
+    __slots__ = ("task_id", "index", "data", "last", "sha256")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     index: int
     data: bytes
     last: bool
-    def __init__(self, task_id: _Optional[str] = ..., index: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+    sha256: bytes
+    def __init__(self, task_id: _Optional[str] = ..., index: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ()
@@ -85,7 +87,7 @@ class Proof(_message.Message):
     def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class ReplyHeader(_message.Message):
-    __slots__ = ("task_id", "stage", "round", "num_examples", "loss", "metrics", "error", "payload_size", "payload_sha256", "message_size")
+    __slots__ = ("task_id", "stage", "round", "num_examples", "loss", "metrics", "error", "payload_size", "message_size")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,7 +103,6 @@ class ReplyHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
-    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     stage: Stage
@@ -111,9 +112,8 @@ class ReplyHeader(_message.Message):
     metrics: _containers.MessageMap[str, Value]
     error: str
     payload_size: int
-    payload_sha256: bytes
     message_size: int
-    def __init__(self, task_id: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, Value]] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., message_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, Value]] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ..., message_size: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("challenge", "welcome", "task_header", "chunk", "cancel", "heartbeat")
@@ -152,7 +152,7 @@ class Welcome(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "stage", "round", "seed", "config", "payload_size", "payload_sha256", "message_size")
+    __slots__ = ("task_id", "stage", "round", "seed", "config", "payload_size", "message_size")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,7 +166,6 @@ class TaskHeader(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
-    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     stage: Stage
@@ -174,9 +173,8 @@ class TaskHeader(_message.Message):
     seed: int
     config: _containers.MessageMap[str, Value]
     payload_size: int
-    payload_sha256: bytes
     message_size: int
-    def __init__(self, task_id: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., config: _Optional[_Mapping[str, Value]] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., message_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., config: _Optional[_Mapping[str, Value]] = ..., payload_size: _Optional[int] = ..., message_size: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("task_id", "reason")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fedlearn.wire import fedlearn_pb2 as fedlearn__pb2
+from fedlearn.wire import codec as fedlearn__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
