@@ -56,7 +56,15 @@ class RoundFailed(FedlearnError):
 
 
 class AuthError(FedlearnError):
-    """A client failed authentication (unknown, revoked, replayed or bad proof)."""
+    """A client failed authentication (unknown, revoked, replayed or bad proof).
+
+    ``retryable`` marks a challenge that lapsed (expired, or dropped to make room for the
+    same key's newer ones) rather than a refusal: a fresh join may succeed.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class SecAggError(FedlearnError):

@@ -138,6 +138,7 @@ REFUSALS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.ABORTED,  # a lapsed challenge: join again
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.INTERNAL,  # gRPC's own answer to bytes that do not parse
 }

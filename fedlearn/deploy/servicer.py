@@ -8,7 +8,8 @@ the Welcome it assembles the site's replies.
 
 Nothing a site sends can stop the coordinator serving others: a malformed join ends that
 stream with an error status (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED,
-FAILED_PRECONDITION or DEADLINE_EXCEEDED), and a malformed reply fails that task (recorded
+FAILED_PRECONDITION or DEADLINE_EXCEEDED; ABORTED for a lapsed challenge, which a site
+answers by joining again), and a malformed reply fails that task (recorded
 as the client's failure), not the stream. A site has at most one upload in progress, only
 for a task it was actually given and is still awaited, and of at most the transport's
 limit for that task (and ``max_payload``): a declared payload is buffered only then.
@@ -181,7 +182,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 try:
                     site = self.auth.verify(public_key, nonce, bytes(proof.proof.signature))
                 except AuthError as exc:
-                    raise _Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+                    # a lapsed challenge (e.g. evicted by someone else's Hellos for this
+                    # key) is ABORTED: the site joins again instead of giving up
+                    code = (
+                        grpc.StatusCode.ABORTED
+                        if exc.retryable
+                        else grpc.StatusCode.UNAUTHENTICATED
+                    )
+                    raise _Refused(code, str(exc)) from None
             except _Refused as refused:
                 self._count("rejected")
                 log.info("join refused (%s): %s", refused.code.name, refused.details)

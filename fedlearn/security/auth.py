@@ -216,14 +216,14 @@ class Authenticator:
             self._purge(now)
             if nonce_b in self._used:
                 raise AuthError("nonce already used (replay)")
-            raise AuthError("unknown or expired nonce")
+            raise AuthError("unknown or expired nonce; join again", retryable=True)
         self._forget_pending(pending.public_key, nonce_b)
         self._remember_used(nonce_b, pending.expires_at)
         self._purge(now)
         if not hmac.compare_digest(pending.public_key, key):
             raise AuthError(f"nonce was not issued to key {fingerprint(key)}")
         if now >= pending.expires_at:
-            raise AuthError("nonce expired")
+            raise AuthError("nonce expired; join again", retryable=True)
         return self._admit(key)
 
     # -- internals ----------------------------------------------------------------------------
