@@ -9,9 +9,11 @@ gives the same model bit for bit in every transport.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -21,6 +23,7 @@ from fedlearn.messages import Reply, Stage, Task, seed_for
 from fedlearn.records import Arrays, Config, Metrics, Scalar
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, Fold, RoundContext, Strategy
 from fedlearn.validation import check_evaluation, check_update
+from fedlearn.weights import load_weights, save_weights
 
 if TYPE_CHECKING:
     from fedlearn.secagg.stages import SecureAggregation
@@ -144,6 +147,9 @@ class Coordinator:
     """Called before each round (deployment: wait until enough sites are connected)."""
     secure: SecureAggregation | None = None
     """Secure aggregation settings; the coordinator then sees only the sum of updates."""
+    hold_bytes: int | None = None
+    """Memory for replies that arrive before their turn (they are folded in task order);
+    beyond it early replies wait in temporary files. None: no limit."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -347,7 +353,7 @@ class Coordinator:
     def _stage(self, arrays: Arrays, tasks: list[Task]) -> Iterator[Reply]:
         if self.observer is not None and tasks:
             self.observer.stage_started(tasks[0].round, tasks[0].stage, len(tasks))
-        return in_task_order(self.transport.execute(arrays, tasks), tasks)
+        return in_task_order(self.transport.execute(arrays, tasks), tasks, self.hold_bytes)
 
     def _note(self, records: list[ClientRecord], record: ClientRecord) -> None:
         records.append(record)
@@ -355,29 +361,94 @@ class Coordinator:
             self.observer.reply_received(record)
 
 
-def in_task_order(replies: Iterable[Reply], tasks: Sequence[Task]) -> Iterator[Reply]:
+def in_task_order(
+    replies: Iterable[Reply], tasks: Sequence[Task], hold_bytes: int | None = None
+) -> Iterator[Reply]:
     """Yield ``replies`` in the order of ``tasks``, holding early arrivals back.
 
     A reply for a client that was not asked, or a second reply from the same client,
     is dropped. A task without a reply when the transport finishes yields a failure.
+    Early replies' arrays are kept in memory up to ``hold_bytes`` in all; past that they
+    wait in a temporary safetensors file (read back bit for bit when their turn comes), so
+    out-of-order arrivals cannot grow the coordinator's memory without bound.
     """
     position = {t.client_id: i for i, t in enumerate(tasks)}
-    held: dict[int, Reply] = {}
+    held = _HeldReplies(hold_bytes)
     following = 0
-    for reply in replies:
-        i = position.get(reply.client_id)
-        if i is None or i < following or i in held or reply.stage != tasks[i].stage:
-            continue
-        held[i] = reply
-        while following in held:
-            yield held.pop(following)
-            following += 1
-    for i in range(following, len(tasks)):
-        if i in held:
-            yield held.pop(i)
-        else:
-            t = tasks[i]
-            yield Reply(t.stage, t.round, t.client_id, error="no reply from the client")
+    try:
+        for reply in replies:
+            i = position.get(reply.client_id)
+            if i is None or i < following or i in held or reply.stage != tasks[i].stage:
+                continue
+            if i == following:
+                yield reply
+                following += 1
+            else:
+                held.put(i, reply)
+            while following in held:
+                yield held.pop(following)
+                following += 1
+        for i in range(following, len(tasks)):
+            if i in held:
+                yield held.pop(i)
+            else:
+                t = tasks[i]
+                yield Reply(t.stage, t.round, t.client_id, error="no reply from the client")
+    finally:
+        held.close()
+
+
+class _HeldReplies:
+    """Replies waiting for their turn: in memory up to a byte budget, then on disk."""
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self.memory: dict[int, Reply] = {}
+        self.on_disk: dict[int, tuple[Reply, Path]] = {}
+        self.in_memory = 0
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    def __contains__(self, i: int) -> bool:
+        return i in self.memory or i in self.on_disk
+
+    def put(self, i: int, reply: Reply) -> None:
+        size = _nbytes(reply)
+        if self.budget is None or self.in_memory + size <= self.budget or not reply.arrays:
+            self.memory[i] = reply
+            self.in_memory += size
+            return
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="fedlearn-held-")
+        path = Path(self._dir.name) / f"{i}.safetensors"
+        try:
+            save_weights(reply.arrays, path)
+        except (FedlearnError, OSError, ValueError, TypeError):
+            # arrays safetensors cannot hold (validation rejects them later) or a full
+            # disk: keep this one in memory rather than lose it
+            path.unlink(missing_ok=True)
+            self.memory[i] = reply
+            self.in_memory += size
+            return
+        self.on_disk[i] = (replace(reply, arrays=None), path)
+
+    def pop(self, i: int) -> Reply:
+        if i in self.memory:
+            reply = self.memory.pop(i)
+            self.in_memory -= _nbytes(reply)
+            return reply
+        reply, path = self.on_disk.pop(i)
+        arrays = load_weights(path)
+        path.unlink()
+        return replace(reply, arrays=arrays)
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def _nbytes(reply: Reply) -> int:
+    return sum(int(a.nbytes) for a in (reply.arrays or {}).values()) + len(reply.payload)
 
 
 def accepted_train(rnd: int, reply: Reply) -> tuple[ClientUpdate, ClientRecord]:

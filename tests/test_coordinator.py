@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +200,59 @@ def test_in_task_order_fills_missing_replies() -> None:
     out = list(in_task_order([Reply(Stage.TRAIN, 1, 2), Reply(Stage.EVALUATE, 1, 0)], _tasks(3)))
     assert [(r.client_id, r.ok) for r in out] == [(0, False), (1, False), (2, True)]
     assert out[0].error == "no reply from the client"
+
+
+def _arrays_reply(cid: int, rng: np.random.Generator) -> Reply:
+    arrays = {
+        "w": rng.standard_normal((50, 20)).astype(np.float32),
+        "b": rng.standard_normal(20).astype(np.float64),
+        "step": np.array(cid, dtype=np.int64),  # 0-d
+    }
+    return Reply(Stage.TRAIN, 1, cid, num_examples=cid + 1, arrays=arrays, metrics={"m": cid})
+
+
+def test_early_replies_past_the_memory_budget_wait_on_disk_and_come_back_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    rng = np.random.default_rng(0)
+    replies = [_arrays_reply(cid, rng) for cid in range(6)]
+    one = sum(a.nbytes for a in replies[0].arrays.values())  # type: ignore[union-attr]
+    seen_on_disk: list[int] = []
+
+    def arriving() -> Iterator[Reply]:
+        yield from replies[:0:-1]  # clients 5..1 first: all early
+        seen_on_disk.append(len(list(tmp_path.glob("fedlearn-held-*/*.safetensors"))))
+        yield replies[0]
+
+    out = list(in_task_order(arriving(), _tasks(6), hold_bytes=2 * one))
+    assert [r.client_id for r in out] == list(range(6))
+    assert seen_on_disk == [3]  # two of the five early replies fit the budget
+    for got, want in zip(out, replies, strict=True):
+        assert got.num_examples == want.num_examples and got.metrics == want.metrics
+        assert list(got.arrays) == list(want.arrays)  # type: ignore[arg-type]
+        for name, array in want.arrays.items():  # type: ignore[union-attr]
+            assert got.arrays[name].dtype == array.dtype  # type: ignore[index]
+            assert got.arrays[name].shape == array.shape  # type: ignore[index]
+            assert got.arrays[name].tobytes() == array.tobytes()  # type: ignore[index]
+    assert list(tmp_path.glob("fedlearn-held-*")) == []  # cleaned up
+
+
+def test_a_run_with_replies_in_reverse_and_no_memory_is_bit_identical() -> None:
+    class Reversed(InProcessTransport):
+        def execute(self, arrays: Arrays, tasks: list[Task]) -> Iterator[Reply]:
+            return iter(list(super().execute(arrays, tasks))[::-1])
+
+    def final(transport: InProcessTransport, hold: int | None) -> Arrays:
+        coordinator = Coordinator(
+            Strategy(fraction_train=0.5), transport, list(range(12)), 3, seed=3, hold_bytes=hold
+        )
+        return coordinator.run(LogReg().initial_arrays(0)).arrays
+
+    plain = final(InProcessTransport(LogReg), None)
+    spilled = final(Reversed(LogReg), 0)
+    for name in plain:
+        assert plain[name].tobytes() == spilled[name].tobytes()
 
 
 def _final(backend: str, seed: int, **kw: object) -> Arrays:

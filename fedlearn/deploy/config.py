@@ -36,6 +36,8 @@ class ServerSection(TlsSection):
     server_id: str = "fedlearn-coordinator"
     max_payload_mb: int = Field(4096, ge=1)
     handshake_timeout_s: float = Field(10.0, gt=0)
+    hold_replies_mb: int = Field(1024, ge=0)
+    """Memory for replies that arrive before their turn; beyond it they wait on disk."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
 
     @model_validator(mode="after")

@@ -142,6 +142,7 @@ def run_coordinator(
             available=registry.available,
             before_round=before_round,
             secure=make_secure(config.secagg),
+            hold_bytes=config.server.hold_replies_mb << 20,
         )
         result = coordinator.run(arrays, state, start)
         save_weights(result.arrays, state_dir / "model.safetensors", {"run": config.run.name})
