@@ -676,3 +676,23 @@ def test_a_challenge_evicted_by_someone_elses_hellos_makes_the_site_join_again(
             c.start_site(i)
         result = c.wait(30)
     assert result.rounds[0].ok and result.rounds[0].train_ok == 3
+
+
+def test_a_busy_site_skips_tasks_cancelled_while_it_trained(tmp_path: Path) -> None:
+    """Site 2 trains round 1 for 3 s against a 0.8 s stage deadline: its training task and
+    the tasks queued behind it are cancelled while it works. It sends no reply for any of
+    them (the coordinator gets no late reply) and answers the tasks after that normally."""
+    d = fault_deployment(tmp_path, rounds=3, stage_timeout_s=0.8)
+    with in_process_coordinator(d) as c:
+        c.start_site(0)
+        c.start_site(1)
+        busy = c.start_site(2, sleep_round=1, sleep_s=3.0)
+        result = c.wait(60)
+        late = c.transport.late_replies  # type: ignore[union-attr]
+        round1 = client_row(c, 1, Stage.TRAIN, 2)
+        last = client_row(c, 3, Stage.TRAIN, 2)
+    assert not round1.ok and "stage deadline" in (round1.error or "")
+    assert busy.tasks_skipped >= 2  # the slow task's reply and at least one queued task
+    assert late == 0
+    assert last.ok
+    assert [r.ok for r in result.rounds] == [True, True, True]

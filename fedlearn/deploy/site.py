@@ -2,8 +2,11 @@
 
 It runs the site's ClientApp through the same ClientRuntime as every simulation, so the
 same app gives the same update in both. Raw data never leaves: only the arrays the app
-returns are sent. Connection faults are retried forever with exponential backoff and
-full jitter; a refused join (unknown key, version mismatch) is fatal.
+returns are sent. Tasks run one at a time while a reader thread keeps taking messages off
+the stream, so a Cancel takes effect at once: a queued task it names is skipped and a
+running one's reply is dropped. Connection faults are retried forever with exponential
+backoff and full jitter; a refused join (unknown key, version mismatch) is fatal, a lapsed
+challenge (ABORTED) is retried.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class SiteClient:
         self.max_payload = max_payload
         self.client_id: int | None = None
         self.tasks_done = 0
+        self.tasks_skipped = 0
         self.buffers = ReceiveBuffers()
         """Task payload buffers: reused once the app and the reply let go of the arrays."""
         self._rng = random.Random()
@@ -159,15 +163,29 @@ class SiteClient:
                 outbox.put(None)
 
     def _serve(self, responses: Iterator[pb.ServerMessage | ChunkMessage], outbox: Outbox) -> bool:
+        # A reader thread takes messages off the stream while a task trains, so a Cancel
+        # is seen at once: a task cancelled before it starts is skipped, and the reply of
+        # one cancelled while it ran is not sent.
+        inbox: queue.Queue[pb.ServerMessage | ChunkMessage | BaseException | None] = queue.Queue()
+        cancelled: set[str] = set()
+        reader = threading.Thread(
+            target=_read_ahead, args=(responses, inbox, cancelled), daemon=True
+        )
+        reader.start()
         header: pb.TaskHeader | None = None
         assembler: Assembler | None = None
-        for message in responses:
+        while True:
+            message = inbox.get()
+            if message is None:
+                return False
+            if isinstance(message, BaseException):
+                raise message
             kind = message.WhichOneof("kind")
             if kind == "chunk":  # a ChunkMessage (fedlearn.wire.codec), or protobuf's
                 if (
                     header is not None
                     and assembler is not None
-                    and self._on_chunk(header, assembler, message.chunk, outbox)
+                    and self._on_chunk(header, assembler, message.chunk, outbox, cancelled)
                 ):
                     header = assembler = None
                 continue
@@ -191,17 +209,21 @@ class SiteClient:
                     header = None
                     continue
                 if header.payload_size == 0:
-                    self._answer(header, assembler, outbox)
+                    self._answer(header, assembler, outbox, cancelled)
                     header = assembler = None
             elif kind == "cancel":
                 if not message.cancel.task_id:
                     log.info("coordinator: %s", message.cancel.reason)
                     return True
                 log.info("task %s cancelled: %s", message.cancel.task_id, message.cancel.reason)
-        return False
 
     def _on_chunk(
-        self, header: pb.TaskHeader, assembler: Assembler, chunk: ChunkLike, outbox: Outbox
+        self,
+        header: pb.TaskHeader,
+        assembler: Assembler,
+        chunk: ChunkLike,
+        outbox: Outbox,
+        cancelled: set[str],
     ) -> bool:
         """Add ``chunk`` to the task's payload; True once the task is answered or refused."""
         try:
@@ -210,7 +232,7 @@ class SiteClient:
             self._refuse(header, f"task payload refused: {exc}", outbox)
             return True
         if chunk.last:
-            self._answer(header, assembler, outbox)
+            self._answer(header, assembler, outbox, cancelled)
             return True
         return False
 
@@ -219,9 +241,14 @@ class SiteClient:
         header: pb.TaskHeader,
         assembler: Assembler,
         outbox: Outbox,
+        cancelled: set[str],
     ) -> None:
         if self.client_id is None:
             raise SerializationError("task received before the join completed")
+        if header.task_id in cancelled:
+            log.info("task %s skipped: cancelled before it started", header.task_id)
+            self.tasks_skipped += 1
+            return
         try:
             task = task_from_proto(header, client_id=self.client_id)
             payload = assembler.finish()
@@ -233,6 +260,10 @@ class SiteClient:
             self._refuse(header, f"malformed task: {exc}", outbox)
             return
         reply = self.runtime.handle(task, arrays)
+        if header.task_id in cancelled:
+            log.info("task %s finished after its cancel: reply not sent", header.task_id)
+            self.tasks_skipped += 1
+            return
         try:
             parts = [
                 *(encode_arrays_parts(reply.arrays) if reply.arrays is not None else []),
@@ -268,6 +299,26 @@ class SiteClient:
                 )
             )
         )
+
+
+def _read_ahead(
+    responses: Iterator[pb.ServerMessage | ChunkMessage],
+    inbox: queue.Queue[pb.ServerMessage | ChunkMessage | BaseException | None],
+    cancelled: set[str],
+) -> None:
+    """Move the stream's messages to ``inbox`` (then None, or the error that ended it),
+    noting cancelled task ids as they arrive."""
+    try:
+        for message in responses:
+            if message.WhichOneof("kind") == "cancel":
+                assert isinstance(message, pb.ServerMessage)
+                if message.cancel.task_id:
+                    cancelled.add(message.cancel.task_id)
+            inbox.put(message)
+    except BaseException as exc:  # the stream's error goes to the serving thread
+        inbox.put(exc)
+    else:
+        inbox.put(None)
 
 
 def _cancel_on(stop: threading.Event, done: threading.Event, call: object) -> None:
