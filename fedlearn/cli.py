@@ -361,14 +361,22 @@ def serve_(
     insecure: Annotated[bool, typer.Option(help="plaintext on a non-loopback address")] = False,
     max_request_mb: Annotated[int, typer.Option(help="largest request accepted")] = 64,
     poll: Annotated[float, typer.Option(help="seconds between registry checks")] = 0.5,
+    torch_threads: Annotated[
+        int, typer.Option(help="torch threads per request (requests already run side by side)")
+    ] = 1,
     verbose: Annotated[bool, typer.Option(help="log swaps and errors")] = True,
 ) -> None:
     """Serve the registry's models over the Open Inference Protocol v2 (REST and gRPC),
     hot-swapping each model when its alias moves."""
+    import torch
+
     from fedlearn.registry import DEFAULT_FACTORY_PREFIXES
     from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
 
     _logging(verbose)
+    if torch_threads < 1:
+        _fail(f"--torch-threads must be >= 1, got {torch_threads}")
+    torch.set_num_threads(torch_threads)
     try:
         settings = EndpointSettings(
             registry=registry,

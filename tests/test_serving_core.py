@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlearn.errors import ConfigError, InvalidInput, ModelNotFound, ModelNotReady
 from fedlearn.registry import Gate, ModelRegistry
 from fedlearn.serving import ModelRepository, RepositorySettings, ServedModel, Signature
-from fedlearn.serving.tensors import array_from_bytes, array_from_list
+from fedlearn.serving.tensors import DATATYPES, array_from_bytes, array_from_list
 from fedlearn.torch_app import model_to_arrays
 from serving import MNIST_FACTORY, MNIST_SIGNATURE, digits, predict, publish_mnist, seeded_model
 
@@ -225,3 +227,32 @@ def test_concurrent_requests_during_swaps_never_fail(tmp_path: Path) -> None:
         repo.close()
     assert errors == []
     assert answered[1] >= 40 and answered[2] >= 40
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["FP32", "FP64", "INT8", "INT32", "INT64", "UINT8", "BOOL"]),
+    st.lists(
+        st.one_of(
+            st.integers(-(2**70), 2**70),
+            st.floats(allow_nan=False, width=64),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_json_tensors_decode_exactly_or_refuse(datatype: str, values: list[object]) -> None:
+    """Whatever path decodes it, a JSON tensor is the values in the datatype or a 400."""
+    try:
+        got = array_from_list(values, datatype, [len(values)])
+    except InvalidInput:
+        return
+    dtype = DATATYPES[datatype]
+    assert got.dtype == dtype and got.shape == (len(values),)
+    for value, out in zip(values, got.tolist(), strict=True):
+        if dtype.kind == "f":
+            assert out == pytest.approx(float(value), rel=1e-6) or not np.isfinite(out)  # type: ignore[arg-type]
+            assert np.isfinite(np.float64(out)) or abs(float(value)) > 1e38  # type: ignore[arg-type]
+        else:
+            assert out == value

@@ -57,6 +57,8 @@ class ModelRepository:
         self._current: dict[str, ServedModel] = {}
         self._cache: OrderedDict[tuple[str, int], ServedModel] = OrderedDict()
         self._failed: set[tuple[str, int]] = set()
+        self._known: frozenset[str] = frozenset()
+        self._versions: dict[str, frozenset[int]] = {}
         self._listeners: list[SwapListener] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,7 +90,9 @@ class ModelRepository:
         with self._db_lock:
             names = self._registry.names()
         wanted = self.settings.models
-        return names if wanted is None else [n for n in names if n in wanted]
+        names = names if wanted is None else [n for n in names if n in wanted]
+        self._known = frozenset(names)
+        return names
 
     def versions(self, name: str) -> list[int]:
         """Every version number of ``name``; ModelNotFound for an unknown model."""
@@ -173,7 +177,9 @@ class ModelRepository:
     # -- internals ----------------------------------------------------------------------
 
     def _check_name(self, name: str) -> None:
-        if name not in self.names():
+        # names known at the last look (refreshed by the watcher) answer without a query;
+        # an unknown one is looked up, so a model published since is found at once
+        if name not in self._known and name not in self.names():
             raise ModelNotFound(f"unknown model {name!r}")
 
     def _version_number(self, name: str, version: str | int) -> int:
@@ -191,7 +197,10 @@ class ModelRepository:
             raise ModelNotFound(
                 f"model {name!r}: version must be a positive integer, got {version!r}"
             )
-        if number not in self.versions(name):
+        known = self._versions.get(name, frozenset())
+        if number not in known:  # versions are never removed: only a miss is looked up
+            known = self._versions[name] = frozenset(self.versions(name))
+        if number not in known:
             raise ModelNotFound(f"model {name!r} has no version {number}")
         return number
 

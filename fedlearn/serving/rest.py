@@ -355,21 +355,26 @@ def create_app(
         ok = await run_in_threadpool(repository.ready, name, version_of(request))
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
-    def run_infer(model: ServedModel, body: bytes, header_length: str | None) -> Response:
-        request = parse_infer_request(body, header_length)
-        wanted = [name for name, _ in request.outputs] or None
-        results = model.infer(request.inputs, wanted)
-        return encode_infer_response(model, request, results)
+    def run_infer(
+        name: str, version: str | None, body: bytes, header_length: str | None
+    ) -> Response:
+        # one thread-pool hop per request: look the model up, then parse, infer, encode
+        model = repository.get(name, version)
+        with metrics.infer(PROTOCOL, model.name):
+            request = parse_infer_request(body, header_length)
+            wanted = [output for output, _ in request.outputs] or None
+            results = model.infer(request.inputs, wanted)
+            return encode_infer_response(model, request, results)
 
     async def infer(request: Request) -> Response:
         body = await read_body(request)
-        model = await run_in_threadpool(
-            repository.get, request.path_params["name"], version_of(request)
+        return await run_in_threadpool(
+            run_infer,
+            request.path_params["name"],
+            version_of(request),
+            body,
+            request.headers.get(HEADER_LENGTH),
         )
-        with metrics.infer(PROTOCOL, model.name):
-            return await run_in_threadpool(
-                run_infer, model, body, request.headers.get(HEADER_LENGTH)
-            )
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

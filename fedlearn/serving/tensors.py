@@ -157,6 +157,47 @@ def array_from_list(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarra
     """A tensor from JSON ``data`` (flat or nested, row-major), checked against ``shape``."""
     dtype = numpy_dtype(datatype)
     count = _element_count(shape)
+    fast = _numeric_array(data, dtype)
+    if fast is not None:
+        if fast.size != count:
+            raise InvalidInput(
+                f"data holds {fast.size} elements; shape {list(shape)} needs {count}"
+            )
+        return fast.reshape(tuple(shape))
+    return _checked_array(data, datatype, dtype, count, shape)
+
+
+def _numeric_array(data: Any, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """``data`` as ``dtype`` when numpy reads it as plain numbers of a fitting kind (the
+    common case, without a Python loop per element); None sends it to the slow path,
+    which names what is wrong."""
+    if not isinstance(data, list):
+        return None
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError):
+        return None
+    kind = raw.dtype.kind
+    if dtype.kind == "b":
+        return raw.astype(dtype) if kind == "b" else None
+    if dtype.kind == "f":
+        if kind not in "iuf" or (kind == "f" and raw.dtype.itemsize > 8):
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = raw.astype(dtype)
+        # a finite number that overflows the datatype goes to the slow path's error
+        return out if np.array_equal(np.isfinite(out), np.isfinite(raw)) else None
+    if kind not in "iu":  # integer datatypes: integer data only on the fast path
+        return None
+    info = np.iinfo(dtype)
+    if raw.size and (raw.min() < info.min or raw.max() > info.max):
+        return None
+    return raw.astype(dtype)
+
+
+def _checked_array(
+    data: Any, datatype: str, dtype: np.dtype[Any], count: int, shape: Sequence[int]
+) -> np.ndarray:
     try:
         flat = np.asarray(data, dtype=object).reshape(-1)
     except (ValueError, TypeError) as exc:
