@@ -825,9 +825,12 @@ def role_wire_coord(a: dict[str, Any]) -> None:
 
     baseline = current_rss_bytes()
     registry = ClientRegistry()
-    transport = GrpcTransport(registry, 600.0)
+    # as run_coordinator sets them: a payload digest on plaintext channels only
+    transport = GrpcTransport(registry, 600.0, digest=not a["tls"])
     auth = Authenticator(load_allowlist(a["allowlist"]), "fedlearn-bench")
-    servicer = CoordinatorServicer(registry, auth, 2 * a["model_bytes"] + MIB)
+    servicer = CoordinatorServicer(
+        registry, auth, 2 * a["model_bytes"] + MIB, require_digest=not a["tls"]
+    )
     section = ServerSection.model_validate(
         {
             "address": "127.0.0.1:0",

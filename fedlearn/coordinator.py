@@ -22,7 +22,7 @@ from fedlearn.errors import ConfigError, FedlearnError, RoundFailed, UpdateRejec
 from fedlearn.messages import Reply, Stage, Task, seed_for
 from fedlearn.records import Arrays, Config, Metrics, Scalar
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, Fold, RoundContext, Strategy
-from fedlearn.validation import check_evaluation, check_update
+from fedlearn.validation import all_finite, check_evaluation, check_update
 from fedlearn.weights import load_weights, save_weights
 
 if TYPE_CHECKING:
@@ -165,10 +165,19 @@ class Coordinator:
             )
 
     def run(
-        self, initial_arrays: Arrays, state: Arrays | None = None, start_round: int = 1
+        self,
+        initial_arrays: Arrays,
+        state: Arrays | None = None,
+        start_round: int = 1,
+        *,
+        copy: bool = True,
     ) -> RunResult:
-        """Run rounds ``start_round..rounds`` from ``initial_arrays``."""
-        arrays = {k: np.array(v) for k, v in initial_arrays.items()}
+        """Run rounds ``start_round..rounds`` from ``initial_arrays``.
+
+        With ``copy=False`` the caller hands the arrays over (it must not use or change
+        them again) and no second copy of the model is made.
+        """
+        arrays = {k: np.array(v) if copy else np.asarray(v) for k, v in initial_arrays.items()}
         state = self.strategy.init_state(arrays) if state is None else state
         rounds: list[RoundRecord] = []
         clients: list[ClientRecord] = []
@@ -475,7 +484,7 @@ def _check_model(new: Arrays, old: Arrays) -> Arrays:
         a = np.asarray(a)
         if a.shape != old[name].shape:
             raise ValueError(f"the server update changed the shape of {name!r}")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+        if a.dtype.kind == "f" and not all_finite(a):
             raise ValueError(f"the new global array {name!r} contains NaN or Inf")
         if a.dtype != old[name].dtype:
             a = np.rint(a) if old[name].dtype.kind in "iub" else a

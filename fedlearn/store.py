@@ -171,14 +171,11 @@ class RunStore:
         tmp = final.with_suffix(".tmp")
         tensors = {f"arrays/{k}": v for k, v in arrays.items()}
         tensors.update({f"state/{k}": v for k, v in state.items()})
-        save_weights(tensors, tmp)
-        digest = hashlib.sha256()
+        digest = save_weights(tensors, tmp)
         with open(tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        return name, digest.hexdigest()
+        return name, digest
 
     def _prune_checkpoints(self, keep: str) -> None:
         for old in self.path.parent.glob(f"{self.run_id}.round-*.safetensors"):

@@ -45,14 +45,14 @@ from fedlearn.deploy.sessions import ClientRegistry, Outgoing
 from fedlearn.deploy.site import FATAL
 from fedlearn.deploy.transport import GrpcTransport
 from fedlearn.messages import Reply, Stage, Task
-from fedlearn.records import Arrays
+from fedlearn.records import Arrays, decode_arrays
 from fedlearn.security.auth import sign_challenge
 from fedlearn.security.keys import generate_site_key
 from fedlearn.simulation import run_simulation
 from fedlearn.strategy import build_strategy
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
-from fedlearn.wire.chunks import payload_digest
+from fedlearn.wire.chunks import Assembler, payload_digest
 
 
 def fault_deployment(root: Path, **settings: Any) -> Deployment:
@@ -345,10 +345,13 @@ BAD_UPLOADS: list[tuple[str, Callable[[Arrays], None] | None, Tamper | None, str
     ),
     ("unspecified stage", None, _field(stage=pb.STAGE_UNSPECIFIED), "stage is unspecified"),
     ("wrong digest on the last chunk", None, _wrong_digest, "digest mismatch"),
-    ("last chunk without a digest", None, _no_digest, "does not carry the payload's"),
     ("digest before the last chunk", None, _early_digest, "carries a digest but is not"),
 ]
-GOOD_ROUNDS = ("reply to a task never issued, then the right one", "duplicate reply")
+GOOD_ROUNDS = (
+    "reply to a task never issued, then the right one",
+    "duplicate reply",
+    "no digest over TLS (every TLS record is authenticated)",
+)
 
 
 def test_bad_uploads_fail_only_that_client_and_leave_the_model_intact(tmp_path: Path) -> None:
@@ -376,6 +379,10 @@ def test_bad_uploads_fail_only_that_client_and_leave_the_model_intact(tmp_path: 
             elif GOOD_ROUNDS[index - len(BAD_UPLOADS)].startswith("reply to a task never"):
                 raw.reply(f"r{header.round}-train-c2-00000000", reply)
                 raw.reply(header.task_id, reply)
+            elif GOOD_ROUNDS[index - len(BAD_UPLOADS)].startswith("no digest"):
+                messages = upload(header.task_id, reply, chunk_size=100)
+                _no_digest(*messages, reply)
+                raw.send_upload(*messages)
             else:
                 raw.reply(header.task_id, reply)
                 raw.reply(header.task_id, reply)
@@ -696,3 +703,42 @@ def test_a_busy_site_skips_tasks_cancelled_while_it_trained(tmp_path: Path) -> N
     assert late == 0
     assert last.ok
     assert [r.ok for r in result.rounds] == [True, True, True]
+
+
+def test_plaintext_uploads_must_carry_a_digest(tmp_path: Path) -> None:
+    """On a plaintext channel nothing else guards a payload: the coordinator sends its
+    SHA-256 on each task's last chunk and refuses an upload whose last chunk has none."""
+    d = fault_deployment(tmp_path, rounds=2, min_clients=1, stage_timeout_s=20.0)
+    with (
+        in_process_coordinator(d, {"server.insecure": True}) as c,
+        grpc.insecure_channel(f"127.0.0.1:{c.port}") as channel,
+    ):
+        raw = RawStream(channel, timeout=60)
+        join(raw, site_key(d, 2))
+        last_chunks: list[pb.Chunk] = []
+        while True:
+            message = raw.recv()
+            kind = message.WhichOneof("kind")
+            if kind == "cancel" and not message.cancel.task_id:
+                break
+            if kind != "task_header":
+                continue
+            header = message.task_header
+            assembler = Assembler(header.task_id, header.payload_size, 1 << 30)  # needs one
+            while not assembler.complete:
+                chunk = raw.recv().chunk
+                assembler.add(chunk)
+            last_chunks.append(chunk)
+            arrays = decode_arrays(assembler.finish())
+            reply = genuine(d, header, arrays)
+            if (header.round, header.stage) == (1, pb.STAGE_TRAIN):
+                messages = upload(header.task_id, reply, chunk_size=100)
+                _no_digest(*messages, reply)
+                raw.send_upload(*messages)
+            else:
+                raw.reply(header.task_id, reply)
+        c.wait(60)
+        first, second = client_row(c, 1, Stage.TRAIN, 2), client_row(c, 2, Stage.TRAIN, 2)
+    assert all(len(chunk.sha256) == 32 for chunk in last_chunks)
+    assert not first.ok and "does not carry the payload's 32-byte SHA-256" in (first.error or "")
+    assert second.ok

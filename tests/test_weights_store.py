@@ -66,3 +66,27 @@ def test_a_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SerializationError, match="digest"):
         store.last_checkpoint()
     store.close()
+
+
+def test_streamed_safetensors_files_read_back_with_the_library(tmp_path: Path) -> None:
+    """save_weights writes the format itself (no in-memory copy of the model); the
+    safetensors library must read every dtype, 0-d, empty, big-endian and strided array."""
+    import hashlib
+
+    from safetensors.numpy import load_file
+
+    arrays = {
+        "scalar": np.array(2.5, np.float32),
+        "big_endian": np.arange(5, dtype=">i4"),
+        "flags": np.array([True, False, True]),
+        "empty": np.ones((3, 0), np.float16),
+        "strided": np.arange(24.0).reshape(4, 6)[:, ::3],
+        "u64": np.array([2**63 + 1], np.uint64),
+    }
+    digest = save_weights(arrays, tmp_path / "w.safetensors")
+    assert digest == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+    plain = load_file(str(tmp_path / "w.safetensors"))
+    for name, array in arrays.items():
+        assert plain[name].shape == array.shape, name
+        assert np.array_equal(plain[name], array), name
+        assert plain[name].dtype == array.dtype.newbyteorder("="), name

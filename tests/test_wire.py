@@ -932,7 +932,10 @@ def test_frames_are_protobufs_bytes_and_parse_back_without_copies(
                 c.sha256,
             )
             assert kind.FromString(raw).chunk == c
-    assert list(frames(parts, task_id, suffix=suffix, chunk_size=chunk_size)) == framed
+    # without a digest (TLS): the same frames, the last one without its sha256 field
+    bare = [pb.Chunk(task_id=c.task_id, index=c.index, data=c.data, last=c.last) for c in reference]
+    unhashed = list(frames(parts, task_id, None, suffix, chunk_size))
+    assert unhashed == [pb.ServerMessage(chunk=c).SerializeToString() for c in bare]
     assert all(codec.ClientMessage.SerializeToString(f) is f for f in framed)
     if not reference:
         assert parse_chunk_message(b"") is None
@@ -1010,3 +1013,35 @@ def test_receive_buffers_are_reused_only_when_nothing_refers_to_them() -> None:
     del fourth, view
     assert len(receive(np.arange(50.0))["w"]) == 50  # another size: a new buffer
     assert buffers.reused == 1
+
+
+def test_over_tls_a_digest_is_optional_but_checked_when_sent() -> None:
+    payload = bytes(range(256)) * 40
+    chunks = list(split(payload, "t", chunk_size=1000))
+    bare = [pb.Chunk(task_id=c.task_id, index=c.index, data=c.data, last=c.last) for c in chunks]
+    # TLS: no digest is fine; a digest that is sent must match
+    asm = Assembler("t", len(payload), max_size=MiB, require_digest=False)
+    for c in bare:
+        asm.add(c)
+    assert bytes(asm.finish()) == payload
+    asm = Assembler("t", len(payload), max_size=MiB, require_digest=False)
+    for c in chunks:
+        asm.add(c)
+    assert bytes(asm.finish()) == payload
+    wrong = [
+        *chunks[:-1],
+        pb.Chunk(
+            task_id="t", index=chunks[-1].index, data=chunks[-1].data, last=True, sha256=bytes(32)
+        ),
+    ]
+    asm = Assembler("t", len(payload), max_size=MiB, require_digest=False)
+    for c in wrong:
+        asm.add(c)
+    with pytest.raises(SerializationError, match="digest mismatch"):
+        asm.finish()
+    # plaintext: the digest is required
+    asm = Assembler("t", len(payload), max_size=MiB)
+    for c in bare[:-1]:
+        asm.add(c)
+    with pytest.raises(SerializationError, match="does not carry"):
+        asm.add(bare[-1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlearn.config import (
@@ -22,6 +24,9 @@ class TlsSection(_Section):
     """TLS material. Plaintext only with ``insecure = true``."""
 
     insecure: bool = False
+    payload_digest: Literal["auto", "always"] = "auto"
+    """``auto``: payloads carry a SHA-256 on plaintext channels only (TLS authenticates
+    every record); ``always``: this end attaches one to what it sends over TLS too."""
     ca: str | None = None
     cert: str | None = None
     key: str | None = None

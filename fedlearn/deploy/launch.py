@@ -83,4 +83,5 @@ def build_site(config: SiteConfig) -> SiteClient:
         server_name=conn.server_name,
         backoff=Backoff(conn.backoff_initial_s, conn.backoff_max_s),
         exit_when_finished=conn.exit_when_finished,
+        always_digest=conn.payload_digest == "always",
     )

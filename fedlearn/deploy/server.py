@@ -81,12 +81,18 @@ def run_coordinator(
     allowlist = load_allowlist(config.server.allowlist)
     authenticator = Authenticator(allowlist, config.server.server_id)
     registry = ClientRegistry()
-    transport = GrpcTransport(registry, config.run.stage_timeout_s)
+    plaintext = config.server.insecure
+    transport = GrpcTransport(
+        registry,
+        config.run.stage_timeout_s,
+        digest=plaintext or config.server.payload_digest == "always",
+    )
     servicer = CoordinatorServicer(
         registry,
         authenticator,
         config.server.max_payload_mb << 20,
         handshake_timeout_s=config.server.handshake_timeout_s,
+        require_digest=plaintext,
     )
     strategy = make_strategy(config.strategy)
     state_dir = Path(config.server.state_dir)
@@ -144,7 +150,8 @@ def run_coordinator(
             secure=make_secure(config.secagg),
             hold_bytes=config.server.hold_replies_mb << 20,
         )
-        result = coordinator.run(arrays, state, start)
+        # handed over, not copied: one copy of the model fewer for the whole run
+        result = coordinator.run(arrays, state, start, copy=False)
         save_weights(result.arrays, state_dir / "model.safetensors", {"run": config.run.name})
         if publisher is not None:
             publisher.publish_final(result.arrays, result.rounds, result.clients)

@@ -117,9 +117,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         max_payload: int,
         *,
         handshake_timeout_s: float | None = None,
+        require_digest: bool = True,
     ) -> None:
         self.registry = registry
         self.auth = authenticator
+        self.require_digest = require_digest
+        """Refuse uploads without a SHA-256 (plaintext); over TLS check one if present."""
         self.max_payload = max_payload
         self.handshake_timeout_s = (
             HANDSHAKE_TIMEOUT_S if handshake_timeout_s is None else handshake_timeout_s
@@ -330,6 +333,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 header.payload_size,
                 min(self.max_payload, limit),
                 self.buffers,
+                require_digest=self.require_digest,
             )
         except SerializationError as exc:
             self._reject(session, header, str(exc))

@@ -28,7 +28,7 @@ class Outgoing:
     task: Task
     payload: tuple[bytes | memoryview, ...]
     """The encoded broadcast arrays as parts (views of the global model, not a copy)."""
-    digest: Digest
+    digest: Digest | None
     """The SHA-256 of ``payload``, computed in the background (shared by a stage's tasks);
     the task's protocol message, if any, follows the arrays and is hashed per task."""
 

@@ -53,8 +53,12 @@ class _Pending:
 class GrpcTransport:
     """A Transport over the sites connected to a :class:`ClientRegistry`."""
 
-    def __init__(self, registry: ClientRegistry, stage_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, registry: ClientRegistry, stage_timeout_s: float = 600.0, digest: bool = True
+    ) -> None:
         self.registry = registry
+        self.digest = digest
+        """Attach the payload's SHA-256 to each task (off over TLS: records are authenticated)."""
         self.stage_timeout_s = stage_timeout_s
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
@@ -70,7 +74,7 @@ class GrpcTransport:
         payload = tuple(encode_arrays_parts(broadcast))  # views: one copy of the model at most
         # Hashed once per stage on another thread while the first chunks are already sent;
         # the digest travels on each payload's last chunk.
-        digest = Digest(payload)
+        digest = Digest(payload) if self.digest else None
         limit = reply_limit_for(sum(len(p) for p in payload))
         inbox: queue.Queue[Reply] = queue.Queue()
         self._cancel_pending("stage abandoned")  # left over by an unfinished earlier stage

@@ -88,6 +88,7 @@ class WeightedMeanFold:
         self._scratch: dict[np.dtype[Any], np.ndarray] = {}
         self._total = 0.0
         self.count = 0
+        self._result: Arrays | None = None
 
     def weight(self, update: ClientUpdate) -> float:
         """The weight of ``update``; override for other linear rules."""
@@ -95,6 +96,8 @@ class WeightedMeanFold:
 
     def add(self, update: ClientUpdate) -> None:
         """Add ``weight * update`` to the running sums, block by block."""
+        if self._result is not None:
+            raise ValueError("this fold already gave its result")
         w = self.weight(update)
         if self.count == 0:
             for name, x in update.arrays.items():
@@ -134,13 +137,18 @@ class WeightedMeanFold:
         """The weighted mean, in each array's original dtype."""
         if self.count == 0 or self._total <= 0:
             raise RoundFailed("no updates with positive weight to aggregate")
+        if self._result is not None:
+            return dict(self._result)
         out: Arrays = {}
         for name, acc in self._sums.items():
-            mean = np.asarray(acc / np.asarray(self._total, acc.dtype))
+            # divided in place: the same arithmetic as ``acc / total`` without a second
+            # model-sized array
+            mean = np.divide(acc, np.asarray(self._total, acc.dtype), out=acc)
             dtype = self._dtypes[name]
             out[name] = mean if mean.dtype == dtype else np.rint(mean).astype(dtype)
         self._scratch.clear()
-        return out
+        self._result = out
+        return dict(out)
 
 
 _AXPY = (np.dtype(np.float32), np.dtype(np.float64))

@@ -160,22 +160,25 @@ def frames(
     chunk_size: int = MAX_CHUNK,
 ) -> Iterator[bytes]:
     """The serialized ``ClientMessage``/``ServerMessage`` of each chunk of ``parts`` +
-    ``suffix``, lazily; the last one carries the payload's SHA-256.
+    ``suffix``, lazily; with a ``digest`` the last one carries the payload's SHA-256.
 
     ``digest`` is the Digest of ``parts`` (started before the first frame, so hashing
-    overlaps the sending); without it one is started here. Each frame is built with a
-    single copy of its data and is byte-identical to protobuf's serialization of
-    ``Message(chunk=Chunk(...))``. An empty payload yields no frames.
+    overlaps the sending); None sends no digest (over TLS, whose records are each
+    authenticated). Each frame is built with a single copy of its data and is
+    byte-identical to protobuf's serialization of ``Message(chunk=Chunk(...))``. An empty
+    payload yields no frames.
     """
     tid = check_task_id(task_id).encode("utf-8")
     id_field = bytes([_TASK_ID]) + _varint(len(tid)) + tid
     all_parts = [*parts, suffix] if len(suffix) else list(parts)
-    if digest is None:
-        digest = Digest(parts)
     for index, pieces, size, last in _pieces(all_parts, chunk_size):
         head = id_field + (bytes([_INDEX]) + _varint(index) if index else b"")
         data_head = bytes([_DATA]) + _varint(size)
-        tail = bytes([_LAST, 1, _SHA256, SHA256_SIZE]) + digest.result(suffix) if last else b""
+        tail = b""
+        if last:
+            tail = bytes([_LAST, 1])
+            if digest is not None:
+                tail += bytes([_SHA256, SHA256_SIZE]) + digest.result(suffix)
         body = len(head) + len(data_head) + size + len(tail)
         yield b"".join([bytes([_ENVELOPE_CHUNK]), _varint(body), head, data_head, *pieces, tail])
 
@@ -353,7 +356,9 @@ class Assembler:
     before the single allocation of ``expected_size`` bytes (from ``buffers`` when given,
     which gets the buffer back once the payload is finished). Call :meth:`add` for each
     chunk in arrival order, then :meth:`finish`, which checks the digest the last chunk
-    carries against the SHA-256 of what arrived.
+    carries against the SHA-256 of what arrived. With ``require_digest`` (a plaintext
+    channel) a last chunk without one is refused; otherwise (TLS, which authenticates
+    every record) a digest is checked when present, hashed in one pass at the end.
     """
 
     def __init__(
@@ -362,8 +367,10 @@ class Assembler:
         expected_size: int,
         max_size: int,
         buffers: ReceiveBuffers | None = None,
+        require_digest: bool = True,
     ) -> None:
         self.task_id = check_task_id(task_id)
+        self.require_digest = require_digest
         if isinstance(expected_size, bool) or not isinstance(expected_size, int):
             raise SerializationError(f"payload size of task {task_id!r} must be an int")
         if expected_size < 0:
@@ -378,7 +385,7 @@ class Assembler:
         self._buffer = bytearray(expected_size) if buffers is None else buffers.take(expected_size)
         self._buffers = buffers
         self._view = memoryview(self._buffer)
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if require_digest else None
         self._received = 0
         self._next_index = 0
         self._last_seen = False
@@ -437,7 +444,7 @@ class Assembler:
                     f"{where} is marked last but the payload ends at byte {end} of "
                     f"{self.expected_size}"
                 )
-            if len(sha256) != SHA256_SIZE:
+            if len(sha256) != SHA256_SIZE and (self.require_digest or len(sha256)):
                 raise SerializationError(
                     f"{where} is the last but does not carry the payload's {SHA256_SIZE}-byte "
                     "SHA-256"
@@ -446,7 +453,8 @@ class Assembler:
         elif len(sha256):
             raise SerializationError(f"{where} carries a digest but is not the last chunk")
         self._view[self._received : end] = data
-        self._hash.update(data)  # releases the GIL: gRPC's threads receive meanwhile
+        if self._hash is not None:
+            self._hash.update(data)  # releases the GIL: gRPC's threads receive meanwhile
         self._received = end
         self._next_index += 1
         self._last_seen = chunk.last
@@ -465,8 +473,13 @@ class Assembler:
                 f"payload of task {self.task_id!r} has all its bytes but its last chunk "
                 "was never marked last"
             )
-        if self._last_seen:  # an empty payload may come without a chunk, hence a digest
-            digest = self._hash.digest()
+        if self._last_seen and (self._hash is not None or self._sha256):
+            # an empty payload may come without a chunk, hence a digest
+            digest = (
+                self._hash.digest()
+                if self._hash is not None
+                else hashlib.sha256(self._view).digest()  # TLS, and the sender sent one
+            )
             if not hmac.compare_digest(digest, self._sha256):
                 raise SerializationError(
                     f"payload of task {self.task_id!r}: digest mismatch (SHA-256 "
