@@ -12,14 +12,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedlearn.config import load_config, parse_assignment
-from fedlearn.coordinator import ClientRecord, RoundRecord
 from fedlearn.errors import FedlearnError
-from fedlearn.messages import Stage
 from fedlearn.models_cli import models_app
 from fedlearn.security.cli import certs_app, keys_app
 
 if TYPE_CHECKING:
+    from fedlearn.coordinator import ClientRecord, RoundRecord
     from fedlearn.job import JobResult
+    from fedlearn.messages import Stage
     from fedlearn.publish import Published
 
 app = typer.Typer(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from fedlearn.errors import ConfigError
 from fedlearn.records import Arrays, Config, Metrics
 
 
@@ -69,3 +70,14 @@ class ProvidesInitialArrays(Protocol):
     def initial_arrays(self, seed: int) -> Arrays:
         """Fresh model weights, deterministic in ``seed``."""
         ...
+
+
+def build_app(factory: Any, data: Any, params: dict[str, Any]) -> ClientApp:
+    """``factory(data, **params)`` as a ClientApp; ConfigError names what is wrong."""
+    try:
+        app = factory(data, **params)
+    except TypeError as exc:
+        raise ConfigError(f"client.params: {exc}") from exc
+    if not isinstance(app, ClientApp):
+        raise ConfigError("client.app must build an object with train() and evaluate()")
+    return app

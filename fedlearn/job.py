@@ -5,9 +5,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fedlearn.client_app import ClientApp, ProvidesInitialArrays
+from fedlearn.client_app import ClientApp, ProvidesInitialArrays, build_app
 from fedlearn.config import SecAggSection, SimulationConfig, StrategySection
 from fedlearn.coordinator import Observer, RoundSink, RunResult
 from fedlearn.data import load_dataset, partition_dataset
@@ -155,14 +154,3 @@ def run_job(
     finally:
         store.close()
     return JobResult(result, out, [] if publisher is None else publisher.published, probe)
-
-
-def build_app(factory: Any, data: Any, params: dict[str, Any]) -> ClientApp:
-    """``factory(data, **params)`` as a ClientApp; ConfigError names what is wrong."""
-    try:
-        app = factory(data, **params)
-    except TypeError as exc:
-        raise ConfigError(f"client.params: {exc}") from exc
-    if not isinstance(app, ClientApp):
-        raise ConfigError("client.app must build an object with train() and evaluate()")
-    return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -12,8 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedlearn.errors import FedlearnError
-from fedlearn.registry import PRODUCTION, Gate, ModelRegistry, ModelVersion
-from fedlearn.report import lower_is_better
+
+if TYPE_CHECKING:
+    from fedlearn.registry import ModelRegistry, ModelVersion
+
+PRODUCTION = "production"  # fedlearn.registry.PRODUCTION, without importing it here
 
 models_app = typer.Typer(
     help="Published model versions: list, show, promote, roll back.", no_args_is_help=True
@@ -32,6 +35,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _open(root: Path) -> ModelRegistry:
+    from fedlearn.registry import ModelRegistry
+
     if not (root / "registry.db").is_file():
         _fail(f"no model registry at {root} (publish a run first, or pass --registry)")
     return ModelRegistry(root)
@@ -136,6 +141,9 @@ def promote(
     force: Annotated[bool, typer.Option(help="skip the gate (still recorded)")] = False,
 ) -> None:
     """Make a version production if it passes the gate; the decision is recorded."""
+    from fedlearn.registry import Gate
+    from fedlearn.report import lower_is_better
+
     with _open(registry) as reg:
         try:
             gate = (

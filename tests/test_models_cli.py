@@ -69,3 +69,9 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     assert code == 2 and "no version 7" in out
     code, out = _run("models", "rollback", "mnist", "--registry", str(tmp_path))
     assert code == 2 and "no previous production" in out
+
+
+def test_the_cli_names_the_registry_production_alias() -> None:
+    from fedlearn import models_cli, registry
+
+    assert models_cli.PRODUCTION == registry.PRODUCTION

@@ -31,13 +31,11 @@ from fedlearn.errors import AuthError, SerializationError
 from fedlearn.messages import Reply, Stage
 from fedlearn.records import decode_arrays
 from fedlearn.security.auth import Authenticator
-from fedlearn.wire import PROTOCOL_VERSION
+from fedlearn.wire import CAPABILITIES, PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
 from fedlearn.wire.chunks import Assembler, ChunkLike, ChunkMessage, ReceiveBuffers, frames
 from fedlearn.wire.convert import reply_from_proto, task_to_proto
-
-CAPABILITIES = ("chunked-arrays", "sha256")
 
 Received = pb.ClientMessage | ChunkMessage
 """A message from a site as fedlearn.wire.codec parses it (chunks without protobuf)."""

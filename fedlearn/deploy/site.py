@@ -22,13 +22,12 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedlearn.client_app import ClientApp
-from fedlearn.deploy.servicer import CAPABILITIES
 from fedlearn.errors import AuthError, SerializationError
 from fedlearn.records import decode_arrays, encode_arrays_parts
 from fedlearn.runtime import ClientRuntime
 from fedlearn.security.auth import sign_challenge
 from fedlearn.security.keys import public_key_bytes
-from fedlearn.wire import PROTOCOL_VERSION
+from fedlearn.wire import CAPABILITIES, PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
 from fedlearn.wire.chunks import (

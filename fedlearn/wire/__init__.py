@@ -19,4 +19,7 @@ PROTOCOL_VERSION = 2
 """The wire protocol version sent in ``Hello`` and ``Challenge``. Version 2 carries a
 payload's SHA-256 on its last chunk instead of in the header."""
 
-__all__ = ["PROTOCOL_VERSION"]
+CAPABILITIES = ("chunked-arrays", "sha256")
+"""What this side of the protocol can do, announced in ``Hello`` and ``Challenge``."""
+
+__all__ = ["CAPABILITIES", "PROTOCOL_VERSION"]
