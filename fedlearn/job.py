@@ -6,18 +6,17 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlearn.builders import make_secure, make_strategy
 from fedlearn.client_app import ClientApp, ProvidesInitialArrays, build_app
-from fedlearn.config import SecAggSection, SimulationConfig, StrategySection
+from fedlearn.config import SimulationConfig
 from fedlearn.coordinator import Observer, RoundSink, RunResult
 from fedlearn.data import load_dataset, partition_dataset
 from fedlearn.errors import ConfigError
 from fedlearn.publish import Published, Publisher, PublishingSink, serving_spec
 from fedlearn.references import resolve
 from fedlearn.report import write_report
-from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import run_simulation
 from fedlearn.store import RunStore
-from fedlearn.strategy import Strategy, build_strategy
 from fedlearn.weights import save_weights
 
 
@@ -29,32 +28,6 @@ class JobResult:
     out_dir: Path
     published: list[Published]
     app: ClientApp
-
-
-def make_strategy(section: StrategySection) -> Strategy:
-    """A built-in strategy by name, or a user's ``module:Class`` Strategy subclass."""
-    if ":" not in section.name:
-        return build_strategy(section.name, section.params)
-    cls = resolve(section.name, "strategy.name")
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise ConfigError(f"strategy.name: {section.name} is not a Strategy subclass")
-    try:
-        return cls(**section.params)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise ConfigError(f"strategy.params: {exc}") from exc
-
-
-def make_secure(section: SecAggSection) -> SecureAggregation | None:
-    """Secure aggregation settings, or None when ``[secagg]`` is off."""
-    if not section.enabled:
-        return None
-    return SecureAggregation(
-        clip=section.clip,
-        max_weight=section.max_weight,
-        modulus_bits=section.modulus_bits,
-        neighbours=section.neighbours,
-        threshold=section.threshold,
-    )
 
 
 def run_dir(config: SimulationConfig) -> Path:

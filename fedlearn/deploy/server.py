@@ -13,9 +13,11 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
+from fedlearn.builders import make_secure, make_strategy
 from fedlearn.coordinator import Coordinator, Observer, Observers, RoundSink, RunResult
 from fedlearn.deploy.config import CoordinatorConfig, ServerSection
 from fedlearn.deploy.metrics import CoordinatorMetrics
@@ -23,8 +25,6 @@ from fedlearn.deploy.servicer import CoordinatorServicer
 from fedlearn.deploy.sessions import ClientRegistry
 from fedlearn.deploy.transport import GrpcTransport
 from fedlearn.errors import ConfigError, RoundFailed
-from fedlearn.job import make_secure, make_strategy
-from fedlearn.publish import Publisher, PublishingSink, serving_spec
 from fedlearn.records import Arrays
 from fedlearn.references import resolve
 from fedlearn.security.auth import Authenticator
@@ -33,6 +33,9 @@ from fedlearn.security.keys import load_allowlist
 from fedlearn.store import RunStore
 from fedlearn.weights import load_weights, save_weights
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from fedlearn.publish import Publisher
 
 log = logging.getLogger("fedlearn.server")
 
@@ -98,19 +101,18 @@ def run_coordinator(
     state_dir = Path(config.server.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore(state_dir / "run.db", run_id=config.run.name, checkpoint=True)
-    publisher = (
-        Publisher(
+    publisher: Publisher | None = None
+    sink: RoundSink = store
+    if config.publish.enabled:  # imported only then: the registry and its dependencies
+        from fedlearn.publish import Publisher, PublishingSink, serving_spec
+
+        publisher = Publisher(
             config.publish,
             config.run.name,
             serving_spec(config.publish, None),
             Path(config.publish.registry or state_dir / "registry"),
         )
-        if config.publish.enabled
-        else None
-    )
-    sink: RoundSink = (
-        store if publisher is None else PublishingSink(store, publisher, config.publish.every)
-    )
+        sink = PublishingSink(store, publisher, config.publish.every)
     metrics = CoordinatorMetrics(registry)
     server, port = start_server(config.server, servicer, max_workers=2 * len(allowlist) + 8)
     log.info("coordinator listening on port %d", port)
