@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the committed protobuf/gRPC code in fedlearn/wire from fedlearn/wire/fedlearn.proto.
+# Regenerates the committed protobuf/gRPC code:
+#   fedlearn/wire/fedlearn.proto                  -> fedlearn/wire/fedlearn_pb2*        (deployment)
+#   fedlearn/serving/oip/grpc_predict_v2.proto    -> fedlearn/serving/oip/grpc_predict_v2_pb2*  (OIP v2)
 #
 # Usage: scripts/gen_proto.sh
 #
@@ -12,7 +14,6 @@ cd "$(dirname "$0")/.."
 
 GEN_VENV="${GEN_VENV:-/tmp/gen-venv}"
 TOOLS_SPEC="grpcio-tools==1.81.*"
-OUT=fedlearn/wire
 
 if ! "$GEN_VENV/bin/python" -c 'import grpc_tools, sys
 from importlib.metadata import version
@@ -21,24 +22,24 @@ sys.exit(0 if version("grpcio-tools").startswith("1.81.") else 1)' 2>/dev/null; 
   "$GEN_VENV/bin/python" -m pip install -q "$TOOLS_SPEC"
 fi
 
-"$GEN_VENV/bin/python" -m grpc_tools.protoc \
-  -I "$OUT" \
-  --python_out="$OUT" \
-  --pyi_out="$OUT" \
-  --grpc_python_out="$OUT" \
-  "$OUT/fedlearn.proto"
-
-# protoc writes a top-level import (`import fedlearn_pb2 as fedlearn__pb2`) into the gRPC
-# module, whose stub and server registration use only `fedlearn__pb2.ClientMessage` and
-# `.ServerMessage` (their SerializeToString and FromString). Point it at
-# fedlearn.wire.codec, which has those with a copy-free path for chunk messages and the same
-# bytes on the wire (see that module).
-grpc_module="$OUT/fedlearn_pb2_grpc.py"
-sed -i 's/^import fedlearn_pb2 as fedlearn__pb2$/from fedlearn.wire import codec as fedlearn__pb2/' \
-  "$grpc_module"
-grep -q '^from fedlearn.wire import codec as fedlearn__pb2$' "$grpc_module" || {
-  echo "gen_proto.sh: could not rewrite the import in $grpc_module" >&2
-  exit 1
+# generate DIR NAME IMPORT: protoc DIR/NAME.proto, then replace the gRPC module's top-level
+# `import NAME_pb2 as ALIAS` (which only works from inside DIR) with `IMPORT as ALIAS`.
+generate() {
+  local dir=$1 name=$2 import=$3
+  "$GEN_VENV/bin/python" -m grpc_tools.protoc \
+    -I "$dir" --python_out="$dir" --pyi_out="$dir" --grpc_python_out="$dir" "$dir/$name.proto"
+  local grpc_module="$dir/${name}_pb2_grpc.py"
+  sed -i "s/^import ${name}_pb2 as \(.*\)$/${import} as \1/" "$grpc_module"
+  grep -q "^${import} as " "$grpc_module" || {
+    echo "gen_proto.sh: could not rewrite the import in $grpc_module" >&2
+    exit 1
+  }
+  echo "generated $dir/${name}_pb2.py, $dir/${name}_pb2.pyi, $grpc_module"
 }
-echo "generated $OUT/fedlearn_pb2.py, $OUT/fedlearn_pb2.pyi, $grpc_module" \
-  "with grpcio-tools $("$GEN_VENV/bin/python" -c 'from importlib.metadata import version; print(version("grpcio-tools"))')"
+
+# The deployment's gRPC module uses only `ClientMessage` and `ServerMessage` (their
+# SerializeToString and FromString): fedlearn.wire.codec has those, with a copy-free path
+# for chunk messages and the same bytes on the wire.
+generate fedlearn/wire fedlearn "from fedlearn.wire import codec"
+generate fedlearn/serving/oip grpc_predict_v2 "from fedlearn.serving.oip import grpc_predict_v2_pb2"
+echo "with grpcio-tools $("$GEN_VENV/bin/python" -c 'from importlib.metadata import version; print(version("grpcio-tools"))')"

@@ -8,9 +8,6 @@ code outside the allowed modules or unpickle anything.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ from torch import nn
 
 from fedlearn.errors import ConfigError, InvalidInput
 from fedlearn.records import Arrays
+from fedlearn.references import resolve
 from fedlearn.registry import DEFAULT_FACTORY_PREFIXES, ModelRegistry, ModelVersion, check_factory
 from fedlearn.serving.tensors import Signature, datatype_of
 
@@ -34,17 +32,10 @@ def build_module(
 ) -> nn.Module:
     """``factory(**params)`` (an allowed ``module:function``) with ``arrays`` loaded, in
     eval mode."""
-    module_name, function = check_factory(factory, allowed)
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"factory {factory!r}: cannot import {module_name!r} ({exc})") from exc
-    build = getattr(module, function, None)
+    module_name, function = check_factory(factory, allowed)  # before anything is imported
+    build = resolve(factory, "factory")
     if not callable(build):
-        raise ConfigError(f"factory {factory!r}: {module_name} has no callable {function!r}")
+        raise ConfigError(f"factory {factory!r}: {module_name}.{function} is not callable")
     try:
         model = build(**(params or {}))
     except TypeError as exc:
