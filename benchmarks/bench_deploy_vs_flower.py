@@ -328,7 +328,7 @@ def site_toml(
 address = "127.0.0.1:{port}"
 {_tls_lines(material, tls, server=False)}
 backoff_initial_s = 0.05
-backoff_max_s = 1.0
+backoff_max_s = 0.2
 exit_when_finished = true
 
 [site]
