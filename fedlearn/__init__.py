@@ -36,6 +36,7 @@ if _TYPE_CHECKING:
     from fedlearn.flower import FlowerClientApp
     from fedlearn.messages import Reply, Stage, Task
     from fedlearn.records import Arrays, Config, Metrics, Scalar, decode_arrays, encode_arrays
+    from fedlearn.registry import Decision, Gate, ModelRegistry, ModelVersion
     from fedlearn.simulation import InProcessTransport, PoolTransport, run_simulation
     from fedlearn.store import RunStore
     from fedlearn.strategy import (
@@ -66,6 +67,10 @@ if _TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    "Decision": "fedlearn.registry",
+    "Gate": "fedlearn.registry",
+    "ModelRegistry": "fedlearn.registry",
+    "ModelVersion": "fedlearn.registry",
     "Arrays": "fedlearn.records",
     "AuthError": "fedlearn.errors",
     "Bulyan": "fedlearn.strategy",
@@ -128,6 +133,10 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "Decision",
+    "Gate",
+    "ModelRegistry",
+    "ModelVersion",
     "STRATEGIES",
     "Arrays",
     "AuthError",
