@@ -20,10 +20,8 @@ a server calls :func:`check_factory` before importing one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 import sqlite3
 import time
@@ -34,9 +32,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fedlearn.errors import ConfigError, SerializationError
+from fedlearn.errors import ConfigError
 from fedlearn.records import Arrays
-from fedlearn.weights import load_weights, save_weights
+from fedlearn.weights import load_verified, save_weights_atomically
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -285,19 +283,7 @@ class ModelRegistry:
     def load(self, name: str, version: int | str) -> Arrays:
         """The arrays of a version (or alias), after checking the file's sha256."""
         info = self.resolve(name, version)
-        digest = hashlib.sha256()
-        try:
-            with open(info.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-        except OSError as exc:
-            raise SerializationError(f"model file {info.path} is unreadable: {exc}") from exc
-        if digest.hexdigest() != info.sha256:
-            raise SerializationError(
-                f"model file {info.path} does not match the sha256 recorded for "
-                f"{name!r} v{info.version}"
-            )
-        return load_weights(info.path)
+        return load_verified(info.path, info.sha256, f"model file of {name!r} v{info.version}")
 
     # -- aliases ------------------------------------------------------------------------
 
@@ -443,22 +429,9 @@ class ModelRegistry:
         return self.root / name / f"v{version}.safetensors"
 
     def _write_file(self, path: Path, arrays: Arrays, metadata: dict[str, str]) -> str:
-        """Write to a temporary name, sync, rename; returns the file's sha256."""
+        """Write atomically (temporary name, sync, rename); returns the file's sha256."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            save_weights(arrays, tmp, metadata)
-            digest = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-        return digest.hexdigest()
+        return save_weights_atomically(arrays, path, metadata)
 
     def _row(self, name: str, version: int) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = self._db.execute(
@@ -627,17 +600,3 @@ def _check_signature(signature: Mapping[str, Any]) -> dict[str, Any]:
             checked.append({"name": name, "datatype": datatype, "shape": list(shape)})
         out[side] = checked
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

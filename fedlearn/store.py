@@ -6,9 +6,7 @@ and strategy state commit together or not at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -16,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlearn.coordinator import ClientRecord, RoundRecord
-from fedlearn.errors import SerializationError
 from fedlearn.messages import Stage
 from fedlearn.records import Arrays
-from fedlearn.weights import load_weights, save_weights
+from fedlearn.weights import load_verified, save_weights_atomically
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -167,15 +164,9 @@ class RunStore:
         a temporary name, synced and renamed; returns (file name, sha256). Files have no
         size limit (a SQLite blob stops at 1 GB) and are never unpickled."""
         name = f"{self.run_id}.round-{rnd}.safetensors"
-        final = self.path.parent / name
-        tmp = final.with_suffix(".tmp")
         tensors = {f"arrays/{k}": v for k, v in arrays.items()}
         tensors.update({f"state/{k}": v for k, v in state.items()})
-        digest = save_weights(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        return name, digest
+        return name, save_weights_atomically(tensors, self.path.parent / name)
 
     def _prune_checkpoints(self, keep: str) -> None:
         for old in self.path.parent.glob(f"{self.run_id}.round-*.safetensors"):
@@ -244,15 +235,7 @@ class RunStore:
         ).fetchone()
         if row is None:
             return None
-        path = self.path.parent / row[1]
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise SerializationError(f"checkpoint {path} is missing: {exc}") from exc
-        if hashlib.sha256(data).hexdigest() != row[2]:
-            raise SerializationError(f"checkpoint {path} does not match its recorded digest")
-        del data
-        tensors = load_weights(path)
+        tensors = load_verified(self.path.parent / row[1], row[2], "checkpoint")
         arrays = {k[7:]: v for k, v in tensors.items() if k.startswith("arrays/")}
         state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
         return row[0], arrays, state

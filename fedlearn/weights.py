@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,53 @@ def save_weights(arrays: Arrays, path: str | Path, metadata: dict[str, str] | No
             f.write(block)
             digest.update(block)
     return digest.hexdigest()
+
+
+def save_weights_atomically(
+    arrays: Arrays, path: Path, metadata: dict[str, str] | None = None
+) -> str:
+    """:func:`save_weights` to a temporary name, synced, then renamed over ``path`` (and the
+    rename synced where the directory can be opened); returns the file's sha256. A crash
+    leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        digest = save_weights(arrays, tmp, metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return digest
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_verified(path: Path, sha256: str, what: str) -> Arrays:
+    """:func:`load_weights` after checking the file's sha256 against ``sha256`` (hashed in
+    4 MiB blocks, never the whole file in memory); SerializationError names ``what``."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise SerializationError(f"{what} {path} is unreadable: {exc}") from exc
+    if digest.hexdigest() != sha256:
+        raise SerializationError(f"{what} {path} does not match its recorded sha256 digest")
+    return load_weights(path)
 
 
 def load_weights(path: str | Path) -> Arrays:
