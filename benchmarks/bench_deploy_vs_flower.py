@@ -377,8 +377,8 @@ def run_fedlearn_deploy(
     timeout: float,
 ) -> dict[str, Any]:
     """One whole deployment run: coordinator + ``clients`` site processes, fresh state."""
-    from fedlearn.store import RunStore
-    from fedlearn.weights import load_weights
+    from fedlearn.engine.store import RunStore
+    from fedlearn.engine.weights import load_weights
 
     port = free_port()
     run_dir = root / f"rep-{rep}"
@@ -786,13 +786,13 @@ class EchoApp:
     """Returns the arrays it was sent; reports when train() was entered and left."""
 
     def train(self, arrays: Any, config: Any, ctx: Any) -> Any:
-        from fedlearn.client_app import TrainResult
+        from fedlearn.engine.client_app import TrainResult
 
         t_recv = time.monotonic()
         return TrainResult(dict(arrays), 1, {"t_recv": t_recv, "t_ret": time.monotonic()})
 
     def evaluate(self, arrays: Any, config: Any, ctx: Any) -> Any:
-        from fedlearn.client_app import EvaluateResult
+        from fedlearn.engine.client_app import EvaluateResult
 
         return EvaluateResult(1, 0.0, {})
 
@@ -814,12 +814,12 @@ def blockwise_equal(x: np.ndarray, y: np.ndarray, block: int = 1 << 22) -> bool:
 
 def role_wire_coord(a: dict[str, Any]) -> None:
     """Host the coordinator side of the wire path; run ``reps`` one-task stages."""
-    from fedlearn.deploy.config import ServerSection
+    from fedlearn.config.deployment import ServerSection
     from fedlearn.deploy.server import start_server
     from fedlearn.deploy.servicer import CoordinatorServicer
     from fedlearn.deploy.sessions import ClientRegistry
     from fedlearn.deploy.transport import GrpcTransport
-    from fedlearn.messages import Stage, Task
+    from fedlearn.engine.messages import Stage, Task
     from fedlearn.security.auth import Authenticator
     from fedlearn.security.keys import load_allowlist
 
@@ -1056,7 +1056,8 @@ def raw_once(
 
 def role_full_coord(a: dict[str, Any]) -> None:
     """A whole ``run_coordinator`` (1 round, no evaluation) with a ``model_bytes`` model."""
-    from fedlearn.deploy.config import CoordinatorConfig, load_toml
+    from fedlearn.config.deployment import CoordinatorConfig
+    from fedlearn.config.loading import load_toml
     from fedlearn.deploy.server import run_coordinator
 
     config = load_toml(CoordinatorConfig, a["config"])
@@ -1255,7 +1256,7 @@ class TinyApp:
                 self.compute[(ctx.round, "cpu")] = time.process_time()
 
     def train(self, arrays: Any, config: Any, ctx: Any) -> Any:
-        from fedlearn.client_app import TrainResult
+        from fedlearn.engine.client_app import TrainResult
 
         t0 = time.perf_counter()
         new = {k: np.asarray(v) + 0.0 for k, v in arrays.items()}
@@ -1264,7 +1265,7 @@ class TinyApp:
         return result
 
     def evaluate(self, arrays: Any, config: Any, ctx: Any) -> Any:
-        from fedlearn.client_app import EvaluateResult
+        from fedlearn.engine.client_app import EvaluateResult
 
         t0 = time.perf_counter()
         result = EvaluateResult(10, 0.5, {"accuracy": 0.5})
@@ -1313,7 +1314,8 @@ def stop_profiling(profilers: list[Any], top: int = 30) -> str:
 
 def role_c_coord(a: dict[str, Any]) -> None:
     """run_coordinator with an observer stamping each stage start and round end."""
-    from fedlearn.deploy.config import CoordinatorConfig, load_toml
+    from fedlearn.config.deployment import CoordinatorConfig
+    from fedlearn.config.loading import load_toml
     from fedlearn.deploy.server import run_coordinator
 
     marks: list[tuple[str, int, float]] = []

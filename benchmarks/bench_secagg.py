@@ -30,8 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult  # noqa: E402
-from fedlearn.records import Arrays, Config  # noqa: E402
+from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult  # noqa: E402
+from fedlearn.engine.records import Arrays, Config  # noqa: E402
 from fedlearn.secagg.stages import SecureAggregation  # noqa: E402
 from fedlearn.simulation import run_simulation  # noqa: E402
 from fedlearn.strategy import FedAvg  # noqa: E402

@@ -2,7 +2,7 @@
 
 What runs (all on 127.0.0.1, every process started here is stopped by its pid):
 
-* ``fedlearn serve`` in its own process (``python -m fedlearn.cli serve --poll 0.05``) over
+* ``fedlearn serve`` in its own process (``python -m fedlearn.cli.main serve --poll 0.05``) over
   a temp registry holding two seeded versions of the MNIST CNN (``clients.mnist``).
 * A closed-loop load generator in this process: C client threads, each sending its next
   request when the previous one is answered, for ``--duration`` seconds after
@@ -295,7 +295,7 @@ def grpc_methods(channel: Any, key: str | None) -> Callable[..., Any]:
 
 def floor_model(registry: Path, keys: list[str]) -> tuple[Any, dict[str, np.ndarray]]:
     """The served version (v2) and the benchmark's input of each ``...-b{batch}`` key."""
-    from fedlearn.registry import ModelRegistry
+    from fedlearn.registry.model_registry import ModelRegistry
     from fedlearn.serving.models import ServedModel
 
     with ModelRegistry(registry) as reg:
@@ -609,7 +609,7 @@ def hot_swap(
 ) -> dict[str, Any]:
     """Flip production v1 <-> v2 under load; every answer must succeed and match the
     in-process logits of the version it names."""
-    from fedlearn.registry import ModelRegistry
+    from fedlearn.registry.model_registry import ModelRegistry
 
     fx = fixtures()
     n = args.swap_clients
@@ -843,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from fedlearn.registry import ModelRegistry
+    from fedlearn.registry.model_registry import ModelRegistry
     from fedlearn.serving.models import ServedModel
 
     fx = fixtures()
@@ -867,7 +867,14 @@ def main(argv: list[str] | None = None) -> int:
             "grpc_floor": f"127.0.0.1:{ports['grpc_floor']}",
         }
         try:
-            serve = [sys.executable, "-m", "fedlearn.cli", "serve", "--registry", str(registry)]
+            serve = [
+                sys.executable,
+                "-m",
+                "fedlearn.cli.main",
+                "serve",
+                "--registry",
+                str(registry),
+            ]
             serve += ["--http-port", str(ports["rest"]), "--grpc-port", str(ports["grpc"])]
             serve += ["--poll", str(args.poll)]
             procs.append(start(serve, tmp / "serve.log"))

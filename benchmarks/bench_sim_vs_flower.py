@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from benchmarks.peer_workload import PeerLogReg, bare_loop  # noqa: E402
-from fedlearn.coordinator import RunResult  # noqa: E402
+from fedlearn.engine.results import RunResult  # noqa: E402
 from fedlearn.simulation.engine import run_simulation  # noqa: E402
 from fedlearn.strategy.base import Strategy  # noqa: E402
 

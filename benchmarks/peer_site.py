@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.peer_workload import D, local_train, loss_acc, make_data
-from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.data import ClientData
 from fedlearn.deploy.launch import LocalData
-from fedlearn.records import Arrays, Config
+from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.records import Arrays, Config
 
 
 def write_site_npz(path: str | Path, partition_id: int) -> Path:

@@ -1,1 +1,1 @@
-"""Example ClientApps built on :class:`fedlearn.torch_app.TorchClientApp`."""
+"""Example ClientApps built on :class:`fedlearn.apps.torch_app.TorchClientApp`."""

@@ -1,7 +1,7 @@
 """A plain Flower ``NumPyClient`` (numpy logistic regression) run as a fedlearn site client.
 
 :class:`LogisticRegressionClient` is written exactly as for Flower and knows nothing
-of fedlearn; :func:`make_app` wraps it with :class:`fedlearn.flower.FlowerClientApp`
+of fedlearn; :func:`make_app` wraps it with :class:`fedlearn.apps.flower.FlowerClientApp`
 so configs can name it::
 
     [client]
@@ -24,7 +24,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from fedlearn.flower import FlowerClientApp
+from fedlearn.apps.flower import FlowerClientApp
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from fedlearn.torch_app import ClientDataSource, TorchClientApp
+from fedlearn.apps.torch_app import ClientDataSource, TorchClientApp
 
 
 def build_model() -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedlearn.torch_app import ClientDataSource, TorchClientApp
+from fedlearn.apps.torch_app import ClientDataSource, TorchClientApp
 
 VOCAB = 96
 

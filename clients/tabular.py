@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from fedlearn.records import Arrays
-from fedlearn.torch_app import ClientDataSource, TorchClientApp, model_to_arrays
+from fedlearn.apps.torch_app import ClientDataSource, TorchClientApp, model_to_arrays
+from fedlearn.engine.records import Arrays
 
 
 class LabelledData(ClientDataSource, Protocol):

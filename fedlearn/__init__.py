@@ -11,14 +11,27 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
 if _TYPE_CHECKING:
-    from fedlearn.client_app import (
+    from fedlearn.apps.flower import FlowerClientApp
+    from fedlearn.engine.client_app import (
         ClientApp,
         ClientContext,
         EvaluateResult,
         ProvidesInitialArrays,
         TrainResult,
     )
-    from fedlearn.coordinator import ClientRecord, Coordinator, RoundRecord, RunResult, Transport
+    from fedlearn.engine.coordinator import Coordinator, Transport
+    from fedlearn.engine.messages import Reply, Stage, Task
+    from fedlearn.engine.records import (
+        Arrays,
+        Config,
+        Metrics,
+        Scalar,
+        decode_arrays,
+        encode_arrays,
+    )
+    from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult
+    from fedlearn.engine.store import RunStore
+    from fedlearn.engine.weights import load_weights, save_weights
     from fedlearn.errors import (
         AuthError,
         ConfigError,
@@ -33,12 +46,8 @@ if _TYPE_CHECKING:
         SerializationError,
         UpdateRejected,
     )
-    from fedlearn.flower import FlowerClientApp
-    from fedlearn.messages import Reply, Stage, Task
-    from fedlearn.records import Arrays, Config, Metrics, Scalar, decode_arrays, encode_arrays
-    from fedlearn.registry import Decision, Gate, ModelRegistry, ModelVersion
+    from fedlearn.registry.model_registry import Decision, Gate, ModelRegistry, ModelVersion
     from fedlearn.simulation import InProcessTransport, PoolTransport, run_simulation
-    from fedlearn.store import RunStore
     from fedlearn.strategy import (
         STRATEGIES,
         Bulyan,
@@ -62,29 +71,28 @@ if _TYPE_CHECKING:
         WeightedMeanFold,
         build_strategy,
     )
-    from fedlearn.weights import load_weights, save_weights
 
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "Decision": "fedlearn.registry",
-    "Gate": "fedlearn.registry",
-    "ModelRegistry": "fedlearn.registry",
-    "ModelVersion": "fedlearn.registry",
-    "Arrays": "fedlearn.records",
+    "Decision": "fedlearn.registry.model_registry",
+    "Gate": "fedlearn.registry.model_registry",
+    "ModelRegistry": "fedlearn.registry.model_registry",
+    "ModelVersion": "fedlearn.registry.model_registry",
+    "Arrays": "fedlearn.engine.records",
     "AuthError": "fedlearn.errors",
     "Bulyan": "fedlearn.strategy",
-    "ClientApp": "fedlearn.client_app",
-    "ClientContext": "fedlearn.client_app",
+    "ClientApp": "fedlearn.engine.client_app",
+    "ClientContext": "fedlearn.engine.client_app",
     "ClientEvaluation": "fedlearn.strategy",
-    "ClientRecord": "fedlearn.coordinator",
+    "ClientRecord": "fedlearn.engine.results",
     "ClientUpdate": "fedlearn.strategy",
     "CollectFold": "fedlearn.strategy",
-    "Config": "fedlearn.records",
+    "Config": "fedlearn.engine.records",
     "ConfigError": "fedlearn.errors",
-    "Coordinator": "fedlearn.coordinator",
+    "Coordinator": "fedlearn.engine.coordinator",
     "DataError": "fedlearn.errors",
-    "EvaluateResult": "fedlearn.client_app",
+    "EvaluateResult": "fedlearn.engine.client_app",
     "FedAdagrad": "fedlearn.strategy",
     "FedAdam": "fedlearn.strategy",
     "FedAvg": "fedlearn.strategy",
@@ -94,42 +102,42 @@ _EXPORTS: dict[str, str] = {
     "FedTrimmedAvg": "fedlearn.strategy",
     "FedYogi": "fedlearn.strategy",
     "FedlearnError": "fedlearn.errors",
-    "FlowerClientApp": "fedlearn.flower",
+    "FlowerClientApp": "fedlearn.apps.flower",
     "Fold": "fedlearn.strategy",
     "InProcessTransport": "fedlearn.simulation",
     "InferenceError": "fedlearn.errors",
     "InvalidInput": "fedlearn.errors",
     "Krum": "fedlearn.strategy",
-    "Metrics": "fedlearn.records",
+    "Metrics": "fedlearn.engine.records",
     "ModelNotFound": "fedlearn.errors",
     "ModelNotReady": "fedlearn.errors",
     "MultiKrum": "fedlearn.strategy",
     "PoolTransport": "fedlearn.simulation",
-    "ProvidesInitialArrays": "fedlearn.client_app",
+    "ProvidesInitialArrays": "fedlearn.engine.client_app",
     "QFedAvg": "fedlearn.strategy",
-    "Reply": "fedlearn.messages",
+    "Reply": "fedlearn.engine.messages",
     "RoundContext": "fedlearn.strategy",
     "RoundFailed": "fedlearn.errors",
-    "RoundRecord": "fedlearn.coordinator",
-    "RunResult": "fedlearn.coordinator",
-    "RunStore": "fedlearn.store",
+    "RoundRecord": "fedlearn.engine.results",
+    "RunResult": "fedlearn.engine.results",
+    "RunStore": "fedlearn.engine.store",
     "STRATEGIES": "fedlearn.strategy",
-    "Scalar": "fedlearn.records",
+    "Scalar": "fedlearn.engine.records",
     "SecAggError": "fedlearn.errors",
     "SerializationError": "fedlearn.errors",
-    "Stage": "fedlearn.messages",
+    "Stage": "fedlearn.engine.messages",
     "Strategy": "fedlearn.strategy",
-    "Task": "fedlearn.messages",
-    "TrainResult": "fedlearn.client_app",
-    "Transport": "fedlearn.coordinator",
+    "Task": "fedlearn.engine.messages",
+    "TrainResult": "fedlearn.engine.client_app",
+    "Transport": "fedlearn.engine.coordinator",
     "UpdateRejected": "fedlearn.errors",
     "WeightedMeanFold": "fedlearn.strategy",
     "build_strategy": "fedlearn.strategy",
-    "decode_arrays": "fedlearn.records",
-    "encode_arrays": "fedlearn.records",
-    "load_weights": "fedlearn.weights",
+    "decode_arrays": "fedlearn.engine.records",
+    "encode_arrays": "fedlearn.engine.records",
+    "load_weights": "fedlearn.engine.weights",
     "run_simulation": "fedlearn.simulation",
-    "save_weights": "fedlearn.weights",
+    "save_weights": "fedlearn.engine.weights",
 }
 
 __all__ = [

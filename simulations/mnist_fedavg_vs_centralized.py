@@ -33,10 +33,10 @@ if __package__ in (None, ""):  # run as a script: make `fedlearn` and `clients` 
 import torch
 
 from clients.mnist import build_model, make_app
+from fedlearn.apps.torch_app import evaluate_arrays, train_centralized
 from fedlearn.data import load_dataset, partition_dataset
 from fedlearn.simulation.engine import BackendName, run_simulation
 from fedlearn.strategy import FedAvg
-from fedlearn.torch_app import evaluate_arrays, train_centralized
 
 
 @dataclass(frozen=True)

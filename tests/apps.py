@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
-from fedlearn.records import Arrays, Config
+from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.records import Arrays, Config
 
 D = 5
 

@@ -19,19 +19,22 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedlearn.coordinator import RunResult
+from fedlearn.config.deployment import CoordinatorConfig, SiteConfig
+from fedlearn.config.loading import load_toml
 from fedlearn.data import load_dataset, partition_dataset
-from fedlearn.deploy.config import CoordinatorConfig, SiteConfig, load_toml
 from fedlearn.deploy.launch import build_site
 from fedlearn.deploy.server import run_coordinator
 from fedlearn.deploy.servicer import CoordinatorServicer
 from fedlearn.deploy.sessions import ClientRegistry, Session
 from fedlearn.deploy.site import SiteClient
 from fedlearn.deploy.transport import GrpcTransport
-from fedlearn.messages import Reply
-from fedlearn.records import Arrays, decode_arrays, encode_arrays
-from fedlearn.references import resolve
-from fedlearn.runtime import ClientRuntime
+from fedlearn.engine.messages import Reply
+from fedlearn.engine.records import Arrays, decode_arrays, encode_arrays
+from fedlearn.engine.references import resolve
+from fedlearn.engine.results import RunResult
+from fedlearn.engine.runtime import ClientRuntime
+from fedlearn.engine.store import RunStore
+from fedlearn.engine.weights import save_weights
 from fedlearn.security.auth import sign_challenge
 from fedlearn.security.certs import load_pem, write_dev_pki
 from fedlearn.security.keys import (
@@ -41,8 +44,6 @@ from fedlearn.security.keys import (
     public_key_bytes,
     save_private_key,
 )
-from fedlearn.store import RunStore
-from fedlearn.weights import save_weights
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire.chunks import MAX_CHUNK, Assembler, split

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
-from fedlearn.records import Arrays, Config
+from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.records import Arrays, Config
 from fedlearn.strategy import FedAvg
 from fedlearn.strategy.base import RoundContext
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from clients.mnist import build_model
-from fedlearn.registry import Gate, ModelRegistry
-from fedlearn.torch_app import model_to_arrays
+from fedlearn.apps.torch_app import model_to_arrays
+from fedlearn.registry.model_registry import Gate, ModelRegistry
 
 MNIST_FACTORY = "clients.mnist:build_model"
 MNIST_SIGNATURE = {

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedlearn.cli import app
-from fedlearn.store import RunStore
-from fedlearn.weights import load_weights
+from fedlearn.cli.main import app
+from fedlearn.engine.store import RunStore
+from fedlearn.engine.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlearn.config import load_config, parse_assignment, parse_config
+from fedlearn.config.loading import parse_assignment
+from fedlearn.config.simulation import load_config, parse_config
 from fedlearn.errors import ConfigError
 
 

@@ -18,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apps import LogReg
-from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
-from fedlearn.coordinator import Coordinator, in_task_order
+from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.coordinator import Coordinator, in_task_order
+from fedlearn.engine.messages import Reply, Stage, Task
+from fedlearn.engine.records import Arrays, Config
 from fedlearn.errors import ConfigError
-from fedlearn.messages import Reply, Stage, Task
-from fedlearn.records import Arrays, Config
 from fedlearn.simulation import InProcessTransport, PoolTransport, run_simulation
 from fedlearn.strategy.base import Strategy
 
@@ -347,7 +347,7 @@ def test_pool_workers_exit_when_their_parent_dies(tmp_path: Path) -> None:
         "import os\n"
         "from apps import LogReg\n"
         "from fedlearn.simulation import PoolTransport\n"
-        "from fedlearn.messages import Task, Stage\n"
+        "from fedlearn.engine.messages import Task, Stage\n"
         "t = PoolTransport(LogReg, workers=2)\n"
         "tasks = [Task(Stage.EVALUATE, 1, c, c) for c in range(4)]\n"
         "list(t.execute(LogReg().initial_arrays(0), tasks))\n"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedlearn import ClientUpdate, RoundContext
-from fedlearn.builders import make_strategy
-from fedlearn.config import load_config
+from fedlearn.config.simulation import load_config
+from fedlearn.run.builders import make_strategy
 from simulations.custom_strategy import ClippedFedAvg
 
 ROOT = Path(__file__).resolve().parents[1]

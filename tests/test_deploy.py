@@ -12,11 +12,11 @@ import pytest
 
 from clients.tabular import make_app
 from deployment import PARAMS, Deployment, simulated_data
-from fedlearn.messages import Stage
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.store import RunStore
+from fedlearn.engine.weights import load_weights
 from fedlearn.simulation import run_simulation
-from fedlearn.store import RunStore
 from fedlearn.strategy import build_strategy
-from fedlearn.weights import load_weights
 
 
 @pytest.fixture

@@ -40,12 +40,12 @@ from deployment import (
     upload,
 )
 from fault_apps import make_app
-from fedlearn.coordinator import ClientRecord, RoundRecord
 from fedlearn.deploy.sessions import ClientRegistry, Outgoing
 from fedlearn.deploy.site import FATAL
 from fedlearn.deploy.transport import GrpcTransport
-from fedlearn.messages import Reply, Stage, Task
-from fedlearn.records import Arrays, decode_arrays
+from fedlearn.engine.messages import Reply, Stage, Task
+from fedlearn.engine.records import Arrays, decode_arrays
+from fedlearn.engine.results import ClientRecord, RoundRecord
 from fedlearn.security.auth import sign_challenge
 from fedlearn.security.keys import generate_site_key
 from fedlearn.simulation import run_simulation

@@ -7,7 +7,8 @@ import urllib.request
 from pathlib import Path
 
 from deployment import Deployment, free_port
-from fedlearn.deploy.config import CoordinatorConfig, SiteConfig, load_toml
+from fedlearn.config.deployment import CoordinatorConfig, SiteConfig
+from fedlearn.config.loading import load_toml
 from fedlearn.deploy.launch import build_site
 from fedlearn.deploy.server import run_coordinator
 

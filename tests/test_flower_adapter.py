@@ -1,4 +1,4 @@
-"""Flower NumPyClients run unchanged as fedlearn ClientApps (fedlearn.flower)."""
+"""Flower NumPyClients run unchanged as fedlearn ClientApps (fedlearn.apps.flower)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from flwr.server.strategy.aggregate import aggregate  # noqa: E402
 
 from clients.flower_numpy import LogisticRegressionClient, make_app  # noqa: E402
 from deployment import Deployment, simulated_data  # noqa: E402
-from fedlearn.client_app import ClientApp, ClientContext, ProvidesInitialArrays  # noqa: E402
+from fedlearn.apps.flower import FlowerClientApp  # noqa: E402
 from fedlearn.data import load_dataset, partition_dataset  # noqa: E402
-from fedlearn.flower import FlowerClientApp  # noqa: E402
-from fedlearn.messages import Stage  # noqa: E402
+from fedlearn.engine.client_app import ClientApp, ClientContext, ProvidesInitialArrays  # noqa: E402
+from fedlearn.engine.messages import Stage  # noqa: E402
+from fedlearn.engine.store import RunStore  # noqa: E402
+from fedlearn.engine.weights import load_weights  # noqa: E402
 from fedlearn.simulation import run_simulation  # noqa: E402
-from fedlearn.store import RunStore  # noqa: E402
 from fedlearn.strategy import FedAvg, build_strategy  # noqa: E402
-from fedlearn.weights import load_weights  # noqa: E402
 
 FLOWER_APP = "clients.flower_numpy:make_app"
 LOCAL_EPOCHS, LR = 5, 0.5

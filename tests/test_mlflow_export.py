@@ -17,10 +17,10 @@ from mlflow.types.schema import Schema, TensorSpec
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from fedlearn.cli import app
+from fedlearn.cli.main import app
 from fedlearn.errors import ConfigError, SerializationError
-from fedlearn.mlflow_export import export_version
-from fedlearn.registry import ModelRegistry
+from fedlearn.registry.mlflow_export import export_version
+from fedlearn.registry.model_registry import ModelRegistry
 from serving import MNIST_FACTORY, publish_mnist
 
 # MLflow's SQLAlchemy store uses a loader strategy SQLAlchemy 2.1 deprecates.
@@ -89,7 +89,7 @@ def test_export_logs_run_artifacts_and_registers(tmp_path: Path, no_network: lis
     }
     assert [m.step for m in client.get_metric_history(result.run_id, "accuracy")] == [2]
     assert run.data.tags["fedlearn.mlflow_version"] == "1"
-    assert run.data.tags["fedlearn.registry"] == str(root.resolve())
+    assert run.data.tags["fedlearn.registry.model_registry"] == str(root.resolve())
 
     # the registered version's files: the same weights, a JSON description, an MLmodel
     download = Path(client.get_model_version_download_uri("mnist", "1"))

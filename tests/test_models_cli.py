@@ -6,8 +6,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fedlearn.cli import app
-from fedlearn.registry import ModelRegistry
+from fedlearn.cli.main import app
+from fedlearn.registry.model_registry import ModelRegistry
 from serving import publish_mnist
 
 runner = CliRunner()
@@ -72,6 +72,7 @@ def test_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_the_cli_names_the_registry_production_alias() -> None:
-    from fedlearn import models_cli, registry
+    from fedlearn.cli import models
+    from fedlearn.registry import model_registry
 
-    assert models_cli.PRODUCTION == registry.PRODUCTION
+    assert models.PRODUCTION == model_registry.PRODUCTION

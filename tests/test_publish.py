@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from deployment import Deployment, in_process_coordinator
-from fedlearn.config import PublishSection, load_config
-from fedlearn.coordinator import ClientRecord, RoundRecord
+from fedlearn.config.simulation import PublishSection, load_config
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.results import ClientRecord, RoundRecord
+from fedlearn.engine.weights import load_weights
 from fedlearn.errors import ConfigError
-from fedlearn.job import run_job
-from fedlearn.messages import Stage
-from fedlearn.publish import Publisher, client_summary, serving_spec
-from fedlearn.registry import ModelRegistry
-from fedlearn.serving.spec import ServingSpec, factory_reference
-from fedlearn.weights import load_weights
+from fedlearn.registry.model_registry import ModelRegistry
+from fedlearn.registry.publish import Publisher, client_summary, serving_spec
+from fedlearn.registry.spec import ServingSpec, factory_reference
+from fedlearn.run.job import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ServingSpec(
@@ -232,8 +232,8 @@ def test_coordinator_publishes_the_final_model(tmp_path: Path) -> None:
 
 
 def test_coordinator_publish_needs_an_explicit_model() -> None:
-    from fedlearn.config import validate
-    from fedlearn.deploy.config import CoordinatorConfig
+    from fedlearn.config.deployment import CoordinatorConfig
+    from fedlearn.config.loading import validate
 
     raw = {
         "server": {"insecure": True},

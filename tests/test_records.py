@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedlearn.errors import SerializationError
-from fedlearn.messages import (
+from fedlearn.engine.messages import (
     Reply,
     Stage,
     Task,
@@ -22,7 +21,8 @@ from fedlearn.messages import (
     encode_task,
     seed_for,
 )
-from fedlearn.records import ALLOWED_DTYPES, decode_arrays, encode_arrays
+from fedlearn.engine.records import ALLOWED_DTYPES, decode_arrays, encode_arrays
+from fedlearn.errors import SerializationError
 
 dtypes = st.sampled_from(sorted(ALLOWED_DTYPES)).map(np.dtype)
 arrays = dtypes.flatmap(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedlearn.errors import ConfigError, SerializationError
-from fedlearn.registry import Gate, ModelRegistry, check_factory
+from fedlearn.registry.model_registry import Gate, ModelRegistry, check_factory
 
 SIGNATURE = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -247,7 +247,7 @@ def test_bad_factory_refs_are_refused(ref: str) -> None:
 
 def test_good_factory_refs_and_custom_prefixes() -> None:
     assert check_factory("clients.mnist:make_model") == ("clients.mnist", "make_model")
-    assert check_factory("fedlearn.torch_app:build") == ("fedlearn.torch_app", "build")
+    assert check_factory("fedlearn.apps.torch_app:build") == ("fedlearn.apps.torch_app", "build")
     assert check_factory("clients:make") == ("clients", "make")
     assert check_factory("myorg.models:net", ("myorg",)) == ("myorg.models", "net")
     with pytest.raises(ConfigError):

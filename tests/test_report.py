@@ -17,17 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from fedlearn.coordinator import ClientRecord, RoundRecord
-from fedlearn.messages import Stage
-from fedlearn.report import (
-    ClientFailure,
-    Report,
-    lower_is_better,
-    print_report,
-    summarize,
-    write_report,
-)
-from fedlearn.store import RunStore
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.results import ClientRecord, RoundRecord
+from fedlearn.engine.store import RunStore
+from fedlearn.report.console import print_report
+from fedlearn.report.files import write_report
+from fedlearn.report.summary import ClientFailure, Report, lower_is_better, summarize
 
 T, E = Stage.TRAIN, Stage.EVALUATE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -446,9 +441,9 @@ def test_clients_plot_falls_back_to_loss(tmp_path: Path) -> None:
     assert row[9:] == ["0.2500", "0.4000 (#4)"]
 
 
-def test_importing_the_module_loads_no_plotting_or_terminal_library() -> None:
+def test_importing_the_modules_loads_no_plotting_or_terminal_library() -> None:
     code = (
-        "import sys, fedlearn.report; "
+        "import sys, fedlearn.report.files, fedlearn.report.console; "
         "bad = [m for m in ('matplotlib', 'rich') if m in sys.modules]; "
         "assert not bad, bad"
     )

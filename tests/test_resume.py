@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlearn.config import load_config
-from fedlearn.coordinator import ClientRecord, RoundRecord
-from fedlearn.job import run_job
-from fedlearn.messages import Stage
-from fedlearn.store import RunStore
-from fedlearn.weights import load_weights
+from fedlearn.config.simulation import load_config
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.results import ClientRecord, RoundRecord
+from fedlearn.engine.store import RunStore
+from fedlearn.engine.weights import load_weights
+from fedlearn.run.job import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 
 from clients.tabular import make_app
 from deployment import PARAMS, Deployment, in_process_coordinator, simulated_data
-from fedlearn.messages import Stage
+from fedlearn.engine.messages import Stage
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import run_simulation
 from fedlearn.strategy import build_strategy

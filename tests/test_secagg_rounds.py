@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from apps import LogReg
-from fedlearn.client_app import ClientContext, TrainResult
-from fedlearn.coordinator import Coordinator
+from fedlearn.engine.client_app import ClientContext, TrainResult
+from fedlearn.engine.coordinator import Coordinator
+from fedlearn.engine.messages import Reply, Stage, Task
+from fedlearn.engine.records import Arrays, Config
 from fedlearn.errors import ConfigError
-from fedlearn.messages import Reply, Stage, Task
-from fedlearn.records import Arrays, Config
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import InProcessTransport, run_simulation
 from fedlearn.strategy import FedAdam, FedAvg, FedMedian, Krum, QFedAvg

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.errors import AuthError, ConfigError, FedlearnError
 from fedlearn.security import (
     NONCE_SIZE,
@@ -47,7 +48,6 @@ from fedlearn.security import (
     verify_issued_by,
     write_dev_pki,
 )
-from fedlearn.security.cli import certs_app, keys_app
 
 runner = CliRunner()
 SERVER_ID = "coordinator.test"

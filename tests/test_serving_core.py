@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedlearn.apps.torch_app import model_to_arrays
 from fedlearn.errors import ConfigError, InvalidInput, ModelNotFound, ModelNotReady
-from fedlearn.registry import Gate, ModelRegistry
+from fedlearn.registry.model_registry import Gate, ModelRegistry
+from fedlearn.registry.spec import DATATYPES
 from fedlearn.serving import ModelRepository, RepositorySettings, ServedModel, Signature
-from fedlearn.serving.tensors import DATATYPES, array_from_bytes, array_from_list
-from fedlearn.torch_app import model_to_arrays
+from fedlearn.serving.tensors import array_from_bytes, array_from_list
 from serving import MNIST_FACTORY, MNIST_SIGNATURE, digits, predict, publish_mnist, seeded_model
 
 SIG = Signature.from_dict(MNIST_SIGNATURE)

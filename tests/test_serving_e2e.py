@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from deployment import free_port
-from fedlearn.config import load_config
+from fedlearn.apps.torch_app import arrays_to_model, model_inputs
+from fedlearn.config.simulation import load_config
 from fedlearn.data import load_dataset, partition_dataset
-from fedlearn.job import run_job
-from fedlearn.registry import ModelRegistry
+from fedlearn.engine.weights import load_weights
+from fedlearn.registry.model_registry import ModelRegistry
+from fedlearn.run.job import run_job
 from fedlearn.serving.client import GrpcClient, RestClient
-from fedlearn.torch_app import arrays_to_model, model_inputs
-from fedlearn.weights import load_weights
 from serving import predict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from fedlearn.apps.torch_app import model_to_arrays
 from fedlearn.errors import ModelNotFound
-from fedlearn.registry import ModelRegistry
+from fedlearn.registry.model_registry import ModelRegistry
 from fedlearn.serving.grpc_service import decode_inputs, encode_outputs, start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.oip import grpc_predict_v2_pb2 as pb
 from fedlearn.serving.oip.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from fedlearn.serving.repository import ModelRepository, open_repository
-from fedlearn.torch_app import model_to_arrays
 from serving import MNIST_FACTORY, MNIST_SIGNATURE, digits, predict, publish_mnist, seeded_model
 
 Code = grpc.StatusCode

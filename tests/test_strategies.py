@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from fedlearn.engine.records import Arrays, Metrics
 from fedlearn.errors import ConfigError, RoundFailed, UpdateRejected
-from fedlearn.records import Arrays, Metrics
 from fedlearn.strategy import (
     STRATEGIES,
     Bulyan,

@@ -48,7 +48,7 @@ from flwr.server.strategy import aggregate as legacy_agg
 from flwr.serverapp import strategy as msgapi
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlearn.records import Arrays
+from fedlearn.engine.records import Arrays
 from fedlearn.strategy import (
     Bulyan,
     ClientUpdate,

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from clients import mnist, tabular
-from fedlearn.client_app import ClientApp, ClientContext, ProvidesInitialArrays
+from fedlearn.apps.torch_app import TorchClientApp, evaluate_arrays, train_centralized
 from fedlearn.data import ClientData, FederatedDataset, load_dataset, partition_dataset
-from fedlearn.records import Arrays
+from fedlearn.engine.client_app import ClientApp, ClientContext, ProvidesInitialArrays
+from fedlearn.engine.records import Arrays
 from fedlearn.simulation.engine import run_simulation
 from fedlearn.strategy import FedAvg
-from fedlearn.torch_app import TorchClientApp, evaluate_arrays, train_centralized
 
 
 @pytest.fixture(scope="module")

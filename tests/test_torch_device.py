@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from clients import mnist
-from fedlearn.client_app import ClientContext
 from fedlearn.data import FederatedDataset, load_dataset, partition_dataset
+from fedlearn.engine.client_app import ClientContext
 from fedlearn.errors import ConfigError
 
 CUDA = torch.cuda.is_available()

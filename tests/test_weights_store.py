@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlearn.coordinator import RoundRecord
+from fedlearn.engine.results import RoundRecord
+from fedlearn.engine.store import RunStore
+from fedlearn.engine.weights import load_weights, save_weights
 from fedlearn.errors import SerializationError
-from fedlearn.store import RunStore
-from fedlearn.weights import load_weights, save_weights
 
 
 def test_weights_round_trip_keeps_order_shapes_and_dtypes(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedlearn.engine.messages import Reply, Stage, Task
+from fedlearn.engine.records import ALLOWED_DTYPES, Scalar, decode_arrays, encode_arrays
 from fedlearn.errors import SerializationError
-from fedlearn.messages import Reply, Stage, Task
-from fedlearn.records import ALLOWED_DTYPES, Scalar, decode_arrays, encode_arrays
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire.chunks import (

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from fedlearn.client_app import build_app
+from fedlearn.config.deployment import SiteConfig, SiteDataSection
 from fedlearn.data import ClientData, load_dataset, partition_dataset
-from fedlearn.deploy.config import SiteConfig, SiteDataSection
 from fedlearn.deploy.site import Backoff, SiteClient
+from fedlearn.engine.client_app import build_app
+from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError, DataError
-from fedlearn.references import resolve
 from fedlearn.security.certs import load_pem
 from fedlearn.security.keys import load_private_key
 

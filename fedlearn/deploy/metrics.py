@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from fedlearn.coordinator import ClientRecord, RoundRecord
 from fedlearn.deploy.sessions import ClientRegistry
-from fedlearn.messages import Stage
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.results import ClientRecord, RoundRecord
 
 
 class CoordinatorMetrics:

@@ -17,25 +17,26 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from fedlearn.builders import make_secure, make_strategy
-from fedlearn.coordinator import Coordinator, Observer, Observers, RoundSink, RunResult
-from fedlearn.deploy.config import CoordinatorConfig, ServerSection
+from fedlearn.config.deployment import CoordinatorConfig, ServerSection
 from fedlearn.deploy.metrics import CoordinatorMetrics
 from fedlearn.deploy.servicer import CoordinatorServicer
 from fedlearn.deploy.sessions import ClientRegistry
 from fedlearn.deploy.transport import GrpcTransport
+from fedlearn.engine.coordinator import Coordinator, Observer, Observers, RoundSink
+from fedlearn.engine.records import Arrays
+from fedlearn.engine.references import resolve
+from fedlearn.engine.results import RunResult
+from fedlearn.engine.store import RunStore
+from fedlearn.engine.weights import load_weights, save_weights
 from fedlearn.errors import ConfigError, RoundFailed
-from fedlearn.records import Arrays
-from fedlearn.references import resolve
+from fedlearn.run.builders import make_secure, make_strategy
 from fedlearn.security.auth import Authenticator
 from fedlearn.security.certs import load_server_pem
 from fedlearn.security.keys import load_allowlist
-from fedlearn.store import RunStore
-from fedlearn.weights import load_weights, save_weights
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from fedlearn.publish import Publisher
+    from fedlearn.registry.publish import Publisher
 
 log = logging.getLogger("fedlearn.server")
 
@@ -104,7 +105,7 @@ def run_coordinator(
     publisher: Publisher | None = None
     sink: RoundSink = store
     if config.publish.enabled:  # imported only then: the registry and its dependencies
-        from fedlearn.publish import Publisher, PublishingSink, serving_spec
+        from fedlearn.registry.publish import Publisher, PublishingSink, serving_spec
 
         publisher = Publisher(
             config.publish,

@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 import grpc
 
 from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Session
+from fedlearn.engine.messages import Reply, Stage
+from fedlearn.engine.records import decode_arrays
 from fedlearn.errors import AuthError, SerializationError
-from fedlearn.messages import Reply, Stage
-from fedlearn.records import decode_arrays
 from fedlearn.security.auth import Authenticator
 from fedlearn.wire import CAPABILITIES, PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb

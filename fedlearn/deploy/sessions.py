@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedlearn.messages import Reply, Task
+from fedlearn.engine.messages import Reply, Task
 from fedlearn.wire.chunks import Digest
 
 UNLIMITED = 1 << 62

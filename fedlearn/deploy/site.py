@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedlearn.client_app import ClientApp
+from fedlearn.engine.client_app import ClientApp
+from fedlearn.engine.records import decode_arrays, encode_arrays_parts
+from fedlearn.engine.runtime import ClientRuntime
 from fedlearn.errors import AuthError, SerializationError
-from fedlearn.records import decode_arrays, encode_arrays_parts
-from fedlearn.runtime import ClientRuntime
 from fedlearn.security.auth import sign_challenge
 from fedlearn.security.keys import public_key_bytes
 from fedlearn.wire import CAPABILITIES, PROTOCOL_VERSION

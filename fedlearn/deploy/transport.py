@@ -22,8 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Outgoing, Session
-from fedlearn.messages import Reply, Task
-from fedlearn.records import Arrays, encode_arrays_parts
+from fedlearn.engine.messages import Reply, Task
+from fedlearn.engine.records import Arrays, encode_arrays_parts
 from fedlearn.wire.chunks import Digest
 
 REPLY_SLACK = 1 << 20

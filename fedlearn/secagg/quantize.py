@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from fedlearn.engine.records import Arrays
 from fedlearn.errors import ConfigError, UpdateRejected
-from fedlearn.records import Arrays
 from fedlearn.secagg.crypto import CHUNK_WORDS, apply_masks, mask_dtype
 
 MAX_SCALE_BITS = 52

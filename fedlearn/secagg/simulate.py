@@ -16,16 +16,10 @@ from typing import TypeAlias
 import numpy as np
 
 from fedlearn.errors import ConfigError, FedlearnError
-from fedlearn.secagg.protocol import (
-    ClientMessage,
-    SecAggClient,
-    SecAggConfig,
-    SecAggResult,
-    SecAggServer,
-    ServerMessage,
-    Stage,
-    decode_message,
-)
+from fedlearn.secagg.client import SecAggClient
+from fedlearn.secagg.config import SecAggConfig, Stage
+from fedlearn.secagg.messages import ClientMessage, ServerMessage, decode_message
+from fedlearn.secagg.server import SecAggResult, SecAggServer
 
 Message: TypeAlias = ServerMessage | ClientMessage
 DropSchedule: TypeAlias = Mapping[Stage | str, Iterable[int]]

@@ -18,29 +18,26 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedlearn.client_app import ClientApp, ClientContext, TrainResult
+from fedlearn.engine.client_app import ClientApp, ClientContext, TrainResult
+from fedlearn.engine.messages import Reply, Stage, Task
+from fedlearn.engine.records import Arrays, Metrics, check_scalars
+from fedlearn.engine.results import ClientRecord, accepted_train
 from fedlearn.errors import ConfigError, FedlearnError, SecAggError, UpdateRejected
-from fedlearn.messages import Reply, Stage, Task
-from fedlearn.records import Arrays, Metrics, check_scalars
-from fedlearn.secagg.protocol import (
+from fedlearn.secagg.client import SecAggClient
+from fedlearn.secagg.config import SecAggConfig
+from fedlearn.secagg.messages import (
     ClientMessage,
-    SecAggClient,
-    SecAggConfig,
-    SecAggServer,
     ServerMessage,
     Setup,
     decode_message,
     encode_message,
 )
 from fedlearn.secagg.quantize import flatten, unflatten
+from fedlearn.secagg.server import SecAggServer
 from fedlearn.strategy.base import ClientUpdate, Strategy
-
-if TYPE_CHECKING:
-    from fedlearn.coordinator import ClientRecord
 
 SECURE_STAGES = (Stage.SECAGG_SETUP, Stage.SECAGG_KEYS, Stage.SECAGG_SHARES, Stage.SECAGG_UNMASK)
 
@@ -136,7 +133,7 @@ def _weighted_delta(
         raise TypeError(f"train() must return TrainResult, not {type(result).__name__}")
     if not isinstance(setup, Setup):
         raise SecAggError("training happens at the setup stage only")
-    from fedlearn.validation import check_update
+    from fedlearn.engine.validation import check_update
 
     update = check_update(
         Reply(
@@ -188,8 +185,6 @@ def secure_mean(
 ) -> tuple[Arrays, list[ClientUpdate]]:
     """Run the four stages; return the new global model's weighted mean and the accepted
     clients' metadata (no arrays). RoundFailed if too few clients survive."""
-    from fedlearn.coordinator import ClientRecord, accepted_train
-
     vector, spec = flatten(global_arrays)
     server = SecAggServer(secure.round_config(selected, vector.size, seed, rnd), rnd)
     outgoing: list[ServerMessage] = list(server.start())

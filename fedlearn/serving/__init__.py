@@ -1,6 +1,6 @@
 """Serving published models over the Open Inference Protocol v2 (REST and gRPC).
 
-Names are imported on first use, so ``fedlearn.serving.spec`` (used when publishing from a
+Names are imported on first use, so ``fedlearn.registry.spec`` (used when publishing from a
 coordinator) does not pull torch or the web stack into processes that never serve.
 """
 
@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DATATYPES": "fedlearn.serving.tensors",
+    "DATATYPES": "fedlearn.registry.spec",
     "Signature": "fedlearn.serving.tensors",
     "TensorSpec": "fedlearn.serving.tensors",
     "ServedModel": "fedlearn.serving.models",

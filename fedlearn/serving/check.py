@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlearn.registry import ModelVersion
+from fedlearn.registry.model_registry import ModelVersion
 from fedlearn.serving.client import GrpcClient, RestClient
 from fedlearn.serving.endpoint import ServingEndpoint
 

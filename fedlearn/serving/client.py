@@ -16,9 +16,10 @@ import grpc
 import numpy as np
 
 from fedlearn.errors import InferenceError
+from fedlearn.registry.spec import datatype_of
 from fedlearn.serving.oip import grpc_predict_v2_pb2 as pb
 from fedlearn.serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-from fedlearn.serving.tensors import array_from_bytes, datatype_of
+from fedlearn.serving.tensors import array_from_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

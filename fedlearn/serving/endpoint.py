@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from fedlearn.errors import ConfigError
-from fedlearn.registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION
+from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION
 from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.repository import ModelRepository, RepositorySettings

@@ -27,16 +27,11 @@ import grpc
 import numpy as np
 
 from fedlearn.errors import ConfigError, InvalidInput, ModelNotFound, ModelNotReady
+from fedlearn.registry.spec import DATATYPES, datatype_of
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.oip import grpc_predict_v2_pb2 as pb
 from fedlearn.serving.repository import ModelRepository
-from fedlearn.serving.tensors import (
-    DATATYPES,
-    TensorSpec,
-    array_from_bytes,
-    datatype_of,
-    numpy_dtype,
-)
+from fedlearn.serving.tensors import TensorSpec, array_from_bytes, numpy_dtype
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedlearn.engine.records import Arrays
+from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError, InvalidInput
-from fedlearn.records import Arrays
-from fedlearn.references import resolve
-from fedlearn.registry import DEFAULT_FACTORY_PREFIXES, ModelRegistry, ModelVersion, check_factory
-from fedlearn.serving.tensors import Signature, datatype_of
+from fedlearn.registry.model_registry import (
+    DEFAULT_FACTORY_PREFIXES,
+    ModelRegistry,
+    ModelVersion,
+    check_factory,
+)
+from fedlearn.registry.spec import datatype_of
+from fedlearn.serving.tensors import Signature
 
 
 def build_module(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlearn.errors import ConfigError, FedlearnError, ModelNotFound, ModelNotReady
-from fedlearn.registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION, ModelRegistry
+from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION, ModelRegistry
 from fedlearn.serving.models import ServedModel
 
 log = logging.getLogger(__name__)

@@ -53,10 +53,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fedlearn.errors import ConfigError, InvalidInput, ModelNotFound, ModelNotReady
+from fedlearn.registry.spec import datatype_of
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.models import ServedModel
 from fedlearn.serving.repository import ModelRepository
-from fedlearn.serving.tensors import array_from_bytes, array_from_list, datatype_of
+from fedlearn.serving.tensors import array_from_bytes, array_from_list
 
 log = logging.getLogger(__name__)
 

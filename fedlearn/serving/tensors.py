@@ -14,23 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedlearn.errors import ConfigError, InvalidInput
-
-#: OIP v2 datatype name -> numpy dtype (little-endian, as the binary extension requires).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-_BY_DTYPE: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DATATYPES.items()}
+from fedlearn.registry.spec import DATATYPES, datatype_of
 
 
 def numpy_dtype(datatype: str) -> np.dtype[Any]:
@@ -41,15 +25,6 @@ def numpy_dtype(datatype: str) -> np.dtype[Any]:
         raise InvalidInput(
             f"unsupported datatype {datatype!r}; use one of {', '.join(DATATYPES)}"
         ) from None
-
-
-def datatype_of(array: np.ndarray) -> str:
-    """The OIP datatype name of ``array``'s dtype."""
-    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-    try:
-        return _BY_DTYPE[dtype]
-    except KeyError:
-        raise InvalidInput(f"dtype {array.dtype} has no Open Inference Protocol datatype") from None
 
 
 @dataclass(frozen=True)

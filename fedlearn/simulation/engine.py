@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from fedlearn.client_app import ClientApp, ProvidesInitialArrays
-from fedlearn.coordinator import Coordinator, Observer, RoundSink, RunResult, Transport
+from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays
+from fedlearn.engine.coordinator import Coordinator, Observer, RoundSink, Transport
+from fedlearn.engine.records import Arrays
+from fedlearn.engine.results import RunResult
 from fedlearn.errors import ConfigError
-from fedlearn.records import Arrays
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation.inprocess import InProcessTransport
 from fedlearn.simulation.pool import PoolTransport

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from fedlearn.client_app import ClientApp
-from fedlearn.messages import Reply, Task
-from fedlearn.records import Arrays
-from fedlearn.runtime import ClientRuntime
+from fedlearn.engine.client_app import ClientApp
+from fedlearn.engine.messages import Reply, Task
+from fedlearn.engine.records import Arrays
+from fedlearn.engine.runtime import ClientRuntime
 
 
 def read_only(arrays: Arrays) -> Arrays:

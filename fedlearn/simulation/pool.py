@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from fedlearn.client_app import ClientApp
-from fedlearn.errors import ConfigError, SerializationError
-from fedlearn.messages import (
+from fedlearn.engine.client_app import ClientApp
+from fedlearn.engine.messages import (
     Reply,
     Task,
     decode_reply,
@@ -28,8 +27,9 @@ from fedlearn.messages import (
     frame,
     unframe,
 )
-from fedlearn.records import Arrays, decode_arrays, encode_arrays
-from fedlearn.runtime import ClientRuntime, describe
+from fedlearn.engine.records import Arrays, decode_arrays, encode_arrays
+from fedlearn.engine.runtime import ClientRuntime, describe
+from fedlearn.errors import ConfigError, SerializationError
 from fedlearn.simulation.inprocess import read_only
 
 _BROADCAST, _TASKS, _QUIT = b"B", b"T", b"Q"

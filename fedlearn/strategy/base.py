@@ -21,8 +21,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
 from fedlearn.errors import ConfigError, RoundFailed
-from fedlearn.records import Arrays, Config, Metrics, Scalar
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from fedlearn.engine.records import Config
 from fedlearn.errors import ConfigError
-from fedlearn.records import Config
 from fedlearn.strategy.base import RoundContext, Strategy
 
 _SCALAR_TYPES = (bool, int, float, str)

@@ -54,8 +54,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from fedlearn.engine.records import Arrays
 from fedlearn.errors import RoundFailed
-from fedlearn.records import Arrays
 from fedlearn.strategy.base import RoundContext
 from fedlearn.strategy.fedavg import FedAvg, check_range, is_float_array
 

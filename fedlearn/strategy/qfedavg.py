@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedlearn.engine.records import Arrays
 from fedlearn.errors import ConfigError, RoundFailed, UpdateRejected
-from fedlearn.records import Arrays
 from fedlearn.strategy.base import ClientUpdate, Fold, RoundContext
 from fedlearn.strategy.fedavg import FedAvg, check_range, is_float_array, restore_dtype
 

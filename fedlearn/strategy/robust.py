@@ -30,8 +30,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from fedlearn.engine.records import Arrays
 from fedlearn.errors import ConfigError, RoundFailed
-from fedlearn.records import Arrays
 from fedlearn.strategy.base import ClientUpdate, RoundContext, WeightedMeanFold
 from fedlearn.strategy.fedavg import FedAvg, check_range, is_float_array, restore_dtype
 

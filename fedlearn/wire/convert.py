@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fedlearn.engine.messages import Reply, Stage, Task
+from fedlearn.engine.records import Arrays, Scalar, check_scalars
 from fedlearn.errors import SerializationError
-from fedlearn.messages import Reply, Stage, Task
-from fedlearn.records import Arrays, Scalar, check_scalars
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire.chunks import check_task_id
 
@@ -112,7 +112,7 @@ def scalars_from_proto(values: Mapping[str, pb.Value], what: str = "config") -> 
 
 
 def stage_to_proto(stage: Stage) -> pb.Stage:
-    """A :class:`~fedlearn.messages.Stage` to its enum value on the wire."""
+    """A :class:`~fedlearn.engine.messages.Stage` to its enum value on the wire."""
     try:
         return _STAGE_TO_PROTO[Stage(stage)]
     except (KeyError, ValueError) as exc:

@@ -6,13 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedlearn.config import (
+from fedlearn.config.simulation import (
     DataSection,
     PublishSection,
     Scalar,
     SecAggSection,
     StrategySection,
-    load_toml,
 )
 
 
@@ -151,6 +150,3 @@ class SiteConfig(_Section):
     site: SiteSection
     data: SiteDataSection
     client: SiteAppSection
-
-
-__all__ = ["CoordinatorConfig", "SiteConfig", "load_toml"]

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from fedlearn.config import PublishSection
-from fedlearn.coordinator import ClientRecord, RoundRecord, RoundSink
+from fedlearn.config.simulation import PublishSection
+from fedlearn.engine.coordinator import RoundSink
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.records import Arrays
+from fedlearn.engine.results import ClientRecord, RoundRecord
 from fedlearn.errors import ConfigError
-from fedlearn.messages import Stage
-from fedlearn.records import Arrays
-from fedlearn.registry import Decision, Gate, ModelRegistry, ModelVersion
-from fedlearn.report import evaluation_values, lower_is_better, metric_summary
-from fedlearn.serving.spec import ServingSpec
+from fedlearn.registry.model_registry import Decision, Gate, ModelRegistry, ModelVersion
+from fedlearn.registry.spec import ServingSpec
+from fedlearn.report.summary import evaluation_values, lower_is_better, metric_summary
 
 log = logging.getLogger(__name__)
 

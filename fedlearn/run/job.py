@@ -6,18 +6,19 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlearn.builders import make_secure, make_strategy
-from fedlearn.client_app import ClientApp, ProvidesInitialArrays, build_app
-from fedlearn.config import SimulationConfig
-from fedlearn.coordinator import Observer, RoundSink, RunResult
+from fedlearn.config.simulation import SimulationConfig
 from fedlearn.data import load_dataset, partition_dataset
+from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays, build_app
+from fedlearn.engine.coordinator import Observer, RoundSink
+from fedlearn.engine.references import resolve
+from fedlearn.engine.results import RunResult
+from fedlearn.engine.store import RunStore
+from fedlearn.engine.weights import save_weights
 from fedlearn.errors import ConfigError
-from fedlearn.publish import Published, Publisher, PublishingSink, serving_spec
-from fedlearn.references import resolve
-from fedlearn.report import write_report
+from fedlearn.registry.publish import Published, Publisher, PublishingSink, serving_spec
+from fedlearn.report.files import write_report
+from fedlearn.run.builders import make_secure, make_strategy
 from fedlearn.simulation import run_simulation
-from fedlearn.store import RunStore
-from fedlearn.weights import save_weights
 
 
 @dataclass(frozen=True)

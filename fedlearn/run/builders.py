@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fedlearn.config import SecAggSection, StrategySection
+from fedlearn.config.simulation import SecAggSection, StrategySection
+from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError
-from fedlearn.references import resolve
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.strategy import Strategy, build_strategy
 

@@ -11,16 +11,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedlearn.config import load_config, parse_assignment
+from fedlearn.cli.keys import certs_app, keys_app
+from fedlearn.cli.models import models_app
+from fedlearn.config.loading import parse_assignment
+from fedlearn.config.simulation import load_config
 from fedlearn.errors import FedlearnError
-from fedlearn.models_cli import models_app
-from fedlearn.security.cli import certs_app, keys_app
 
 if TYPE_CHECKING:
-    from fedlearn.coordinator import ClientRecord, RoundRecord
-    from fedlearn.job import JobResult
-    from fedlearn.messages import Stage
-    from fedlearn.publish import Published
+    from fedlearn.engine.messages import Stage
+    from fedlearn.engine.results import ClientRecord, RoundRecord
+    from fedlearn.registry.publish import Published
+    from fedlearn.run.job import JobResult
 
 app = typer.Typer(
     help="fedlearn: federated learning simulations and deployments.",
@@ -119,9 +120,10 @@ def simulate(
 ) -> None:
     """Run a federated simulation, write its run directory (model, run store, report),
     publish the model to the registry and query it through the serving endpoint."""
-    from fedlearn.job import run_job
-    from fedlearn.report import print_report, summarize
-    from fedlearn.store import RunStore
+    from fedlearn.engine.store import RunStore
+    from fedlearn.report.console import print_report
+    from fedlearn.report.summary import summarize
+    from fedlearn.run.job import run_job
 
     overrides: dict[str, Any] = {}
     for key, value in [
@@ -168,7 +170,7 @@ def simulate(
     if job.result.rounds and not any(r.ok for r in job.result.rounds):
         raise typer.Exit(1)
     if job.published and (check_serving or serve):
-        from fedlearn.job import registry_dir
+        from fedlearn.run.job import registry_dir
 
         try:
             _serve_published(job, registry_dir(cfg), serve)
@@ -180,9 +182,9 @@ def _serve_published(job: JobResult, registry: Path, keep_serving: bool) -> None
     """Start the OIP endpoint on the registry, query the new version, optionally stay up."""
     import numpy as np
 
+    from fedlearn.apps.torch_app import TorchClientApp, arrays_to_model, model_inputs
     from fedlearn.serving.check import check_served
     from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
-    from fedlearn.torch_app import TorchClientApp, arrays_to_model, model_inputs
 
     app = job.app
     if not isinstance(app, TorchClientApp):
@@ -248,8 +250,10 @@ def report(
     run: Annotated[str | None, typer.Option(help="run id, if the store holds several")] = None,
 ) -> None:
     """Print per-round and per-client summaries of a run; write JSON, CSV and plots."""
-    from fedlearn.report import print_report, summarize, write_report
-    from fedlearn.store import RunStore
+    from fedlearn.engine.store import RunStore
+    from fedlearn.report.console import print_report
+    from fedlearn.report.files import write_report
+    from fedlearn.report.summary import summarize
 
     db = run_dir / "run.db"
     if not db.is_file():
@@ -291,7 +295,8 @@ def server(
     verbose: Annotated[bool, typer.Option(help="log joins and rounds")] = True,
 ) -> None:
     """Run the coordinator daemon: admit enrolled sites, run rounds, keep durable state."""
-    from fedlearn.deploy.config import CoordinatorConfig, load_toml
+    from fedlearn.config.deployment import CoordinatorConfig
+    from fedlearn.config.loading import load_toml
     from fedlearn.deploy.server import run_coordinator
 
     _logging(verbose)
@@ -321,7 +326,8 @@ def client(
     verbose: Annotated[bool, typer.Option(help="log connections")] = True,
 ) -> None:
     """Run a site daemon: dial out to the coordinator and answer its tasks."""
-    from fedlearn.deploy.config import SiteConfig, load_toml
+    from fedlearn.config.deployment import SiteConfig
+    from fedlearn.config.loading import load_toml
     from fedlearn.deploy.launch import build_site
 
     _logging(verbose)
@@ -370,7 +376,7 @@ def serve_(
     hot-swapping each model when its alias moves."""
     import torch
 
-    from fedlearn.registry import DEFAULT_FACTORY_PREFIXES
+    from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES
     from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
 
     _logging(verbose)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from fedlearn.engine.records import Arrays
 from fedlearn.errors import SerializationError
-from fedlearn.records import Arrays
 
 _ORDER_KEY = "fedlearn.order"
 

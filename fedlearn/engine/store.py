@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlearn.coordinator import ClientRecord, RoundRecord
-from fedlearn.messages import Stage
-from fedlearn.records import Arrays
-from fedlearn.weights import load_verified, save_weights_atomically
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.records import Arrays
+from fedlearn.engine.results import ClientRecord, RoundRecord
+from fedlearn.engine.weights import load_verified, save_weights_atomically
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -13,12 +13,40 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fedlearn.errors import ConfigError
-from fedlearn.serving.tensors import datatype_of
+import numpy as np
+
+from fedlearn.errors import ConfigError, InvalidInput
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+
+#: OIP v2 datatype name -> numpy dtype (little-endian, as the binary extension requires).
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_BY_DTYPE: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The OIP datatype name of ``array``'s dtype."""
+    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    try:
+        return _BY_DTYPE[dtype]
+    except KeyError:
+        raise InvalidInput(f"dtype {array.dtype} has no Open Inference Protocol datatype") from None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from rich.table import Table
 from fedlearn.errors import FedlearnError
 
 if TYPE_CHECKING:
-    from fedlearn.registry import ModelRegistry, ModelVersion
+    from fedlearn.registry.model_registry import ModelRegistry, ModelVersion
 
-PRODUCTION = "production"  # fedlearn.registry.PRODUCTION, without importing it here
+PRODUCTION = "production"  # fedlearn.registry.model_registry.PRODUCTION, without importing it here
 
 models_app = typer.Typer(
     help="Published model versions: list, show, promote, roll back.", no_args_is_help=True
@@ -35,7 +35,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def _open(root: Path) -> ModelRegistry:
-    from fedlearn.registry import ModelRegistry
+    from fedlearn.registry.model_registry import ModelRegistry
 
     if not (root / "registry.db").is_file():
         _fail(f"no model registry at {root} (publish a run first, or pass --registry)")
@@ -141,8 +141,8 @@ def promote(
     force: Annotated[bool, typer.Option(help="skip the gate (still recorded)")] = False,
 ) -> None:
     """Make a version production if it passes the gate; the decision is recorded."""
-    from fedlearn.registry import Gate
-    from fedlearn.report import lower_is_better
+    from fedlearn.registry.model_registry import Gate
+    from fedlearn.report.summary import lower_is_better
 
     with _open(registry) as reg:
         try:
@@ -213,7 +213,7 @@ def export_mlflow(
     registry: RegistryOption = DEFAULT_REGISTRY,
 ) -> None:
     """Log a version as an MLflow run and register it in MLflow (needs the mlflow extra)."""
-    from fedlearn.mlflow_export import export_version
+    from fedlearn.registry.mlflow_export import export_version
 
     _open(registry).close()
     try:

@@ -12,18 +12,19 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from fedlearn.engine.messages import Reply, Stage, Task, seed_for
+from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
+from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult, accepted_train
+from fedlearn.engine.validation import all_finite, check_evaluation, check_update
+from fedlearn.engine.weights import load_weights, save_weights
 from fedlearn.errors import ConfigError, FedlearnError, RoundFailed, UpdateRejected
-from fedlearn.messages import Reply, Stage, Task, seed_for
-from fedlearn.records import Arrays, Config, Metrics, Scalar
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, Fold, RoundContext, Strategy
-from fedlearn.validation import all_finite, check_evaluation, check_update
-from fedlearn.weights import load_weights, save_weights
 
 if TYPE_CHECKING:
     from fedlearn.secagg.stages import SecureAggregation
@@ -39,36 +40,6 @@ class Transport(Protocol):
     def close(self) -> None:
         """Release workers and connections."""
         ...
-
-
-@dataclass(frozen=True)
-class ClientRecord:
-    """The outcome of one task: a client's metrics, or why it failed."""
-
-    round: int
-    stage: Stage
-    client_id: int
-    ok: bool
-    num_examples: int = 0
-    loss: float | None = None
-    metrics: Metrics = field(default_factory=dict)
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """What happened in one round."""
-
-    round: int
-    ok: bool
-    train_selected: int
-    train_ok: int
-    eval_selected: int = 0
-    eval_ok: int = 0
-    train_metrics: Metrics = field(default_factory=dict)
-    eval_metrics: Metrics = field(default_factory=dict)
-    duration_s: float = 0.0
-    error: str | None = None
 
 
 class Observer(Protocol):
@@ -110,23 +81,13 @@ class Observers:
 
 
 class RoundSink(Protocol):
-    """Stores each finished round atomically (see :class:`fedlearn.store.RunStore`)."""
+    """Stores each finished round atomically (see :class:`fedlearn.engine.store.RunStore`)."""
 
     def record_round(
         self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
     ) -> None:
         """Persist one round."""
         ...
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """The outcome of a run: the final model and what every round and client did."""
-
-    arrays: Arrays
-    state: Arrays
-    rounds: list[RoundRecord]
-    clients: list[ClientRecord]
 
 
 @dataclass
@@ -458,15 +419,6 @@ class _HeldReplies:
 
 def _nbytes(reply: Reply) -> int:
     return sum(int(a.nbytes) for a in (reply.arrays or {}).values()) + len(reply.payload)
-
-
-def accepted_train(rnd: int, reply: Reply) -> tuple[ClientUpdate, ClientRecord]:
-    """An accepted training reply as the strategy sees it (no arrays) and as it is recorded."""
-    meta = ClientUpdate(reply.client_id, {}, reply.num_examples, reply.metrics)
-    record = ClientRecord(
-        rnd, Stage.TRAIN, reply.client_id, True, reply.num_examples, None, reply.metrics
-    )
-    return meta, record
 
 
 def _failed(stage: Stage, reply: Reply, exc: UpdateRejected) -> ClientRecord:

@@ -32,9 +32,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fedlearn.engine.records import Arrays
+from fedlearn.engine.weights import load_verified, save_weights_atomically
 from fedlearn.errors import ConfigError
-from fedlearn.records import Arrays
-from fedlearn.weights import load_verified, save_weights_atomically
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from fedlearn.client_app import ClientApp, ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.client_app import ClientApp, ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.messages import Reply, Stage, Task
+from fedlearn.engine.records import Arrays, check_scalars
 from fedlearn.errors import FedlearnError
-from fedlearn.messages import Reply, Stage, Task
-from fedlearn.records import Arrays, check_scalars
 
 
 class ClientRuntime:

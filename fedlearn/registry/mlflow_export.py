@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlearn.errors import ConfigError, SerializationError
-from fedlearn.registry import ModelRegistry, ModelVersion
+from fedlearn.registry.model_registry import ModelRegistry, ModelVersion
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -277,7 +277,7 @@ def _log_and_register(
         experiment_id,
         tags={
             **tags,
-            "fedlearn.registry": str(root.resolve()),
+            "fedlearn.registry.model_registry": str(root.resolve()),
             "fedlearn.run": info.run,
             "mlflow.note.content": note,
         },

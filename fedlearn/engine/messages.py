@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlearn.errors import SerializationError
-from fedlearn.records import (
+from fedlearn.engine.records import (
     Arrays,
     Config,
     Metrics,
@@ -25,6 +24,7 @@ from fedlearn.records import (
     encode_arrays,
     encode_json,
 )
+from fedlearn.errors import SerializationError
 
 
 class Stage(StrEnum):

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.records import Arrays, Config, Scalar
 from fedlearn.errors import ConfigError
-from fedlearn.records import Arrays, Config, Scalar
-from fedlearn.serving.spec import ServingSpec, derive_spec
+from fedlearn.registry.spec import ServingSpec, derive_spec
 
 __all__ = [
     "ClientDataSource",

@@ -3,14 +3,14 @@
 :class:`FlowerClientApp` wraps a Flower-style client (anything with
 ``get_parameters(config)``, ``fit(parameters, config)`` and
 ``evaluate(parameters, config)``), or a factory ``client_fn(client_id) -> client``,
-and presents it as a fedlearn :class:`~fedlearn.client_app.ClientApp`::
+and presents it as a fedlearn :class:`~fedlearn.engine.client_app.ClientApp`::
 
     app = FlowerClientApp(lambda cid: MyNumPyClient(data.client(cid)))
     run_simulation(lambda: app, FedAvg(), num_clients=10, rounds=5)
 
 How the two APIs meet:
 
-* **arrays**: fedlearn's named :data:`~fedlearn.records.Arrays` become Flower's
+* **arrays**: fedlearn's named :data:`~fedlearn.engine.records.Arrays` become Flower's
   ``list[np.ndarray]`` in the mapping's order, and the list a client returns is named
   back by position with the names of the arrays it was given. :meth:`initial_arrays`
   names the client's ``get_parameters({})`` ``p0, p1, ...`` (or ``names``). Every array
@@ -20,8 +20,8 @@ How the two APIs meet:
   dict, with ``server_round`` set to the task's round unless the strategy's config
   already names that key (Flower's ``on_fit_config_fn(server_round)`` idiom).
 * **results**: ``fit``'s ``(parameters, num_examples, metrics)`` becomes a
-  :class:`~fedlearn.client_app.TrainResult` and ``evaluate``'s
-  ``(loss, num_examples, metrics)`` an :class:`~fedlearn.client_app.EvaluateResult`.
+  :class:`~fedlearn.engine.client_app.TrainResult` and ``evaluate``'s
+  ``(loss, num_examples, metrics)`` an :class:`~fedlearn.engine.client_app.EvaluateResult`.
   What the client returns is checked; a wrong shape of reply raises a ``TypeError``
   (a wrong number of arrays a ``ValueError``) naming the client class and method, and
   the runtime records it as that client's failure. Metrics must be bool, int, float or
@@ -39,8 +39,8 @@ from typing import Protocol, TypeAlias, cast
 
 import numpy as np
 
-from fedlearn.client_app import ClientContext, EvaluateResult, TrainResult
-from fedlearn.records import ALLOWED_DTYPES, Arrays, Config, Metrics, Scalar
+from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.records import ALLOWED_DTYPES, Arrays, Config, Metrics, Scalar
 
 __all__ = [
     "FlowerClientApp",

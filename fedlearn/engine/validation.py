@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 
+from fedlearn.engine.messages import Reply
+from fedlearn.engine.records import Arrays
 from fedlearn.errors import UpdateRejected
-from fedlearn.messages import Reply
-from fedlearn.records import Arrays
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate
 
 FINITE_BLOCK = 1 << 20

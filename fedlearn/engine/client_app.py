@@ -13,8 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from fedlearn.engine.records import Arrays, Config, Metrics
 from fedlearn.errors import ConfigError
-from fedlearn.records import Arrays, Config, Metrics
 
 
 @dataclass(frozen=True)

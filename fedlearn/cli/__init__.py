@@ -1,0 +1,1 @@
+"""The ``fedlearn`` command: ``main`` builds it from the per-area command modules."""

@@ -1,0 +1,5 @@
+"""``python -m fedlearn.cli``."""
+
+from fedlearn.cli.main import app
+
+app()

@@ -1,0 +1,1 @@
+"""Configs: TOML files validated with pydantic, for simulations and deployments."""

@@ -1,0 +1,62 @@
+"""What a run produces: each client's outcome, each round's, and the run's.
+
+These record types sit below both the coordinator and secure aggregation's stages, which
+record client outcomes the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedlearn.engine.messages import Reply, Stage
+from fedlearn.engine.records import Arrays, Metrics
+from fedlearn.strategy.base import ClientUpdate
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """The outcome of one task: a client's metrics, or why it failed."""
+
+    round: int
+    stage: Stage
+    client_id: int
+    ok: bool
+    num_examples: int = 0
+    loss: float | None = None
+    metrics: Metrics = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What happened in one round."""
+
+    round: int
+    ok: bool
+    train_selected: int
+    train_ok: int
+    eval_selected: int = 0
+    eval_ok: int = 0
+    train_metrics: Metrics = field(default_factory=dict)
+    eval_metrics: Metrics = field(default_factory=dict)
+    duration_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of a run: the final model and what every round and client did."""
+
+    arrays: Arrays
+    state: Arrays
+    rounds: list[RoundRecord]
+    clients: list[ClientRecord]
+
+
+def accepted_train(rnd: int, reply: Reply) -> tuple[ClientUpdate, ClientRecord]:
+    """An accepted training reply as the strategy sees it (no arrays) and as it is recorded."""
+    meta = ClientUpdate(reply.client_id, {}, reply.num_examples, reply.metrics)
+    record = ClientRecord(
+        rnd, Stage.TRAIN, reply.client_id, True, reply.num_examples, None, reply.metrics
+    )
+    return meta, record

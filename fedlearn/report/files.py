@@ -1,0 +1,160 @@
+"""A report's files: ``report.json``, ``clients.csv``, ``rounds.csv`` and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.store import RunStore
+from fedlearn.report.plots import plot_clients, plot_metrics
+from fedlearn.report.summary import Report, ReportFiles, lower_is_better, summarize
+
+# Column names of clients.csv that are not metrics; a metric of the same name gets a prefix.
+_CLIENT_COLUMNS = ("round", "stage", "client_id", "ok", "num_examples", "loss")
+_CLIENT_TAIL = ("error",)
+
+
+def write_report(store: RunStore, out_dir: Path) -> ReportFiles:
+    """Summarize ``store`` and write the report files into ``out_dir`` (created if missing).
+
+    Writes ``report.json`` (the summary, failures and every client row; NaN and infinite
+    values become ``null``), ``clients.csv`` (one row per round, stage and client),
+    ``rounds.csv`` (one row per round), ``metrics_per_round.png`` and
+    ``clients_per_round.png``. Each file is written to a temporary name and renamed.
+    """
+    report = summarize(store)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = ReportFiles(
+        report=report,
+        report_json=out_dir / "report.json",
+        clients_csv=out_dir / "clients.csv",
+        rounds_csv=out_dir / "rounds.csv",
+        metrics_png=out_dir / "metrics_per_round.png",
+        clients_png=out_dir / "clients_per_round.png",
+    )
+    _write_atomic(files.report_json, _report_json(report).encode())
+    _write_atomic(files.clients_csv, _csv_bytes(*_client_table(report)))
+    _write_atomic(files.rounds_csv, _csv_bytes(*_round_table(report)))
+    _write_atomic(files.metrics_png, plot_metrics(report))
+    _write_atomic(files.clients_png, plot_clients(report))
+    return files
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Stage):
+        return value.value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _report_json(report: Report) -> str:
+    body = asdict(report)
+    run = {key: body.pop(key) for key in ("run_id", "status", "seed", "created", "config")}
+    document = {
+        "run": run,
+        "ok": report.ok,
+        "failed_rounds": list(report.failed_rounds),
+        "lower_is_better": [name for name in report.metric_names if lower_is_better(name)],
+        **body,
+    }
+    return json.dumps(_jsonable(document), indent=2, allow_nan=False) + "\n"
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Stage):
+        return value.value
+    return str(value)
+
+
+def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([_csv_cell(v) for v in row] for row in rows)
+    return buffer.getvalue().encode()
+
+
+def _client_table(report: Report) -> tuple[list[str], list[list[Any]]]:
+    names = sorted({name for record in report.clients for name in record.metrics})
+    reserved = set(_CLIENT_COLUMNS) | set(_CLIENT_TAIL)
+    header = [
+        *_CLIENT_COLUMNS,
+        *(f"metric:{n}" if n in reserved else n for n in names),
+        *_CLIENT_TAIL,
+    ]
+    rows = [
+        [
+            c.round,
+            c.stage,
+            c.client_id,
+            c.ok,
+            c.num_examples,
+            c.loss,
+            *(c.metrics.get(name) for name in names),
+            c.error,
+        ]
+        for c in report.clients
+    ]
+    return header, rows
+
+
+_METRIC_FIELDS = ("mean", "worst", "worst_client", "p10", "p50", "p90", "clients")
+
+
+def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
+    header = [
+        "round",
+        "ok",
+        "error",
+        "duration_s",
+        "train_selected",
+        "train_ok",
+        "train_failed",
+        "eval_selected",
+        "eval_ok",
+        "eval_failed",
+        *(f"{name}_{f}" for name in report.metric_names for f in _METRIC_FIELDS),
+    ]
+    rows: list[list[Any]] = []
+    for r in report.rounds:
+        row: list[Any] = [
+            r.round,
+            r.ok,
+            r.error,
+            r.duration_s,
+            r.train_selected,
+            r.train_ok,
+            r.train_failed,
+            r.eval_selected,
+            r.eval_ok,
+            r.eval_failed,
+        ]
+        for name in report.metric_names:
+            summary = r.metric(name)
+            row.extend(getattr(summary, f) if summary is not None else None for f in _METRIC_FIELDS)
+        rows.append(row)
+    return header, rows
