@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fedlearn.cli.main import app
@@ -76,3 +77,31 @@ def test_the_cli_names_the_registry_production_alias() -> None:
     from fedlearn.registry import model_registry
 
     assert models.PRODUCTION == model_registry.PRODUCTION
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("list", "nosuch"),
+        ("show", "nosuch"),
+        ("show", "nosuch", "1"),
+        ("promote", "nosuch", "1"),
+        ("rollback", "nosuch"),
+        ("alias", "nosuch", "staging", "1"),
+        ("export-mlflow", "nosuch", "--tracking-uri", "sqlite:///unused.db"),
+    ],
+)
+def test_an_unknown_model_is_named_with_the_registrys_models(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    publish_mnist(tmp_path)
+    code, out = _run("models", *command, "--registry", str(tmp_path))
+    assert code == 2
+    assert out.strip() == f"error: model 'nosuch' does not exist in {tmp_path} (models: mnist)"
+
+
+def test_an_unknown_model_in_an_empty_registry(tmp_path: Path) -> None:
+    ModelRegistry(tmp_path).close()
+    code, out = _run("models", "show", "mnist", "--registry", str(tmp_path))
+    assert code == 2
+    assert f"model 'mnist' does not exist in {tmp_path} (models: none published yet)" in out

@@ -42,6 +42,14 @@ def _open(root: Path) -> ModelRegistry:
     return ModelRegistry(root)
 
 
+def _require(reg: ModelRegistry, name: str) -> None:
+    """Fail with the registry's model names when ``name`` has no version in it."""
+    names = reg.names()
+    if name not in names:
+        known = ", ".join(names) or "none published yet"
+        _fail(f"model {name!r} does not exist in {reg.root} (models: {known})")
+
+
 def _when(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -63,12 +71,12 @@ def list_(
 ) -> None:
     """Every version with its run, round, metrics and aliases."""
     with _open(registry) as reg:
+        if name is not None:
+            _require(reg, name)
         names = reg.names() if name is None else [name]
         table = Table("model", "version", "aliases", "run", "round", "metrics", "published")
         for model in names:
             versions = reg.versions(model)
-            if not versions:
-                _fail(f"no model {model!r} in {registry}")
             aliases = reg.aliases(model)
             for v in versions:
                 table.add_row(
@@ -91,6 +99,7 @@ def show(
 ) -> None:
     """One version in full, and the model's promotion decisions."""
     with _open(registry) as reg:
+        _require(reg, name)
         try:
             v = reg.resolve(name, version)
         except FedlearnError as exc:
@@ -145,6 +154,7 @@ def promote(
     from fedlearn.report.summary import lower_is_better
 
     with _open(registry) as reg:
+        _require(reg, name)
         try:
             gate = (
                 None
@@ -170,6 +180,7 @@ def alias(
 ) -> None:
     """Point an alias other than production (which only promote moves) at a version."""
     with _open(registry) as reg:
+        _require(reg, name)
         try:
             reg.set_alias(name, alias, version)
         except FedlearnError as exc:
@@ -184,6 +195,7 @@ def rollback(
 ) -> None:
     """Restore the previous production version (recorded as a decision)."""
     with _open(registry) as reg:
+        _require(reg, name)
         try:
             restored = reg.rollback(name)
         except FedlearnError as exc:
@@ -215,7 +227,8 @@ def export_mlflow(
     """Log a version as an MLflow run and register it in MLflow (needs the mlflow extra)."""
     from fedlearn.registry.mlflow_export import export_version
 
-    _open(registry).close()
+    with _open(registry) as reg:
+        _require(reg, name)
     try:
         result = export_version(
             registry,
