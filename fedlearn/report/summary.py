@@ -131,14 +131,18 @@ class Report:
 
 @dataclass(frozen=True)
 class ReportFiles:
-    """The files :func:`write_report` wrote, and the report they hold."""
+    """The files :func:`write_report` wrote, and the report they hold.
+
+    The PNG paths are ``None`` when the plots were skipped (no matplotlib: the ``report``
+    extra); ``notes`` then says so."""
 
     report: Report = field(repr=False)
     report_json: Path
     clients_csv: Path
     rounds_csv: Path
-    metrics_png: Path
-    clients_png: Path
+    metrics_png: Path | None
+    clients_png: Path | None
+    notes: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- summary

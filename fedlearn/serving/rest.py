@@ -43,16 +43,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
-from starlette.routing import Route
 
+from fedlearn.config.extras import extra_message
 from fedlearn.errors import ConfigError, InvalidInput, ModelNotFound, ModelNotReady
+
+try:  # the serve extra: without it, a ConfigError that names it rather than an ImportError
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+except ImportError as exc:
+    raise ConfigError(extra_message("serve", "serving models over REST (OIP v2)")) from exc
+
 from fedlearn.registry.spec import datatype_of
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.models import ServedModel
