@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fedlearn.errors import FedlearnError
 
@@ -61,6 +63,7 @@ def _metrics(values: dict[str, float] | None) -> str:
 
 
 def _labels(version: ModelVersion, aliases: dict[str, int]) -> str:
+    """The aliases naming ``version``, comma-separated."""
     return ", ".join(sorted(a for a, v in aliases.items() if v == version.version))
 
 
@@ -70,25 +73,51 @@ def list_(
     registry: RegistryOption = DEFAULT_REGISTRY,
 ) -> None:
     """Every version with its run, round, metrics and aliases."""
+    from fedlearn.report.console import first_fitting
+
     with _open(registry) as reg:
         if name is not None:
             _require(reg, name)
-        names = reg.names() if name is None else [name]
-        table = Table("model", "version", "aliases", "run", "round", "metrics", "published")
-        for model in names:
-            versions = reg.versions(model)
-            aliases = reg.aliases(model)
-            for v in versions:
-                table.add_row(
-                    v.name,
-                    str(v.version),
-                    _labels(v, aliases),
-                    v.run,
-                    str(v.round),
-                    _metrics(v.metrics),
-                    _when(v.created),
-                )
-    console.print(table)
+        rows = [
+            _version_row(v, aliases)
+            for model in (reg.names() if name is None else [name])
+            for aliases in [reg.aliases(model)]
+            for v in reg.versions(model)
+        ]
+    candidates = (_versions_table(rows, _LIST_DROP_ORDER[:n]) for n in range(4))
+    console.print(first_fitting(console, candidates))
+
+
+_LIST_COLUMNS = ("model", "version", "aliases", "run", "round", "metrics", "published")
+# Left out in this order, one at a time, when the table cannot fit the terminal otherwise.
+_LIST_DROP_ORDER = ("published", "round", "run")
+_WHOLE = frozenset({"model", "version", "run", "round"})  # never wrapped
+
+
+def _version_row(v: ModelVersion, aliases: dict[str, int]) -> dict[str, str]:
+    return {
+        "model": v.name,
+        "version": str(v.version),
+        "aliases": _labels(v, aliases),
+        "run": v.run,
+        "round": str(v.round),
+        "metrics": _metrics(v.metrics),
+        "published": _when(v.created),
+    }
+
+
+def _versions_table(rows: list[dict[str, str]], hidden: tuple[str, ...]) -> Table:
+    """Versions, one a row; ``hidden`` columns left out (the caption names them)."""
+    columns = [c for c in _LIST_COLUMNS if c not in hidden]
+    caption = f"not shown at this width: {', '.join(hidden)} (see models show)" if hidden else None
+    table = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, caption=caption, collapse_padding=True
+    )
+    for column in columns:
+        table.add_column(column, no_wrap=column in _WHOLE)
+    for row in rows:
+        table.add_row(*(Text(row[c]) for c in columns))
+    return table
 
 
 @models_app.command()

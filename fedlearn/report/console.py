@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from fedlearn.report.summary import MetricSummary, Report
+from fedlearn.report.summary import MetricSummary, Report, RoundSummary
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Column, Table
     from rich.text import Text
 
 
@@ -25,26 +28,72 @@ def _worst(summary: MetricSummary | None) -> str:
     return f"{_number(summary.worst)} (#{summary.worst_client})"
 
 
-_ROUND_HEADERS = (
-    "round",
-    "status",
-    "train",
-    "eval",
-    "acc\nmean",
-    "acc worst\n(client)",
-    "acc\np10",
-    "acc\np50",
-    "acc\np90",
-    "loss\nmean",
-    "loss worst\n(client)",
+@dataclass(frozen=True)
+class _RoundColumn:
+    header: str
+    cell: Callable[[RoundSummary], tuple[str, str]]  # (text, style)
+    wraps: bool = False  # only "value (#client)" cells may wrap, at the space
+
+    @property
+    def name(self) -> str:
+        return self.header.replace("\n", " ")
+
+
+def _plain(text: str) -> tuple[str, str]:
+    return text, ""
+
+
+def _status(r: RoundSummary) -> tuple[str, str]:
+    return ("ok", "green") if r.ok else ("FAILED", "bold red")
+
+
+def _train(r: RoundSummary) -> tuple[str, str]:
+    return f"{r.train_ok}/{r.train_selected}", "red" if r.train_failed else ""
+
+
+def _eval(r: RoundSummary) -> tuple[str, str]:
+    if not r.eval_selected:
+        return _plain("-")
+    return f"{r.eval_ok}/{r.eval_selected}", "red" if r.eval_failed else ""
+
+
+def _stat(metric: str, stat: str) -> Callable[[RoundSummary], tuple[str, str]]:
+    def cell(r: RoundSummary) -> tuple[str, str]:
+        summary = r.metric(metric)
+        return _plain(_number(None if summary is None else getattr(summary, stat)))
+
+    return cell
+
+
+def _worst_of(metric: str) -> Callable[[RoundSummary], tuple[str, str]]:
+    return lambda r: _plain(_worst(r.metric(metric)))
+
+
+_ROUND_COLUMNS = (
+    _RoundColumn("round", lambda r: _plain(str(r.round))),
+    _RoundColumn("status", _status),
+    _RoundColumn("train", _train),
+    _RoundColumn("eval", _eval),
+    _RoundColumn("acc\nmean", _stat("accuracy", "mean")),
+    _RoundColumn("acc worst\n(client)", _worst_of("accuracy"), wraps=True),
+    _RoundColumn("acc\np10", _stat("accuracy", "p10")),
+    _RoundColumn("acc\np50", _stat("accuracy", "p50")),
+    _RoundColumn("acc\np90", _stat("accuracy", "p90")),
+    _RoundColumn("loss\nmean", _stat("loss", "mean")),
+    _RoundColumn("loss worst\n(client)", _worst_of("loss"), wraps=True),
 )
+# Left out in this order, one at a time, when the table cannot fit the terminal otherwise.
+_ROUND_DROP_ORDER = ("acc p10", "acc p90", "loss worst (client)", "acc p50", "eval", "loss mean")
+_CAPTION = "train/eval: ok/selected clients; worst: value (client id)"
 
 
 def print_report(report: Report, console: Console | None = None, max_failures: int = 50) -> None:
     """Print ``report`` as rich tables: rounds, failed rounds, client failures, run status.
 
-    At most ``max_failures`` client failures are listed; the rest are counted (all of
-    them are in ``report.json`` and ``clients.csv``).
+    The rounds table fits the terminal: columns are one space apart in a narrow one and,
+    if it is still too narrow, the least useful columns are left out (the caption names
+    them). At most ``max_failures`` client failures are listed; the rest are counted (all
+    of them are in ``report.json`` and ``clients.csv``).
     """
     from rich import box
     from rich.console import Console
@@ -53,37 +102,8 @@ def print_report(report: Report, console: Console | None = None, max_failures: i
 
     console = console if console is not None else Console()
     plain: dict[str, Any] = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False}
-    table = Table(
-        title=Text(f"Run {report.run_id}: evaluation per round"),
-        caption=Text("train/eval: ok/selected clients; worst: value (client id)"),
-        collapse_padding=True,
-        **plain,
-        # One space between columns in a narrow terminal, so 80 columns hold the table.
-        padding=(0, 1) if console.width >= 100 else (0, 0),
-    )
-    for header in _ROUND_HEADERS:
-        justify: Literal["left", "right"] = "left" if header == "status" else "right"
-        # A "worst (client)" cell may wrap onto two lines; no number is ever cut short.
-        table.add_column(header, justify=justify, overflow="fold", min_width=6)
-    for r in report.rounds:
-        acc, loss = r.metric("accuracy"), r.metric("loss")
-        table.add_row(
-            str(r.round),
-            Text("ok", style="green") if r.ok else Text("FAILED", style="bold red"),
-            Text(f"{r.train_ok}/{r.train_selected}", style="red" if r.train_failed else ""),
-            Text(f"{r.eval_ok}/{r.eval_selected}", style="red" if r.eval_failed else "")
-            if r.eval_selected
-            else "-",
-            _number(acc.mean if acc else None),
-            _worst(acc),
-            _number(acc.p10 if acc else None),
-            _number(acc.p50 if acc else None),
-            _number(acc.p90 if acc else None),
-            _number(loss.mean if loss else None),
-            _worst(loss),
-        )
     if report.rounds:
-        console.print(table)
+        console.print(first_fitting(console, _round_tables(report)))
     else:
         console.print(Text(f"Run {report.run_id}: no rounds recorded", style="yellow"))
 
@@ -122,6 +142,97 @@ def print_report(report: Report, console: Console | None = None, max_failures: i
             console.print(Text(f"... and {hidden} more client failures (see report.json)"))
 
     console.print(_status_line(report))
+
+
+def _round_tables(report: Report) -> Iterator[Table]:
+    """The rounds table, widest layout first: two spaces between columns, then one, then
+    "value (#client)" cells on two lines, then fewer and fewer columns."""
+    yield _round_table(report, padding=1, wrap=False, hidden=())
+    yield _round_table(report, padding=0, wrap=False, hidden=())
+    for n in range(len(_ROUND_DROP_ORDER) + 1):
+        yield _round_table(report, padding=0, wrap=True, hidden=_ROUND_DROP_ORDER[:n])
+
+
+def _round_table(report: Report, padding: int, wrap: bool, hidden: tuple[str, ...]) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    caption = _CAPTION + (f"; not shown at this width: {', '.join(hidden)}" if hidden else "")
+    table = Table(
+        title=Text(f"Run {report.run_id}: evaluation per round"),
+        caption=Text(caption),
+        collapse_padding=True,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, padding),
+    )
+    columns = [c for c in _ROUND_COLUMNS if c.name not in hidden]
+    for c in columns:
+        justify: Literal["left", "right"] = "left" if c.name == "status" else "right"
+        table.add_column(c.header, justify=justify, no_wrap=not (wrap and c.wraps))
+    for r in report.rounds:
+        table.add_row(*(Text(*c.cell(r)) for c in columns))
+    return table
+
+
+def first_fitting(console: Console, tables: Iterable[Table]) -> Table:
+    """The first of ``tables`` that fits ``console.width`` without cutting a word (see
+    :func:`fit_to_width`); the last one when none does."""
+    table = None
+    for table in tables:
+        if fit_to_width(console, table):
+            return table
+    if table is None:
+        raise ValueError("no table to fit")
+    return table
+
+
+def fit_to_width(console: Console, table: Table) -> bool:
+    """Narrow ``table``'s wrapping columns so that it fits ``console.width`` and every
+    word of every cell and header stays whole; False (table unchanged) when it cannot.
+
+    Rich shrinks the widest columns first, whatever their longest word; this sets each
+    wrapping column's width between its longest word and its longest line instead.
+    """
+    from rich.measure import Measurement
+
+    wide = console.options.update_width(1 << 16)
+    ranges = [_column_range(console, table, column) for column in table.columns]
+    lows, highs = [low for low, _ in ranges], [high for _, high in ranges]
+    room = console.width - (Measurement.get(console, wide, table).maximum - sum(highs))
+    if sum(lows) > room:
+        return False
+    if sum(highs) > room:
+        for column, width in zip(table.columns, _share(lows, highs, room), strict=True):
+            column.width = width
+    return True
+
+
+def _column_range(console: Console, table: Table, column: Column) -> tuple[int, int]:
+    """(longest word, longest line) over a column's header and cells; a column that does
+    not wrap has no shorter width than its longest line."""
+    from rich.measure import Measurement
+
+    wide = console.options.update_width(1 << 16)
+    cells = [column.header, *column.cells] if table.show_header else list(column.cells)
+    sizes = [Measurement.get(console, wide, cell) for cell in cells]
+    high = max((m.maximum for m in sizes), default=0)
+    low = high if column.no_wrap else max((m.minimum for m in sizes), default=0)
+    return low, high
+
+
+def _share(lows: list[int], highs: list[int], room: int) -> list[int]:
+    """Widths between ``lows`` and ``highs`` that add up to ``room`` (>= sum of lows): the
+    column with the most to give narrows first, so as few columns as possible wrap."""
+    widths = list(highs)
+    for i in sorted(range(len(widths)), key=lambda i: highs[i] - lows[i], reverse=True):
+        excess = sum(widths) - room
+        if excess <= 0:
+            break
+        widths[i] -= min(excess, highs[i] - lows[i])
+    return widths
 
 
 def _status_line(report: Report) -> Text:
