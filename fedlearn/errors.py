@@ -4,12 +4,14 @@
 
     FedlearnError
     ├── ConfigError          bad settings, caught before any round runs
+    │   └── RunConflict      a run directory holds another run, or another process uses it
     ├── DataError            a dataset or partition cannot be built
     ├── SerializationError   bytes that do not decode to a record
     ├── UpdateRejected       a client's reply failed validation (shape, dtype, NaN/Inf, ...)
     ├── AuthError            a client failed authentication (unknown, revoked, replayed)
     ├── SecAggError          secure aggregation refused a message or could not finish
     ├── RoundFailed          a round could not reach its quorum; the global model is unchanged
+    ├── RunInterrupted       a run stopped at a clean point on request; it can be resumed
     └── InferenceError       a serving request cannot be answered
         ├── ModelNotFound    unknown model name or version
         ├── ModelNotReady    the model exists but has no servable version loaded
@@ -25,6 +27,11 @@ class FedlearnError(Exception):
 
 class ConfigError(FedlearnError):
     """Invalid configuration or strategy settings."""
+
+
+class RunConflict(ConfigError):
+    """A run cannot start or continue in its directory: the directory holds a different
+    run (the message lists the differing fields and the ways out), or is in use."""
 
 
 class DataError(FedlearnError):
@@ -53,6 +60,17 @@ class UpdateRejected(FedlearnError):
 
 class RoundFailed(FedlearnError):
     """A round did not reach its quorum; nothing was applied."""
+
+
+class RunInterrupted(FedlearnError):
+    """A run stopped at a clean point (Ctrl-C, SIGTERM, a stop request) after committing
+    round ``round``; ``resume`` is the command that continues it."""
+
+    def __init__(self, round: int, resume: str, signal: int | None = None) -> None:
+        super().__init__(f"interrupted after round {round}; continue with: {resume}")
+        self.round = round
+        self.resume = resume
+        self.signal = signal
 
 
 class AuthError(FedlearnError):

@@ -326,7 +326,7 @@ def in_process_coordinator(
         try:
             running.result = run_coordinator(
                 config, stop=running.stop, on_ready=on_ready, observer=observer
-            )
+            ).result
         except BaseException as exc:
             running.error = exc
         finally:

@@ -92,7 +92,7 @@ def store(tmp_path: Path) -> Iterator[RunStore]:
     s = RunStore(tmp_path / "run.db")
     s.start_run(seed=7, config={"rounds": 3, "strategy": "fedavg"})
     record(s, [round1(), round2(), round3()])
-    s.finish_run()
+    s.set_status("finished")
     yield s
     s.close()
 
@@ -236,7 +236,7 @@ def test_nonfinite_values_are_left_out_and_named(tmp_path: Path) -> None:
         ClientRecord(1, E, 3, True, 10, 0.5, {"accuracy": 0.9, "aux": math.inf}),
     ]
     record(store, [(RoundRecord(1, True, 3, 3, 3, 3), clients)])
-    store.finish_run()
+    store.set_status("finished")
     files = write_report(store, tmp_path / "out")
     store.close()
     acc = files.report.rounds[0].metric("accuracy")
@@ -501,7 +501,7 @@ def test_print_report_clean_run(tmp_path: Path) -> None:
     store = RunStore(tmp_path / "run.db")
     store.start_run(seed=0, config={})
     record(store, [round1()])
-    store.finish_run()
+    store.set_status("finished")
     report = summarize(store)
     store.close()
     assert report.ok and report.failures == ()

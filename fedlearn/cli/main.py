@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -15,15 +18,16 @@ from rich.text import Text
 
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
-from fedlearn.config.loading import parse_assignment
-from fedlearn.config.simulation import load_config
-from fedlearn.errors import FedlearnError
+from fedlearn.config.loading import parse_assignment, set_dotted, validate
+from fedlearn.config.simulation import SimulationConfig, load_config
+from fedlearn.errors import FedlearnError, RunInterrupted
 
 if TYPE_CHECKING:
     from fedlearn.engine.messages import Stage
     from fedlearn.engine.results import ClientRecord, RoundRecord
     from fedlearn.registry.publish import Published
     from fedlearn.run.job import JobResult
+    from fedlearn.run.lifecycle import RunOutcome
 
 app = typer.Typer(
     help="fedlearn: federated learning simulations and deployments.",
@@ -110,7 +114,18 @@ def simulate(
         list[str] | None, typer.Option("--set", help="any field: key.path=value")
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="continue the run directory's last committed round")
+        bool,
+        typer.Option(
+            help="continue the run directory's run after its last committed round (without "
+            "a config file: with the run's own config.json)"
+        ),
+    ] = False,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run",
+            help="start over: the directory's run moves aside to DIR.N (nothing is deleted)",
+        ),
     ] = False,
     check_serving: Annotated[
         bool,
@@ -122,9 +137,6 @@ def simulate(
 ) -> None:
     """Run a federated simulation, write its run directory (model, run store, report),
     publish the model to the registry and query it through the serving endpoint."""
-    from fedlearn.engine.store import RunStore
-    from fedlearn.report.console import print_report
-    from fedlearn.report.summary import summarize
     from fedlearn.run.job import run_job
 
     overrides: dict[str, Any] = {}
@@ -141,12 +153,13 @@ def simulate(
             overrides[key] = value
     try:
         overrides.update(parse_assignment(text) for text in set_ or [])
-        cfg = load_config(config, overrides)
+        cfg = _simulation_config(config, overrides, resume)
         console.print(
             f"[bold]fedlearn simulate[/] {cfg.run.name}: {cfg.run.clients} clients, "
             f"{cfg.run.rounds} rounds, {cfg.strategy.name}, {cfg.data.dataset}/"
             f"{cfg.data.partitioner}, backend {cfg.backend.kind}"
         )
+        _show_run_notes()
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -155,21 +168,20 @@ def simulate(
             console=console,
             transient=True,
         ) as progress:
-            job = run_job(cfg, ProgressObserver(progress, cfg.run.rounds), resume)
+            job = run_job(cfg, ProgressObserver(progress, cfg.run.rounds), resume, new_run)
+    except RunInterrupted as exc:
+        console.print(f"[yellow]{escape(str(exc))}[/]", soft_wrap=True)
+        raise typer.Exit(143 if exc.signal == signal.SIGTERM else 130) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted before the first round started[/]")
+        raise typer.Exit(130) from None
     except FedlearnError as exc:
         _fail(str(exc))
-    store = RunStore(job.out_dir / "run.db", run_id=cfg.run.name)
-    try:
-        print_report(summarize(store), console)
-    finally:
-        store.close()
-    console.print(
-        f"run directory: {job.out_dir} (model.safetensors, run.db, report.json, "
-        "clients.csv, rounds.csv, *.png)"
-    )
-    for published in job.published:
-        _print_published(published)
-    if job.result.rounds and not any(r.ok for r in job.result.rounds):
+    outcome = job.outcome
+    if outcome.already_finished:
+        return
+    _print_run(outcome, cfg.run.name)
+    if outcome.status != "finished":
         raise typer.Exit(1)
     if job.published and (check_serving or serve):
         from fedlearn.run.job import registry_dir
@@ -178,6 +190,62 @@ def simulate(
             _serve_published(job, registry_dir(cfg), serve)
         except FedlearnError as exc:
             _fail(str(exc))
+
+
+def _simulation_config(
+    path: Path | None, overrides: dict[str, Any], resume: bool
+) -> SimulationConfig:
+    """The config to run: the file, else (resuming) the run directory's own config.json,
+    else the embedded defaults; ``overrides`` on top."""
+    from fedlearn.run.job import run_dir
+
+    if path is None and resume:
+        directory = run_dir(load_config(None, overrides))
+        saved = directory / "config.json"
+        if saved.is_file():
+            raw = json.loads(saved.read_text())
+            for key, value in overrides.items():
+                set_dotted(raw, key, value, SimulationConfig)
+            return validate(SimulationConfig, raw, str(saved))
+    return load_config(path, overrides)
+
+
+def _show_run_notes() -> None:
+    """Print what the run lifecycle says (resuming, config changes, moved aside) as it
+    happens."""
+    import logging
+
+    logger = logging.getLogger("fedlearn.run")
+    if any(isinstance(h, _ConsoleNotes) for h in logger.handlers):
+        return
+    logger.addHandler(_ConsoleNotes())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+class _ConsoleNotes(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[cyan]{escape(record.getMessage())}[/]", soft_wrap=True)
+
+
+def _print_run(outcome: RunOutcome, run_id: str) -> None:
+    """The report tables, where the files are, what was published."""
+    from fedlearn.engine.store import RunStore
+    from fedlearn.report.console import print_report
+    from fedlearn.report.summary import summarize
+
+    store = RunStore(outcome.directory / "run.db", run_id=run_id)
+    try:
+        print_report(summarize(store), console)
+    finally:
+        store.close()
+    console.print(
+        f"run directory: {outcome.directory} (model.safetensors, run.db, config.json, "
+        "report.json, clients.csv, rounds.csv, *.png)",
+        soft_wrap=True,
+    )
+    for published in outcome.published:
+        _print_published(published)
 
 
 def _serve_published(job: JobResult, registry: Path, keep_serving: bool) -> None:
@@ -189,6 +257,7 @@ def _serve_published(job: JobResult, registry: Path, keep_serving: bool) -> None
     from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
 
     app = job.app
+    assert job.result is not None  # a run that published ran in this process
     if not isinstance(app, TorchClientApp):
         console.print("serving check skipped: the client app is not a TorchClientApp")
         return
@@ -283,15 +352,18 @@ def report(
 
 
 def _logging(verbose: bool) -> None:
-    import logging
+    """Daemon logs: rich in a terminal; one plain, unwrapped line per record otherwise
+    (a service manager's journal, a file, a pipe)."""
+    handler: logging.Handler
+    if console.is_terminal:
+        from rich.logging import RichHandler
 
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+        handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 @app.command()
@@ -299,8 +371,19 @@ def server(
     config: Annotated[Path, typer.Option("--config", help="coordinator.toml")],
     insecure: Annotated[bool, typer.Option(help="plaintext gRPC (TLS is on by default)")] = False,
     verbose: Annotated[bool, typer.Option(help="log joins and rounds")] = True,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run",
+            help="start over: the state directory's run moves aside to DIR.N "
+            "(nothing is deleted; a registry inside it stays)",
+        ),
+    ] = False,
 ) -> None:
-    """Run the coordinator daemon: admit enrolled sites, run rounds, keep durable state."""
+    """Run the coordinator daemon: admit enrolled sites, run rounds, keep durable state.
+
+    The same command after a crash, a Ctrl-C or a SIGTERM continues the state directory's
+    run after its last committed round."""
     from fedlearn.config.deployment import CoordinatorConfig
     from fedlearn.config.loading import load_toml
     from fedlearn.deploy.server import run_coordinator
@@ -317,12 +400,27 @@ def server(
         def round_finished(self, record: RoundRecord) -> None:
             ProgressObserver.describe(record, console)
 
+    again = f"fedlearn server --config {config}" + (" --insecure" if insecure else "")
     try:
         cfg = load_toml(CoordinatorConfig, config, {"server.insecure": True} if insecure else None)
-        result = run_coordinator(cfg, observer=RoundLines())
+        outcome = run_coordinator(cfg, observer=RoundLines(), new_run=new_run, resume_command=again)
+    except RunInterrupted as exc:
+        logging.getLogger("fedlearn.server").warning("%s", exc)
+        # a service manager's SIGTERM is an orderly stop
+        raise typer.Exit(0 if exc.signal == signal.SIGTERM else 130) from None
     except FedlearnError as exc:
         _fail(str(exc))
-    console.print(f"run finished: {len(result.rounds)} rounds; model in {cfg.server.state_dir}")
+    if outcome.already_finished:
+        console.print(" ".join(outcome.notes), soft_wrap=True)
+        return
+    ran = len(outcome.result.rounds) if outcome.result is not None else 0
+    console.print(
+        f"run {outcome.status}: {len(outcome.rounds)} rounds ({ran} in this session); model "
+        f"and report in {cfg.server.state_dir}",
+        soft_wrap=True,
+    )
+    if outcome.status != "finished":
+        raise typer.Exit(1)
 
 
 @app.command()

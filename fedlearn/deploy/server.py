@@ -1,9 +1,10 @@
 """The coordinator daemon: serve gRPC, admit enrolled sites, run rounds, keep durable state.
 
-``run_coordinator`` builds the pieces (allowlist, authenticator, session registry, gRPC
-transport, SQLite run store) and drives the same :class:`Coordinator` loop as simulations.
-Every round commits the model and strategy state atomically; the same command after a
-crash resumes after the last committed round.
+``run_coordinator`` builds the deployment's pieces (allowlist, authenticator, session
+registry, gRPC transport) and drives the same :class:`Coordinator` loop as simulations,
+through the same run lifecycle (:mod:`fedlearn.run.lifecycle`): every round commits
+atomically, the same command after a crash resumes after the last committed round, and
+the run ends with its true status, its report and its final publication.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -22,21 +22,18 @@ from fedlearn.deploy.metrics import CoordinatorMetrics
 from fedlearn.deploy.servicer import CoordinatorServicer
 from fedlearn.deploy.sessions import ClientRegistry
 from fedlearn.deploy.transport import GrpcTransport
-from fedlearn.engine.coordinator import Coordinator, Observer, Observers, RoundSink
+from fedlearn.engine.coordinator import Coordinator, Observer, Observers
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
-from fedlearn.engine.store import RunStore
-from fedlearn.engine.weights import load_weights, save_weights
-from fedlearn.errors import ConfigError, RoundFailed
+from fedlearn.engine.weights import load_weights
+from fedlearn.errors import ConfigError, RoundFailed, RunInterrupted
 from fedlearn.run.builders import make_secure, make_strategy
+from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.security.auth import Authenticator
 from fedlearn.security.certs import load_server_pem
 from fedlearn.security.keys import load_allowlist
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from fedlearn.registry.publish import Publisher
 
 log = logging.getLogger("fedlearn.server")
 
@@ -80,10 +77,40 @@ def run_coordinator(
     stop: threading.Event | None = None,
     on_ready: Callable[[int], None] | None = None,
     observer: Observer | None = None,
-) -> RunResult:
-    """Serve, wait for sites, run (or resume) the configured run, then say goodbye."""
+    new_run: bool = False,
+    resume_command: str = "the same fedlearn server command",
+) -> RunOutcome:
+    """Serve, wait for sites, run (or resume) the configured run, then say goodbye.
+
+    The state directory's run continues after its last committed round, under the rules
+    of :mod:`fedlearn.run.lifecycle` (``new_run`` moves a previous run aside instead).
+    Setting ``stop`` (or SIGTERM / Ctrl-C in the main thread) stops before the next round
+    with :class:`RunInterrupted`.
+    """
     allowlist = load_allowlist(config.server.allowlist)
-    authenticator = Authenticator(allowlist, config.server.server_id)
+    strategy = make_strategy(config.strategy)
+    secure = make_secure(config.secagg)
+    state_dir = Path(config.server.state_dir)
+    registry_root = Path(config.publish.registry or state_dir / "registry")
+    spec = RunSpec(
+        directory=state_dir,
+        name=config.run.name,
+        seed=config.run.seed,
+        rounds=config.run.rounds,
+        config=config,
+        resume_command=resume_command,
+        keep=(registry_root,),
+    )
+    lifecycle = open_run(spec, Start.NEW if new_run else Start.AUTO, new_run)
+    if config.publish.enabled:  # imported only then: the registry and its dependencies
+        from fedlearn.registry.publish import Publisher, serving_spec
+
+        lifecycle.publisher = Publisher(
+            config.publish, config.run.name, serving_spec(config.publish, None), registry_root
+        )
+        lifecycle.publish_every = config.publish.every
+    if lifecycle.already_finished:
+        return lifecycle.leave()
     registry = ClientRegistry()
     plaintext = config.server.insecure
     transport = GrpcTransport(
@@ -93,75 +120,56 @@ def run_coordinator(
     )
     servicer = CoordinatorServicer(
         registry,
-        authenticator,
+        Authenticator(allowlist, config.server.server_id),
         config.server.max_payload_mb << 20,
         handshake_timeout_s=config.server.handshake_timeout_s,
         require_digest=plaintext,
     )
-    strategy = make_strategy(config.strategy)
-    state_dir = Path(config.server.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    store = RunStore(state_dir / "run.db", run_id=config.run.name, checkpoint=True)
-    publisher: Publisher | None = None
-    sink: RoundSink = store
-    if config.publish.enabled:  # imported only then: the registry and its dependencies
-        from fedlearn.registry.publish import Publisher, PublishingSink, serving_spec
-
-        publisher = Publisher(
-            config.publish,
-            config.run.name,
-            serving_spec(config.publish, None),
-            Path(config.publish.registry or state_dir / "registry"),
-        )
-        sink = PublishingSink(store, publisher, config.publish.every)
     metrics = CoordinatorMetrics(registry)
-    server, port = start_server(config.server, servicer, max_workers=2 * len(allowlist) + 8)
-    log.info("coordinator listening on port %d", port)
-    if config.server.metrics_port is not None:
-        metrics_port = metrics.serve(config.server.metrics_port)
-        log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
-    if on_ready is not None:
-        on_ready(port)
     try:
-        checkpoint = store.resume_run(config.run.seed, config.model_dump())
-        if checkpoint is None:
-            start, arrays, state = 1, initial_arrays(config), None
-        else:
-            start, arrays, state = checkpoint[0] + 1, checkpoint[1], checkpoint[2]
-            log.info("resuming after committed round %d", checkpoint[0])
+        server, port = start_server(config.server, servicer, max_workers=2 * len(allowlist) + 8)
+    except BaseException:
+        lifecycle.close()
+        metrics.close()
+        raise
+    log.info("coordinator listening on port %d", port)
+    try:
+        if config.server.metrics_port is not None:
+            metrics_port = metrics.serve(config.server.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
+        if on_ready is not None:
+            on_ready(port)
 
         def before_round(rnd: int) -> None:
             if stop is not None and stop.is_set():
-                raise RoundFailed("coordinator stopping")
+                raise RunInterrupted(rnd - 1, resume_command)
             if not registry.wait_for(config.run.min_clients, config.run.join_timeout_s):
                 raise RoundFailed(
                     f"round {rnd}: fewer than {config.run.min_clients} sites connected "
                     f"within {config.run.join_timeout_s} s"
                 )
 
-        coordinator = Coordinator(
-            strategy,
-            transport,
-            list(range(len(allowlist))),
-            config.run.rounds,
-            seed=config.run.seed,
-            evaluate_every=config.run.evaluate_every,
-            sink=sink,
-            observer=Observers(metrics, observer),
-            available=registry.available,
-            before_round=before_round,
-            secure=make_secure(config.secagg),
-            hold_bytes=config.server.hold_replies_mb << 20,
-        )
-        # handed over, not copied: one copy of the model fewer for the whole run
-        result = coordinator.run(arrays, state, start, copy=False)
-        save_weights(result.arrays, state_dir / "model.safetensors", {"run": config.run.name})
-        if publisher is not None:
-            publisher.publish_final(result.arrays, result.rounds, result.clients)
-        store.finish_run("finished")
+        def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
+            coordinator = Coordinator(
+                strategy,
+                transport,
+                list(range(len(allowlist))),
+                config.run.rounds,
+                seed=config.run.seed,
+                evaluate_every=config.run.evaluate_every,
+                sink=lifecycle,
+                observer=Observers(metrics, observer),
+                available=registry.available,
+                before_round=before_round,
+                secure=secure,
+                hold_bytes=config.server.hold_replies_mb << 20,
+            )
+            # handed over, not copied: one copy of the model fewer for the whole run
+            return coordinator.run(arrays, state, start_round, copy=False)
+
+        outcome = lifecycle.drive(lambda: initial_arrays(config), run)
         registry.close_all("run finished")
-        return result
+        return outcome
     finally:
         server.stop(grace=2).wait()
         metrics.close()
-        store.close()

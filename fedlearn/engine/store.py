@@ -1,7 +1,9 @@
 """The run store: every round and every client's result in one SQLite file.
 
 One transaction per round: the round row, its client rows and (optionally) the model
-and strategy state commit together or not at all.
+and strategy state commit together or not at all. Nothing here deletes a committed row:
+a run is created once, its status and config move forward, every change to its config
+and every start, resume, interruption and end is appended to its history.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from fedlearn.engine.messages import Stage
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import ClientRecord, RoundRecord
 from fedlearn.engine.weights import load_verified, save_weights_atomically
+from fedlearn.errors import FedlearnError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -58,7 +62,62 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     file TEXT NOT NULL,
     sha256 TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS config_changes (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    field TEXT NOT NULL,
+    old TEXT NOT NULL,
+    new TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    detail TEXT
+);
+CREATE TABLE IF NOT EXISTS published (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    promoted INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """A config field that changed when a run resumed, from round ``round`` on."""
+
+    round: int
+    field: str
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """One entry of a run's history: started, resumed, interrupted, finished, failed."""
+
+    at: float
+    kind: str
+    round: int
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A model version this run published after committing ``round``."""
+
+    round: int
+    model: str
+    version: int
+    promoted: bool
+    reason: str
 
 
 class RunStore:
@@ -69,48 +128,84 @@ class RunStore:
         self.run_id = run_id
         self.checkpoint = checkpoint
         self._db = sqlite3.connect(self.path)
+        self._closed = False
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
     def start_run(self, seed: int, config: dict[str, Any]) -> None:
-        """Create (or reset) this store's run row."""
-        with self._db:
-            for table in ("client_results", "rounds", "checkpoints", "runs"):
-                self._db.execute(f"DELETE FROM {table} WHERE run_id = ?", (self.run_id,))
-            self._db.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, 'running')",
-                (self.run_id, time.time(), seed, json.dumps(config)),
-            )
-        self._prune_checkpoints(keep="")
+        """Create this store's run row; FedlearnError if the store already holds it."""
+        try:
+            with self._db:
+                self._db.execute(
+                    "INSERT INTO runs VALUES (?, ?, ?, ?, 'running')",
+                    (self.run_id, time.time(), seed, json.dumps(config)),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise FedlearnError(f"{self.path} already holds run {self.run_id!r}") from exc
+        self.add_event("started", 0)
 
-    def resume_run(self, seed: int, config: dict[str, Any]) -> tuple[int, Arrays, Arrays] | None:
-        """Continue this store's run if it has the same seed and config, else start afresh.
-
-        Returns the last committed ``(round, arrays, state)`` to resume from, or None
-        when the run starts from round 1.
-        """
-        info = self.run_info()
-        same = info and info["seed"] == seed and info["config"] == json.loads(json.dumps(config))
-        checkpoint = self.last_checkpoint() if same else None
-        if checkpoint is None:
-            self.start_run(seed, config)
-            return None
-        with self._db:
-            self._db.execute(
-                "DELETE FROM rounds WHERE run_id = ? AND round > ?", (self.run_id, checkpoint[0])
-            )
-            self._db.execute(
-                "DELETE FROM client_results WHERE run_id = ? AND round > ?",
-                (self.run_id, checkpoint[0]),
-            )
-            self._db.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", (self.run_id,))
-        return checkpoint
-
-    def finish_run(self, status: str = "finished") -> None:
-        """Mark the run finished (or failed)."""
+    def set_status(self, status: str) -> None:
+        """Move the run to ``status`` (running, finished, failed, interrupted)."""
         with self._db:
             self._db.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, self.run_id))
+
+    def update_config(self, config: dict[str, Any], changes: Sequence[ConfigChange]) -> None:
+        """Store the run's current ``config`` and append each change to its history."""
+        now = time.time()
+        with self._db:
+            self._db.execute(
+                "UPDATE runs SET config = ? WHERE run_id = ?", (json.dumps(config), self.run_id)
+            )
+            self._db.executemany(
+                "INSERT INTO config_changes VALUES (?,?,?,?,?,?)",
+                [
+                    (self.run_id, c.round, c.field, json.dumps(c.old), json.dumps(c.new), now)
+                    for c in changes
+                ],
+            )
+
+    def config_changes(self) -> list[ConfigChange]:
+        """Every recorded config change of this run, oldest first."""
+        rows = self._db.execute(
+            "SELECT round, field, old, new FROM config_changes WHERE run_id = ? ORDER BY rowid",
+            (self.run_id,),
+        )
+        return [ConfigChange(r[0], r[1], json.loads(r[2]), json.loads(r[3])) for r in rows]
+
+    def add_event(self, kind: str, round: int, detail: str | None = None) -> None:
+        """Append ``kind`` (after committed round ``round``) to the run's history."""
+        with self._db:
+            self._db.execute(
+                "INSERT INTO events VALUES (?,?,?,?,?)",
+                (self.run_id, time.time(), kind, round, detail),
+            )
+
+    def events(self) -> list[RunEvent]:
+        """The run's history, oldest first."""
+        rows = self._db.execute(
+            "SELECT at, kind, round, detail FROM events WHERE run_id = ? ORDER BY rowid",
+            (self.run_id,),
+        )
+        return [RunEvent(*r) for r in rows]
+
+    def add_publication(self, publication: Publication) -> None:
+        """Record a model version this run published."""
+        p = publication
+        with self._db:
+            self._db.execute(
+                "INSERT INTO published VALUES (?,?,?,?,?,?,?)",
+                (self.run_id, p.round, p.model, p.version, int(p.promoted), p.reason, time.time()),
+            )
+
+    def publications(self) -> list[Publication]:
+        """Every version this run published, oldest first."""
+        rows = self._db.execute(
+            "SELECT round, model, version, promoted, reason FROM published WHERE run_id = ?"
+            " ORDER BY rowid",
+            (self.run_id,),
+        )
+        return [Publication(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
 
     def record_round(
         self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
@@ -240,10 +335,23 @@ class RunStore:
         state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
         return row[0], arrays, state
 
+    def committed_round(self) -> int:
+        """The last committed round of this run (0 before the first)."""
+        row = self._db.execute(
+            "SELECT MAX(round) FROM rounds WHERE run_id = ?", (self.run_id,)
+        ).fetchone()
+        return int(row[0] or 0)
+
     def run_ids(self) -> list[str]:
         """Every run recorded in this file, oldest first."""
         return [r[0] for r in self._db.execute("SELECT run_id FROM runs ORDER BY created")]
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (idempotent)."""
+        self._closed = True
         self._db.close()

@@ -6,7 +6,8 @@ individual results its per-client summary (``<metric>_worst``, ``_p10``, ``_p50`
 ``_mean``, ``clients``); each new version becomes ``candidate`` and goes through
 :meth:`ModelRegistry.promote`
 with the configured :class:`Gate`, whose decision is recorded and returned.
-:class:`PublishingSink` publishes every N rounds as rounds commit.
+The run lifecycle (:mod:`fedlearn.run.lifecycle`) decides when: every N committed rounds
+and the final model, each round at most once.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from fedlearn.config.simulation import PublishSection
-from fedlearn.engine.coordinator import RoundSink
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import ClientRecord, RoundRecord
@@ -152,35 +152,3 @@ class Publisher:
         result = Published(version, decision)
         self.published.append(result)
         return result
-
-    def publish_final(
-        self, arrays: Arrays, rounds: Sequence[RoundRecord], clients: Sequence[ClientRecord]
-    ) -> Published | None:
-        """Publish the run's final model unless the last round was already published."""
-        applied = [r for r in rounds if r.ok]
-        if not applied:
-            return None
-        last = applied[-1]
-        if self.published and self.published[-1].version.round == last.round:
-            return None
-        return self.publish(arrays, last, clients, last.round)
-
-
-class PublishingSink:
-    """A :class:`RoundSink` that also publishes every ``every`` committed rounds."""
-
-    def __init__(self, sink: RoundSink, publisher: Publisher, every: int) -> None:
-        self.sink = sink
-        self.publisher = publisher
-        self.every = every
-
-    def record_round(
-        self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
-    ) -> None:
-        """Commit the round, then publish it when due (a failed round is not published)."""
-        self.sink.record_round(round, clients, arrays, state)
-        if self.every and round.ok and round.round % self.every == 0:
-            self.publisher.publish(arrays, round, clients, round.round)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sink, name)

@@ -1,38 +1,53 @@
-"""A simulation job from a config: data, ClientApp, strategy, run store, weights, report."""
+"""A simulation job from a config: data, ClientApp and strategy, run through the lifecycle."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlearn.config.simulation import SimulationConfig
 from fedlearn.data import load_dataset, partition_dataset
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays, build_app
-from fedlearn.engine.coordinator import Observer, RoundSink
+from fedlearn.engine.coordinator import Observer
+from fedlearn.engine.records import Arrays
 from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
-from fedlearn.engine.store import RunStore
-from fedlearn.engine.weights import save_weights
 from fedlearn.errors import ConfigError
-from fedlearn.registry.publish import Published, Publisher, PublishingSink, serving_spec
-from fedlearn.report.files import write_report
 from fedlearn.run.builders import make_secure, make_strategy
+from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.simulation import run_simulation
+
+if TYPE_CHECKING:  # the registry loads only when a run publishes
+    from fedlearn.registry.publish import Published, Publisher
 
 
 @dataclass(frozen=True)
 class JobResult:
-    """A finished simulation job: the run, its directory, what it published, one app."""
+    """A simulation command's outcome and one instance of its client app."""
 
-    result: RunResult
-    out_dir: Path
-    published: list[Published]
+    outcome: RunOutcome
     app: ClientApp
+
+    @property
+    def out_dir(self) -> Path:
+        """The run directory."""
+        return self.outcome.directory
+
+    @property
+    def result(self) -> RunResult | None:
+        """What this process ran (None when the run was already finished)."""
+        return self.outcome.result
+
+    @property
+    def published(self) -> list[Published]:
+        """The versions this process published."""
+        return self.outcome.published
 
 
 def run_dir(config: SimulationConfig) -> Path:
-    """Where a run writes its outputs."""
+    """Where a run writes its outputs: ``run.out_dir``, else ``runs/<run.name>``."""
     return Path(config.run.out_dir or Path("runs") / config.run.name)
 
 
@@ -43,13 +58,23 @@ def registry_dir(config: SimulationConfig) -> Path:
     return run_dir(config).parent / "registry"
 
 
-def run_job(
-    config: SimulationConfig, observer: Observer | None = None, resume: bool = False
-) -> JobResult:
-    """Run the simulation ``config`` describes and write its run directory.
+def resume_command(config: SimulationConfig) -> str:
+    """The command that continues this run (its directory keeps its config)."""
+    return f"fedlearn simulate --out {run_dir(config)} --resume"
 
-    With ``resume``, a run directory holding the same config continues after its last
-    committed round (each round commits the model and strategy state atomically).
+
+def run_job(
+    config: SimulationConfig,
+    observer: Observer | None = None,
+    resume: bool = False,
+    new_run: bool = False,
+) -> JobResult:
+    """Run the simulation ``config`` describes in its run directory.
+
+    Without ``resume`` the directory must not hold a run yet (``new_run`` moves one aside
+    first); with it, the run there continues after its last committed round under the
+    rules of :mod:`fedlearn.run.lifecycle`. Settings are checked before the directory is
+    touched.
     """
     strategy = make_strategy(config.strategy)
     strategy.validate(config.run.clients)
@@ -73,33 +98,24 @@ def run_job(
         raise ConfigError(
             f"client.app: {config.client.app} must build an app with initial_arrays()"
         )
-    out = run_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
-    store = RunStore(out / "run.db", run_id=config.run.name, checkpoint=True)
-    publisher = (
-        Publisher(
-            config.publish,
-            config.run.name,
-            serving_spec(config.publish, probe),
-            registry_dir(config),
-        )
-        if config.publish.enabled
-        else None
+    publisher, skipped = _publisher(config, probe)
+    directory = run_dir(config)
+    spec = RunSpec(
+        directory=directory,
+        name=config.run.name,
+        seed=config.run.seed,
+        rounds=config.run.rounds,
+        config=config,
+        resume_command=resume_command(config),
+        keep=(registry_dir(config),),
     )
-    sink: RoundSink = (
-        store if publisher is None else PublishingSink(store, publisher, config.publish.every)
-    )
-    try:
-        checkpoint = store.resume_run(config.run.seed, config.model_dump()) if resume else None
-        if not resume:
-            store.start_run(config.run.seed, config.model_dump())
-        start_round, arrays, state = (
-            (1, probe.initial_arrays(config.run.seed), None)
-            if checkpoint is None
-            else (checkpoint[0] + 1, checkpoint[1], checkpoint[2])
-        )
-        result = run_simulation(
+    lifecycle = open_run(spec, Start.RESUME if resume else Start.NEW, new_run)
+    if skipped is not None:
+        lifecycle.note(skipped)
+    lifecycle.publisher, lifecycle.publish_every = publisher, config.publish.every
+
+    def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
+        return run_simulation(
             app_factory,
             strategy,
             num_clients=config.run.clients,
@@ -111,20 +127,36 @@ def run_job(
             backend=config.backend.kind,
             workers=config.backend.workers,
             evaluate_every=config.run.evaluate_every,
-            sink=sink,
+            sink=lifecycle,
             observer=observer,
             run_id=config.run.name,
             secure=secure,
         )
-        save_weights(
-            result.arrays,
-            out / "model.safetensors",
-            {"run": config.run.name, "rounds": str(config.run.rounds)},
+
+    outcome = lifecycle.drive(lambda: probe.initial_arrays(config.run.seed), run)
+    return JobResult(outcome, probe)
+
+
+def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | None, str | None]:
+    """The run's publisher, or why publishing is skipped.
+
+    With the default settings a client app that cannot describe a servable model skips
+    publishing (the run still runs); with ``publish.enabled = true`` set explicitly, or a
+    factory named, that is a configuration error before any round runs.
+    """
+    section = config.publish
+    if not section.enabled:
+        return None, None
+    from fedlearn.registry.publish import Publisher, serving_spec
+
+    try:
+        spec = serving_spec(section, app)
+    except ConfigError:
+        if section.model_fields_set & {"enabled", "factory", "inputs", "outputs"}:
+            raise
+        return None, (
+            f"publishing skipped: the client app ({config.client.app}) cannot describe its "
+            "model for serving (it has no serving_spec()). To publish, set publish.factory, "
+            "publish.inputs and publish.outputs in the config."
         )
-        if publisher is not None:
-            publisher.publish_final(result.arrays, result.rounds, result.clients)
-        store.finish_run("finished" if any(r.ok for r in result.rounds) else "failed")
-        write_report(store, out)
-    finally:
-        store.close()
-    return JobResult(result, out, [] if publisher is None else publisher.published, probe)
+    return Publisher(section, config.run.name, spec, registry_dir(config)), None

@@ -11,6 +11,7 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
@@ -47,6 +48,11 @@ def _serve(
     through fork (its own included), so it sees end-of-file as soon as the parent dies."""
     for other in inherited:
         other.close()
+    # Ctrl-C reaches the whole process group: the parent stops the run, workers just end.
+    # SIGTERM (the pool terminating a busy worker) ends the process, whatever handler the
+    # parent had installed when it forked.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
@@ -200,8 +206,12 @@ class PoolTransport:
         self._workers[i] = fresh
 
     def close(self) -> None:
-        """Stop every worker."""
+        """Stop every worker: idle ones finish, busy ones (a stage was abandoned, e.g. on
+        Ctrl-C) are terminated at once rather than waited for."""
         for w in self._workers:
+            if w.pending:
+                w.process.terminate()
+                continue
             with contextlib.suppress(OSError):
                 w.conn.send_bytes(frame([_QUIT]))
         for w in self._workers:

@@ -1,0 +1,191 @@
+"""The run lifecycle of the coordinator: the same resume rules as simulation, over gRPC.
+
+Real coordinator and site processes over TLS on loopback: kill -9 mid-run and restart
+with operational changes; SIGTERM stops cleanly (exit 0) and the same command finishes;
+an identity change is refused with nothing touched; a finished run is left alone; more
+rounds continue it. The final model is compared bit for bit with the simulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from deployment import FAULT_APP, Deployment, simulated_data
+from fedlearn.engine.records import Arrays
+from fedlearn.engine.references import resolve
+from fedlearn.engine.store import RunStore
+from fedlearn.engine.weights import load_weights
+from fedlearn.simulation import run_simulation
+from fedlearn.strategy import build_strategy
+
+SLOW_ROUND = 3  # every site sleeps before training this round: the coordinator dies in it
+
+
+def _deployment(root: Path, rounds: int, **params: Any) -> Deployment:
+    return Deployment(root, rounds=rounds, app=FAULT_APP, params={"lr": 0.5, **params})
+
+
+def _simulated(d: Deployment, rounds: int) -> Arrays:
+    make_app = resolve(d.app, "client.app")
+    params = {k: v for k, v in d.params.items() if not k.startswith("sleep")}
+    factory = functools.partial(make_app, simulated_data(d.num_sites, d.seed), **params)
+    return run_simulation(
+        factory,
+        build_strategy(d.strategy, dict(d.strategy_params)),
+        num_clients=d.num_sites,
+        rounds=rounds,
+        initial_arrays=d.initial,
+        seed=d.seed,
+    ).arrays
+
+
+def _assert_same(a: Arrays, b: Arrays) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+def _committed(d: Deployment) -> int:
+    db = d.state_dir / "run.db"
+    if not db.exists():
+        return 0
+    store = RunStore(db, run_id="run")
+    try:
+        return store.committed_round()
+    finally:
+        store.close()
+
+
+def _wait_committed(d: Deployment, rounds: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while _committed(d) < rounds:
+        assert time.monotonic() < deadline, f"round {rounds} did not commit in time"
+        time.sleep(0.01)
+
+
+def _snapshot(state_dir: Path) -> dict[str, Any]:
+    db = sqlite3.connect(state_dir / "run.db")
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        rows = {t: sorted(map(repr, db.execute(f"SELECT * FROM {t}"))) for t in tables}
+    finally:
+        db.close()
+    files = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(state_dir.iterdir())
+        if p.is_file() and p.suffix == ".safetensors"
+    }
+    return {"rows": rows, "files": files}
+
+
+def test_kill_9_then_an_operational_change_resumes_to_the_same_model(tmp_path: Path) -> None:
+    d = _deployment(tmp_path, rounds=5, sleep_round=SLOW_ROUND, sleep_s=1.0)
+    try:
+        coordinator = d.start_coordinator()
+        sites = [d.start_site(i) for i in range(d.num_sites)]
+        _wait_committed(d, SLOW_ROUND - 1)
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(timeout=10)
+        committed = _committed(d)
+        assert committed == SLOW_ROUND - 1
+        # operational changes only: a longer stage timeout and a metrics port
+        d.write_coordinator_config(stage_timeout_s=d.stage_timeout_s + 1)
+        path = d.root / "coordinator.toml"
+        path.write_text(path.read_text().replace("[server]\n", "[server]\nmetrics_port = 0\n", 1))
+        code, out = d.wait(d.start_coordinator())
+        assert code == 0, out
+        assert f"resuming after committed round {committed}" in out
+        assert f"changed from round {committed + 1}: run.stage_timeout_s: 60.0 -> 61.0" in out
+        assert "server.metrics_port: null -> 0" in out
+        assert "run finished: 5 rounds (3 in this session)" in out
+        for site in sites:
+            assert d.wait(site)[0] == 0
+        _assert_same(load_weights(d.state_dir / "model.safetensors"), _simulated(d, d.rounds))
+        store = RunStore(d.state_dir / "run.db", run_id="run")
+        assert [r.round for r in store.rounds()] == [1, 2, 3, 4, 5]
+        assert {(c.round, c.field) for c in store.config_changes()} == {
+            (3, "run.stage_timeout_s"),
+            (3, "server.metrics_port"),
+        }
+        assert store.run_info()["status"] == "finished"
+        store.close()
+        assert (d.state_dir / "report.json").is_file()  # the coordinator writes its report
+    finally:
+        d.stop_all()
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_finishes(tmp_path: Path) -> None:
+    d = _deployment(tmp_path, rounds=4, sleep_round=SLOW_ROUND, sleep_s=1.0)
+    try:
+        coordinator = d.start_coordinator()
+        sites = [d.start_site(i) for i in range(d.num_sites)]
+        _wait_committed(d, SLOW_ROUND - 1)
+        coordinator.send_signal(signal.SIGTERM)
+        code, out = d.wait(coordinator, timeout=60)
+        assert code == 0, out
+        assert "Traceback" not in out
+        hint = re.search(r"interrupted after round (\d+); continue with: (.+)", out)
+        assert hint is not None, out
+        assert int(hint.group(1)) == SLOW_ROUND - 1
+        assert hint.group(2).strip() == f"fedlearn server --config {d.root / 'coordinator.toml'}"
+        store = RunStore(d.state_dir / "run.db", run_id="run")
+        assert store.run_info()["status"] == "interrupted"
+        store.close()
+        code, out = d.wait(d.start_coordinator())
+        assert code == 0, out
+        for site in sites:
+            assert d.wait(site)[0] == 0
+        _assert_same(load_weights(d.state_dir / "model.safetensors"), _simulated(d, d.rounds))
+    finally:
+        d.stop_all()
+
+
+def test_finished_identity_change_and_more_rounds(tmp_path: Path) -> None:
+    d = _deployment(tmp_path, rounds=2)
+    try:
+        coordinator = d.start_coordinator()
+        sites = [d.start_site(i) for i in range(d.num_sites)]
+        assert d.wait(coordinator)[0] == 0
+        for site in sites:
+            assert d.wait(site)[0] == 0
+        before = _snapshot(d.state_dir)
+
+        # the same command on a finished run: says so, touches nothing
+        code, out = d.wait(d.start_coordinator(), timeout=60)
+        assert code == 0, out
+        assert "already finished (2 rounds)" in out
+        assert _snapshot(d.state_dir) == before
+
+        # an identity change: refused, every field listed, nothing touched
+        d.strategy = "fedavgm"
+        d.write_coordinator_config(seed=7)
+        code, out = d.wait(d.start_coordinator(), timeout=60)
+        assert code == 2, out
+        assert 'strategy.name: "fedavg" -> "fedavgm"' in out and "run.seed: 0 -> 7" in out
+        assert "--new-run" in out and "Traceback" not in out
+        assert _snapshot(d.state_dir) == before
+
+        # more rounds: continues the finished run to what a 3-round run makes
+        d.strategy = "fedavg"
+        d.write_coordinator_config(rounds=3)
+        coordinator = d.start_coordinator()
+        sites = [d.start_site(i) for i in range(d.num_sites)]
+        code, out = d.wait(coordinator)
+        assert code == 0, out
+        assert "resuming after committed round 2" in out
+        for site in sites:
+            assert d.wait(site)[0] == 0
+        _assert_same(load_weights(d.state_dir / "model.safetensors"), _simulated(d, 3))
+        after = _snapshot(d.state_dir)
+        for table, rows in before["rows"].items():  # every committed row is still there
+            if table not in {"runs", "checkpoints"}:  # (status, config, last checkpoint move)
+                assert set(rows) <= set(after["rows"][table]), table
+    finally:
+        d.stop_all()
