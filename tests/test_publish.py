@@ -208,6 +208,42 @@ def test_publish_disabled_writes_no_registry(
     assert not (tmp_path / "registry").exists()
 
 
+def _custom_app_config(tmp_path: Path, **extra: object):  # type: ignore[no-untyped-def]
+    settings: dict[str, object] = {
+        "run.rounds": 2,
+        "run.clients": 3,
+        "run.out_dir": str(tmp_path / "run"),
+        "data.dataset": "breast_cancer",
+        "data.partitioner": "iid",
+        "client.app": "fault_apps:make_app",  # a numpy app that cannot describe a model
+        "client.params": {},
+        "strategy.params.min_train_clients": 1,
+        "backend.kind": "inprocess",
+    }
+    return load_config(None, settings | extra)
+
+
+def test_a_custom_app_with_default_publishing_runs_and_says_why_nothing_was_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    job = run_job(_custom_app_config(tmp_path))
+    assert job.outcome.status == "finished" and job.published == []
+    assert not (tmp_path / "registry").exists()
+    [note] = [n for n in job.outcome.notes if n.startswith("publishing skipped")]
+    assert "fault_apps:make_app" in note and "serving_spec()" in note
+    assert "set publish.factory, publish.inputs and publish.outputs" in note
+
+
+def test_a_custom_app_with_publishing_asked_for_is_a_config_error_before_any_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match="cannot describe its model"):
+        run_job(_custom_app_config(tmp_path, **{"publish.enabled": True}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_coordinator_publishes_the_final_model(tmp_path: Path) -> None:
     d = Deployment(tmp_path, rounds=2)
     overrides = {
