@@ -164,13 +164,13 @@ def test_operational_changes_resume_bit_identically_and_are_recorded(tmp_path: P
     }
     assert store.run_info()["config"]["backend"]["kind"] == "pool"  # the current config
     store.close()
-    assert "changed from round 3: backend.kind: \"inprocess\" -> \"pool\"" in job.outcome.notes
+    assert 'changed from round 3: backend.kind: "inprocess" -> "pool"' in job.outcome.notes
 
 
 @pytest.mark.parametrize(
     ("field", "value", "shown"),
     [
-        ("strategy.params.eta", 0.5, 'strategy.params.eta: null -> 0.5'),
+        ("strategy.params.eta", 0.5, "strategy.params.eta: null -> 0.5"),
         ("run.seed", 3, "run.seed: 0 -> 3"),
         ("data.partitioner", "dirichlet", 'data.partitioner: "iid" -> "dirichlet"'),
         ("client.params.lr", 0.2, "client.params.lr: 0.1 -> 0.2"),

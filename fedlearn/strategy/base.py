@@ -13,7 +13,6 @@ Aggregation comes in two kinds:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,16 +70,16 @@ class WeightedMeanFold:
 
     Floating arrays accumulate in their own dtype in arrival order and are divided once
     at the end, like the textbook formula. Small arrays multiply then add (bit for bit
-    the list-based reference); large float32/float64 arrays use BLAS ``axpy``, one pass
-    with no temporary, which may fuse the multiply-add (within an ulp of the reference,
-    and the same in every transport). Integer arrays accumulate in float64 and are
+    the list-based reference); large float32/float64 arrays use a fused ``axpy``, one pass
+    with no temporary (within an ulp of the reference, and the same bits in every
+    transport, install and thread count). Integer arrays accumulate in float64 and are
     rounded back.
     """
 
     BLOCK = 1 << 16
     """Elements per block: the product ``w * x`` of one block stays in L1/L2 cache."""
     AXPY_MIN = 1 << 14
-    """Arrays at least this large (float32/float64) fold through BLAS ``axpy``."""
+    """Arrays at least this large (float32/float64) fold through a fused ``axpy``."""
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
@@ -114,9 +113,8 @@ class WeightedMeanFold:
 
     def _fold(self, acc: np.ndarray, x: np.ndarray, w: float) -> None:
         if acc.size >= self.AXPY_MIN and acc.dtype == x.dtype and acc.dtype in _AXPY:
-            # BLAS axpy: one pass over x, accumulator updated in place (no temporary)
-            axpy = _axpy(acc.dtype)
-            axpy(np.ascontiguousarray(x), acc, a=w)
+            # axpy: one pass over x, accumulator updated in place (no temporary)
+            _axpy(np.ascontiguousarray(x), acc, a=w)
             return
         weight = np.asarray(w, acc.dtype)
         scratch = self._scratch.get(acc.dtype)
@@ -154,21 +152,11 @@ class WeightedMeanFold:
 _AXPY = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-@functools.cache
-def _axpy(dtype: np.dtype[Any]) -> Any:
-    """``y += a * x`` in one pass for ``dtype``, imported on first use: scipy's BLAS when
-    scipy is installed (it comes with the ``datasets`` extra), else torch's kernel (the
-    core install: a site or a plain coordinator has no scipy). Both fuse the multiply-add;
-    OpenBLAS leaves a few elements at the ends of its blocks unfused, so the two agree to
-    within one rounding (``tests/test_extras.py``)."""
-    try:
-        from scipy.linalg import blas
-    except ImportError:
-        return _torch_axpy
-    return blas.saxpy if dtype == np.float32 else blas.daxpy
-
-
-def _torch_axpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
+def _axpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
+    """``y += a * x`` in place, in one pass with the multiply-add fused for every element:
+    torch's kernel (torch is a core dependency, loaded on the first large fold). It gives
+    the same bits whatever else is installed and whatever the thread count, so a
+    coordinator and a simulation fold alike on any machine."""
     import warnings
 
     import torch
