@@ -9,10 +9,8 @@ rounds continue it. The final model is compared bit for bit with the simulation.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from fedlearn.engine.store import RunStore
 from fedlearn.engine.weights import load_weights
 from fedlearn.simulation import run_simulation
 from fedlearn.strategy import build_strategy
+from run_state import committed_round, snapshot
 
 SLOW_ROUND = 3  # every site sleeps before training this round: the coordinator dies in it
 
@@ -53,14 +52,7 @@ def _assert_same(a: Arrays, b: Arrays) -> None:
 
 
 def _committed(d: Deployment) -> int:
-    db = d.state_dir / "run.db"
-    if not db.exists():
-        return 0
-    store = RunStore(db, run_id="run")
-    try:
-        return store.committed_round()
-    finally:
-        store.close()
+    return committed_round(d.state_dir / "run.db", "run")
 
 
 def _wait_committed(d: Deployment, rounds: int, timeout: float = 90) -> None:
@@ -68,21 +60,6 @@ def _wait_committed(d: Deployment, rounds: int, timeout: float = 90) -> None:
     while _committed(d) < rounds:
         assert time.monotonic() < deadline, f"round {rounds} did not commit in time"
         time.sleep(0.01)
-
-
-def _snapshot(state_dir: Path) -> dict[str, Any]:
-    db = sqlite3.connect(state_dir / "run.db")
-    try:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        rows = {t: sorted(map(repr, db.execute(f"SELECT * FROM {t}"))) for t in tables}
-    finally:
-        db.close()
-    files = {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(state_dir.iterdir())
-        if p.is_file() and p.suffix == ".safetensors"
-    }
-    return {"rows": rows, "files": files}
 
 
 def test_kill_9_then_an_operational_change_resumes_to_the_same_model(tmp_path: Path) -> None:
@@ -155,13 +132,13 @@ def test_finished_identity_change_and_more_rounds(tmp_path: Path) -> None:
         assert d.wait(coordinator)[0] == 0
         for site in sites:
             assert d.wait(site)[0] == 0
-        before = _snapshot(d.state_dir)
+        before = snapshot(d.state_dir)
 
         # the same command on a finished run: says so, touches nothing
         code, out = d.wait(d.start_coordinator(), timeout=60)
         assert code == 0, out
         assert "already finished (2 rounds)" in out
-        assert _snapshot(d.state_dir) == before
+        assert snapshot(d.state_dir) == before
 
         # an identity change: refused, every field listed, nothing touched
         d.strategy = "fedavgm"
@@ -170,7 +147,7 @@ def test_finished_identity_change_and_more_rounds(tmp_path: Path) -> None:
         assert code == 2, out
         assert 'strategy.name: "fedavg" -> "fedavgm"' in out and "run.seed: 0 -> 7" in out
         assert "--new-run" in out and "Traceback" not in out
-        assert _snapshot(d.state_dir) == before
+        assert snapshot(d.state_dir) == before
 
         # more rounds: continues the finished run to what a 3-round run makes
         d.strategy = "fedavg"
@@ -183,7 +160,7 @@ def test_finished_identity_change_and_more_rounds(tmp_path: Path) -> None:
         for site in sites:
             assert d.wait(site)[0] == 0
         _assert_same(load_weights(d.state_dir / "model.safetensors"), _simulated(d, 3))
-        after = _snapshot(d.state_dir)
+        after = snapshot(d.state_dir)
         for table, rows in before["rows"].items():  # every committed row is still there
             if table not in {"runs", "checkpoints"}:  # (status, config, last checkpoint move)
                 assert set(rows) <= set(after["rows"][table]), table

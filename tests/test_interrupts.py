@@ -23,6 +23,7 @@ from fedlearn.config.simulation import load_config
 from fedlearn.engine.store import RunStore
 from fedlearn.engine.weights import load_weights
 from fedlearn.run.job import run_job
+from run_state import committed_round
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "mnist-fedavg"
@@ -42,16 +43,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedlearn.cli", *args]
 
 
-def _committed(db: Path) -> int:
-    if not db.exists():
-        return 0
-    store = RunStore(db, run_id=RUN)
-    try:
-        return store.committed_round()
-    finally:
-        store.close()
-
-
 def _start(out: Path) -> subprocess.Popen[str]:
     sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
     return subprocess.Popen(
@@ -67,7 +58,7 @@ def _start(out: Path) -> subprocess.Popen[str]:
 
 def _wait_for_a_round(proc: subprocess.Popen[str], db: Path) -> None:
     deadline = time.monotonic() + 120
-    while _committed(db) < 1:
+    while committed_round(db, RUN) < 1:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no round committed in time"
         time.sleep(0.02)

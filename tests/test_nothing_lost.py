@@ -11,13 +11,13 @@ the directory it moved to), and every published version's row and file are uncha
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from fedlearn.cli.main import app
+from run_state import table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -40,20 +40,13 @@ def _repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
 
 
-def _rows(db: Path, *tables: str) -> set[tuple[str, str]]:
-    con = sqlite3.connect(db)
-    try:
-        return {(t, repr(row)) for t in tables for row in con.execute(f"SELECT * FROM {t}")}
-    finally:
-        con.close()
-
-
 def _committed(run_dirs: list[Path]) -> set[tuple[str, str]]:
     """Round and client rows of every run directory (the run and where it moved)."""
     rows: set[tuple[str, str]] = set()
     for d in run_dirs:
         if (d / "run.db").exists():
-            rows |= _rows(d / "run.db", "rounds", "client_results", "published")
+            tables = table_rows(d / "run.db", ("rounds", "client_results", "published"))
+            rows |= {(table, row) for table, found in tables.items() for row in found}
     return rows
 
 
@@ -63,7 +56,8 @@ def _published(registry: Path) -> tuple[set[tuple[str, str]], dict[str, str]]:
         for p in registry.rglob("*")
         if p.is_file() and not p.name.startswith("registry.db")
     }
-    return _rows(registry / "registry.db", "versions"), files
+    versions = table_rows(registry / "registry.db", ("versions",))["versions"]
+    return {("versions", row) for row in versions}, files
 
 
 def _simulate(out: Path, *extra: str, **sets: str) -> tuple[int, str]:

@@ -8,8 +8,6 @@ finished run is left alone; more rounds continue it.
 
 from __future__ import annotations
 
-import hashlib
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from fedlearn.engine.weights import load_weights
 from fedlearn.errors import RunConflict
 from fedlearn.run.job import run_job
 from fedlearn.run.lifecycle import RunSpec, Start, open_run
+from run_state import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "mnist-fedavg"  # the default run name
@@ -91,22 +90,6 @@ def _same_model(a_dir: Path, b_dir: Path) -> None:
     assert list(a) == list(b)
     for name in a:
         assert a[name].tobytes() == b[name].tobytes(), name
-
-
-def _snapshot(out: Path) -> dict[str, Any]:
-    """Every committed row and the bytes of every file but the lock, for 'nothing changed'."""
-    db = sqlite3.connect(out / "run.db")
-    try:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        rows = {t: sorted(map(repr, db.execute(f"SELECT * FROM {t}"))) for t in tables}
-    finally:
-        db.close()
-    files = {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(out.iterdir())
-        if p.is_file() and p.name not in {".run.lock", "run.db", "run.db-wal", "run.db-shm"}
-    }
-    return {"rows": rows, "files": files}
 
 
 def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
@@ -182,24 +165,24 @@ def test_an_identity_change_is_refused_and_nothing_is_touched(
 ) -> None:
     out = tmp_path / "r"
     _cut(out, after=2)
-    before = _snapshot(out)
+    before = snapshot(out)
     with pytest.raises(RunConflict) as refused:
         run_job(_config(out, **{field: value}), resume=True)
     message = str(refused.value)
     assert shown in message
     assert "--new-run" in message and f"{out}.1" in message and "another directory" in message
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_a_finished_run_is_left_untouched(tmp_path: Path) -> None:
     out = tmp_path / "r"
     run_job(_config(out))
-    before = _snapshot(out)
+    before = snapshot(out)
     job = run_job(_config(out, **{"backend.workers": 2}), resume=True)
     assert job.outcome.already_finished and job.result is None
     assert job.outcome.status == "finished"
     assert "already finished (4 rounds)" in job.outcome.notes[0]
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_more_rounds_continue_a_finished_run(tmp_path: Path) -> None:
@@ -222,20 +205,20 @@ def test_more_rounds_continue_a_finished_run(tmp_path: Path) -> None:
 def test_starting_over_an_existing_run_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "r"
     run_job(_config(out))
-    before = _snapshot(out)
+    before = snapshot(out)
     for config in (_config(out), _config(out, **{"strategy.name": "fedavg"})):
         with pytest.raises(RunConflict, match="--new-run"):
             run_job(config)
-        assert _snapshot(out) == before
+        assert snapshot(out) == before
 
 
 def test_new_run_moves_the_old_run_aside(tmp_path: Path) -> None:
     out = tmp_path / "r"
     run_job(_config(out))
-    before = _snapshot(out)
+    before = snapshot(out)
     job = run_job(_config(out, **{"strategy.name": "fedavg"}), new_run=True)
     assert job.outcome.status == "finished"
-    assert _snapshot(tmp_path / "r.1") == before  # the old run, whole, beside the new one
+    assert snapshot(tmp_path / "r.1") == before  # the old run, whole, beside the new one
     assert f"moved to {tmp_path / 'r.1'}" in job.outcome.notes[0]
     store = RunStore(out / "run.db", run_id=RUN)
     assert store.run_info()["config"]["strategy"]["name"] == "fedavg"
