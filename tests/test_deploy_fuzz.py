@@ -1,8 +1,8 @@
 """Fuzzing the coordinator's gRPC stream: thousands of malformed client messages, and
-raw bytes that are no message at all, before and after a join, on many streams against
-one coordinator (TLS on loopback). After every stream the coordinator must still answer a
-well-formed Hello with a Challenge; at the end a proper run must complete with the very
-model an in-process simulation computes.
+raw bytes that are no message at all, before and after a join, on hundreds of streams
+against one coordinator (TLS on loopback). After every stream the coordinator must still
+answer a well-formed Hello with a Challenge; at the end a proper run must complete with
+the very model an in-process simulation computes.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from fedlearn.simulation import run_simulation
 from fedlearn.strategy import build_strategy
 from fedlearn.wire import fedlearn_pb2 as pb
 
-EXAMPLES = 1000
+EXAMPLES = 500  # streams (each about 5 ms, plus a probe stream)
 MAX_MESSAGES = 30
 
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=24)
@@ -201,7 +201,8 @@ def test_fuzzed_streams_never_break_the_coordinator(tmp_path: Path) -> None:
         for i in range(d.num_sites):
             c.start_site(i)
         result = c.wait(60)
-    assert len(sent) >= EXAMPLES // 2 and sum(sent) >= 3000, (len(sent), sum(sent), codes)
+    # hundreds of streams and thousands of messages (about 6 per stream on average)
+    assert len(sent) >= EXAMPLES // 2 and sum(sent) >= 1500, (len(sent), sum(sent), codes)
     assert [r.ok for r in result.rounds] == [True, True]
     assert all(r.train_ok == 3 and r.eval_ok == 3 for r in result.rounds)
     reference = run_simulation(
@@ -223,8 +224,8 @@ def test_fuzzed_streams_never_break_the_coordinator(tmp_path: Path) -> None:
 
 # ------------------------------------------------- tampered uploads during a live run
 
-LIVE_EXAMPLES = 10
-LIVE_ROUNDS = 25
+LIVE_EXAMPLES = 5  # live runs (about 0.3 s each to set up)
+LIVE_ROUNDS = 20  # a tampered upload each (about 20 ms each): 100 tamperings
 
 indices = st.integers(0, 64)
 chunk_ops = st.one_of(

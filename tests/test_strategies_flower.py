@@ -16,6 +16,7 @@ following its own trajectory from the same client updates.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.app.message import arrayrecord as flwr_arrayrecord
 from flwr.common import (
     Code,
     FitRes,
@@ -135,6 +137,18 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def no_forced_gc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Flower's ``ArrayRecord.to_numpy_ndarrays(keep_input=False)`` (the Message-API QFedAvg
+    and Bulyan call it once per reply) and ``from_numpy_ndarrays(keep_input=False)`` run a
+    full ``gc.collect()`` to free their input early. That frees memory and changes no
+    result, but it walks every object the test process holds: late in a full run (hundreds
+    of thousands of objects) each call took about 0.5 s and these comparisons most of a
+    minute. Here it is a no-op."""
+    monkeypatch.setattr(flwr_arrayrecord, "gc", types.SimpleNamespace(collect=lambda *a: 0))
     yield
 
 
