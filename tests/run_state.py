@@ -7,8 +7,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from fedlearn.engine.store import RunStore
-
 SKIPPED_FILES = {".run.lock", "run.db", "run.db-wal", "run.db-shm"}
 
 
@@ -35,11 +33,21 @@ def snapshot(directory: Path) -> dict[str, Any]:
 
 
 def committed_round(db: Path, run_id: str) -> int:
-    """The last committed round of ``run_id`` in ``db`` (0 if none, or no file yet)."""
+    """The last committed round of ``run_id`` in ``db`` (0 if none, or no file or table yet).
+
+    Only reads (the query of ``RunStore.committed_round``): tests poll this while a
+    ``fedlearn`` process creates ``db``, and a ``RunStore`` opened here sets WAL mode and
+    creates the schema too, which can make that process's own ``RunStore`` fail with
+    "database is locked" (SQLite answers a lock upgrade that could deadlock at once, with
+    no busy wait). A read that finds the database locked or not created yet says 0.
+    """
     if not db.exists():
         return 0
-    store = RunStore(db, run_id=run_id)
+    con = sqlite3.connect(db)
     try:
-        return store.committed_round()
+        row = con.execute("SELECT MAX(round) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()
+    except sqlite3.OperationalError:  # no rounds table yet, or locked: poll again
+        return 0
     finally:
-        store.close()
+        con.close()
+    return int(row[0] or 0)
