@@ -90,3 +90,46 @@ def test_streamed_safetensors_files_read_back_with_the_library(tmp_path: Path) -
         assert plain[name].shape == array.shape, name
         assert np.array_equal(plain[name], array), name
         assert plain[name].dtype == array.dtype.newbyteorder("="), name
+
+
+def test_readers_never_get_in_the_way_of_a_run_being_created(tmp_path: Path) -> None:
+    """A report or a live view polls run.db while a run creates and fills it: a
+    read-only store takes no write lock, so the run's own store never sees 'locked'."""
+    import subprocess
+    import sys
+
+    poll = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from fedlearn.engine.store import RunStore\n"
+        "from fedlearn.errors import FedlearnError\n"
+        "root, end, reads = Path(sys.argv[1]), time.monotonic() + 20, 0\n"
+        "while time.monotonic() < end and not (root / 'done').exists():\n"
+        "    for db in root.glob('*/run.db'):\n"
+        "        try:\n"
+        "            store = RunStore(db, run_id='r', read_only=True)\n"
+        "        except FedlearnError:\n"
+        "            continue\n"
+        "        try:\n"
+        "            store.committed_round(); reads += 1\n"
+        "        except Exception:\n"
+        "            pass  # tables not created yet: read again\n"
+        "        finally:\n"
+        "            store.close()\n"
+        "print(reads)\n"
+    )
+    poller = subprocess.Popen(
+        [sys.executable, "-c", poll, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for i in range(40):
+            (tmp_path / f"{i}").mkdir(exist_ok=True)
+            store = RunStore(tmp_path / f"{i}" / "run.db", run_id="r", checkpoint=True)
+            store.start_run(0, {})
+            store.record_round(RoundRecord(1, True, 1, 1), [], {"w": np.zeros(2)}, {})
+            store.set_status("finished")
+            store.close()
+    finally:
+        (tmp_path / "done").touch()
+        out, _ = poller.communicate(timeout=30)
+    assert int(out) > 0  # the poller did read while the runs were made

@@ -234,7 +234,7 @@ def _print_run(outcome: RunOutcome, run_id: str) -> None:
     from fedlearn.report.console import print_report
     from fedlearn.report.summary import summarize
 
-    store = RunStore(outcome.directory / "run.db", run_id=run_id)
+    store = RunStore(outcome.directory / "run.db", run_id=run_id, read_only=True)
     try:
         print_report(summarize(store), console)
     finally:
@@ -329,7 +329,7 @@ def report(
     db = run_dir / "run.db"
     if not db.is_file():
         _fail(f"{db} does not exist")
-    store = RunStore(db)
+    store = RunStore(db, read_only=True)
     runs = store.run_ids()
     if run is None and len(runs) == 1:
         run = runs[0]

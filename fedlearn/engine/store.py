@@ -9,6 +9,7 @@ and every start, resume, interruption and end is appended to its history.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -88,6 +89,8 @@ CREATE TABLE IF NOT EXISTS published (
 );
 """
 
+_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
+
 
 @dataclass(frozen=True)
 class ConfigChange:
@@ -123,15 +126,35 @@ class Publication:
 class RunStore:
     """SQLite-backed record of one or more runs (WAL mode)."""
 
-    def __init__(self, path: str | Path, run_id: str = "run", checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        run_id: str = "run",
+        checkpoint: bool = False,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        """Open (creating if needed) the store at ``path``. ``read_only`` opens an
+        existing store for reading only (a report, a live view): it takes no write lock,
+        so it can never get in the way of the process that runs the run."""
         self.path = Path(path)
         self.run_id = run_id
         self.checkpoint = checkpoint
-        self._db = sqlite3.connect(self.path)
         self._closed = False
-        self._db.execute("PRAGMA journal_mode=WAL")
+        if read_only:
+            if not self.path.is_file():
+                raise FedlearnError(f"{self.path} does not exist")
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            return
+        self._db = sqlite3.connect(self.path, timeout=30.0)
+        # Only what is missing is written: a store that exists and is set up is opened
+        # without a write, so opening it never races another process's transaction.
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        present = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        if not _TABLES <= present:
+            self._db.executescript(SCHEMA)
 
     def start_run(self, seed: int, config: dict[str, Any]) -> None:
         """Create this store's run row; FedlearnError if the store already holds it."""

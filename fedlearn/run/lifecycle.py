@@ -290,7 +290,7 @@ def _create(spec: RunSpec, lock: IO[str], notes: list[str]) -> RunLifecycle:
 
 def _reopen(spec: RunSpec, start: Start, lock: IO[str]) -> RunLifecycle:
     directory = spec.directory
-    probe = RunStore(directory / "run.db")
+    probe = RunStore(directory / "run.db", read_only=True)
     ids = probe.run_ids()
     probe.close()
     held = spec.name if spec.name in ids else ids[-1]
@@ -354,7 +354,7 @@ def _holds_run(directory: Path) -> bool:
     db = directory / "run.db"
     if not db.is_file():
         return False
-    store = RunStore(db)
+    store = RunStore(db, read_only=True)
     try:
         return bool(store.run_ids())
     finally:
