@@ -300,6 +300,9 @@ def test_report_json_round_trips(store: RunStore, tmp_path: Path) -> None:
     assert files.report == summarize(store)
     data = strict_json(files.report_json)
     assert isinstance(data, dict)
+    history = data["run"].pop("history")
+    assert [(e["kind"], e["round"], e["detail"]) for e in history] == [("started", 0, None)]
+    assert data["run"].pop("config_changes") == []
     assert data["run"] == {
         "run_id": "run",
         "status": "finished",

@@ -141,6 +141,14 @@ def print_report(report: Report, console: Console | None = None, max_failures: i
         if hidden > 0:
             console.print(Text(f"... and {hidden} more client failures (see report.json)"))
 
+    if report.config_changes:
+        console.print(Text("Config changes on resume:", style="bold"))
+        for change in report.config_changes:
+            console.print(
+                Text(
+                    f"  from round {change.round}: {change.field} {change.old!r} -> {change.new!r}"
+                )
+            )
     console.print(_status_line(report))
 
 
@@ -244,6 +252,9 @@ def _status_line(report: Report) -> Text:
         shown = ", ".join(str(r) for r in failed[:10]) + (", ..." if len(failed) > 10 else "")
         parts.append(f"{len(failed)} failed ({shown})")
     parts.append(f"{len(report.failures)} client failures")
+    resumes = sum(e.kind == "resumed" for e in report.history)
+    if resumes:
+        parts.append(f"resumed {resumes} time{'s' * (resumes > 1)}")
     style = (
         "bold green"
         if report.ok

@@ -80,7 +80,8 @@ def _jsonable(value: Any) -> Any:
 
 def _report_json(report: Report) -> str:
     body = asdict(report)
-    run = {key: body.pop(key) for key in ("run_id", "status", "seed", "created", "config")}
+    keys = ("run_id", "status", "seed", "created", "config", "history", "config_changes")
+    run = {key: body.pop(key) for key in keys}
     document = {
         "run": run,
         "ok": report.ok,

@@ -20,7 +20,7 @@ import numpy as np
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.records import Scalar
 from fedlearn.engine.results import ClientRecord
-from fedlearn.engine.store import RunStore
+from fedlearn.engine.store import ConfigChange, RunEvent, RunStore
 
 #: Metric names for which a lower value is better (the worst client has the maximum).
 LOWER_IS_BETTER: frozenset[str] = frozenset({"loss"})
@@ -117,6 +117,10 @@ class Report:
     rounds: tuple[RoundSummary, ...]
     failures: tuple[ClientFailure, ...]
     clients: tuple[ClientRecord, ...] = field(repr=False)
+    history: tuple[RunEvent, ...] = ()
+    """Starts, resumes, interruptions and ends, oldest first."""
+    config_changes: tuple[ConfigChange, ...] = ()
+    """Operational config changes made when the run resumed, with their first round."""
 
     @property
     def failed_rounds(self) -> tuple[int, ...]:
@@ -213,6 +217,8 @@ def summarize(store: RunStore) -> Report:
         rounds=rounds,
         failures=failures,
         clients=clients,
+        history=tuple(store.events()),
+        config_changes=tuple(store.config_changes()),
     )
 
 
