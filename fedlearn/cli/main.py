@@ -173,7 +173,7 @@ def simulate(
         console.print(f"[yellow]{escape(str(exc))}[/]", soft_wrap=True)
         raise typer.Exit(143 if exc.signal == signal.SIGTERM else 130) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted before the first round started[/]")
+        console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
     except FedlearnError as exc:
         _fail(str(exc))
