@@ -27,13 +27,16 @@ from run_state import committed_round
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "mnist-fedavg"
+SLOW_ROUND = 3
 SETTINGS = {
-    "run.rounds": 40,
-    "run.clients": 12,
+    "run.rounds": 8,
+    "run.clients": 8,
     "data.dataset": "breast_cancer",
     "data.partitioner": "iid",
-    "client.app": "clients.tabular:make_app",
-    "client.params.epochs": 1,
+    # a numpy app (fast to start); every client sleeps in one round, so the signal lands
+    # in the middle of the run
+    "client.app": "fault_apps:make_app",
+    "client.params": {"sleep_round": SLOW_ROUND, "sleep_s": 0.25},
     "strategy.params.min_train_clients": 2,
     "publish.enabled": False,
 }
@@ -44,7 +47,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def _start(out: Path) -> subprocess.Popen[str]:
-    sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
+    sets = _sets(SETTINGS)
     return subprocess.Popen(
         _cli("simulate", "--out", str(out), "--backend", "pool", "--workers", "2", *sets),
         cwd=ROOT,
@@ -52,8 +55,23 @@ def _start(out: Path) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal gives it
-        env=dict(os.environ, COLUMNS="200"),
+        env=_env(),
     )
+
+
+def _sets(settings: dict[str, object]) -> list[str]:
+    """``--set key=value`` arguments, tables as TOML inline tables."""
+    out = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            value = "{" + ", ".join(f"{k} = {v}" for k, v in value.items()) + "}"
+        out += ["--set", f"{key}={value}"]
+    return out
+
+
+def _env() -> dict[str, str]:
+    # tests/ on the path: the app is tests/fault_apps.py
+    return dict(os.environ, COLUMNS="200", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
 
 
 def _wait_for_a_round(proc: subprocess.Popen[str], db: Path) -> None:
@@ -99,15 +117,15 @@ def test_an_interrupted_simulation_stops_cleanly_and_the_hint_finishes_it(
     again = shlex.split(hint.group(2))
     assert again[0] == "fedlearn"
     resumed = subprocess.run(
-        _cli(*again[1:]), cwd=ROOT, capture_output=True, text=True, timeout=300
+        _cli(*again[1:]), cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env()
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming after committed round {committed}" in resumed.stdout
 
     reference = tmp_path / "reference"
-    config = load_config(
-        None, {**SETTINGS, "run.out_dir": str(reference), "backend.kind": "inprocess"}
-    )
+    settings = {**SETTINGS, "run.out_dir": str(reference), "backend.kind": "inprocess"}
+    settings["client.params"] = {}  # sleeping changes no model
+    config = load_config(None, settings)
     cwd = Path.cwd()
     os.chdir(ROOT)
     try:
@@ -118,38 +136,28 @@ def test_an_interrupted_simulation_stops_cleanly_and_the_hint_finishes_it(
     assert all(a[k].tobytes() == b[k].tobytes() for k in a) and list(a) == list(b)
 
 
-def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path: Path) -> None:
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedlearn.cli.main import app
+
+    monkeypatch.chdir(ROOT)
+    runner = CliRunner()
     out = tmp_path / "run"
-    sets = [a for k, v in {**SETTINGS, "run.rounds": 1}.items() for a in ("--set", f"{k}={v}")]
-    first = subprocess.run(
-        _cli("simulate", "--out", str(out), "--backend", "inprocess", *sets),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert first.returncode == 0, first.stdout + first.stderr
+    sets = _sets({**SETTINGS, "run.rounds": 1, "client.params": {}})
+    first = runner.invoke(app, ["simulate", "--out", str(out), "--backend", "inprocess", *sets])
+    assert first.exit_code == 0, first.output
     model = (out / "model.safetensors").read_bytes()
-    again = subprocess.run(
-        _cli("simulate", "--out", str(out), "--resume"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "is already finished (1 rounds)" in again.stdout
+    again = runner.invoke(app, ["simulate", "--out", str(out), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "is already finished (1 rounds)" in again.output
     assert (out / "model.safetensors").read_bytes() == model
-    store = RunStore(out / "run.db", run_id=RUN)
+    store = RunStore(out / "run.db", run_id=RUN, read_only=True)
     assert store.run_info()["status"] == "finished"
     assert [e.kind for e in store.events()] == ["started", "finished"]
     store.close()
-    refused = subprocess.run(
-        _cli("simulate", "--out", str(out), "--resume", "--set", "run.seed=5"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert refused.returncode == 2
-    assert "run.seed: 0 -> 5" in refused.stdout and "Traceback" not in refused.stderr
+    refused = runner.invoke(app, ["simulate", "--out", str(out), "--resume", "--set", "run.seed=5"])
+    assert refused.exit_code == 2
+    assert "run.seed: 0 -> 5" in refused.output
