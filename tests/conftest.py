@@ -12,6 +12,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis fails an example that takes longer than its deadline (200 ms by default): on
+# two cores shared with the rest of the suite (or other work) a slow example is load, not
+# a bug. Examples and shrinking are unchanged.
+settings.register_profile("fedlearn", deadline=None)
+settings.load_profile("fedlearn")
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
