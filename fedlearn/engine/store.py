@@ -153,7 +153,7 @@ class RunStore:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         present = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
-        if not _TABLES <= present:
+        if not present >= _TABLES:
             self._db.executescript(SCHEMA)
 
     def start_run(self, seed: int, config: dict[str, Any]) -> None:
