@@ -28,6 +28,8 @@ import pytest
 import fedlearn.security.certs as certs
 from deployment import free_port
 from fedlearn.apps.torch_app import model_to_arrays
+from fedlearn.errors import ConfigError
+from fedlearn.registry.builders import model_builder
 from fedlearn.registry.model_registry import ModelRegistry
 from fedlearn.serving.endpoint import EndpointSettings, ServingEndpoint, start_endpoint
 from fedlearn.serving.models import ServedModel
@@ -241,9 +243,10 @@ def test_a_failing_version_is_loaded_once_per_registry_change(
     tmp_path: Path, loads: Counter[tuple[str, int]]
 ) -> None:
     publish_mnist(tmp_path, seeds=(0,))
-    assert publish_broken(tmp_path, "mnist") == 2  # production now names the broken v2
     with endpoint(tmp_path) as ep:
-        assert loads[("mnist", 2)] == 1  # tried once at start; v1 keeps serving
+        assert publish_broken(tmp_path, "mnist") == 2  # production now names the broken v2
+        assert ep.repository.refresh() == []
+        assert loads[("mnist", 2)] == 1  # tried once; v1 keeps serving
         for _ in range(5):
             answer = rest_infer(ep, "mnist")
             assert answer.status_code == 200 and answer.json()["model_version"] == "1"
@@ -337,3 +340,35 @@ def test_error_answers_carry_no_server_paths(
     # the server log has the detail
     assert str(root) in caplog.text and "sha256" in caplog.text
     assert "no_such_module" in caplog.text
+
+
+# -- the builder registry ------------------------------------------------------------------
+
+
+def test_model_builder_registers_functions_and_classes_unchanged() -> None:
+    import clients.mnist
+    import clients.shakespeare
+    import clients.tabular
+    import fedlearn
+    from fedlearn.registry.builders import find_builder, is_registered, registered_builders
+
+    assert fedlearn.model_builder is model_builder
+    for build in (clients.mnist.build_model, clients.tabular.build_model):
+        assert is_registered(build)
+    assert is_registered(clients.shakespeare.CharGRU)
+    assert not is_registered(clients.mnist.make_app)
+    assert registered_builders()[MNIST_FACTORY] is clients.mnist.build_model
+    assert find_builder(MNIST_FACTORY) is clients.mnist.build_model
+
+    def nested() -> None: ...
+
+    with pytest.raises(ConfigError, match="module-level function or class"):
+        model_builder(nested)
+    with pytest.raises(ConfigError, match="module-level function or class"):
+        model_builder(lambda: None)
+    with pytest.raises(ConfigError, match=r"cannot import module 'clients.nope'.*--path DIR"):
+        find_builder("clients.nope:build")
+    with pytest.raises(ConfigError, match="not under an allowed prefix"):
+        find_builder("os:system")
+    with pytest.raises(ConfigError, match=r"decorate make_app in clients\.mnist with @fedlearn"):
+        find_builder("clients.mnist:make_app")

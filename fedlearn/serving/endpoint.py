@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from fedlearn.errors import ConfigError
+from fedlearn.registry.builders import add_import_paths
 from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION
 from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
@@ -35,6 +36,8 @@ class EndpointSettings:
     alias: str = PRODUCTION
     models: tuple[str, ...] | None = None
     allowed_factories: tuple[str, ...] = DEFAULT_FACTORY_PREFIXES
+    #: directories put at the front of ``sys.path`` for model builders (``--path``)
+    paths: tuple[Path, ...] = ()
     poll_interval_s: float = 0.5
     max_request_mb: int = 64
     cert: Path | None = None
@@ -102,6 +105,8 @@ class ServingEndpoint:
 
 def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
     """Open the registry, load what the alias points at, start REST and gRPC."""
+    if settings.paths:
+        add_import_paths(settings.paths)
     repository = ModelRepository(
         settings.registry,
         RepositorySettings(
