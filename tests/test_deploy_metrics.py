@@ -145,9 +145,8 @@ def test_every_exported_counter_that_should_move_moves_in_a_round(tmp_path: Path
     model_bytes = sum(a.nbytes for a in d.initial.values())
     sent = moved(("fedlearn_payload_bytes_sent_total", ()))
     received = moved(("fedlearn_payload_bytes_received_total", ()))
-    # the model goes to 3 sites twice (train, evaluate); 3 trained models come back
-    assert 2 * 3 * model_bytes <= sent <= 2 * 3 * (model_bytes + 4096), (sent, model_bytes)
-    assert 3 * model_bytes <= received <= 3 * (model_bytes + 4096) + 3 * 4096, (
-        received,
-        model_bytes,
-    )
+    # the model goes to 3 sites twice (train, evaluate) and 3 trained models come back, each
+    # encoded with a header of a few hundred bytes (names, dtypes, shapes); evaluation
+    # replies carry no arrays
+    assert 2 * 3 * model_bytes <= sent <= 2 * 3 * (model_bytes + 1024), (sent, model_bytes)
+    assert 3 * model_bytes <= received <= 3 * (model_bytes + 1024), (received, model_bytes)
