@@ -478,6 +478,9 @@ def serve_(
     key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
     insecure: Annotated[bool, typer.Option(help="plaintext on a non-loopback address")] = False,
     max_request_mb: Annotated[int, typer.Option(help="largest request accepted")] = 64,
+    body_timeout: Annotated[
+        float, typer.Option(help="seconds a REST request's body may take to arrive")
+    ] = 30.0,
     poll: Annotated[float, typer.Option(help="seconds between registry checks")] = 0.5,
     torch_threads: Annotated[
         int, typer.Option(help="torch threads per request (requests already run side by side)")
@@ -512,6 +515,7 @@ def serve_(
             paths=tuple(path or ()),
             poll_interval_s=poll,
             max_request_mb=max_request_mb,
+            body_timeout_s=body_timeout,
             cert=cert,
             key=key,
             insecure=insecure,
