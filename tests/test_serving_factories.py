@@ -372,3 +372,20 @@ def test_model_builder_registers_functions_and_classes_unchanged() -> None:
         find_builder("os:system")
     with pytest.raises(ConfigError, match=r"decorate make_app in clients\.mnist with @fedlearn"):
         find_builder("clients.mnist:make_app")
+
+
+def test_path_option_puts_directories_first_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlearn.registry.builders import add_import_paths
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    assert add_import_paths([a, b]) == [str(a), str(b)]
+    assert sys.path[:2] == [str(a), str(b)]
+    add_import_paths([b])  # once each: moved to the front, not repeated
+    assert sys.path[:2] == [str(b), str(a)] and sys.path.count(str(b)) == 1
+    with pytest.raises(ConfigError, match="--path .*nope: no such directory"):
+        add_import_paths([tmp_path / "nope"])
