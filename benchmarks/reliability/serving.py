@@ -9,7 +9,7 @@ What runs (all on 127.0.0.1; every process started here is stopped by its pid):
   once (default 200: half REST with binary tensors, each on its own keep-alive connection,
   half gRPC over 4 shared channels), each client sending its share back to back, while
   ``production`` flips between v1 and v2 ``--swaps`` times (default 10): flip k when
-  k/(swaps+2) of the requests are answered, then wait for the endpoint to make the swap
+  3k/(4 swaps) of the requests are answered, then wait for the endpoint to make the swap
   (its ``fedlearn_serving_swaps_total``). Every answer must succeed and equal the
   in-process logits of the version it names. Reported: failed, mismatched, p50/p99 latency,
   swaps the endpoint made while requests were still running.
@@ -226,7 +226,7 @@ def swap_load(
         start_gate.wait()
         t0 = time.perf_counter()
         for k in range(1, swaps + 1):
-            threshold = requests * k // (swaps + 2)  # after the last, 2/(swaps+2) still to come
+            threshold = requests * 3 * k // (4 * swaps)  # the last with a quarter to come
             with progress:
                 progress.wait_for(lambda t=threshold: run.answered + run.failed >= t)
             if current == 2:
