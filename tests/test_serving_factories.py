@@ -387,5 +387,5 @@ def test_path_option_puts_directories_first_in_order(
     assert sys.path[:2] == [str(a), str(b)]
     add_import_paths([b])  # once each: moved to the front, not repeated
     assert sys.path[:2] == [str(b), str(a)] and sys.path.count(str(b)) == 1
-    with pytest.raises(ConfigError, match="--path .*nope: no such directory"):
+    with pytest.raises(ConfigError, match=r"--path .*nope: no such directory"):
         add_import_paths([tmp_path / "nope"])

@@ -41,7 +41,7 @@ def test_many_clients_across_hot_swaps_and_hostile_bodies(tmp_path: Path) -> Non
         )
         assert run.passed, run
         assert run.answered == 300 and run.failed == 0 and run.mismatched == 0
-        assert run.swaps_in_metrics == 3 and run.flips_while_running >= 1
+        assert run.swaps_in_metrics == 3 and run.swaps_seen_under_load == 3
         assert set(run.by_version) == {"1", "2"}  # clients saw both versions
 
         window = others_window(

@@ -9,10 +9,11 @@ What runs (all on 127.0.0.1; every process started here is stopped by its pid):
   once (default 200: half REST with binary tensors, each on its own keep-alive connection,
   half gRPC over 4 shared channels), each client sending its share back to back, while
   ``production`` flips between v1 and v2 ``--swaps`` times (default 10): flip k when
-  3k/(4 swaps) of the requests are answered, then wait for the endpoint to make the swap
-  (its ``fedlearn_serving_swaps_total``). Every answer must succeed and equal the
-  in-process logits of the version it names. Reported: failed, mismatched, p50/p99 latency,
-  swaps the endpoint made while requests were still running.
+  3k/(4 swaps) of the requests are answered, then wait until a request that began after
+  the flip is answered by the new version (the swap, made under load). Every answer must
+  succeed and equal the in-process logits of the version it names. Reported: failed,
+  mismatched, p50/p99 latency, swaps seen by clients, swaps in the endpoint's
+  ``fedlearn_serving_swaps_total``.
 * **Hostile bodies**: ``--others`` clients (default 16, half REST, half gRPC) in a closed
   loop for ``--duration`` s (default 40, longer than the 30 s body timeout), twice: alone,
   then with four hostile clients started as the window opens: a ``--big-mb`` (200) REST body
@@ -139,7 +140,7 @@ class SwapRun:
     bit_exact: int = 0
     by_version: dict[str, int] = field(default_factory=dict)
     flips: int = 0
-    flips_while_running: int = 0
+    swaps_seen_under_load: int = 0
     swaps_in_metrics: float = 0.0
     seconds: float = 0.0
     latency: dict[str, float] = field(default_factory=dict)
@@ -175,6 +176,9 @@ def swap_load(
     lock = threading.Lock()
     progress = threading.Condition(lock)
     latencies: list[float] = []
+    # version -> the latest start time of a request it answered: a request that began
+    # after a flip and got the new version shows the endpoint swapped under load
+    latest_start: dict[str, float] = {}
     channels = grpc_channels(grpc_address, 4)
     start_gate = threading.Barrier(concurrency + 1)
 
@@ -206,6 +210,7 @@ def swap_load(
                     if ok:
                         run.by_version[version] = run.by_version.get(version, 0) + 1
                         run.bit_exact += int(np.array_equal(logits, reference))
+                        latest_start[version] = max(t0, latest_start.get(version, t0))
                     else:
                         run.mismatched += 1
                         if len(run.failures) < 10:
@@ -234,12 +239,16 @@ def swap_load(
             else:
                 registry.promote(MODEL, 2, None)
                 current = 2
+            flipped = time.perf_counter()
             run.flips += 1
-            deadline = time.monotonic() + swap_wait_s
-            while swaps_total(url) < before + k and time.monotonic() < deadline:
-                time.sleep(0.01)
-            with lock:  # the endpoint has swapped: were requests still coming?
-                run.flips_while_running += int(run.answered + run.failed < requests)
+            wanted = str(current)
+
+            def seen(v: str = wanted, t: float = flipped) -> bool:
+                return latest_start.get(v, 0.0) > t or run.answered + run.failed >= requests
+
+            with progress:  # versions alternate: the first such answer is the swap
+                progress.wait_for(seen, swap_wait_s)
+                run.swaps_seen_under_load += int(latest_start.get(wanted, 0.0) > flipped)
         for thread in threads:
             thread.join()
         run.seconds = round(time.perf_counter() - t0, 2)
@@ -558,8 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(results, indent=2))
     summary = {
         "swap run": f"{swap.answered}/{swap.requests} answered, {swap.failed} failed, "
-        f"{swap.mismatched} mismatched, {swap.flips_while_running}/{swap.flips} flips while "
-        f"requests ran, swaps in /metrics {swap.swaps_in_metrics:g}, p50 "
+        f"{swap.mismatched} mismatched, {swap.swaps_seen_under_load}/{swap.flips} flips seen "
+        f"by clients under load, swaps in /metrics {swap.swaps_in_metrics:g}, p50 "
         f"{swap.latency['p50_ms']} ms, p99 {swap.latency['p99_ms']} ms, {swap.seconds} s",
         **{
             f"others {name}": f"{w.answered} answered, {w.failed} failed, p50 "
