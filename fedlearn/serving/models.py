@@ -118,7 +118,7 @@ class ServedModel:
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 # the client gets the reason's first line (torch's own words, no paths);
                 # anything longer (a C++ trace, say) stays in the server log
-                log.info(
+                log.debug(
                     "%s v%d cannot run on a request's inputs: %s", self.name, self.version, exc
                 )
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
