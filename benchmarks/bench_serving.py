@@ -2,8 +2,9 @@
 
 What runs (all on 127.0.0.1, every process started here is stopped by its pid):
 
-* ``fedlearn serve`` in its own process (``python -m fedlearn.cli.main serve --poll 0.05``) over
-  a temp registry holding two seeded versions of the MNIST CNN (``clients.mnist``).
+* ``fedlearn serve`` in its own process (``python -m fedlearn.cli.main serve --poll 0.05
+  --path .``) over a temp registry holding two seeded versions of the MNIST CNN
+  (``clients.mnist``, whose builder ``--path`` makes importable).
 * A closed-loop load generator in this process: C client threads, each sending its next
   request when the previous one is answered, for ``--duration`` seconds after
   ``--warmup``. REST: one ``httpx.Client`` (keep-alive connection) per thread, binary
@@ -874,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
                 "serve",
                 "--registry",
                 str(registry),
+                "--path",  # clients.mnist's builder (python -m also puts the cwd first)
+                str(ROOT),
             ]
             serve += ["--http-port", str(ports["rest"]), "--grpc-port", str(ports["grpc"])]
             serve += ["--poll", str(args.poll)]

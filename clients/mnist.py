@@ -12,9 +12,11 @@ from typing import Any
 
 from torch import nn
 
+from fedlearn import model_builder
 from fedlearn.apps.torch_app import ClientDataSource, TorchClientApp
 
 
+@model_builder  # the registry names it; `fedlearn serve` may call it
 def build_model() -> nn.Module:
     """Conv(1->16, 5x5) + pool, conv(16->32, 5x5) + pool, linear -> 10 logits."""
     return nn.Sequential(

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedlearn import model_builder
 from fedlearn.apps.torch_app import ClientDataSource, TorchClientApp
 
 VOCAB = 96
 
 
+@model_builder  # the registry names it; `fedlearn serve` may call it
 class CharGRU(nn.Module):
     """Embedding -> GRU -> linear over the vocabulary, predicting the next character."""
 

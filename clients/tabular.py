@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fedlearn import model_builder
 from fedlearn.apps.torch_app import ClientDataSource, TorchClientApp, model_to_arrays
 from fedlearn.engine.records import Arrays
 
@@ -25,6 +26,7 @@ class LabelledData(ClientDataSource, Protocol):
     def num_classes(self) -> int: ...
 
 
+@model_builder  # the registry names it; `fedlearn serve` may call it
 def build_model(in_features: int, num_classes: int, hidden: int = 32) -> nn.Module:
     """One hidden ReLU layer of ``hidden`` units, or a linear model if ``hidden == 0``."""
     if hidden == 0:

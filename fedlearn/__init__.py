@@ -48,6 +48,7 @@ if _TYPE_CHECKING:
         SerializationError,
         UpdateRejected,
     )
+    from fedlearn.registry.builders import model_builder
     from fedlearn.registry.model_registry import Decision, Gate, ModelRegistry, ModelVersion
     from fedlearn.simulation import InProcessTransport, PoolTransport, run_simulation
     from fedlearn.strategy import (
@@ -140,6 +141,7 @@ _EXPORTS: dict[str, str] = {
     "decode_arrays": "fedlearn.engine.records",
     "encode_arrays": "fedlearn.engine.records",
     "load_weights": "fedlearn.engine.weights",
+    "model_builder": "fedlearn.registry.builders",
     "run_simulation": "fedlearn.simulation",
     "save_weights": "fedlearn.engine.weights",
 }
@@ -209,6 +211,7 @@ __all__ = [
     "decode_arrays",
     "encode_arrays",
     "load_weights",
+    "model_builder",
     "run_simulation",
     "save_weights",
 ]

@@ -24,4 +24,4 @@ for p in "${pids[@]}"; do wait "$p"; done
 echo "global model: server/state/model.safetensors; run store: server/state/run.db"
 echo "report:       $bin/fedlearn report server/state  (run id: breast-cancer)"
 echo "registry:     $bin/fedlearn models list --registry server/state/registry"
-echo "serve it:     $bin/fedlearn serve --registry server/state/registry"
+echo "serve it:     $bin/fedlearn serve --registry server/state/registry --path ."

@@ -62,3 +62,8 @@ def predict(module: nn.Module, x: np.ndarray) -> np.ndarray:
 def digits(n: int, seed: int = 0) -> np.ndarray:
     """``n`` random 1x28x28 float32 images."""
     return np.random.default_rng(seed).random((n, 1, 28, 28), dtype=np.float32)
+
+
+def undecorated_build(in_features: int, num_classes: int, hidden: int = 0) -> nn.Module:
+    """A builder nobody registered: publishing names it, serving refuses it."""
+    return nn.Linear(in_features, num_classes)

@@ -39,3 +39,12 @@ def test_exception_tree_has_one_root() -> None:
 def test_every_builtin_strategy_is_exported() -> None:
     for cls in fedlearn.STRATEGIES.values():
         assert getattr(fedlearn, cls.__name__) is cls
+
+
+def test_model_builder_is_public() -> None:
+    """Users mark their model builders with ``@fedlearn.model_builder`` (serving calls
+    nothing else a registry names)."""
+    from fedlearn.registry.builders import model_builder
+
+    assert "model_builder" in fedlearn.__all__
+    assert fedlearn.model_builder is model_builder

@@ -278,3 +278,39 @@ def test_coordinator_publish_needs_an_explicit_model() -> None:
     }
     with pytest.raises(ConfigError, match="factory, inputs and outputs"):
         validate(CoordinatorConfig, raw)
+
+
+def test_publishing_an_unregistered_builder_says_serving_will_refuse_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    assert Publisher(PublishSection(), "run", SPEC, tmp_path).warning is None  # registered
+    config = load_config(
+        None,
+        {
+            "run.rounds": 1,
+            "run.clients": 2,
+            "run.out_dir": str(tmp_path / "run"),
+            "data.dataset": "breast_cancer",
+            "client.app": "clients.tabular:make_app",
+            "client.params": {"epochs": 1, "hidden": 0},
+            "strategy.params.min_train_clients": 1,
+            "backend.kind": "inprocess",
+            "publish.factory": "serving:undecorated_build",
+            "publish.factory_params": {"in_features": 30, "num_classes": 2},
+            "publish.inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}],
+            "publish.outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}],
+        },
+    )
+    job = run_job(config)
+    assert [p.version.factory for p in job.published] == ["serving:undecorated_build"]
+    [note] = [n for n in job.outcome.notes if "registered model builder" in n]
+    assert note == (
+        "publish: serving:undecorated_build is not a registered model builder, so `fedlearn "
+        "serve` will refuse to load the published versions; decorate undecorated_build in "
+        "serving with @fedlearn.model_builder"
+    )
+    missing = Publisher(
+        PublishSection(), "run", ServingSpec("clients.gone:build", SPEC.signature), tmp_path
+    )
+    assert missing.warning is not None and "cannot be imported here" in missing.warning

@@ -247,7 +247,12 @@ def test_bad_factory_refs_are_refused(ref: str) -> None:
 
 def test_good_factory_refs_and_custom_prefixes() -> None:
     assert check_factory("clients.mnist:make_model") == ("clients.mnist", "make_model")
-    assert check_factory("fedlearn.apps.torch_app:build") == ("fedlearn.apps.torch_app", "build")
+    with pytest.raises(ConfigError, match="not under an allowed prefix"):
+        check_factory("fedlearn.apps.torch_app:build")  # fedlearn. is not allowed by default
+    assert check_factory("fedlearn.apps.torch_app:build", ("clients.", "fedlearn.")) == (
+        "fedlearn.apps.torch_app",
+        "build",
+    )
     assert check_factory("clients:make") == ("clients", "make")
     assert check_factory("myorg.models:net", ("myorg",)) == ("myorg.models", "net")
     with pytest.raises(ConfigError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -89,6 +90,21 @@ def test_factories_outside_the_allowlist_are_never_imported(tmp_path: Path) -> N
         )
         with pytest.raises(ConfigError, match="not under an allowed prefix"):
             ServedModel.from_registry(registry, "evil", 1)
+        # an allowed module, a callable in it, but no registered model builder
+        registry.publish(
+            "pki",
+            model_to_arrays(seeded_model(0)),
+            run="r",
+            round=1,
+            metrics={},
+            client_summary=None,
+            factory="fedlearn.security.certs:write_dev_pki",
+            factory_params={"out_dir": str(tmp_path / "keys")},
+            signature=MNIST_SIGNATURE,
+        )
+        with pytest.raises(ConfigError, match="not a registered model builder: decorate"):
+            ServedModel.from_registry(registry, "pki", 1, ("clients.", "fedlearn."))
+        assert not (tmp_path / "keys").exists()
         # allowed module, wrong weights for what it builds
         registry.publish(
             "mismatch",
@@ -132,7 +148,9 @@ def test_repository_hot_swaps_on_promotion_and_rollback(tmp_path: Path) -> None:
         repo.close()
 
 
-def test_repository_errors_and_a_broken_version_keeps_the_old_one(tmp_path: Path) -> None:
+def test_repository_errors_and_a_broken_version_keeps_the_old_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     publish_mnist(tmp_path)
     repo = ModelRepository(tmp_path, RepositorySettings(poll_interval_s=60))
     repo.start()
@@ -150,9 +168,11 @@ def test_repository_errors_and_a_broken_version_keeps_the_old_one(tmp_path: Path
         data = bytearray(v2.path.read_bytes())
         data[-1] ^= 0xFF
         v2.path.write_bytes(bytes(data))
-        assert repo.refresh() == []
+        with caplog.at_level(logging.ERROR, "fedlearn.serving.repository"):
+            assert repo.refresh() == []
+        assert "does not match its recorded sha256" in caplog.text  # the detail: in the log
         assert repo.get("mnist").version == 1
-        with pytest.raises(ModelNotReady, match="sha256"):
+        with pytest.raises(ModelNotReady, match="version 2 could not be loaded; see the server"):
             repo.get("mnist", "2")
         assert repo.ready("mnist") and not repo.ready("mnist", "2")
     finally:

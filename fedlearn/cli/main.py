@@ -463,13 +463,24 @@ def serve_(
     allow_factory: Annotated[
         list[str] | None,
         typer.Option(
-            help="module prefixes a model factory may come from (default clients., fedlearn.)"
+            help="another module prefix registered model builders may come from (clients. always)"
+        ),
+    ] = None,
+    path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--path",
+            help="a directory to import model builders from (the working directory is "
+            "not searched unless given)",
         ),
     ] = None,
     cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM)")] = None,
     key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
     insecure: Annotated[bool, typer.Option(help="plaintext on a non-loopback address")] = False,
     max_request_mb: Annotated[int, typer.Option(help="largest request accepted")] = 64,
+    body_timeout: Annotated[
+        float, typer.Option(help="seconds a REST request's body may take to arrive")
+    ] = 30.0,
     poll: Annotated[float, typer.Option(help="seconds between registry checks")] = 0.5,
     torch_threads: Annotated[
         int, typer.Option(help="torch threads per request (requests already run side by side)")
@@ -491,6 +502,7 @@ def serve_(
     if torch_threads < 1:
         _fail(f"--torch-threads must be >= 1, got {torch_threads}")
     torch.set_num_threads(torch_threads)
+    extra = allow_factory or []
     try:
         settings = EndpointSettings(
             registry=registry,
@@ -499,9 +511,11 @@ def serve_(
             grpc_port=grpc_port,
             alias=alias,
             models=tuple(model) if model else None,
-            allowed_factories=tuple(allow_factory) if allow_factory else DEFAULT_FACTORY_PREFIXES,
+            allowed_factories=tuple(dict.fromkeys([*DEFAULT_FACTORY_PREFIXES, *extra])),
+            paths=tuple(path or ()),
             poll_interval_s=poll,
             max_request_mb=max_request_mb,
+            body_timeout_s=body_timeout,
             cert=cert,
             key=key,
             insecure=insecure,

@@ -1,7 +1,9 @@
 """Prometheus metrics of the coordinator, served on ``/metrics``.
 
 Each coordinator gets its own CollectorRegistry (several can live in one test process).
-The metrics are fed by the round loop's Observer events and by the session registry.
+The metrics are fed by the round loop's Observer events, by the session registry, and
+(payload bytes) by the servicer, which counts each task payload it has handed to gRPC and
+each reply chunk it has read.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ class CoordinatorMetrics:
         )
         self.bytes_sent = Counter(
             "fedlearn_payload_bytes_sent",
-            "Array payload bytes sent to sites",
+            "Task payload bytes (arrays and protocol messages) sent to sites",
             registry=self.registry,
         )
         self.bytes_received = Counter(
             "fedlearn_payload_bytes_received",
-            "Array payload bytes received from sites",
+            "Reply payload bytes (arrays and protocol messages) received from sites",
             registry=self.registry,
         )
 

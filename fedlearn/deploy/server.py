@@ -118,14 +118,16 @@ def run_coordinator(
         config.run.stage_timeout_s,
         digest=plaintext or config.server.payload_digest == "always",
     )
+    metrics = CoordinatorMetrics(registry)
     servicer = CoordinatorServicer(
         registry,
         Authenticator(allowlist, config.server.server_id),
         config.server.max_payload_mb << 20,
         handshake_timeout_s=config.server.handshake_timeout_s,
         require_digest=plaintext,
+        payload_sent=metrics.bytes_sent.inc,
+        payload_received=metrics.bytes_received.inc,
     )
-    metrics = CoordinatorMetrics(registry)
     try:
         server, port = start_server(config.server, servicer, max_workers=2 * len(allowlist) + 8)
     except BaseException:

@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import grpc
@@ -47,6 +47,13 @@ CLOSE_GRACE_S = 5.0
 """How long a finished session waits for its site to close its side of the stream."""
 
 log = logging.getLogger("fedlearn.server")
+
+PayloadCounter = Callable[[int], None]
+"""Called with a number of payload bytes (``CoordinatorMetrics``' byte counters)."""
+
+
+def _uncounted(size: int) -> None:
+    pass
 
 
 class _Refused(Exception):
@@ -116,8 +123,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         *,
         handshake_timeout_s: float | None = None,
         require_digest: bool = True,
+        payload_sent: PayloadCounter = _uncounted,
+        payload_received: PayloadCounter = _uncounted,
     ) -> None:
         self.registry = registry
+        self.payload_sent = payload_sent
+        """Told each task payload's size once its last chunk is handed to gRPC."""
+        self.payload_received = payload_received
+        """Told each received chunk's data size (whether or not its upload is kept)."""
         self.auth = authenticator
         self.require_digest = require_digest
         """Refuse uploads without a SHA-256 (plaintext); over TLS check one if present."""
@@ -236,6 +249,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.ServerMessage(task_header=header)
             # Serialized ServerMessages (fedlearn.wire.codec passes bytes through).
             yield from frames(item.payload, item.task_id, item.digest, item.task.payload)
+            self.payload_sent(item.size)
             # drop our references before waiting again: they pin the stage's whole payload
             item = header = None  # type: ignore[assignment]
         # The session is over (the run ended, the site reconnected on another stream, or
@@ -343,6 +357,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             session.begin_upload(header.task_id, upload)
 
     def _on_chunk(self, session: Session, chunk: ChunkLike) -> None:
+        self.payload_received(len(chunk.data))
         upload = session.current_upload()
         if not isinstance(upload, _Upload):
             return  # a stray chunk, or the rest of a payload that is not awaited

@@ -11,7 +11,13 @@ from fedlearn.errors import ConfigError
 
 
 def resolve(reference: str, field: str) -> Any:
-    """Import ``module:attribute``; the working directory is importable, as for uvicorn."""
+    """Import ``module:attribute``; the working directory is importable, as for uvicorn.
+
+    For references a user's own config names (``client.app``, ``strategy.name``,
+    ``model.factory``). Never for text from a registry row: the serving endpoint looks
+    factories up among registered model builders (:mod:`fedlearn.registry.builders`) and
+    does not add the working directory to ``sys.path``.
+    """
     module_name, sep, attribute = reference.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigError(f"{field}: expected 'module:attribute', got {reference!r}")

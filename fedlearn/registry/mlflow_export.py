@@ -16,7 +16,9 @@ One export creates, in experiment ``fedlearn`` (by default):
   source is that ``model/`` directory, tagged with the fedlearn name, version and sha256.
 
 Nothing is pickled: the ``MLmodel`` file is YAML and has no ``python_function`` flavor, so
-``mlflow.pyfunc.load_model`` does not apply; rebuild with the factory and load the weights.
+``mlflow.pyfunc.load_model`` does not apply; rebuild with the factory and load the weights
+(:func:`fedlearn.serving.models.build_module` does both, and, like ``fedlearn serve``, calls
+only a registered model builder of an allowed module, never whatever ``factory`` names).
 Exporting a version again returns the MLflow version already registered for the same
 file (same sha256) instead of creating another one.
 

@@ -14,8 +14,10 @@ only through :meth:`ModelRegistry.promote` (which applies a :class:`Gate`) and
 :meth:`ModelRegistry.rollback`; any other alias (``candidate``, ...) is set freely.
 Every promotion attempt and rollback is recorded in the ``decisions`` table.
 
-Factory references (``module:function``) are stored as text and never imported here;
-a server calls :func:`check_factory` before importing one.
+Factory references (``module:function``) are stored as text and never imported here; a
+server calls only a registered model builder of an allowed module
+(:func:`fedlearn.registry.builders.find_builder`, which calls :func:`check_factory` before
+importing anything).
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ CREATE TABLE IF NOT EXISTS decisions (
 
 PRODUCTION = "production"
 LATEST = "latest"
-DEFAULT_FACTORY_PREFIXES: tuple[str, ...] = ("clients.", "fedlearn.")
+#: Module prefixes a served version's factory may come from unless the operator adds more
+#: (``fedlearn serve --allow-factory``). Not ``fedlearn.``: no model builder lives there.
+DEFAULT_FACTORY_PREFIXES: tuple[str, ...] = ("clients.",)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION_COLUMNS = (
@@ -284,6 +288,11 @@ class ModelRegistry:
         """The arrays of a version (or alias), after checking the file's sha256."""
         info = self.resolve(name, version)
         return load_verified(info.path, info.sha256, f"model file of {name!r} v{info.version}")
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the index
+        (SQLite's ``PRAGMA data_version``): a cheap way for a reader to notice a change."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     # -- aliases ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ and the final model, each round at most once.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from fedlearn.engine.messages import Stage
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import ClientRecord, RoundRecord
 from fedlearn.errors import ConfigError
+from fedlearn.registry.builders import registered_builder
 from fedlearn.registry.model_registry import Decision, Gate, ModelRegistry, ModelVersion
 from fedlearn.registry.spec import ServingSpec
 from fedlearn.report.summary import evaluation_values, lower_is_better, metric_summary
@@ -69,6 +71,35 @@ def serving_spec(section: PublishSection, app: object | None) -> ServingSpec:
         "publish: the client app cannot describe its model for serving; set publish.factory, "
         "publish.inputs and publish.outputs, or publish.enabled = false"
     )
+
+
+def unservable_reason(factory: str) -> str | None:
+    """Why ``fedlearn serve`` would refuse to build ``factory``'s versions (None: it would
+    not, as far as this process can tell: a registered model builder).
+
+    Publishing still goes on: the registry keeps the version, and the builder can be
+    registered before it is served. The module is imported (it is the run's own code,
+    named by its config) to see whether it registers the builder.
+    """
+    if registered_builder(factory) is not None:
+        return None
+    module, _, name = factory.partition(":")
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return (
+            f"publish: the model builder {factory} cannot be imported here "
+            f"({type(exc).__name__}: {exc}); `fedlearn serve` will load the published "
+            f"versions only where it can import {module} and {name} is decorated with "
+            "@fedlearn.model_builder"
+        )
+    if registered_builder(factory) is None:
+        return (
+            f"publish: {factory} is not a registered model builder, so `fedlearn serve` "
+            f"will refuse to load the published versions; decorate {name} in {module} with "
+            "@fedlearn.model_builder"
+        )
+    return None
 
 
 def make_gate(section: PublishSection) -> Gate:
@@ -123,6 +154,10 @@ class Publisher:
         self.gate = make_gate(section)
         self.root = root
         self.published: list[Published] = []
+        self.warning = unservable_reason(spec.factory)
+        """Why the endpoint would refuse these versions' factory (said once, at start)."""
+        if self.warning is not None:
+            log.warning("%s", self.warning)
 
     def publish(
         self,

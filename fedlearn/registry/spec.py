@@ -63,7 +63,10 @@ def factory_reference(build: Callable[..., Any]) -> tuple[str, dict[str, Any]]:
 
     ``build`` must be a module-level function or class, or a ``functools.partial`` of one
     whose arguments are booleans, numbers or strings; anything else (a lambda, a closure,
-    a bound method) raises :class:`ConfigError`.
+    a bound method) raises :class:`ConfigError`. The reference is the one
+    ``@fedlearn.model_builder`` registers the function under
+    (:func:`fedlearn.registry.builders.builder_reference`): ``fedlearn serve`` calls it only
+    if it is registered (the publisher warns when it is not).
     """
     params: dict[str, Any] = {}
     target = build

@@ -98,7 +98,7 @@ def run_job(
         raise ConfigError(
             f"client.app: {config.client.app} must build an app with initial_arrays()"
         )
-    publisher, skipped = _publisher(config, probe)
+    publisher, note = _publisher(config, probe)
     directory = run_dir(config)
     spec = RunSpec(
         directory=directory,
@@ -110,8 +110,8 @@ def run_job(
         keep=(registry_dir(config),),
     )
     lifecycle = open_run(spec, Start.RESUME if resume else Start.NEW, new_run)
-    if skipped is not None:
-        lifecycle.note(skipped)
+    if note is not None:
+        lifecycle.note(note)
     lifecycle.publisher, lifecycle.publish_every = publisher, config.publish.every
 
     def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
@@ -138,7 +138,8 @@ def run_job(
 
 
 def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | None, str | None]:
-    """The run's publisher, or why publishing is skipped.
+    """The run's publisher, or why publishing is skipped; or the publisher and why its
+    versions will not be servable (an unregistered model builder).
 
     With the default settings a client app that cannot describe a servable model skips
     publishing (the run still runs); with ``publish.enabled = true`` set explicitly, or a
@@ -159,4 +160,5 @@ def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | No
             "model for serving (it has no serving_spec()). To publish, set publish.factory, "
             "publish.inputs and publish.outputs in the config."
         )
-    return Publisher(section, config.run.name, spec, registry_dir(config)), None
+    publisher = Publisher(section, config.run.name, spec, registry_dir(config))
+    return publisher, publisher.warning  # a builder serving would refuse: said up front

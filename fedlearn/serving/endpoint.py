@@ -15,11 +15,12 @@ from pathlib import Path
 import grpc
 
 from fedlearn.errors import ConfigError
+from fedlearn.registry.builders import add_import_paths
 from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION
 from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.repository import ModelRepository, RepositorySettings
-from fedlearn.serving.rest import RestServer, create_app, serve_rest
+from fedlearn.serving.rest import DEFAULT_BODY_TIMEOUT_S, RestServer, create_app, serve_rest
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ class EndpointSettings:
     alias: str = PRODUCTION
     models: tuple[str, ...] | None = None
     allowed_factories: tuple[str, ...] = DEFAULT_FACTORY_PREFIXES
+    #: directories put at the front of ``sys.path`` for model builders (``--path``)
+    paths: tuple[Path, ...] = ()
     poll_interval_s: float = 0.5
     max_request_mb: int = 64
+    #: seconds a REST request's body may take to arrive (408 after that)
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     cert: Path | None = None
     key: Path | None = None
     insecure: bool = False
@@ -50,6 +55,8 @@ class EndpointSettings:
                 f"serve: {self.host} is not a loopback address; give --cert and --key "
                 "(TLS) or --insecure"
             )
+        if not self.body_timeout_s > 0:
+            raise ConfigError(f"serve: body timeout must be > 0 s, got {self.body_timeout_s}")
         if self.max_request_mb < 1:
             raise ConfigError(
                 f"serve: max request size must be >= 1 MiB, got {self.max_request_mb}"
@@ -102,6 +109,8 @@ class ServingEndpoint:
 
 def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
     """Open the registry, load what the alias points at, start REST and gRPC."""
+    if settings.paths:
+        add_import_paths(settings.paths)
     repository = ModelRepository(
         settings.registry,
         RepositorySettings(
@@ -118,7 +127,9 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
     rest: RestServer | None = None
     try:
         rest = serve_rest(
-            create_app(repository, metrics, max_body_bytes=limit),
+            create_app(
+                repository, metrics, max_body_bytes=limit, body_timeout_s=settings.body_timeout_s
+            ),
             settings.host,
             settings.http_port,
             ssl_certfile=None if settings.cert is None else str(settings.cert),

@@ -1,13 +1,16 @@
 """A registry version made servable: factory-built torch module + weights + signature.
 
-The factory reference stored with a version (``module:function``) is checked against an
-allowlist of module prefixes before anything is imported, and the weights come from the
-registry's safetensors file (sha256-checked), so a registry can never make the server run
-code outside the allowed modules or unpickle anything.
+The factory reference stored with a version (``module:function``) names a registered
+model builder (:mod:`fedlearn.registry.builders`) of a module under an allowed prefix: the
+prefix is checked before anything is imported, and nothing but a builder registered with
+``@fedlearn.model_builder`` is ever called. The weights come from the registry's safetensors
+file (sha256-checked), so a registry can never make the server run code of its choosing or
+unpickle anything.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,16 +21,13 @@ import torch
 from torch import nn
 
 from fedlearn.engine.records import Arrays
-from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError, InvalidInput
-from fedlearn.registry.model_registry import (
-    DEFAULT_FACTORY_PREFIXES,
-    ModelRegistry,
-    ModelVersion,
-    check_factory,
-)
+from fedlearn.registry.builders import find_builder
+from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, ModelRegistry, ModelVersion
 from fedlearn.registry.spec import datatype_of
 from fedlearn.serving.tensors import Signature
+
+log = logging.getLogger(__name__)
 
 
 def build_module(
@@ -36,16 +36,13 @@ def build_module(
     allowed: tuple[str, ...] = DEFAULT_FACTORY_PREFIXES,
     params: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """``factory(**params)`` (an allowed ``module:function``) with ``arrays`` loaded, in
-    eval mode."""
-    module_name, function = check_factory(factory, allowed)  # before anything is imported
-    build = resolve(factory, "factory")
-    if not callable(build):
-        raise ConfigError(f"factory {factory!r}: {module_name}.{function} is not callable")
+    """``factory(**params)`` (a registered model builder of an allowed module) with
+    ``arrays`` loaded, in eval mode."""
+    build = find_builder(factory, allowed)
     try:
         model = build(**(params or {}))
-    except TypeError as exc:
-        raise ConfigError(f"factory {factory!r}: {exc}") from exc
+    except Exception as exc:  # wrong arguments, or the builder itself failed
+        raise ConfigError(f"factory {factory!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"factory {factory!r} returned {type(model).__name__}, not a torch Module"
@@ -60,7 +57,10 @@ def build_module(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         state = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in expected}
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # same names, other shapes
+        raise ConfigError(f"factory {factory!r}: weights do not fit the module: {exc}") from exc
     model.eval()
     return model
 
@@ -97,7 +97,7 @@ class ServedModel:
     ) -> ServedModel:
         """Load ``name`` version ``version`` from ``registry``."""
         info = registry.get(name, version)
-        check_factory(info.factory, allowed)
+        find_builder(info.factory, allowed)  # refused before the weights are read
         return cls.load(info, registry.load(name, version), allowed)
 
     def infer(
@@ -116,7 +116,13 @@ class ServedModel:
             try:
                 result = self.module(*tensors)
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                raise InvalidInput(f"the model cannot run on these inputs: {exc}") from None
+                # the client gets the reason's first line (torch's own words, no paths);
+                # anything longer (a C++ trace, say) stays in the server log
+                log.debug(
+                    "%s v%d cannot run on a request's inputs: %s", self.name, self.version, exc
+                )
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise InvalidInput(f"the model cannot run on these inputs: {reason}") from None
         produced = _outputs(result, [s.name for s in self.signature.outputs])
         out = {}
         for spec in chosen:

@@ -5,8 +5,14 @@ version its serving alias (``production`` by default) points at, loaded and read
 promotion or rollback moves the alias, the new version is loaded off the request path and
 swapped in with one reference assignment, so a request that already holds the old model
 finishes on it and nothing fails. Explicit versions (``/versions/3``) load on first use
-and stay in a small cache. A version that fails to load (bad factory, corrupt file) is
-logged and skipped; the previous version keeps serving.
+and stay in a small cache.
+
+A version that fails to load (a factory that is no registered model builder, a corrupt
+file, weights that do not fit) is logged once with the reason and remembered: requests for
+it are answered "model X version N could not be loaded; see the server log" (503 /
+UNAVAILABLE, no server path or exception text) without trying again, and the previous
+version keeps serving. It is tried again, once, after the registry changes (any commit to
+its index: a publish, a promotion, an alias), which the watcher notices on its next poll.
 """
 
 from __future__ import annotations
@@ -56,7 +62,12 @@ class ModelRepository:
         self._cache_lock = threading.Lock()
         self._current: dict[str, ServedModel] = {}
         self._cache: OrderedDict[tuple[str, int], ServedModel] = OrderedDict()
-        self._failed: set[tuple[str, int]] = set()
+        # (name, version) -> the registry generation in which its load failed; a failure
+        # of an older generation no longer counts (the registry changed since)
+        self._failed: dict[tuple[str, int], int] = {}
+        self._generation = 0
+        self._data_version: int | None = None
+        self._targets: dict[str, int] = {}  # name -> the version its serving alias names
         self._known: frozenset[str] = frozenset()
         self._versions: dict[str, frozenset[int]] = {}
         self._listeners: list[SwapListener] = []
@@ -122,6 +133,9 @@ class ModelRepository:
             self._check_name(name)
             model = self._current.get(name)
             if model is None:
+                target = self._targets.get(name)
+                if target is not None and self._remembered_failure(name, target):
+                    raise _not_loaded(name, target)
                 raise ModelNotReady(f"model {name!r} has no {self.settings.alias!r} version loaded")
             return model
         number = self._version_number(name, version)
@@ -141,22 +155,38 @@ class ModelRepository:
     # -- watching -----------------------------------------------------------------------
 
     def refresh(self) -> list[tuple[str, int | None, int]]:
-        """Swap in every model whose alias moved; returns ``(name, old, new)`` swaps."""
+        """Swap in every model whose alias moved; returns ``(name, old, new)`` swaps.
+
+        A registry changed since the last look starts a new generation: versions that
+        failed to load before are tried again (once)."""
+        with self._db_lock:
+            data_version = self._registry.data_version()
+        if data_version != self._data_version:
+            with self._cache_lock:
+                self._data_version = data_version
+                self._generation += 1
         swaps = []
         for name in self.names():
             with self._db_lock:
                 target = self._registry.aliases(name).get(self.settings.alias)
+            if target is None:
+                self._targets.pop(name, None)
+            else:
+                self._targets[name] = target
             current = self._current.get(name)
             if target is None or (current is not None and current.version == target):
                 continue
-            if (name, target) in self._failed:
+            if self._remembered_failure(name, target):
                 continue
             try:
                 model = self._load_cached(name, target)
-            except FedlearnError as exc:
-                self._failed.add((name, target))
-                log.error(
-                    "cannot serve %s v%d, keeping the previous version: %s", name, target, exc
+            except ModelNotReady:
+                log.warning(
+                    "%s: %r names v%d, which could not be loaded; %s",
+                    name,
+                    self.settings.alias,
+                    target,
+                    "nothing served" if current is None else f"v{current.version} keeps serving",
                 )
                 continue
             self._current[name] = model
@@ -204,6 +234,9 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} has no version {number}")
         return number
 
+    def _remembered_failure(self, name: str, version: int) -> bool:
+        return self._failed.get((name, version)) == self._generation
+
     def _load_cached(self, name: str, version: int) -> ServedModel:
         key = (name, version)
         with self._cache_lock:
@@ -211,17 +244,35 @@ class ModelRepository:
             if model is not None:
                 self._cache.move_to_end(key)
                 return model
+            if self._remembered_failure(name, version):
+                raise _not_loaded(name, version)
             try:
                 with self._db_lock:
                     info = self._registry.get(name, version)
                     arrays = self._registry.load(name, version)
                 model = ServedModel.load(info, arrays, self.settings.allowed_factories)
-            except FedlearnError as exc:
-                raise ModelNotReady(f"model {name!r} v{version} cannot be loaded: {exc}") from exc
+            except Exception as exc:  # whatever the row, the file or the builder did
+                self._failed[key] = self._generation
+                detail = f"{exc}" if isinstance(exc, FedlearnError) else f"{exc!r}"
+                log.error(
+                    "cannot load %s v%d (not tried again until the registry changes): %s",
+                    name,
+                    version,
+                    detail,
+                    exc_info=not isinstance(exc, FedlearnError),
+                )
+                raise _not_loaded(name, version) from None
             self._cache[key] = model
             while len(self._cache) > self.settings.cached_versions:
                 self._cache.popitem(last=False)
             return model
+
+
+def _not_loaded(name: str, version: int) -> ModelNotReady:
+    """The answer for a version that failed to load: stable, with nothing of the server."""
+    return ModelNotReady(
+        f"model {name!r} version {version} could not be loaded; see the server log"
+    )
 
 
 def open_repository(

@@ -12,7 +12,9 @@ Routes::
 
 Status codes: 200 success; 400 malformed request (bad JSON, missing or mistyped fields,
 inputs that do not fit the signature, inconsistent binary sizes); 404 unknown model,
-version or path; 405 wrong method; 413 body over ``max_body_bytes``; 415 a compressed
+version or path; 405 wrong method; 408 a body that has not fully arrived
+``body_timeout_s`` after the request began (a slow-body client; the connection is closed);
+413 body over ``max_body_bytes``; 415 a compressed
 body (``Content-Encoding`` other than identity); 503 the model (or, for
 ``/v2/health/ready``, some model) has no loaded version; 500 anything else, with a generic
 message (the detail goes to the log). Every non-200 answer has the JSON body
@@ -49,6 +51,7 @@ from fedlearn.config.extras import extra_message
 from fedlearn.errors import ConfigError, InvalidInput, ModelNotFound, ModelNotReady
 
 try:  # the serve extra: without it, a ConfigError that names it rather than an ImportError
+    import anyio
     import uvicorn
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -72,6 +75,8 @@ PROTOCOL = "rest"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ("binary_tensor_data",)
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+#: Seconds a request's whole body may take to arrive (64 MiB at 2.2 MB/s).
+DEFAULT_BODY_TIMEOUT_S = 30.0
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _INTERNAL = "internal server error"
 
@@ -265,6 +270,7 @@ def create_app(
     metrics: ServingMetrics,
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     server_name: str = "fedlearn",
     server_version: str | None = None,
 ) -> Starlette:
@@ -274,6 +280,8 @@ def create_app(
     """
     if max_body_bytes < 1:
         raise ConfigError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if not body_timeout_s > 0:
+        raise ConfigError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     if server_version is None:
         try:
             server_version = importlib.metadata.version("fedlearn")
@@ -293,7 +301,10 @@ def create_app(
             try:
                 return await endpoint(request)
             except RequestError as exc:
-                return error(exc.status, exc.message)
+                # a body left unread (too slow, too large) is not drained: the
+                # connection closes after the answer
+                unread = exc.status in (408, 413)
+                return error(exc.status, exc.message, {"Connection": "close"} if unread else None)
             except ModelNotFound as exc:
                 return error(404, str(exc))
             except InvalidInput as exc:
@@ -323,11 +334,21 @@ def create_app(
                 raise RequestError(413, f"request body over the {max_body_bytes}-byte limit")
         chunks = []
         total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > max_body_bytes:
-                raise RequestError(413, f"request body over the {max_body_bytes}-byte limit")
-            chunks.append(chunk)
+        try:
+            with anyio.fail_after(body_timeout_s):  # a slow body holds no more than this
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > max_body_bytes:
+                        raise RequestError(
+                            413, f"request body over the {max_body_bytes}-byte limit"
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(
+                408,
+                f"the request body did not arrive within {body_timeout_s:g} s "
+                f"({total} bytes came); send it at once",
+            ) from None
         return b"".join(chunks)
 
     def version_of(request: Request) -> str | None:
