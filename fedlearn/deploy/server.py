@@ -124,6 +124,7 @@ def run_coordinator(
         config.server.max_payload_mb << 20,
         handshake_timeout_s=config.server.handshake_timeout_s,
         require_digest=plaintext,
+        upload_budget=config.server.max_inflight_upload_mb << 20,
     )
     metrics = CoordinatorMetrics(registry)
     try:
