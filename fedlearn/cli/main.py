@@ -470,6 +470,13 @@ def serve_(
     key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
     insecure: Annotated[bool, typer.Option(help="plaintext on a non-loopback address")] = False,
     max_request_mb: Annotated[int, typer.Option(help="largest request accepted")] = 64,
+    max_inflight: Annotated[
+        int,
+        typer.Option(
+            help="inference requests answered or queued at once, per protocol; more get "
+            "503 + Retry-After (REST) / RESOURCE_EXHAUSTED (gRPC)"
+        ),
+    ] = 256,
     poll: Annotated[float, typer.Option(help="seconds between registry checks")] = 0.5,
     torch_threads: Annotated[
         int, typer.Option(help="torch threads per request (requests already run side by side)")
@@ -502,6 +509,7 @@ def serve_(
             allowed_factories=tuple(allow_factory) if allow_factory else DEFAULT_FACTORY_PREFIXES,
             poll_interval_s=poll,
             max_request_mb=max_request_mb,
+            max_inflight=max_inflight,
             cert=cert,
             key=key,
             insecure=insecure,
