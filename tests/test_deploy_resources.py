@@ -16,7 +16,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 from test_deploy_faults import fault_deployment
 
+from apps import LogReg
 from deployment import (
     Deployment,
     RawStream,
@@ -39,15 +41,23 @@ from deployment import (
 )
 from fault_apps import make_app
 from fedlearn.deploy.uploads import WAIT_POLL_S, UploadBudget
-from fedlearn.engine.messages import Stage
+from fedlearn.engine.coordinator import Coordinator
+from fedlearn.engine.messages import Reply, Stage, Task
+from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import ClientRecord
 from fedlearn.errors import ConfigError
 from fedlearn.secagg.config import SecAggConfig
 from fedlearn.secagg.config import Stage as Protocol
-from fedlearn.secagg.messages import max_reply_size
+from fedlearn.secagg.messages import (
+    AdvertiseKeys,
+    decode_message,
+    encode_message,
+    max_reply_size,
+)
 from fedlearn.secagg.simulate import SecAggSimulation
-from fedlearn.simulation import run_simulation
-from fedlearn.strategy import build_strategy
+from fedlearn.secagg.stages import SecureAggregation
+from fedlearn.simulation import InProcessTransport, run_simulation
+from fedlearn.strategy import FedAvg, build_strategy
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire.convert import stage_from_proto
 
@@ -423,3 +433,34 @@ def test_half_sent_uploads_hold_only_what_arrived_and_honest_sites_go_on(tmp_pat
     )
     for name, value in reference.arrays.items():
         assert result.arrays[name].tobytes() == value.tobytes(), name
+
+
+# ------------------------------------------------ a secure reply must be its sender's
+
+
+@dataclass
+class Impersonating(InProcessTransport):
+    """Client 3's key advertisement claims to come from client 5 (answered later)."""
+
+    def __post_init__(self) -> None:
+        super().__init__(LogReg)
+
+    def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
+        for reply in super().execute(broadcast, tasks):
+            if reply.stage is Stage.SECAGG_SETUP and reply.client_id == 3:
+                msg = decode_message(reply.payload)
+                assert isinstance(msg, AdvertiseKeys)
+                forged = AdvertiseKeys(msg.round, 5, msg.c_pk, msg.s_pk)
+                reply = replace(reply, payload=encode_message(forged))
+            yield reply
+
+
+def test_a_secure_reply_claiming_another_client_is_refused() -> None:
+    secure = SecureAggregation(clip=2.0, max_weight=100)
+    result = Coordinator(FedAvg(), Impersonating(), list(range(12)), 1, seed=3, secure=secure).run(
+        LogReg().initial_arrays(0)
+    )
+    failed = {(c.stage, c.client_id): c.error for c in result.clients if not c.ok}
+    assert list(failed) == [(Stage.SECAGG_SETUP, 3)], failed  # client 5 is unharmed
+    assert "client 3 sent a secure-aggregation message as client 5" in str(failed.values())
+    assert result.rounds[0].ok and result.rounds[0].train_ok == 11

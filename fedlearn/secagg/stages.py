@@ -220,6 +220,11 @@ def secure_mean(
                 if not reply.ok:
                     raise SecAggError(str(reply.error))
                 msg = decode_message(reply.payload)
+                if msg.client_id != reply.client_id:  # the transport knows who sent it
+                    raise SecAggError(
+                        f"client {reply.client_id} sent a secure-aggregation message as "
+                        f"client {msg.client_id}"
+                    )
                 server.receive(msg)  # type: ignore[arg-type]
             except FedlearnError as exc:
                 note(ClientRecord(rnd, stage, reply.client_id, False, error=str(exc)))
