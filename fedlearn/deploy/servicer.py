@@ -39,7 +39,14 @@ from fedlearn.security.auth import Authenticator
 from fedlearn.wire import CAPABILITIES, PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.wire.chunks import Assembler, ChunkLike, ChunkMessage, ReceiveBuffers, frames
+from fedlearn.wire.chunks import (
+    Assembler,
+    ChunkLike,
+    ChunkMessage,
+    ReceiveBuffers,
+    check_task_id,
+    frames,
+)
 from fedlearn.wire.convert import reply_from_proto, stage_from_proto, task_to_proto
 
 Received = pb.ClientMessage | ChunkMessage
@@ -55,6 +62,14 @@ CLOSE_GRACE_S = 5.0
 """How long a finished session waits for its site to close its side of the stream."""
 
 log = logging.getLogger("fedlearn.server")
+
+
+def _valid_task_id(task_id: str) -> bool:
+    try:
+        check_task_id(task_id)
+    except SerializationError:
+        return False
+    return True
 
 
 class _Refused(Exception):
@@ -350,6 +365,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             log.info(
                 "client %d: ignored a reply to %r (not awaited)", session.client_id, header.task_id
             )
+            if _valid_task_id(header.task_id):  # "" would tell the site that the run is over
+                session.outbox.put(
+                    Cancelled(
+                        header.task_id,
+                        "reply ignored: no such task is awaited from this site (already "
+                        "answered, past its deadline, or never issued)",
+                    )
+                )
             return
         try:
             # checks the declared size against the task's expected size: allocates nothing
