@@ -194,6 +194,8 @@ class GrpcTransport:
                     f"reply is for stage {reply.stage.value!r} of round {reply.round}, but the "
                     f"task is stage {task.stage.value!r} of round {task.round}",
                 )
+                if not session.closed:  # the site hears why, as for any refused upload
+                    session.outbox.put(Cancelled(task_id, f"upload refused: {reply.error}"))
             # Put under the lock: a task leaves _pending and enters the inbox atomically,
             # so the stage loop never sees it in neither.
             self._inbox.put(reply)
