@@ -55,6 +55,8 @@ class LoadResult:
     round_ms: float
     """Median time between consecutive round ends (rounds 2..R), train + evaluate stages."""
     per_client_ms: float
+    coordinator_cpu_ms: float
+    """Median CPU time of the coordinator process per round (rounds 2..R)."""
     coordinator_peak_rss_mib: float
     site_process_peak_rss_mib: float
     rounds_ms: list[float] = field(default_factory=list)
@@ -107,6 +109,7 @@ def run_load(work: Path, sites: int, procs: int, rounds: int, tls: bool = True) 
         for child in children:
             child.stop()
     ends = {r: t for kind, r, t in result["marks"] if kind == "end"}
+    cpu = {r: t for kind, r, t in result["marks"] if kind == "cpu"}
     first_stage = min(t for kind, r, t in result["marks"] if kind.startswith("start-"))
     intervals = [(ends[r] - ends[r - 1]) * 1e3 for r in range(2, rounds + 1)]
     round_ms = statistics.median(intervals)
@@ -123,6 +126,9 @@ def run_load(work: Path, sites: int, procs: int, rounds: int, tls: bool = True) 
         join_s=first_stage - started,
         round_ms=round_ms,
         per_client_ms=round_ms / sites,
+        coordinator_cpu_ms=statistics.median(
+            (cpu[r] - cpu[r - 1]) * 1e3 for r in range(2, rounds + 1)
+        ),
         coordinator_peak_rss_mib=result["peak_rss"] / bench.MIB,
         site_process_peak_rss_mib=max(s["peak_rss"] for s in site_results) / bench.MIB,
         rounds_ms=intervals,
@@ -137,7 +143,8 @@ def describe(r: LoadResult) -> str:
         f"ok {r.eval_ok}), site errors {len(r.site_errors)}; all joined after {r.join_s:.1f} s; "
         f"round {r.round_ms:.0f} ms (rounds 2..{r.rounds}: "
         f"{', '.join(f'{x:.0f}' for x in r.rounds_ms)}) = {r.per_client_ms:.2f} ms per client; "
-        f"coordinator peak RSS {r.coordinator_peak_rss_mib:.0f} MiB, largest site process "
+        f"coordinator CPU {r.coordinator_cpu_ms:.0f} ms per round, peak RSS "
+        f"{r.coordinator_peak_rss_mib:.0f} MiB; largest site process "
         f"{r.site_process_peak_rss_mib:.0f} MiB; wall {r.wall_s:.0f} s"
     )
 
