@@ -413,4 +413,4 @@ def test_an_admitted_site_forging_every_reply_changes_nothing(tmp_path: Path) ->
     assert tally.total >= 700, tally.messages
     refused = sum(n for k, n in tally.cancels.items() if k.endswith("upload refused"))
     ignored = sum(n for k, n in tally.cancels.items() if k.endswith("reply ignored"))
-    assert refused >= 4 and ignored >= 4, tally.cancels
+    assert refused >= 1 and ignored >= 1 and refused + ignored >= 6, tally.cancels
