@@ -375,18 +375,18 @@ def test_budget_waiters_do_not_overtake_and_end_when_their_upload_ends() -> None
 def test_half_sent_uploads_hold_only_what_arrived_and_honest_sites_go_on(tmp_path: Path) -> None:
     # A model of about 768 KiB, a 1 MiB budget. Two liars each send half of a genuine
     # upload and stop: together they hold the whole budget until the stage deadline.
-    # The three honest sites (a second late, so the liars are first) still upload, one
+    # The three honest sites (1.5 s late, so the liars are first) still upload, one
     # after another on the overdraft, and their round is a run in which the liars failed.
     pad = 96 * KiB  # float64 values
     d = fault_deployment(
-        tmp_path, num_sites=5, rounds=1, stage_timeout_s=4.0, params={"lr": 0.5, "pad": pad}
+        tmp_path, num_sites=5, rounds=1, stage_timeout_s=6.0, params={"lr": 0.5, "pad": pad}
     )
     with (
         in_process_coordinator(d, {"server.max_inflight_upload_mb": 1}) as c,
         c.channel() as channel,
     ):
         for site in range(3):
-            c.start_site(site, sleep_round=1, sleep_s=1.0)
+            c.start_site(site, sleep_round=1, sleep_s=1.5)
         streams = []
         for site in (3, 4):
             raw = RawStream(channel, timeout=60)
