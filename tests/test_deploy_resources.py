@@ -154,7 +154,7 @@ def test_sites_declaring_3_gib_at_train_and_evaluate_are_refused_at_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     lies = {1: Stage.TRAIN, 2: Stage.EVALUATE}
-    d = fault_deployment(tmp_path, rounds=len(lies), stage_timeout_s=60.0)
+    d = fault_deployment(tmp_path, rounds=len(lies), stage_timeout_s=120.0)
     with (
         caplog.at_level(logging.WARNING, logger="fedlearn.server"),
         in_process_coordinator(d) as c,
@@ -166,7 +166,7 @@ def test_sites_declaring_3_gib_at_train_and_evaluate_are_refused_at_once(
         started = time.monotonic()
         for liar in liars:
             liar.start()
-        result = c.wait(60)
+        result = c.wait(110)
         elapsed = time.monotonic() - started
         grown_kib = peak_rss_kib() - before
         records = rows(c)
@@ -176,7 +176,7 @@ def test_sites_declaring_3_gib_at_train_and_evaluate_are_refused_at_once(
         for rnd, stage in lies.items():
             assert_refused(records, liar, rnd, stage)
     assert grown_kib < 64 * 1024, grown_kib
-    assert elapsed < 30  # refused at once, not at the 60 s stage deadline
+    assert elapsed < 60  # refused at once, not at the 120 s stage deadline
     assert [r.ok for r in result.rounds] == [True, True]
     assert all(r.ok for r in records if r.client_id == 0)  # the honest site
     for rnd, stage in lies.items():
@@ -212,7 +212,7 @@ def test_sites_declaring_3_gib_at_every_secure_stage_are_refused_at_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 5 sites: k = 4 neighbours, t = 3; the 3 honest ones carry every round
-    d = fault_deployment(tmp_path, num_sites=5, rounds=len(SECURE_LIES), stage_timeout_s=60.0)
+    d = fault_deployment(tmp_path, num_sites=5, rounds=len(SECURE_LIES), stage_timeout_s=120.0)
     with (
         caplog.at_level(logging.WARNING, logger="fedlearn.server"),
         in_process_coordinator(d, SECAGG) as c,
@@ -225,7 +225,7 @@ def test_sites_declaring_3_gib_at_every_secure_stage_are_refused_at_once(
         started = time.monotonic()
         for liar in liars:
             liar.start()
-        result = c.wait(120)
+        result = c.wait(110)
         elapsed = time.monotonic() - started
         grown_kib = peak_rss_kib() - before
         records = rows(c)
@@ -235,7 +235,7 @@ def test_sites_declaring_3_gib_at_every_secure_stage_are_refused_at_once(
         for rnd, stage in SECURE_LIES.items():
             assert_refused(records, liar, rnd, stage)
     assert grown_kib < 64 * 1024, grown_kib  # was 3 GiB per lying site
-    assert elapsed < 30  # refused at once, not at the 60 s stage deadline
+    assert elapsed < 60  # refused at once, not at the 120 s stage deadline
     assert [r.ok for r in result.rounds] == [True] * len(SECURE_LIES), result.rounds
     honest = [r for r in records if r.client_id < 3]
     assert honest and all(r.ok for r in honest), [r for r in honest if not r.ok]
