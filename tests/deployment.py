@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -416,6 +416,12 @@ class RawStream:
 
     def recv_task(self) -> tuple[pb.TaskHeader, Arrays] | None:
         """The next task and its arrays (Cancels are collected); None when the run ends."""
+        task = self.recv_task_message()
+        return None if task is None else task[:2]
+
+    def recv_task_message(self) -> tuple[pb.TaskHeader, Arrays, bytes] | None:
+        """The next task, its arrays and its protocol message (secure aggregation's; b""
+        for train and evaluate); Cancels are collected; None when the run ends."""
         while True:
             message = self.recv()
             kind = message.WhichOneof("kind")
@@ -431,7 +437,9 @@ class RawStream:
                 )  # TLS: the coordinator sends no digest
                 while not assembler.complete:
                     assembler.add(self.recv().chunk)
-                return header, decode_arrays(assembler.finish())
+                payload = assembler.finish()
+                split_at = header.payload_size - header.message_size
+                return header, decode_arrays(payload[:split_at]), bytes(payload[split_at:])
 
     def recv_cancel(self) -> pb.Cancel:
         """The next Cancel of a task."""
@@ -454,11 +462,13 @@ def upload(
     task_id: str, reply: Reply, chunk_size: int = MAX_CHUNK
 ) -> tuple[pb.ReplyHeader, list[pb.Chunk]]:
     """The header and chunks a well-behaved site sends for ``reply`` (to tamper with)."""
-    payload = encode_arrays(reply.arrays) if reply.arrays is not None else b""
+    arrays = encode_arrays(reply.arrays) if reply.arrays is not None else b""
+    payload = arrays + reply.payload  # a protocol message (secure aggregation) follows
     header = reply_to_proto(
         reply,
         task_id=task_id,
         payload_size=len(payload),
+        message_size=len(reply.payload),
     )
     return header, list(split(payload, task_id, chunk_size))
 
@@ -490,10 +500,25 @@ def _fault_runtime(num_sites: int, seed: int) -> ClientRuntime:
     return ClientRuntime(make_app(simulated_data(num_sites, seed), **FAULT_PARAMS))
 
 
-def genuine(d: Deployment, header: pb.TaskHeader, arrays: Arrays, client_id: int = 2) -> Reply:
-    """The reply an honest fault-app site ``client_id`` of ``d`` sends to this task."""
-    task = task_from_proto(header, client_id=client_id)
-    return _fault_runtime(d.num_sites, d.seed).handle(task, arrays)
+def genuine(
+    d: Deployment,
+    header: pb.TaskHeader,
+    arrays: Arrays,
+    client_id: int = 2,
+    message: bytes = b"",
+    runtime: ClientRuntime | None = None,
+) -> Reply:
+    """The reply an honest fault-app site ``client_id`` of ``d`` sends to this task (with
+    its protocol ``message``; ``runtime``: one of the site's own, for secure rounds, where
+    a runtime keeps each client's secrets between stages)."""
+    task = replace(task_from_proto(header, client_id=client_id), payload=message)
+    return (runtime or _fault_runtime(d.num_sites, d.seed)).handle(task, arrays)
+
+
+def fault_runtime(d: Deployment) -> ClientRuntime:
+    """A fresh runtime of the fault app on ``d``'s data (one per raw-stream site)."""
+    make_app = resolve(FAULT_APP, "client.app")
+    return ClientRuntime(make_app(simulated_data(d.num_sites, d.seed), **FAULT_PARAMS))
 
 
 def site_key(d: Deployment, i: int) -> Ed25519PrivateKey:

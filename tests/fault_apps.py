@@ -6,8 +6,12 @@ source (anything with ``client(cid) -> ClientData``), and the params set in one 
 
 * ``crash_round = r``: ``os._exit`` in the middle of training round ``r`` (a crashed site);
 * ``sleep_round = r, sleep_s = s``: training round ``r`` first sleeps ``s`` seconds;
-* ``fail_rounds = "1,3"`` (with ``fail_client = c``, default any): training raises;
+* ``fail_rounds = "1,3"`` (with ``fail_client = c``, default any, or ``fail_clients =
+  "1,2"``): training raises;
 * ``unsendable_round = r``: training round ``r`` returns an array no wire can carry.
+
+``pad = n`` adds a float64 array of ``n`` zeros to the model (trained as a no-op), for
+tests that need larger payloads.
 
 The model is a logistic regression (``w``, ``b`` in float64) trained by a few full-batch
 gradient steps; it needs no torch, so a site starts fast.
@@ -46,7 +50,9 @@ class FaultyLogReg:
         sleep_s: float = 0.0,
         fail_rounds: str = "",
         fail_client: int = -1,
+        fail_clients: str = "",
         unsendable_round: int = 0,
+        pad: int = 0,
     ) -> None:
         self.data = data
         self.lr = lr
@@ -56,11 +62,14 @@ class FaultyLogReg:
         self.sleep_s = sleep_s
         self.fail_rounds = _rounds(fail_rounds)
         self.fail_client = fail_client
+        self.fail_clients = _rounds(fail_clients)
         self.unsendable_round = unsendable_round
+        self.pad = pad
 
     def initial_arrays(self, seed: int) -> Arrays:
         features = self.data.client(0).x_train.shape[1]
-        return {"w": np.zeros(features), "b": np.zeros(1)}
+        arrays = {"w": np.zeros(features), "b": np.zeros(1)}
+        return arrays | ({"pad": np.zeros(self.pad)} if self.pad else {})
 
     def _xy(self, cid: int, split: str) -> tuple[np.ndarray, np.ndarray]:
         part = self.data.client(cid)
@@ -73,7 +82,12 @@ class FaultyLogReg:
             os._exit(3)  # no reply, no goodbye: the process is gone mid-task
         if ctx.round == self.sleep_round:
             time.sleep(self.sleep_s)
-        if ctx.round in self.fail_rounds and self.fail_client in (-1, ctx.client_id):
+        failing = (
+            ctx.client_id in self.fail_clients
+            if self.fail_clients
+            else self.fail_client in (-1, ctx.client_id)
+        )
+        if ctx.round in self.fail_rounds and failing:
             raise RuntimeError(f"injected training failure in round {ctx.round}")
         x, y = self._xy(ctx.client_id, "train")
         w, b = arrays["w"].copy(), arrays["b"].copy()
@@ -83,7 +97,8 @@ class FaultyLogReg:
             b -= self.lr * err.mean()
         if ctx.round == self.unsendable_round:
             w = w.astype(object)  # encode_arrays refuses object arrays
-        return TrainResult({"w": w, "b": b}, len(y), {"train_mse": float(np.mean(err**2))})
+        out = {"w": w, "b": b} | ({"pad": np.array(arrays["pad"])} if "pad" in arrays else {})
+        return TrainResult(out, len(y), {"train_mse": float(np.mean(err**2))})
 
     def evaluate(self, arrays: Arrays, config: Config, ctx: ClientContext) -> EvaluateResult:
         x, y = self._xy(ctx.client_id, "test")

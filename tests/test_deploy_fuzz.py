@@ -1,8 +1,10 @@
-"""Fuzzing the coordinator's gRPC stream: thousands of malformed client messages, and
-raw bytes that are no message at all, before and after a join, on hundreds of streams
-against one coordinator (TLS on loopback). After every stream the coordinator must still
-answer a well-formed Hello with a Challenge; at the end a proper run must complete with
-the very model an in-process simulation computes.
+"""Fuzzing the coordinator's gRPC stream: thousands of malformed client messages
+(protobuf-level mutations of real ones among them), and raw bytes that are no message at
+all, before and after a join, on hundreds of streams against one coordinator (TLS on
+loopback). After every stream the coordinator must still answer a well-formed Hello with
+a Challenge; at the end a proper run must complete with the very model an in-process
+simulation computes. Then an admitted site forges its replies in live plain and secure
+runs (the small version of ``benchmarks/reliability/fuzz.py``, RELIABILITY.md (a)).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.reliability import fuzz as reliability
 from deployment import (
     FAULT_APP,
     FAULT_PARAMS,
@@ -131,7 +134,15 @@ def client_messages(enrolled_key: bytes) -> st.SearchStrategy[pb.ClientMessage |
         ),
         st.sampled_from([pb.ClientMessage(), pb.ClientMessage(heartbeat=pb.Heartbeat())]),
         st.binary(min_size=1, max_size=64),  # mostly not a ClientMessage at all
+        st.builds(  # protobuf-level mutations of real messages (a Hello, a header, chunks)
+            lambda real, rng: reliability.mutate_bytes(real, rng),
+            st.sampled_from(REAL_MESSAGES),
+            st.randoms(use_true_random=False),
+        ),
     )
+
+
+REAL_MESSAGES: list[bytes] = []  # filled from the deployment under test
 
 
 REFUSALS = {
@@ -146,6 +157,7 @@ REFUSALS = {
 
 def test_fuzzed_streams_never_break_the_coordinator(tmp_path: Path) -> None:
     d = Deployment(tmp_path, rounds=2, app=FAULT_APP, params=dict(FAULT_PARAMS))
+    REAL_MESSAGES[:] = reliability.real_messages(d)
     fuzz_key, probe_key = site_key(d, 0), site_key(d, 1)
     threads_before = reader_threads()
     sent: list[int] = []
@@ -384,3 +396,21 @@ def test_tampered_uploads_in_a_live_run_are_rejected_or_exact(data: st.DataObjec
     )
     for name, value in result.arrays.items():
         assert value.tobytes() == reference.arrays[name].tobytes(), (name, refused)
+
+
+# ---------------------------------------- an admitted site forging plain and secure replies
+
+
+def test_an_admitted_site_forging_every_reply_changes_nothing(tmp_path: Path) -> None:
+    """The small version of RELIABILITY.md (a): a few dozen garbage streams, then live
+    plain and secure runs in which site 3 answers with oversized declarations, broken
+    framing, wrong and out-of-order stages, protobuf-level mutations, forged SecAgg+
+    messages (shares, keys, masked inputs, another client's name): no crash, no honest
+    failure, every refusal says why, and each model is the clean run's bit for bit."""
+    tally, _ = reliability.run(tmp_path, streams=40, plain_rounds=4, secure_rounds=4, seed=1)
+    assert tally.problems == []
+    assert tally.errors_logged == []
+    assert tally.total >= 700, tally.messages
+    refused = sum(n for k, n in tally.cancels.items() if k.endswith("upload refused"))
+    ignored = sum(n for k, n in tally.cancels.items() if k.endswith("reply ignored"))
+    assert refused >= 1 and ignored >= 1 and refused + ignored >= 6, tally.cancels

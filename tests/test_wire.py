@@ -9,6 +9,7 @@ import mmap
 import os
 import random
 import struct
+import time
 import tracemalloc
 from collections.abc import Iterator
 from concurrent import futures
@@ -30,6 +31,7 @@ from fedlearn.wire.chunks import (
     MAX_CHUNK,
     MAX_TASK_ID_BYTES,
     Assembler,
+    ReceiveBuffers,
     check_task_id,
     format_size,
     payload_digest,
@@ -750,7 +752,7 @@ def test_format_size() -> None:
     assert format_size(3 * 1024 * 1024 * GiB) == "3 PiB"
 
 
-def test_preallocation_is_the_only_big_allocation() -> None:
+def test_buffers_grow_with_the_bytes_that_arrive() -> None:
     size, chunk_size = 32 * MiB, MiB
     payload = os.urandom(size)
     gc.collect()
@@ -758,16 +760,39 @@ def test_preallocation_is_the_only_big_allocation() -> None:
     try:
         asm = Assembler("t", size, max_size=size)
         after_init, _ = tracemalloc.get_traced_memory()
+        held = []
         for chunk in split(payload, "t", chunk_size):
             asm.add(chunk)
+            held.append(tracemalloc.get_traced_memory()[0] - after_init)
         view = asm.finish()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert bytes(view) == payload
-    assert size <= after_init < size + 64 * KiB
-    # The buffer plus the one chunk in flight (and its slice copy); never a second payload.
-    assert peak < size + 3 * chunk_size
+    assert after_init < 64 * KiB  # the declaration alone costs nothing
+    # After each chunk the buffer holds what arrived, plus bytearray's growth headroom
+    # (an eighth) and the one chunk in flight; never the declared size ahead of the bytes.
+    for received, grown in zip(range(chunk_size, size + 1, chunk_size), held, strict=True):
+        assert grown < received * 9 // 8 + 2 * chunk_size, (received, grown)
+    assert peak < size * 9 // 8 + 3 * chunk_size  # never a second payload
+
+
+def test_a_huge_declaration_allocates_nothing_until_bytes_arrive() -> None:
+    # A peer declares 3 GiB (within the limit) and sends 10 bytes: 10 bytes are held, at
+    # once (no zeroed 3 GiB buffer, no seconds spent holding the GIL to fill it).
+    tracemalloc.start()
+    try:
+        started = time.perf_counter()
+        asm = Assembler("t", 3 * GiB, max_size=4 * GiB, buffers=ReceiveBuffers())
+        asm.add(pb.Chunk(task_id="t", index=0, data=b"0123456789"))
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert asm.received == 10 and not asm.complete
+    assert peak < MiB and elapsed < 0.5
+    with pytest.raises(SerializationError, match="incomplete: 10 of 3221225472 bytes"):
+        asm.finish()
 
 
 @pytest.mark.skipif(

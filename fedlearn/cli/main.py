@@ -481,6 +481,13 @@ def serve_(
     body_timeout: Annotated[
         float, typer.Option(help="seconds a REST request's body may take to arrive")
     ] = 30.0,
+    max_inflight: Annotated[
+        int,
+        typer.Option(
+            help="inference requests answered or queued at once, per protocol; more get "
+            "503 + Retry-After (REST) / RESOURCE_EXHAUSTED (gRPC)"
+        ),
+    ] = 256,
     poll: Annotated[float, typer.Option(help="seconds between registry checks")] = 0.5,
     torch_threads: Annotated[
         int, typer.Option(help="torch threads per request (requests already run side by side)")
@@ -516,6 +523,7 @@ def serve_(
             poll_interval_s=poll,
             max_request_mb=max_request_mb,
             body_timeout_s=body_timeout,
+            max_inflight=max_inflight,
             cert=cert,
             key=key,
             insecure=insecure,

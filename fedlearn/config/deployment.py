@@ -39,6 +39,8 @@ class ServerSection(TlsSection):
     state_dir: str = "coordinator-state"
     server_id: str = "fedlearn-coordinator"
     max_payload_mb: int = Field(4096, ge=1)
+    max_inflight_upload_mb: int = Field(2048, ge=1)
+    """Memory all sites' uploads in flight may hold together; past it, uploads wait."""
     handshake_timeout_s: float = Field(10.0, gt=0)
     hold_replies_mb: int = Field(1024, ge=0)
     """Memory for replies that arrive before their turn; beyond it they wait on disk."""

@@ -127,6 +127,7 @@ def run_coordinator(
         require_digest=plaintext,
         payload_sent=metrics.bytes_sent.inc,
         payload_received=metrics.bytes_received.inc,
+        upload_budget=config.server.max_inflight_upload_mb << 20,
     )
     try:
         server, port = start_server(config.server, servicer, max_workers=2 * len(allowlist) + 8)

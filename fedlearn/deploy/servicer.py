@@ -10,9 +10,13 @@ Nothing a site sends can stop the coordinator serving others: a malformed join e
 stream with an error status (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED,
 FAILED_PRECONDITION or DEADLINE_EXCEEDED; ABORTED for a lapsed challenge, which a site
 answers by joining again), and a malformed reply fails that task (recorded
-as the client's failure), not the stream. A site has at most one upload in progress, only
-for a task it was actually given and is still awaited, and of at most the transport's
-limit for that task (and ``max_payload``): a declared payload is buffered only then.
+as the client's failure, logged, and told to the site in a Cancel that says why), not the
+stream. A site has at most one upload in progress, only for a task it was actually given
+and is still awaited, and of at most the transport's expected size for that task (and
+``max_payload``): a larger declaration is refused before anything is allocated. An
+upload's buffer grows with the bytes that arrive, and all uploads in flight share one
+:class:`~fedlearn.deploy.uploads.UploadBudget`: past it, a stream is not read until other
+uploads end.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Session
+from fedlearn.deploy.uploads import Account, UploadBudget
 from fedlearn.engine.messages import Reply, Stage
 from fedlearn.engine.records import decode_arrays
 from fedlearn.errors import AuthError, SerializationError
@@ -34,11 +39,21 @@ from fedlearn.security.auth import Authenticator
 from fedlearn.wire import CAPABILITIES, PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.wire.chunks import Assembler, ChunkLike, ChunkMessage, ReceiveBuffers, frames
-from fedlearn.wire.convert import reply_from_proto, task_to_proto
+from fedlearn.wire.chunks import (
+    Assembler,
+    ChunkLike,
+    ChunkMessage,
+    ReceiveBuffers,
+    check_task_id,
+    frames,
+)
+from fedlearn.wire.convert import reply_from_proto, stage_from_proto, task_to_proto
 
 Received = pb.ClientMessage | ChunkMessage
 """A message from a site as fedlearn.wire.codec parses it (chunks without protobuf)."""
+
+UPLOAD_BUDGET = 2048 << 20
+"""Default bytes all uploads in flight may hold together (``[server] max_inflight_upload_mb``)."""
 
 HANDSHAKE_TIMEOUT_S = 10.0
 """Default time a new stream has to complete Hello and Proof (below the 30 s nonce TTL)."""
@@ -54,6 +69,14 @@ PayloadCounter = Callable[[int], None]
 
 def _uncounted(size: int) -> None:
     pass
+
+
+def _valid_task_id(task_id: str) -> bool:
+    try:
+        check_task_id(task_id)
+    except SerializationError:
+        return False
+    return True
 
 
 class _Refused(Exception):
@@ -106,10 +129,17 @@ class _Handshake:
 
 @dataclass(eq=False)
 class _Upload:
-    """A reply being received: its header and the assembler for its payload."""
+    """A reply being received: its header, the assembler for its payload, and what it
+    holds of the upload budget."""
 
     header: pb.ReplyHeader
     assembler: Assembler
+    budget: UploadBudget
+    account: Account
+
+    def release(self) -> None:
+        """Give back its share of the budget (when it ends, however it ends)."""
+        self.budget.release(self.account)
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -125,6 +155,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         require_digest: bool = True,
         payload_sent: PayloadCounter = _uncounted,
         payload_received: PayloadCounter = _uncounted,
+        upload_budget: int = UPLOAD_BUDGET,
     ) -> None:
         self.registry = registry
         self.payload_sent = payload_sent
@@ -141,6 +172,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.client_ids = {site.name: i for i, site in enumerate(authenticator.allowlist.sites)}
         self.buffers = ReceiveBuffers()
         """Upload buffers: a reply's is reused once the fold has let go of its arrays."""
+        self.budget = UploadBudget(upload_budget)
+        """Bytes all uploads in flight may hold together; past it, streams wait."""
         self._lock = threading.Lock()
         self.rejected = 0
         """Joins refused and uploads rejected."""
@@ -314,7 +347,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         finally:
             handshake.messages.put(None)
             if session is not None:
-                session.drop_upload()
+                unfinished = session.drop_upload()
+                if unfinished is not None:
+                    unfinished.release()
                 self.registry.disconnect(session)
 
     def _on_message(self, session: Session, message: Received) -> None:
@@ -329,6 +364,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def _on_header(self, session: Session, header: pb.ReplyHeader) -> None:
         previous = session.drop_upload()
         if isinstance(previous, _Upload):
+            previous.release()
             self._reject(
                 session, previous.header, "a new reply header arrived before its last chunk"
             )
@@ -338,8 +374,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             log.info(
                 "client %d: ignored a reply to %r (not awaited)", session.client_id, header.task_id
             )
+            if _valid_task_id(header.task_id):  # "" would tell the site that the run is over
+                session.outbox.put(
+                    Cancelled(
+                        header.task_id,
+                        "reply ignored: no such task is awaited from this site (already "
+                        "answered, past its deadline, or never issued)",
+                    )
+                )
             return
         try:
+            # checks the declared size against the task's expected size: allocates nothing
             assembler = Assembler(
                 header.task_id,
                 header.payload_size,
@@ -350,7 +395,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except SerializationError as exc:
             self._reject(session, header, str(exc))
             return
-        upload = _Upload(header, assembler)
+        upload = _Upload(header, assembler, self.budget, self.budget.open())
         if header.payload_size == 0:
             self._complete(session, upload)
         else:
@@ -361,13 +406,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         upload = session.current_upload()
         if not isinstance(upload, _Upload):
             return  # a stray chunk, or the rest of a payload that is not awaited
+        size = len(chunk.data)
+        # Past the budget this waits (and this stream is not read meanwhile) until other
+        # uploads end; False if this one ended meanwhile (deadline, or the site left).
+        if not self.budget.charge(
+            upload.account, size, lambda: session.closed or session.current_upload() is not upload
+        ):
+            return
         try:
             upload.assembler.add(chunk)
         except SerializationError as exc:
             session.end_upload(upload)  # the rest of this payload is dropped unread
+            upload.release()
             self._reject(session, upload.header, str(exc))
             return
         if chunk.last and session.end_upload(upload):
+            upload.release()  # the payload now belongs to the reply
             self._complete(session, upload)
 
     def _complete(self, session: Session, upload: _Upload) -> None:
@@ -385,11 +439,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.registry.deliver(session, header.task_id, reply)
 
     def _reject(self, session: Session, header: pb.ReplyHeader, reason: str) -> None:
+        """Fail the task ``header`` answers (the site's failure, with ``reason``), log it,
+        and tell the site why in a Cancel of that task."""
         self._count("rejected")
         log.warning(
             "client %d: rejected reply to %r: %s", session.client_id, header.task_id, reason
         )
-        stage = Stage.EVALUATE if header.stage == pb.STAGE_EVALUATE else Stage.TRAIN
+        if not session.closed:
+            session.outbox.put(Cancelled(header.task_id, f"upload refused: {reason}"))
+        try:
+            stage = stage_from_proto(header.stage)
+        except SerializationError:  # the transport then names the task's real stage
+            stage = Stage.TRAIN
         self.registry.deliver(
             session,
             header.task_id,

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fedlearn.engine.messages import Reply, Task
 from fedlearn.wire.chunks import Digest
@@ -46,13 +47,19 @@ class Cancelled:
     reason: str
 
 
+class Upload(Protocol):
+    """A reply being received (the servicer's); it gives back what it holds when dropped."""
+
+    def release(self) -> None: ...
+
+
 @dataclass
 class Session:
     """One connected site.
 
     A session holds at most one upload in progress (the reply the site is sending now);
     whoever stops waiting for that reply may drop it with :meth:`abandon_upload`, which
-    frees its buffer even if the site never sends another byte.
+    releases its buffer even if the site never sends another byte.
     """
 
     client_id: int
@@ -61,7 +68,7 @@ class Session:
     outbox: queue.Queue[Outgoing | Cancelled | None] = field(default_factory=queue.Queue)
     connected_at: float = field(default_factory=time.monotonic)
     closed: bool = field(default=False, init=False, compare=False)
-    _upload: tuple[str, object] | None = field(default=None, init=False, repr=False, compare=False)
+    _upload: tuple[str, Upload] | None = field(default=None, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
@@ -71,7 +78,7 @@ class Session:
         self.closed = True
         self.outbox.put(None)
 
-    def begin_upload(self, task_id: str, upload: object) -> object | None:
+    def begin_upload(self, task_id: str, upload: Upload) -> Upload | None:
         """Make ``upload`` (a reply to ``task_id``) the one in progress; returns the
         upload it replaces, if that one never finished."""
         with self._lock:
@@ -79,18 +86,18 @@ class Session:
             self._upload = (task_id, upload)
         return None if previous is None else previous[1]
 
-    def drop_upload(self) -> object | None:
+    def drop_upload(self) -> Upload | None:
         """Clear the upload in progress and return it (None if there was none)."""
         with self._lock:
             previous, self._upload = self._upload, None
         return None if previous is None else previous[1]
 
-    def current_upload(self) -> object | None:
+    def current_upload(self) -> Upload | None:
         """The upload in progress, if any."""
         with self._lock:
             return None if self._upload is None else self._upload[1]
 
-    def end_upload(self, upload: object) -> bool:
+    def end_upload(self, upload: Upload) -> bool:
         """Clear ``upload`` if it is still the one in progress (False if it was dropped)."""
         with self._lock:
             if self._upload is None or self._upload[1] is not upload:
@@ -99,12 +106,15 @@ class Session:
             return True
 
     def abandon_upload(self, task_id: str) -> bool:
-        """Drop the upload in progress if it answers ``task_id``; True if one was dropped."""
+        """Drop and release the upload in progress if it answers ``task_id``; True if one
+        was dropped."""
         with self._lock:
             if self._upload is None or self._upload[0] != task_id:
                 return False
+            upload = self._upload[1]
             self._upload = None
-            return True
+        upload.release()
+        return True
 
 
 ReplyHandler = Callable[[Session, str, Reply], None]

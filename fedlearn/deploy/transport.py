@@ -10,6 +10,12 @@ going away, or by the deadline. A reply for a task that has already settled (a l
 a duplicate, a task id that was never issued, another site's task) is counted in
 ``late_replies`` and dropped; the servicer asks :meth:`GrpcTransport.reply_limit` before
 buffering an upload, so such a reply's payload is never even held in memory.
+
+Every task's reply has an expected size (:func:`reply_limit_for`): a training reply is the
+model's size plus :data:`REPLY_SLACK`, an evaluation carries no payload beyond
+:data:`EVALUATE_REPLY_LIMIT`, and a secure-aggregation reply its protocol size (set on the
+task by :mod:`fedlearn.secagg.stages`). A reply declaring more is refused before anything
+is allocated for it.
 """
 
 from __future__ import annotations
@@ -22,24 +28,31 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Outgoing, Session
-from fedlearn.engine.messages import Reply, Task
+from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, encode_arrays_parts
 from fedlearn.wire.chunks import Digest
 
-REPLY_SLACK = 1 << 20
-"""Bytes a reply's payload may exceed twice the broadcast payload by (see reply_limit)."""
+REPLY_SLACK = 64 << 10
+"""Bytes a training reply may exceed the broadcast by. A valid training reply has the
+global model's names, shapes and dtypes, so its payload is exactly the broadcast's size;
+the slack only keeps a refusal for what cannot be valid."""
+
+EVALUATE_REPLY_LIMIT = 64 << 10
+"""Largest evaluation reply payload: its loss and metrics travel in the header, so a valid
+one has no payload at all."""
 
 
-SECURE_REPLY_LIMIT = 1 << 62
-"""Secure-aggregation replies are limited only by the servicer's ``max_payload``."""
-
-
-def reply_limit_for(broadcast_size: int) -> int:
-    """The largest reply payload accepted for a task whose broadcast is ``broadcast_size``
-    bytes. A valid training reply has the global model's names, shapes and dtypes, so its
-    payload is exactly ``broadcast_size`` bytes; anything over twice that (plus
-    REPLY_SLACK) is refused before a buffer is allocated."""
-    return 2 * broadcast_size + REPLY_SLACK
+def reply_limit_for(task: Task, broadcast_size: int) -> int:
+    """The largest reply payload accepted for ``task`` when its stage's broadcast is
+    ``broadcast_size`` bytes: the task's own ``reply_limit`` when its protocol set one
+    (secure aggregation sets it on every task), EVALUATE_REPLY_LIMIT for an evaluation,
+    and otherwise (training) the broadcast's size plus REPLY_SLACK. Anything larger is
+    refused before a buffer is allocated; no stage is left without a limit."""
+    if task.reply_limit is not None:
+        return task.reply_limit
+    if task.stage is Stage.EVALUATE:
+        return EVALUATE_REPLY_LIMIT
+    return broadcast_size + REPLY_SLACK
 
 
 @dataclass
@@ -75,7 +88,7 @@ class GrpcTransport:
         # Hashed once per stage on another thread while the first chunks are already sent;
         # the digest travels on each payload's last chunk.
         digest = Digest(payload) if self.digest else None
-        limit = reply_limit_for(sum(len(p) for p in payload))
+        broadcast_size = sum(len(p) for p in payload)
         inbox: queue.Queue[Reply] = queue.Queue()
         self._cancel_pending("stage abandoned")  # left over by an unfinished earlier stage
         with self._lock:
@@ -93,9 +106,7 @@ class GrpcTransport:
                 task_id = (
                     f"r{task.round}-{task.stage.value}-c{task.client_id}-{secrets.token_hex(4)}"
                 )
-                task_limit = limit
-                if task.stage.secure:  # masked vectors; the servicer's max_payload caps them
-                    task_limit = SECURE_REPLY_LIMIT
+                task_limit = reply_limit_for(task, broadcast_size)
                 with self._lock:
                     self._pending[task_id] = _Pending(task, session, task_limit, stage)
                 sent += 1
@@ -183,6 +194,8 @@ class GrpcTransport:
                     f"reply is for stage {reply.stage.value!r} of round {reply.round}, but the "
                     f"task is stage {task.stage.value!r} of round {task.round}",
                 )
+                if not session.closed:  # the site hears why, as for any refused upload
+                    session.outbox.put(Cancelled(task_id, f"upload refused: {reply.error}"))
             # Put under the lock: a task leaves _pending and enters the inbox atomically,
             # so the stage loop never sees it in neither.
             self._inbox.put(reply)

@@ -55,6 +55,10 @@ class Task:
     config: Config = field(default_factory=dict)
     payload: bytes = b""
     """A per-client protocol message (secure aggregation); empty for train/evaluate."""
+    reply_limit: int | None = None
+    """The most payload bytes the reply may carry, when the protocol that issues the task
+    knows it (secure aggregation: its messages' sizes); None lets a transport derive it
+    from the stage and the broadcast. Never sent to the client."""
 
 
 @dataclass(frozen=True)

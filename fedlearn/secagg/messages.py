@@ -13,8 +13,17 @@ from fedlearn.engine.records import decode_arrays, encode_arrays
 from fedlearn.errors import (
     SerializationError,
 )
-from fedlearn.secagg import crypto
-from fedlearn.secagg.config import SecAggConfig, b64, uint, uints, unb64
+from fedlearn.secagg import crypto, shamir
+from fedlearn.secagg.config import (
+    CIPHERTEXT_SIZE,
+    MAX_ID,
+    SecAggConfig,
+    Stage,
+    b64,
+    uint,
+    uints,
+    unb64,
+)
 
 
 @dataclass(frozen=True)
@@ -311,3 +320,40 @@ def decode_message(data: bytes | bytearray | memoryview) -> ServerMessage | Clie
         | UnmaskShares,
     )
     return msg
+
+
+# -------------------------------------------------------------------- reply sizes
+
+
+def max_reply_size(config: SecAggConfig, stage: Stage) -> int:
+    """The most bytes a client's encoded reply at ``stage`` (named after the reply the server
+    waits for) can take in a round with ``config``: its protocol size, from the round's
+    parameters alone. A transport refuses anything larger before buffering it.
+
+    Computed from the largest message of that kind the protocol allows: every id at
+    :data:`MAX_ID` (the most digits), keys of ``KEY_SIZE`` bytes, one ciphertext of
+    ``CIPHERTEXT_SIZE`` bytes per neighbour (``k``), one share per share partner (the
+    ``k`` neighbours and the client itself), and the masked vector of ``vector_length + 1``
+    words of the modulus's width.
+    """
+    big = MAX_ID
+    k = config.num_neighbours
+    msg: _Message
+    if stage is Stage.ADVERTISE:
+        msg = AdvertiseKeys(big, big, bytes(crypto.KEY_SIZE), bytes(crypto.KEY_SIZE))
+    elif stage is Stage.SHARE:
+        msg = ShareKeys(big, big, tuple((big, bytes(CIPHERTEXT_SIZE)) for _ in range(k)))
+    elif stage is Stage.MASKED:
+        dtype = crypto.mask_dtype(config.modulus_bits)
+        words = config.vector_length + 1
+        empty = MaskedInput(big, big, np.zeros(0, dtype))
+        # the empty array's shape is [0]: one digit where the real one has len(str(words))
+        return len(encode_message(empty)) + words * dtype.itemsize + len(str(words)) - 1
+    elif stage is Stage.UNMASK:
+        # the partners' shares split between b_shares and sk_shares; in one list the
+        # JSON is longest (one separator more)
+        shares = tuple((big, bytes(shamir.SHARE_SIZE)) for _ in range(k + 1))
+        msg = UnmaskShares(big, big, shares, ())
+    else:
+        raise ValueError(f"no client reply is expected at stage {stage.name}")
+    return len(encode_message(msg))

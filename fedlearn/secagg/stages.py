@@ -28,18 +28,27 @@ from fedlearn.engine.results import ClientRecord, accepted_train
 from fedlearn.errors import ConfigError, FedlearnError, SecAggError, UpdateRejected
 from fedlearn.secagg.client import SecAggClient
 from fedlearn.secagg.config import SecAggConfig
+from fedlearn.secagg.config import Stage as Protocol
 from fedlearn.secagg.messages import (
     ClientMessage,
     ServerMessage,
     Setup,
     decode_message,
     encode_message,
+    max_reply_size,
 )
 from fedlearn.secagg.quantize import flatten, unflatten
 from fedlearn.secagg.server import SecAggServer
 from fedlearn.strategy.base import ClientUpdate, Strategy
 
 SECURE_STAGES = (Stage.SECAGG_SETUP, Stage.SECAGG_KEYS, Stage.SECAGG_SHARES, Stage.SECAGG_UNMASK)
+REPLY_OF = {
+    Stage.SECAGG_SETUP: Protocol.ADVERTISE,
+    Stage.SECAGG_KEYS: Protocol.SHARE,
+    Stage.SECAGG_SHARES: Protocol.MASKED,
+    Stage.SECAGG_UNMASK: Protocol.UNMASK,
+}
+"""The protocol reply each secure stage waits for (the setup stage trains, then advertises)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +199,8 @@ def secure_mean(
     outgoing: list[ServerMessage] = list(server.start())
     accepted: dict[int, ClientUpdate] = {}
     for stage in SECURE_STAGES:
+        # a reply larger than its protocol size is refused before a byte of it is buffered
+        limit = max_reply_size(server.config, REPLY_OF[stage])
         tasks = [
             Task(
                 stage,
@@ -199,6 +210,7 @@ def secure_mean(
                 task_seed(Stage.TRAIN if stage is Stage.SECAGG_SETUP else stage, m.client_id),
                 dict(config) if stage is Stage.SECAGG_SETUP else {},  # type: ignore[arg-type]
                 encode_message(m),
+                reply_limit=limit,
             )
             for m in outgoing
         ]
@@ -208,6 +220,11 @@ def secure_mean(
                 if not reply.ok:
                     raise SecAggError(str(reply.error))
                 msg = decode_message(reply.payload)
+                if msg.client_id != reply.client_id:  # the transport knows who sent it
+                    raise SecAggError(
+                        f"client {reply.client_id} sent a secure-aggregation message as "
+                        f"client {msg.client_id}"
+                    )
                 server.receive(msg)  # type: ignore[arg-type]
             except FedlearnError as exc:
                 note(ClientRecord(rnd, stage, reply.client_id, False, error=str(exc)))

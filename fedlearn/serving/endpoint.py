@@ -20,7 +20,13 @@ from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, PRODUCTIO
 from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.repository import ModelRepository, RepositorySettings
-from fedlearn.serving.rest import DEFAULT_BODY_TIMEOUT_S, RestServer, create_app, serve_rest
+from fedlearn.serving.rest import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_INFLIGHT,
+    RestServer,
+    create_app,
+    serve_rest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,9 @@ class EndpointSettings:
     key: Path | None = None
     insecure: bool = False
     grpc_workers: int = 8
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    """Inference calls answered or queued at once, per protocol; more get 503 with
+    Retry-After (REST) or RESOURCE_EXHAUSTED (gRPC) instead of a thread or a queue slot."""
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -60,6 +69,10 @@ class EndpointSettings:
         if self.max_request_mb < 1:
             raise ConfigError(
                 f"serve: max request size must be >= 1 MiB, got {self.max_request_mb}"
+            )
+        if self.max_inflight < 1:
+            raise ConfigError(
+                f"serve: --max-inflight must be >= 1 request, got {self.max_inflight}"
             )
 
     @property
@@ -128,7 +141,11 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
     try:
         rest = serve_rest(
             create_app(
-                repository, metrics, max_body_bytes=limit, body_timeout_s=settings.body_timeout_s
+                repository,
+                metrics,
+                max_body_bytes=limit,
+                body_timeout_s=settings.body_timeout_s,
+                max_inflight=settings.max_inflight,
             ),
             settings.host,
             settings.http_port,
@@ -148,6 +165,7 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
             max_message_bytes=limit,
             credentials=credentials,
             workers=settings.grpc_workers,
+            max_inflight=settings.max_inflight,
         )
     except BaseException:
         if rest is not None:

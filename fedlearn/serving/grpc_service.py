@@ -10,8 +10,9 @@ response holding a datatype with no typed field (FP16) is raw throughout.
 
 Status codes: unknown model or version -> NOT_FOUND; malformed request or tensors that do
 not fit the model -> INVALID_ARGUMENT; known model with nothing loaded -> UNAVAILABLE;
-a message over ``max_message_bytes`` -> RESOURCE_EXHAUSTED (by gRPC itself, before any
-handler runs, so it is not counted in the metrics); anything else -> INTERNAL with a
+a message over ``max_message_bytes``, or a call while ``max_inflight`` calls are already
+running or queued for the ``workers`` threads -> RESOURCE_EXHAUSTED (by gRPC itself, before
+any handler runs, so it is not counted in the metrics); anything else -> INTERNAL with a
 generic message, the detail going to the log. Requests are parsed by the handlers, not by
 gRPC, so bytes that are no valid message get INVALID_ARGUMENT rather than gRPC's INTERNAL.
 """
@@ -317,19 +318,26 @@ def start_grpc_server(
     max_message_bytes: int = 64 * 2**20,
     credentials: grpc.ServerCredentials | None = None,
     workers: int = 8,
+    max_inflight: int = 256,
 ) -> tuple[grpc.Server, int]:
     """Serve OIP v2 gRPC on ``address`` (TLS with ``credentials``); returns the started
-    server and its bound port. Stop it with ``server.stop(grace)``."""
+    server and its bound port. Stop it with ``server.stop(grace)``.
+
+    ``workers`` threads answer calls; up to ``max_inflight`` calls in all are running or
+    queued for them, and gRPC answers any more with RESOURCE_EXHAUSTED at once."""
     if max_message_bytes < 1:
         raise ConfigError(f"max message bytes must be >= 1, got {max_message_bytes}")
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    if max_inflight < 1:
+        raise ConfigError(f"max_inflight must be >= 1, got {max_inflight}")
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlearn-oip-grpc"),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
+        maximum_concurrent_rpcs=max_inflight,
     )
     server.add_generic_rpc_handlers((InferenceServicer(repository, metrics).handler(),))
     try:

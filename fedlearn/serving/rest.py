@@ -16,7 +16,9 @@ version or path; 405 wrong method; 408 a body that has not fully arrived
 ``body_timeout_s`` after the request began (a slow-body client; the connection is closed);
 413 body over ``max_body_bytes``; 415 a compressed
 body (``Content-Encoding`` other than identity); 503 the model (or, for
-``/v2/health/ready``, some model) has no loaded version; 500 anything else, with a generic
+``/v2/health/ready``, some model) has no loaded version, or ``max_inflight`` inference
+requests are already being answered or queued (with ``Retry-After``: the request was not
+read, try again); 500 anything else, with a generic
 message (the detail goes to the log). Every non-200 answer has the JSON body
 ``{"error": "..."}`` except the ready probes, which answer ``{"ready": false}`` with 503
 (any non-200 means "not ready", as the protocol and tritonclient read it); those are
@@ -77,6 +79,9 @@ EXTENSIONS = ("binary_tensor_data",)
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 #: Seconds a request's whole body may take to arrive (64 MiB at 2.2 MB/s).
 DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_MAX_INFLIGHT = 256
+"""Inference requests answered or queued at once; more get 503 (REST) / RESOURCE_EXHAUSTED."""
+RETRY_AFTER_S = 1
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _INTERNAL = "internal server error"
 
@@ -271,17 +276,23 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
     server_name: str = "fedlearn",
     server_version: str | None = None,
 ) -> Starlette:
     """The OIP v2 REST app over ``repository`` (routes and status codes: module docstring).
 
-    ``server_version`` defaults to the installed fedlearn distribution's version.
+    At most ``max_inflight`` inference requests are in flight at once: read, queued for a
+    worker thread or running there. One more is answered 503 with ``Retry-After`` before
+    its body is read, so a burst costs neither threads nor memory for bodies. ``server_version``
+    defaults to the installed fedlearn distribution's version.
     """
     if max_body_bytes < 1:
         raise ConfigError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if not body_timeout_s > 0:
         raise ConfigError(f"body_timeout_s must be > 0, got {body_timeout_s}")
+    if max_inflight < 1:
+        raise ConfigError(f"max_inflight must be >= 1, got {max_inflight}")
     if server_version is None:
         try:
             server_version = importlib.metadata.version("fedlearn")
@@ -394,15 +405,28 @@ def create_app(
             results = model.infer(request.inputs, wanted)
             return encode_infer_response(model, request, results)
 
+    inflight = [0]  # touched only on the event loop's thread
+
     async def infer(request: Request) -> Response:
-        body = await read_body(request)
-        return await run_in_threadpool(
-            run_infer,
-            request.path_params["name"],
-            version_of(request),
-            body,
-            request.headers.get(HEADER_LENGTH),
-        )
+        if inflight[0] >= max_inflight:
+            return error(
+                503,
+                f"{max_inflight} inference requests are already in flight; retry after "
+                f"{RETRY_AFTER_S} s",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        inflight[0] += 1
+        try:
+            body = await read_body(request)
+            return await run_in_threadpool(
+                run_infer,
+                request.path_params["name"],
+                version_of(request),
+                body,
+                request.headers.get(HEADER_LENGTH),
+            )
+        finally:
+            inflight[0] -= 1
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -15,10 +15,12 @@ copying its data (a view of the received bytes); :mod:`fedlearn.wire.codec` plug
 gRPC. :func:`split` and :func:`split_parts` yield the same chunks as ``pb.Chunk`` objects.
 
 The receiver's :class:`Assembler` checks the declared size against its limit before
-allocating anything, then writes each chunk straight into one buffer of exactly the declared
-size while hashing incrementally; malformed input of any kind raises
-:class:`~fedlearn.errors.SerializationError`. :class:`ReceiveBuffers` lets the next payload of
-the same size reuse that buffer once nothing references the previous payload any more.
+anything else, then appends each chunk to one buffer that grows with the bytes that actually
+arrive (never to more than the declared size), hashing incrementally; malformed input of any
+kind raises :class:`~fedlearn.errors.SerializationError`. A declaration alone allocates
+nothing: a peer that announces gigabytes and sends a few bytes costs a few bytes.
+:class:`ReceiveBuffers` lets the next payload of the same size be written into the previous
+one's buffer once nothing references that payload any more.
 """
 
 from __future__ import annotations
@@ -309,7 +311,8 @@ class ReceiveBuffers:
     a finished payload; :meth:`take` hands it out again only when nothing else refers to
     it any more: every view of it (a memoryview, the numpy arrays decoded from it, an
     array a strategy or an app kept) holds a reference, so a buffer still in use is never
-    overwritten; a fresh one is allocated instead. Thread-safe; keeps at most one buffer.
+    overwritten. It never allocates: without a free buffer of the right size the payload
+    grows a buffer of its own. Thread-safe; keeps at most one buffer.
     """
 
     def __init__(self) -> None:
@@ -317,16 +320,15 @@ class ReceiveBuffers:
         self._spare: bytearray | None = None
         self.reused = 0
 
-    def take(self, size: int) -> bytearray:
-        """A buffer of ``size`` bytes: the kept one if it fits and is unreferenced."""
+    def take(self, size: int) -> bytearray | None:
+        """The kept buffer if it holds exactly ``size`` bytes and is unreferenced, else None."""
         with self._lock:
             spare, self._spare = self._spare, None
             # References: ``spare`` and getrefcount's argument; any more is a live view.
             if spare is not None and len(spare) == size and sys.getrefcount(spare) == 2:
                 self.reused += 1
                 return spare
-        del spare  # still in use (or the wrong size): it lives on as long as its views
-        return bytearray(size)
+        return None  # a spare still in use lives on as long as its views
 
     def keep(self, buffer: bytearray) -> None:
         """Remember ``buffer`` (whose payload was handed out) for a later :meth:`take`."""
@@ -353,12 +355,17 @@ class Assembler:
     """Reassembles one payload from its chunks with bounded memory and full checks.
 
     ``expected_size`` comes from the header; ``max_size`` is the receiver's limit, checked
-    before the single allocation of ``expected_size`` bytes (from ``buffers`` when given,
-    which gets the buffer back once the payload is finished). Call :meth:`add` for each
-    chunk in arrival order, then :meth:`finish`, which checks the digest the last chunk
-    carries against the SHA-256 of what arrived. With ``require_digest`` (a plaintext
-    channel) a last chunk without one is refused; otherwise (TLS, which authenticates
-    every record) a digest is checked when present, hashed in one pass at the end.
+    first. Nothing is allocated for a declaration: each chunk is appended to a buffer that
+    grows with the bytes received (bytearray's geometric growth; on Linux a large buffer
+    grows by remapping its pages, not by copying them), so memory follows what a peer
+    actually sends, never what it announces. When ``buffers`` holds an unreferenced buffer
+    of exactly ``expected_size`` bytes (the previous payload's), the chunks are written into
+    it instead, and ``buffers`` gets this payload's buffer back once it is finished. Call
+    :meth:`add` for each chunk in arrival order, then :meth:`finish`, which checks the
+    digest the last chunk carries against the SHA-256 of what arrived. With
+    ``require_digest`` (a plaintext channel) a last chunk without one is refused; otherwise
+    (TLS, which authenticates every record) a digest is checked when present, hashed in one
+    pass at the end.
     """
 
     def __init__(
@@ -381,10 +388,11 @@ class Assembler:
                 f"the {format_size(max_size)} limit"
             )
         self.expected_size = expected_size
-        # the only allocation proportional to size
-        self._buffer = bytearray(expected_size) if buffers is None else buffers.take(expected_size)
+        spare = buffers.take(expected_size) if buffers is not None and expected_size else None
+        # A reused buffer is written in place; otherwise the buffer grows chunk by chunk.
+        self._buffer = bytearray() if spare is None else spare
+        self._view = None if spare is None else memoryview(spare)
         self._buffers = buffers
-        self._view = memoryview(self._buffer)
         self._hash = hashlib.sha256() if require_digest else None
         self._received = 0
         self._next_index = 0
@@ -452,7 +460,10 @@ class Assembler:
             self._sha256 = bytes(sha256)
         elif len(sha256):
             raise SerializationError(f"{where} carries a digest but is not the last chunk")
-        self._view[self._received : end] = data
+        if self._view is not None:
+            self._view[self._received : end] = data
+        else:
+            self._buffer += data  # grows with what arrives; never past expected_size
         if self._hash is not None:
             self._hash.update(data)  # releases the GIL: gRPC's threads receive meanwhile
         self._received = end
@@ -478,7 +489,7 @@ class Assembler:
             digest = (
                 self._hash.digest()
                 if self._hash is not None
-                else hashlib.sha256(self._view).digest()  # TLS, and the sender sent one
+                else hashlib.sha256(self._buffer).digest()  # TLS, and the sender sent one
             )
             if not hmac.compare_digest(digest, self._sha256):
                 raise SerializationError(
@@ -486,7 +497,7 @@ class Assembler:
                     f"{digest.hex()[:16]}... but the last chunk declared "
                     f"{self._sha256.hex()[:16]}...)"
                 )
-        self._result = self._view.toreadonly()
+        self._result = memoryview(self._buffer).toreadonly()
         if self._buffers is not None and self.expected_size:
             self._buffers.keep(self._buffer)
         return self._result
