@@ -1,0 +1,446 @@
+"""Admission against hostile peers: the holes of issue 10 that concern who may join.
+
+Each test names the hole it closes. Real parts throughout: a coordinator on loopback
+(``run_coordinator`` in a thread, TLS with the harness's dev PKI), SiteClients in
+threads or ``fedlearn client`` processes, raw gRPC streams for what a hostile peer sends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from deployment import (
+    FAULT_APP,
+    FAULT_PARAMS,
+    Deployment,
+    RawStream,
+    Running,
+    hello,
+    in_process_coordinator,
+    join,
+    proof,
+    site_key,
+)
+from fedlearn.config.deployment import CoordinatorConfig, SiteConfig
+from fedlearn.config.loading import load_toml
+from fedlearn.deploy.launch import build_site
+from fedlearn.deploy.site import SiteClient
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.results import ClientRecord, RoundRecord
+from fedlearn.errors import ConfigError, FedlearnError
+from fedlearn.security.certs import load_pem, write_dev_pki
+from fedlearn.security.keys import allowlist_entry_toml, public_key_bytes
+from fedlearn.wire import fedlearn_pb2 as pb
+
+
+def fault_deployment(root: Path, **settings: Any) -> Deployment:
+    settings.setdefault("app", FAULT_APP)
+    settings.setdefault("params", dict(FAULT_PARAMS))
+    return Deployment(root, **settings)
+
+
+class Hooks:
+    def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+        pass
+
+    def reply_received(self, record: ClientRecord) -> None:
+        pass
+
+    def round_finished(self, record: RoundRecord) -> None:
+        pass
+
+
+@dataclass
+class SiteRun:
+    """A SiteClient running in a thread; how and when it ended."""
+
+    site: SiteClient
+    thread: threading.Thread
+    stop: threading.Event
+    error: BaseException | None = None
+    ended_at: float | None = None
+
+    def wait(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the site did not stop"
+
+
+def run_site(site: SiteClient) -> SiteRun:
+    stop = threading.Event()
+    run = SiteRun(site, threading.Thread(), stop)
+
+    def target() -> None:
+        try:
+            site.run(stop)
+        except BaseException as exc:
+            run.error = exc
+        finally:
+            run.ended_at = time.monotonic()
+
+    run.thread = threading.Thread(target=target, daemon=True, name=f"site-{site.site_name}")
+    run.thread.start()
+    return run
+
+
+def site_from(path: Path, **overrides: Any) -> SiteClient:
+    return build_site(load_toml(SiteConfig, path, overrides or None))
+
+
+def entries(d: Deployment, *, revoked: tuple[int, ...] = (), only: range | None = None) -> str:
+    indices = range(d.num_sites) if only is None else only
+    return "\n".join(
+        allowlist_entry_toml(f"site-{i}", public_key_bytes(site_key(d, i)), revoked=i in revoked)
+        for i in indices
+    )
+
+
+def status_of(call: RawStream) -> tuple[grpc.StatusCode, str]:
+    return call.status()
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------ hole: server identity is not bound
+
+
+class Relay:
+    """A hostile coordinator B with its own certificate: it passes a site's join through
+    to coordinator A as its own, and records what A answered."""
+
+    def __init__(self, root: Path, upstream: Running) -> None:
+        self.pki = write_dev_pki(root / "relay-pki", ["localhost", "127.0.0.1"])
+        self.upstream = upstream
+        self.answers: list[str] = []
+        handler = grpc.method_handlers_generic_handler(
+            "fedlearn.v1.Coordinator",
+            {
+                "Connect": grpc.stream_stream_rpc_method_handler(
+                    self._connect,
+                    request_deserializer=pb.ClientMessage.FromString,
+                    response_serializer=pb.ServerMessage.SerializeToString,
+                )
+            },
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((handler,))
+        creds = grpc.ssl_server_credentials(
+            [(self.pki.server_key.read_bytes(), self.pki.server_cert.read_bytes())]
+        )
+        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        self.server.start()
+
+    def _connect(
+        self, requests: Iterator[pb.ClientMessage], context: grpc.ServicerContext
+    ) -> Iterator[pb.ServerMessage]:
+        with self.upstream.channel() as channel:
+            upstream = RawStream(channel, timeout=10)
+            upstream.send(next(requests))  # the site's Hello
+            yield upstream.recv()  # A's challenge, server_id and all
+            upstream.send(next(requests))  # the site's proof
+            try:
+                self.answers.append(upstream.recv().WhichOneof("kind") or "?")
+            except grpc.RpcError as exc:
+                self.answers.append(f"{exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+            upstream.cancel()
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details("relay done")
+
+    def close(self) -> None:
+        self.server.stop(0).wait()
+
+
+def test_a_join_relayed_through_another_coordinator_is_refused(tmp_path: Path) -> None:
+    """Hole: the site signed whatever server_id the server sent, so a coordinator B it
+    joins could pass A's challenge on, and A admitted B in the site's name. The proof now
+    covers the certificate the site verified, and A refuses one made at B."""
+    d = fault_deployment(tmp_path, rounds=1)
+    with in_process_coordinator(d) as c:
+        relay = Relay(tmp_path, c)
+        try:
+            path = d.write_site_config(0)
+            text = path.read_text().replace(f'"127.0.0.1:{d.port}"', f'"127.0.0.1:{relay.port}"')
+            path.write_text(text.replace(str(d.pki.ca_cert), str(relay.pki.ca_cert)))
+            run = run_site(site_from(path))
+            wait_until(lambda: relay.answers, 20, "the relay saw no join")
+            run.stop.set()
+            run.wait(10)
+        finally:
+            relay.close()
+        assert c.registry is not None and c.registry.get(0) is None
+    assert relay.answers[0].startswith("UNAUTHENTICATED: bad signature for site 'site-0'")
+
+
+def test_a_site_with_a_pinned_server_id_refuses_another_coordinator(tmp_path: Path) -> None:
+    """Hole: the site config had no expected server_id. With ``server_id`` pinned, a
+    coordinator calling itself anything else is refused by the site, which stops."""
+    d = fault_deployment(tmp_path, rounds=1)
+    with in_process_coordinator(d):
+        path = d.write_site_config(0)
+        path.write_text(
+            path.read_text().replace(
+                "[coordinator]\n", '[coordinator]\nserver_id = "hospital-net"\n'
+            )
+        )
+        run = run_site(site_from(path))
+        run.wait(20)
+    assert isinstance(run.error, FedlearnError)
+    assert str(run.error) == (
+        "the coordinator at 127.0.0.1:{port} calls itself 'fedlearn-coordinator', but this "
+        "site expects 'hospital-net' (coordinator.server_id): it is another coordinator, "
+        "or its server_id changed; the site did not sign anything"
+    ).format(port=d.port)
+
+
+# ----------------------------------------------------------- hole: accepted but ignored
+
+
+def test_server_ca_is_refused_instead_of_ignored(tmp_path: Path) -> None:
+    d = Deployment(tmp_path)
+    path = d.root / "coordinator.toml"
+    path.write_text(path.read_text().replace("[server]\n", f'[server]\nca = "{d.pki.ca_cert}"\n'))
+    with pytest.raises(
+        ConfigError, match=r"server\.ca: unknown field; did you mean server\.client_ca\?"
+    ):
+        load_toml(CoordinatorConfig, path)
+
+
+def test_site_tls_cert_and_key_are_used_not_ignored(tmp_path: Path) -> None:
+    """Hole: a site's [coordinator] cert and key were accepted and never read."""
+    d = Deployment(tmp_path)
+    path = d.write_site_config(0)
+    config = load_toml(
+        SiteConfig,
+        path,
+        {
+            "coordinator.cert": str(tmp_path / "missing.pem"),
+            "coordinator.key": str(tmp_path / "missing.key"),
+        },
+    )
+    with pytest.raises(ConfigError, match="missing.pem does not exist"):
+        build_site(config)
+    with pytest.raises(ConfigError, match="set both coordinator.cert and coordinator.key"):
+        load_toml(SiteConfig, path, {"coordinator.cert": str(tmp_path / "site.pem")})
+
+
+# -------------------------------------------------------- hole: revocation needs a restart
+
+
+def test_a_site_revoked_mid_run_is_cut_off_and_refused_on_reconnect(tmp_path: Path) -> None:
+    """Hole: a site set ``revoked = true`` while the coordinator ran kept training. Now
+    its stream ends within 2 s with PERMISSION_DENIED, the task it was training is that
+    client's failure of the round, the run goes on with the others, and the key is refused
+    when it comes back."""
+    d = fault_deployment(tmp_path, rounds=4, stage_timeout_s=30)
+    d.write_site_config(2, sleep_round=2, sleep_s=4.0)  # busy with round 2 when revoked
+    box: dict[str, Any] = {}
+
+    class Revoke(Hooks):
+        def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+            c: Running = box["c"]
+            if (round, stage) == (2, Stage.TRAIN):
+                box["session"] = c.wait_joined(2)
+
+                def revoke() -> None:
+                    time.sleep(0.5)  # site-2 is training
+                    (d.root / "sites.toml").write_text(entries(d, revoked=(2,)))
+                    box["revoked_at"] = time.monotonic()
+                    assert c.registry is not None
+                    wait_until(lambda: c.registry.get(2) is None, 10, "site-2 still connected")
+                    box["closed_at"] = time.monotonic()
+
+                box["revoker"] = threading.Thread(target=revoke)
+                box["revoker"].start()
+            if (round, stage) == (3, Stage.TRAIN):
+                with c.channel() as channel:
+                    raw = RawStream(channel)
+                    raw.send(hello(site_key(d, 2)))
+                    box["rejoin"] = raw.status()
+
+    with in_process_coordinator(d, observer=Revoke()) as c:
+        box["c"] = c
+        runs = [run_site(site_from(d.root / f"site-{i}.toml")) for i in range(3)]
+        result = c.wait(60)
+        box["revoker"].join(10)
+        runs[2].wait(20)
+        store = c.store()
+        try:
+            rows = store.clients(Stage.TRAIN)
+        finally:
+            store.close()
+    assert box["closed_at"] - box["revoked_at"] < 2.0
+    assert box["session"].closed
+    assert isinstance(runs[2].error, FedlearnError)
+    assert "site 'site-2' was revoked" in str(runs[2].error)
+    assert [r.ok for r in result.rounds] == [True] * 4
+    assert [r.train_selected for r in result.rounds] == [3, 3, 2, 2]
+    revoked_row = next(r for r in rows if (r.round, r.client_id) == (2, 2))
+    assert not revoked_row.ok and "site 'site-2' was revoked" in (revoked_row.error or "")
+    assert not [r for r in rows if r.client_id == 2 and r.round > 2]
+    assert box["rejoin"] == (grpc.StatusCode.PERMISSION_DENIED, "site 'site-2' is revoked")
+    for run in runs[:2]:
+        run.wait(20)
+        assert run.error is None
+
+
+def test_a_site_enrolled_mid_run_joins_without_a_restart(tmp_path: Path) -> None:
+    """Hole: the allowlist was read once, at start. A site added to the file while the
+    coordinator runs now joins with the next client id and takes part in the next round;
+    the ids of the sites already there do not change."""
+    d = fault_deployment(tmp_path, rounds=3, min_clients=2)
+    (d.root / "sites.toml").write_text(entries(d, only=range(2)))
+    box: dict[str, Any] = {}
+
+    class Enroll(Hooks):
+        def round_finished(self, record: RoundRecord) -> None:
+            if record.round != 1:
+                return
+            c: Running = box["c"]
+            box["before"] = [c.wait_joined(i) for i in range(2)]
+            (d.root / "sites.toml").write_text(entries(d))
+            box["run"] = run_site(site_from(d.root / "site-2.toml"))
+            box["joined"] = c.wait_joined(2, timeout=10)
+
+    with in_process_coordinator(d, observer=Enroll()) as c:
+        box["c"] = c
+        runs = [run_site(site_from(d.root / f"site-{i}.toml")) for i in range(2)]
+        result = c.wait(60)
+        after = [c.registry.get(i) for i in range(2)]  # type: ignore[union-attr]
+        store = c.store()
+        try:
+            rows = store.clients(Stage.TRAIN)
+        finally:
+            store.close()
+    assert [r.ok for r in result.rounds] == [True] * 3
+    assert [r.train_selected for r in result.rounds] == [2, 3, 3]
+    assert box["joined"].site == "site-2" and box["joined"].client_id == 2
+    assert after == box["before"]  # the same sessions: nobody was cut off or renumbered
+    assert sorted((r.round, r.client_id) for r in rows if r.client_id == 2) == [(2, 2), (3, 2)]
+    assert all(r.ok for r in rows)
+    for run in [*runs, box["run"]]:
+        run.wait(20)
+        assert run.error is None
+
+
+# ------------------------------------------------------------- hole: unauthenticated flood
+
+
+def test_a_hello_flood_for_a_sites_key_does_not_keep_it_out(tmp_path: Path) -> None:
+    """Hole: whoever knows a site's public key could evict its pending challenges (8 per
+    key) and hold the coordinator's workers with unanswered Hellos. Here a flood from
+    127.0.0.1 sends Hellos for site-0's key on many streams and never proves anything,
+    while site-0 itself dials in over ::1: it joins within a few seconds."""
+    d = fault_deployment(tmp_path, rounds=1)
+    stop = threading.Event()
+    sent: list[int] = []
+    overrides = {"server.address": f"localhost:{d.port}"}
+
+    def flood(channel: grpc.Channel) -> None:
+        streams: list[RawStream] = []
+        while not stop.is_set():
+            raw = RawStream(channel, timeout=30)
+            raw.send(hello(site_key(d, 0)))
+            streams.append(raw)
+            sent.append(1)
+            time.sleep(0.002)
+        for raw in streams:
+            raw.cancel()
+
+    with in_process_coordinator(d, overrides) as c, c.channel() as channel:
+        flooders = [threading.Thread(target=flood, args=(channel,)) for _ in range(4)]
+        for thread in flooders:
+            thread.start()
+        try:
+            time.sleep(1.0)
+            path = d.write_site_config(0)
+            path.write_text(
+                path.read_text().replace(
+                    f'address = "127.0.0.1:{d.port}"',
+                    f'address = "[::1]:{d.port}"\nserver_name = "localhost"',
+                )
+            )
+            started = time.monotonic()
+            run = run_site(site_from(path))
+            session = c.wait_joined(0, timeout=15)
+            joined_after = time.monotonic() - started
+        finally:
+            stop.set()
+            for thread in flooders:
+                thread.join(30)
+        run.stop.set()
+        run.wait(10)
+    assert session.site == "site-0"
+    assert len(sent) > 200  # the flood ran the whole time
+    assert joined_after < 3.0
+
+
+def test_hellos_on_other_streams_do_not_evict_a_sites_challenge(tmp_path: Path) -> None:
+    """Hole: the 9th Hello for a key evicted the oldest of its 8 pending challenges, so
+    anyone could make a site's join fail. A challenge now belongs to the stream that asked
+    for it: a dozen Hellos for the same key from the same address leave it valid."""
+    d = fault_deployment(tmp_path, rounds=1)
+    key = site_key(d, 0)
+    with in_process_coordinator(d) as c, c.channel() as channel:
+        victim = RawStream(channel)
+        victim.send(hello(key))
+        challenge = victim.recv().challenge
+        others = []
+        for _ in range(12):
+            raw = RawStream(channel)
+            raw.send(hello(key))
+            others.append(raw)
+        time.sleep(0.5)  # their Hellos are in
+        victim.send(proof(sign_for(d, key, challenge)))
+        answer = victim.recv()
+        for raw in others:
+            raw.cancel()
+        victim.cancel()
+    assert answer.WhichOneof("kind") == "welcome"
+
+
+# --------------------------------------- hole: a plaintext site against TLS retries forever
+
+
+def test_a_plaintext_site_against_a_tls_coordinator_stops_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    d = fault_deployment(tmp_path, rounds=1)
+    with in_process_coordinator(d):
+        code, out = d.wait(
+            d._spawn("client", "--config", str(d.root / "site-0.toml"), "--insecure"), 30
+        )
+    assert code == 2, out
+    assert (
+        f"the coordinator at 127.0.0.1:{d.port} speaks TLS, but this site is set to plaintext"
+        in " ".join(out.split())
+    ), out
+
+
+def test_a_tls_site_against_a_plaintext_coordinator_stops_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    d = fault_deployment(tmp_path, rounds=1)
+    with in_process_coordinator(d, {"server.insecure": True}):
+        code, out = d.wait(d.start_site(0), 30)
+    assert code == 2, out
+    assert f"the coordinator at 127.0.0.1:{d.port} does not speak TLS" in " ".join(out.split()), out
+
+
+def sign_for(d: Deployment, key: Any, challenge: pb.Challenge) -> bytes:
+    from fedlearn.security.auth import sign_challenge
+
+    return sign_challenge(key, challenge.server_id, bytes(challenge.nonce))
