@@ -26,8 +26,8 @@ from deployment import (
     Running,
     hello,
     in_process_coordinator,
-    join,
     proof,
+    sign,
     site_key,
 )
 from fedlearn.config.deployment import CoordinatorConfig, SiteConfig
@@ -37,7 +37,7 @@ from fedlearn.deploy.site import SiteClient
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.results import ClientRecord, RoundRecord
 from fedlearn.errors import ConfigError, FedlearnError
-from fedlearn.security.certs import load_pem, write_dev_pki
+from fedlearn.security.certs import write_dev_pki
 from fedlearn.security.keys import allowlist_entry_toml, public_key_bytes
 from fedlearn.wire import fedlearn_pb2 as pb
 
@@ -200,10 +200,10 @@ def test_a_site_with_a_pinned_server_id_refuses_another_coordinator(tmp_path: Pa
         run.wait(20)
     assert isinstance(run.error, FedlearnError)
     assert str(run.error) == (
-        "the coordinator at 127.0.0.1:{port} calls itself 'fedlearn-coordinator', but this "
+        f"the coordinator at 127.0.0.1:{d.port} calls itself 'fedlearn-coordinator', but this "
         "site expects 'hospital-net' (coordinator.server_id): it is another coordinator, "
         "or its server_id changed; the site did not sign anything"
-    ).format(port=d.port)
+    )
 
 
 # ----------------------------------------------------------- hole: accepted but ignored
@@ -213,9 +213,7 @@ def test_server_ca_is_refused_instead_of_ignored(tmp_path: Path) -> None:
     d = Deployment(tmp_path)
     path = d.root / "coordinator.toml"
     path.write_text(path.read_text().replace("[server]\n", f'[server]\nca = "{d.pki.ca_cert}"\n'))
-    with pytest.raises(
-        ConfigError, match=r"server\.ca: unknown field; did you mean server\.client_ca\?"
-    ):
+    with pytest.raises(ConfigError, match=r"server\.ca: unknown field; .* set server\.client_ca"):
         load_toml(CoordinatorConfig, path)
 
 
@@ -231,9 +229,9 @@ def test_site_tls_cert_and_key_are_used_not_ignored(tmp_path: Path) -> None:
             "coordinator.key": str(tmp_path / "missing.key"),
         },
     )
-    with pytest.raises(ConfigError, match="missing.pem does not exist"):
+    with pytest.raises(ConfigError, match=r"missing\.pem does not exist"):
         build_site(config)
-    with pytest.raises(ConfigError, match="set both coordinator.cert and coordinator.key"):
+    with pytest.raises(ConfigError, match=r"set both coordinator\.cert and coordinator\.key"):
         load_toml(SiteConfig, path, {"coordinator.cert": str(tmp_path / "site.pem")})
 
 
@@ -245,11 +243,15 @@ def test_a_site_revoked_mid_run_is_cut_off_and_refused_on_reconnect(tmp_path: Pa
     its stream ends within 2 s with PERMISSION_DENIED, the task it was training is that
     client's failure of the round, the run goes on with the others, and the key is refused
     when it comes back."""
-    d = fault_deployment(tmp_path, rounds=4, stage_timeout_s=30)
+    d = fault_deployment(tmp_path, rounds=4, stage_timeout_s=30, min_clients=2)
     d.write_site_config(2, sleep_round=2, sleep_s=4.0)  # busy with round 2 when revoked
     box: dict[str, Any] = {}
 
     class Revoke(Hooks):
+        def round_finished(self, record: RoundRecord) -> None:
+            if record.round == 1:  # all three take part in round 2
+                box["c"].wait_joined(2)
+
         def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
             c: Running = box["c"]
             if (round, stage) == (2, Stage.TRAIN):
@@ -287,7 +289,7 @@ def test_a_site_revoked_mid_run_is_cut_off_and_refused_on_reconnect(tmp_path: Pa
     assert isinstance(runs[2].error, FedlearnError)
     assert "site 'site-2' was revoked" in str(runs[2].error)
     assert [r.ok for r in result.rounds] == [True] * 4
-    assert [r.train_selected for r in result.rounds] == [3, 3, 2, 2]
+    assert [r.train_selected for r in result.rounds][1:] == [3, 2, 2]
     revoked_row = next(r for r in rows if (r.round, r.client_id) == (2, 2))
     assert not revoked_row.ok and "site 'site-2' was revoked" in (revoked_row.error or "")
     assert not [r for r in rows if r.client_id == 2 and r.round > 2]
@@ -307,9 +309,11 @@ def test_a_site_enrolled_mid_run_joins_without_a_restart(tmp_path: Path) -> None
 
     class Enroll(Hooks):
         def round_finished(self, record: RoundRecord) -> None:
+            c: Running = box["c"]
+            if record.round == 3:
+                box["after"] = [c.registry.get(i) for i in range(2)]  # type: ignore[union-attr]
             if record.round != 1:
                 return
-            c: Running = box["c"]
             box["before"] = [c.wait_joined(i) for i in range(2)]
             (d.root / "sites.toml").write_text(entries(d))
             box["run"] = run_site(site_from(d.root / "site-2.toml"))
@@ -319,7 +323,6 @@ def test_a_site_enrolled_mid_run_joins_without_a_restart(tmp_path: Path) -> None
         box["c"] = c
         runs = [run_site(site_from(d.root / f"site-{i}.toml")) for i in range(2)]
         result = c.wait(60)
-        after = [c.registry.get(i) for i in range(2)]  # type: ignore[union-attr]
         store = c.store()
         try:
             rows = store.clients(Stage.TRAIN)
@@ -328,7 +331,7 @@ def test_a_site_enrolled_mid_run_joins_without_a_restart(tmp_path: Path) -> None
     assert [r.ok for r in result.rounds] == [True] * 3
     assert [r.train_selected for r in result.rounds] == [2, 3, 3]
     assert box["joined"].site == "site-2" and box["joined"].client_id == 2
-    assert after == box["before"]  # the same sessions: nobody was cut off or renumbered
+    assert box["after"] == box["before"]  # the same sessions: nobody was cut off or renumbered
     assert sorted((r.round, r.client_id) for r in rows if r.client_id == 2) == [(2, 2), (3, 2)]
     assert all(r.ok for r in rows)
     for run in [*runs, box["run"]]:
@@ -404,7 +407,7 @@ def test_hellos_on_other_streams_do_not_evict_a_sites_challenge(tmp_path: Path) 
             raw.send(hello(key))
             others.append(raw)
         time.sleep(0.5)  # their Hellos are in
-        victim.send(proof(sign_for(d, key, challenge)))
+        victim.send(proof(sign(victim, key, challenge)))
         answer = victim.recv()
         for raw in others:
             raw.cancel()
@@ -438,9 +441,3 @@ def test_a_tls_site_against_a_plaintext_coordinator_stops_with_a_clear_error(
         code, out = d.wait(d.start_site(0), 30)
     assert code == 2, out
     assert f"the coordinator at 127.0.0.1:{d.port} does not speak TLS" in " ".join(out.split()), out
-
-
-def sign_for(d: Deployment, key: Any, challenge: pb.Challenge) -> bytes:
-    from fedlearn.security.auth import sign_challenge
-
-    return sign_challenge(key, challenge.server_id, bytes(challenge.nonce))
