@@ -17,6 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typer.testing import CliRunner
 
 from deployment import (
     FAULT_APP,
@@ -30,15 +33,25 @@ from deployment import (
     sign,
     site_key,
 )
+from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.config.deployment import CoordinatorConfig, SiteConfig
 from fedlearn.config.loading import load_toml
 from fedlearn.deploy.launch import build_site
-from fedlearn.deploy.site import SiteClient
+from fedlearn.deploy.site import FATAL, SiteClient
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.results import ClientRecord, RoundRecord
 from fedlearn.errors import ConfigError, FedlearnError
-from fedlearn.security.certs import write_dev_pki
-from fedlearn.security.keys import allowlist_entry_toml, public_key_bytes
+from fedlearn.security.certs import load_server_pem, write_dev_pki, write_site_cert
+from fedlearn.security.keys import (
+    allowlist_entry_toml,
+    encode_public_key,
+    generate_site_key,
+    load_allowlist,
+    load_private_key,
+    public_key_bytes,
+    save_private_key,
+)
+from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
 
 
@@ -422,10 +435,13 @@ def test_a_plaintext_site_against_a_tls_coordinator_stops_with_a_clear_error(
     tmp_path: Path,
 ) -> None:
     d = fault_deployment(tmp_path, rounds=1)
-    with in_process_coordinator(d):
-        code, out = d.wait(
-            d._spawn("client", "--config", str(d.root / "site-0.toml"), "--insecure"), 30
-        )
+    try:
+        with in_process_coordinator(d):
+            code, out = d.wait(
+                d._spawn("client", "--config", str(d.root / "site-0.toml"), "--insecure"), 30
+            )
+    finally:
+        d.stop_all()  # a site that retries forever must not outlive the test
     assert code == 2, out
     assert (
         f"the coordinator at 127.0.0.1:{d.port} speaks TLS, but this site is set to plaintext"
@@ -437,7 +453,214 @@ def test_a_tls_site_against_a_plaintext_coordinator_stops_with_a_clear_error(
     tmp_path: Path,
 ) -> None:
     d = fault_deployment(tmp_path, rounds=1)
-    with in_process_coordinator(d, {"server.insecure": True}):
-        code, out = d.wait(d.start_site(0), 30)
+    try:
+        with in_process_coordinator(d, {"server.insecure": True}):
+            code, out = d.wait(d.start_site(0), 30)
+    finally:
+        d.stop_all()
     assert code == 2, out
     assert f"the coordinator at 127.0.0.1:{d.port} does not speak TLS" in " ".join(out.split()), out
+
+
+def test_statuses_a_site_retries_and_those_it_stops_on() -> None:
+    assert grpc.StatusCode.ABORTED not in FATAL  # a lapsed challenge: join again
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED not in FATAL  # too many joins: join later
+    assert grpc.StatusCode.PERMISSION_DENIED in FATAL  # unknown, revoked
+
+
+# ------------------------------------------------------------------------------ mutual TLS
+
+
+def test_under_mutual_tls_a_site_without_a_client_certificate_is_refused_in_the_handshake(
+    tmp_path: Path,
+) -> None:
+    d = fault_deployment(tmp_path, rounds=1, mtls=True)
+    write_dev_pki(tmp_path / "other-ca", ["localhost"], keep_ca_key=True)
+    foreign = write_site_cert(tmp_path / "other-ca", "site-0", tmp_path / "other-ca")
+    with in_process_coordinator(d) as c:
+        # A raw client without a certificate: the TLS layer ends it, the servicer never
+        # sees a stream (no join in progress, nothing refused by the join logic).
+        creds = grpc.ssl_channel_credentials(root_certificates=d.pki.ca_cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{d.port}", creds) as channel:
+            raw = RawStream(channel, timeout=5)
+            raw.send(hello(site_key(d, 0)))
+            code, _ = raw.status()
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert c.servicer is not None
+        assert (c.servicer.rejected, c.servicer.gate.joining) == (0, 0)
+        # SiteClients without a certificate, and with one from another CA, stop at once
+        runs = {}
+        for what, overrides in {
+            "none": {},
+            "foreign": {"coordinator.cert": str(foreign.cert), "coordinator.key": str(foreign.key)},
+        }.items():
+            path = d.write_site_config(0)
+            text = path.read_text()
+            path.write_text("\n".join(ln for ln in text.splitlines() if "-tls." not in ln))
+            runs[what] = run_site(site_from(path, **overrides))
+        for run in runs.values():
+            run.wait(20)
+        assert (c.servicer.rejected, c.servicer.gate.joining) == (0, 0)
+    expected = (
+        f"the coordinator at 127.0.0.1:{d.port} closed the connection right after the TLS "
+        "handshake: it requires a client certificate it accepts (mutual TLS), and this site "
+        "presented {}; set coordinator.cert and coordinator.key"
+    )
+    assert str(runs["none"].error).startswith(expected.format("none"))
+    assert str(runs["foreign"].error).startswith(expected.format(foreign.cert))
+
+
+# ------------------------------------------------------------------------------- commands
+
+
+runner = CliRunner()
+
+
+def test_keys_enroll_and_revoke_edit_the_allowlist_in_place(tmp_path: Path) -> None:
+    allowlist = tmp_path / "sites.toml"
+    keys = []
+    for name in ("alpha", "beta"):
+        key = tmp_path / f"{name}.key"
+        save_private_key(key, generate_site_key())
+        keys.append(key)
+    assert (
+        runner.invoke(
+            keys_app, ["enroll", "alpha", "--allowlist", str(allowlist), "--key", str(keys[0])]
+        ).exit_code
+        == 0
+    )
+    text = allowlist.read_text().replace("[[site]]\n", "[[site]]  # the first one\n")
+    allowlist.write_text("# sites of the federation\n" + text)
+    public = encode_public_key(public_key_bytes(load_private_key(keys[1])))
+    result = runner.invoke(
+        keys_app, ["enroll", "beta", "--allowlist", str(allowlist), "--public-key", public]
+    )
+    assert result.exit_code == 0, result.output
+    assert "enrolled beta (ed25519:" in result.output
+    again = runner.invoke(
+        keys_app, ["enroll", "gamma", "--allowlist", str(allowlist), "--key", str(keys[0])]
+    )
+    assert again.exit_code == 2 and "is already enrolled as 'alpha'" in again.output
+    before = allowlist.read_text()
+    result = runner.invoke(keys_app, ["revoke", "beta", "--allowlist", str(allowlist)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("revoked beta (ed25519:")
+    after = allowlist.read_text()
+    assert after.startswith("# sites of the federation\n[[site]]  # the first one\n")
+    assert after == before.replace(
+        'public_key = "' + public + '"\nrevoked = false',
+        'public_key = "' + public + '"\nrevoked = true',
+    )
+    assert [(e.name, e.revoked) for e in load_allowlist(allowlist)] == [
+        ("alpha", False),
+        ("beta", True),
+    ]
+    result = runner.invoke(keys_app, ["revoke", "beta", "--allowlist", str(allowlist)])
+    assert result.exit_code == 0 and "already revoked" in result.output
+    result = runner.invoke(keys_app, ["revoke", "delta", "--allowlist", str(allowlist)])
+    assert result.exit_code == 2
+    assert "site 'delta' is not in" in result.output and "(sites: alpha, beta)" in result.output
+
+
+def test_certs_site_issues_a_client_certificate_from_the_dev_ca(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    assert runner.invoke(certs_app, ["dev", "--out", str(pki)]).exit_code == 0
+    refused = runner.invoke(certs_app, ["site", "site-0", "--ca-dir", str(pki)])
+    assert refused.exit_code == 2 and "fedlearn certs dev --keep-ca-key" in refused.output
+    result = runner.invoke(certs_app, ["dev", "--out", str(pki), "--force", "--keep-ca-key"])
+    assert result.exit_code == 0, result.output
+    assert (pki / "ca.key").stat().st_mode & 0o777 == 0o600
+    result = runner.invoke(
+        certs_app, ["site", "site-0", "--ca-dir", str(pki), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "PRIVATE KEY" not in result.output
+    cert = x509.load_pem_x509_certificate((tmp_path / "site-0-tls.pem").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes()))
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "site-0"
+    assert (tmp_path / "site-0-tls.key").stat().st_mode & 0o777 == 0o600
+    load_server_pem(tmp_path / "site-0-tls.pem", tmp_path / "site-0-tls.key")  # a pair
+
+
+# ----------------------------------------------------------- RELIABILITY.md figure (e)
+
+
+def test_admission_table(tmp_path: Path) -> None:
+    """The small version of ``benchmarks/reliability/admission.py`` (the same cases):
+    each case refused by the right party, with its status and message."""
+    from benchmarks.reliability.admission import measure, table
+
+    rows = {row.case: row for row in measure(tmp_path)}
+    print(table(list(rows.values())))
+    bad_signature = "bad signature for site 'site-0' (ed25519:"
+    expected = {
+        "unknown key": ("coordinator", "PERMISSION_DENIED", "unknown site key ed25519:"),
+        "replayed proof": ("coordinator", "UNAUTHENTICATED", bad_signature),
+        "older protocol version": (
+            "coordinator",
+            "FAILED_PRECONDITION",
+            f"protocol version {PROTOCOL_VERSION - 1} is not supported; this coordinator "
+            f"speaks version {PROTOCOL_VERSION}",
+        ),
+        "expired challenge (no proof in time)": (
+            "coordinator",
+            "DEADLINE_EXCEEDED",
+            "no proof within the 1.5 s join deadline",
+        ),
+        "proof for another coordinator (relayed by it)": (
+            "coordinator",
+            "UNAUTHENTICATED",
+            bad_signature,
+        ),
+        "coordinator with another server_id than the pinned one": (
+            "site",
+            "ConfigError",
+            "the coordinator at 127.0.0.1:",
+        ),
+        "plaintext site against TLS": ("site", "ConfigError", "the coordinator at 127.0.0.1:"),
+        "site revoked while connected": (
+            "coordinator",
+            "PERMISSION_DENIED",
+            "site 'site-2' was revoked",
+        ),
+        "revoked key joins again": ("coordinator", "PERMISSION_DENIED", "site 'site-2' is revoked"),
+        "TLS site against plaintext": ("site", "ConfigError", "the coordinator at 127.0.0.1:"),
+        "no client certificate under mutual TLS (raw gRPC)": (
+            "TLS handshake",
+            "UNAVAILABLE",
+            "failed to connect",
+        ),
+        "no client certificate under mutual TLS (site)": (
+            "site",
+            "ConfigError",
+            "the coordinator at 127.0.0.1:",
+        ),
+    }
+    flood = next(case for case in rows if case.startswith("Hello flood"))
+    assert set(rows) == {*expected, flood}
+    for case, (by, code, message) in expected.items():
+        row = rows[case]
+        assert (row.refused_by, row.code) == (by, code), row
+        assert row.message.startswith(message), row
+    assert (
+        "calls itself 'fedlearn-coordinator', but this site expects"
+        in rows["coordinator with another server_id than the pinned one"].message
+    )
+    assert (
+        "speaks TLS, but this site is set to plaintext"
+        in rows["plaintext site against TLS"].message
+    )
+    assert "does not speak TLS" in rows["TLS site against plaintext"].message
+    assert (
+        "requires a client certificate"
+        in rows["no client certificate under mutual TLS (site)"].message
+    )
+    assert rows["no client certificate under mutual TLS (raw gRPC)"].message.endswith(
+        "(streams the coordinator saw: 0)"
+    )
+    assert rows["site revoked while connected"].seconds < 2.0
+    assert rows[flood].code == "RESOURCE_EXHAUSTED" and rows[flood].seconds < 3.0
+    for row in rows.values():  # a refusal is prompt: no retrying until something gives up
+        assert row.seconds < 5.0, row

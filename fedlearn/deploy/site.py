@@ -118,6 +118,8 @@ class SiteClient:
         self.digest = root_certificates is None or always_digest
         self.require_digest = root_certificates is None
         self.client_id: int | None = None
+        self.joined = False
+        """Whether the current (or last) connection got past its join."""
         self.tasks_done = 0
         self.tasks_skipped = 0
         self.buffers = ReceiveBuffers()
@@ -153,6 +155,10 @@ class SiteClient:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if code in FATAL:
                     detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                    if self.joined:  # say, revoked while connected
+                        raise AuthError(
+                            f"the coordinator ended this site's session: {detail}"
+                        ) from exc
                     raise AuthError(f"coordinator refused the join: {detail}") from exc
                 if (
                     code == grpc.StatusCode.UNAVAILABLE
@@ -173,6 +179,7 @@ class SiteClient:
 
     def serve_once(self, stop: threading.Event) -> bool:
         """One connection: returns True when the coordinator said the run is finished."""
+        self.joined = False
         if self.root_certificates is not None:
             self.server_cert_sha256 = peer_certificate_sha256(
                 self.address,
@@ -260,6 +267,7 @@ class SiteClient:
                 outbox.put(pb.ClientMessage(proof=pb.Proof(signature=signature)))
             elif kind == "welcome":
                 self.client_id = message.welcome.client_id
+                self.joined = True
                 log.info("joined as client %d", self.client_id)
             elif kind == "task_header":
                 header, assembler = message.task_header, None
