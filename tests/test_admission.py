@@ -7,6 +7,8 @@ threads or ``fedlearn client`` processes, raw gRPC streams for what a hostile pe
 
 from __future__ import annotations
 
+import datetime
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -29,18 +31,24 @@ from deployment import (
     Running,
     hello,
     in_process_coordinator,
+    join,
     proof,
+    reader_threads,
     sign,
     site_key,
 )
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.config.deployment import CoordinatorConfig, SiteConfig
 from fedlearn.config.loading import load_toml
+from fedlearn.deploy.admission import JoinGate, JoinLimits, peer_address
+from fedlearn.deploy.enrollment import Enrollment
 from fedlearn.deploy.launch import build_site
 from fedlearn.deploy.site import FATAL, SiteClient
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.results import ClientRecord, RoundRecord
+from fedlearn.engine.store import RunStore
 from fedlearn.errors import ConfigError, FedlearnError
+from fedlearn.security.auth import Authenticator
 from fedlearn.security.certs import load_server_pem, write_dev_pki, write_site_cert
 from fedlearn.security.keys import (
     allowlist_entry_toml,
@@ -53,6 +61,7 @@ from fedlearn.security.keys import (
 )
 from fedlearn.wire import PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
+from run_state import committed_round
 
 
 def fault_deployment(root: Path, **settings: Any) -> Deployment:
@@ -223,7 +232,7 @@ def test_a_site_with_a_pinned_server_id_refuses_another_coordinator(tmp_path: Pa
 
 
 def test_server_ca_is_refused_instead_of_ignored(tmp_path: Path) -> None:
-    d = Deployment(tmp_path)
+    d = fault_deployment(tmp_path)
     path = d.root / "coordinator.toml"
     path.write_text(path.read_text().replace("[server]\n", f'[server]\nca = "{d.pki.ca_cert}"\n'))
     with pytest.raises(ConfigError, match=r"server\.ca: unknown field; .* set server\.client_ca"):
@@ -232,7 +241,7 @@ def test_server_ca_is_refused_instead_of_ignored(tmp_path: Path) -> None:
 
 def test_site_tls_cert_and_key_are_used_not_ignored(tmp_path: Path) -> None:
     """Hole: a site's [coordinator] cert and key were accepted and never read."""
-    d = Deployment(tmp_path)
+    d = fault_deployment(tmp_path)
     path = d.write_site_config(0)
     config = load_toml(
         SiteConfig,
@@ -431,35 +440,39 @@ def test_hellos_on_other_streams_do_not_evict_a_sites_challenge(tmp_path: Path) 
 # --------------------------------------- hole: a plaintext site against TLS retries forever
 
 
-def test_a_plaintext_site_against_a_tls_coordinator_stops_with_a_clear_error(
+def test_a_site_whose_tls_setting_differs_from_its_coordinators_stops_with_a_clear_error(
     tmp_path: Path,
 ) -> None:
-    d = fault_deployment(tmp_path, rounds=1)
+    """Hole: a plaintext site against a TLS coordinator retried forever (and so did a TLS
+    site against a plaintext one). Both ``fedlearn client`` daemons now exit 2 at once,
+    saying what to change."""
+    tls = fault_deployment(tmp_path / "tls", rounds=1)
+    plain = fault_deployment(tmp_path / "plain", rounds=1)
     try:
-        with in_process_coordinator(d):
-            code, out = d.wait(
-                d._spawn("client", "--config", str(d.root / "site-0.toml"), "--insecure"), 30
+        with (
+            in_process_coordinator(tls),
+            in_process_coordinator(plain, {"server.insecure": True}),
+        ):
+            sites = [
+                tls._spawn("client", "--config", str(tls.root / "site-0.toml"), "--insecure"),
+                plain.start_site(0),
+            ]
+            (code, out), (plain_code, plain_out) = (
+                tls.wait(sites[0], 30),
+                plain.wait(sites[1], 30),
             )
     finally:
-        d.stop_all()  # a site that retries forever must not outlive the test
+        tls.stop_all()  # a site that retries forever must not outlive the test
+        plain.stop_all()
     assert code == 2, out
     assert (
-        f"the coordinator at 127.0.0.1:{d.port} speaks TLS, but this site is set to plaintext"
+        f"the coordinator at 127.0.0.1:{tls.port} speaks TLS, but this site is set to plaintext"
         in " ".join(out.split())
     ), out
-
-
-def test_a_tls_site_against_a_plaintext_coordinator_stops_with_a_clear_error(
-    tmp_path: Path,
-) -> None:
-    d = fault_deployment(tmp_path, rounds=1)
-    try:
-        with in_process_coordinator(d, {"server.insecure": True}):
-            code, out = d.wait(d.start_site(0), 30)
-    finally:
-        d.stop_all()
-    assert code == 2, out
-    assert f"the coordinator at 127.0.0.1:{d.port} does not speak TLS" in " ".join(out.split()), out
+    assert plain_code == 2, plain_out
+    assert f"the coordinator at 127.0.0.1:{plain.port} does not speak TLS" in " ".join(
+        plain_out.split()
+    ), plain_out
 
 
 def test_statuses_a_site_retries_and_those_it_stops_on() -> None:
@@ -664,3 +677,176 @@ def test_admission_table(tmp_path: Path) -> None:
     assert rows[flood].code == "RESOURCE_EXHAUSTED" and rows[flood].seconds < 3.0
     for row in rows.values():  # a refusal is prompt: no retrying until something gives up
         assert row.seconds < 5.0, row
+
+
+# --------------------------------------------------------------- the live allowlist itself
+
+
+def _allowlist_file(path: Path, sites: dict[str, bytes], revoked: tuple[str, ...] = ()) -> None:
+    path.write_text(
+        "\n".join(allowlist_entry_toml(n, k, revoked=n in revoked) for n, k in sites.items())
+    )
+
+
+def test_client_ids_follow_names_and_survive_edits_and_restarts(tmp_path: Path) -> None:
+    keys = {n: public_key_bytes(generate_site_key()) for n in ("a", "b", "c", "d")}
+    path, ids_file = tmp_path / "sites.toml", tmp_path / "state" / "client_ids.json"
+    _allowlist_file(path, {n: keys[n] for n in ("a", "b", "c")})
+    auth = Authenticator(load_allowlist(path), "coordinator")
+    enrollment = Enrollment(auth, path, ids_file=ids_file)
+    revoked: list[tuple[str, int, str]] = []
+    enrollment.on_revoke = lambda *args: revoked.append(args)
+    assert [enrollment.client_id(n) for n in "abc"] == [0, 1, 2]  # the file's order
+    assert list(enrollment.ids) == [0, 1, 2]
+
+    # b removed, d added in its place, c revoked: nobody's id moves, d gets the next one
+    _allowlist_file(path, {n: keys[n] for n in ("a", "d", "c")}, revoked=("c",))
+    change = enrollment.reload()
+    assert change is not None and change.enrolled == ("d",)
+    assert [enrollment.client_id(n) for n in "abcd"] == [0, 1, 2, 3]
+    assert list(enrollment.ids) == [0, 3] and len(enrollment.ids) == 2 and 3 in enrollment.ids
+    assert sorted(revoked) == [
+        ("b", 1, "site 'b' was removed from the allowlist"),
+        ("c", 2, "site 'c' was revoked"),
+    ]
+    assert auth.admitted(keys["c"]) is None and auth.admitted(keys["d"]) is not None
+    assert enrollment.reload() is None  # unchanged
+
+    # half an edit: ignored, the last good allowlist stays in force
+    path.write_text(path.read_text() + "\n[[site]]\nname = ")
+    assert enrollment.reload() is None
+    assert auth.admitted(keys["d"]) is not None
+
+    # a key replaced: the old key is out (its session ends), the name keeps its id
+    new_a = public_key_bytes(generate_site_key())
+    _allowlist_file(path, {"a": new_a, "d": keys["d"], "b": keys["b"]})
+    revoked.clear()
+    enrollment.reload()
+    assert revoked == [("a", 0, "site 'a' was given a new key; its old key was revoked")]
+    assert enrollment.client_id("b") == 1  # b is back with its own id
+    assert auth.admitted(new_a) is not None and auth.admitted(keys["a"]) is None
+
+    # a restart with the entries in another order keeps every id (client_ids.json)
+    _allowlist_file(path, {"d": keys["d"], "c": keys["c"], "b": keys["b"], "a": new_a})
+    again = Enrollment(Authenticator(load_allowlist(path), "coordinator"), path, ids_file=ids_file)
+    assert [again.client_id(n) for n in "abcd"] == [0, 1, 2, 3]
+    ids_file.write_text('{"version": 1, "sites": {"a": 0, "b": 0}}')
+    with pytest.raises(ConfigError, match=r"client_ids\.json .* cannot be read"):
+        Enrollment(Authenticator(load_allowlist(path), "coordinator"), path, ids_file=ids_file)
+
+
+def test_join_gate_limits_each_address_and_all_of_them() -> None:
+    now = [0.0]
+    gate = JoinGate(JoinLimits(per_peer=3, total=5, rate_per_s=2.0, burst=4), lambda: now[0])
+    assert [gate.enter("10.0.0.1") for _ in range(3)] == [None, None, None]
+    assert (
+        gate.enter("10.0.0.1") == "3 joins from 10.0.0.1 are already in progress; try again later"
+    )
+    gate.leave("10.0.0.1")
+    assert gate.enter("10.0.0.1") is None  # the 4th token of the burst
+    gate.leave("10.0.0.1")
+    assert gate.enter("10.0.0.1") == (
+        "joins from 10.0.0.1 arrive faster than 2 a second; try again later"
+    )
+    now[0] += 0.5  # one token back
+    assert gate.enter("10.0.0.1") is None
+    assert [gate.enter("10.0.0.2") for _ in range(3)] == [
+        None,
+        None,
+        "5 joins are already in progress; try again later",
+    ]
+    assert gate.joining == 5 and gate.refused == 3
+    assert peer_address("ipv4:127.0.0.1:5123") == "127.0.0.1"
+    assert peer_address("ipv6:[::1]:5123") == "::1"
+    assert peer_address("ipv6:%5B2001:db8::5%5D:443") == "2001:db8::/64"
+    assert peer_address("unix:/run/x.sock") == "unix:/run/x.sock"
+
+
+def test_a_revoked_stream_that_sends_garbage_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The status of a revoked stream is sent while its reader may still be waiting for
+    a message; bytes that do not parse arriving then must not leave the call pending
+    (it would hold up the coordinator's shutdown) or a reader thread behind."""
+    d = fault_deployment(tmp_path, rounds=1)
+    threads_before = reader_threads()
+    with in_process_coordinator(d) as c, c.channel() as channel:
+        streams = []
+        for i in range(3):
+            raw = RawStream(channel)
+            join(raw, site_key(d, i))
+            streams.append(raw)
+        for i in (1, 2):
+            c.wait_joined(i)
+
+        def chatter(raw: RawStream) -> None:  # reads keep arriving around the revocation
+            heartbeat = pb.ClientMessage(heartbeat=pb.Heartbeat())
+            for _ in range(400):
+                raw.send(heartbeat)
+                time.sleep(0.0025)
+            raw.send(*[b"\xff\xff\xff\xff not a message"] * 20)
+
+        chatters = [threading.Thread(target=chatter, args=(raw,)) for raw in streams]
+        for thread in chatters:
+            thread.start()
+        time.sleep(0.1)
+        (d.root / "sites.toml").write_text(entries(d, revoked=(0, 1, 2)))
+        statuses = [raw.status(half_close=False) for raw in streams]
+        for thread in chatters:
+            thread.join(10)
+        for raw in streams:
+            raw.close()
+        stopped = time.monotonic()
+    assert time.monotonic() - stopped < 10  # the coordinator shut down promptly
+    assert statuses == [
+        (grpc.StatusCode.PERMISSION_DENIED, f"site 'site-{i}' was revoked") for i in range(3)
+    ]
+    wait_until(lambda: reader_threads() == threads_before, 10, "a reader thread is left")
+
+
+def test_fedlearn_keys_revoke_and_sighup_cut_a_site_off_a_running_coordinator(
+    tmp_path: Path,
+) -> None:
+    """Processes, as an operator runs them: ``fedlearn server`` that polls its allowlist
+    only once an hour, three ``fedlearn client`` daemons, then ``fedlearn keys revoke`` and
+    SIGHUP. site-2 (training round 2) is cut off within 2 s, its round-2 task fails with
+    the reason, the run finishes with the other two, and site-2's daemon stops (exit 2)."""
+    d = fault_deployment(tmp_path, rounds=2)  # both rounds wait for all three sites
+    config = d.root / "coordinator.toml"
+    config.write_text(
+        config.read_text().replace("[server]\n", "[server]\nallowlist_poll_s = 3600\n")
+    )
+    d.write_site_config(2, sleep_round=2, sleep_s=2.5)
+    try:
+        coordinator = d.start_coordinator()
+        sites = [d.start_site(i) for i in range(3)]
+        deadline = time.monotonic() + 60
+        while committed_round(d.state_dir / "run.db", "run") < 1:
+            assert time.monotonic() < deadline, "round 1 was not committed"
+            time.sleep(0.05)
+        time.sleep(0.5)  # site-2 is training round 2
+        result = runner.invoke(
+            keys_app, ["revoke", "site-2", "--allowlist", str(d.root / "sites.toml")]
+        )
+        assert result.exit_code == 0, result.output
+        hangup = datetime.datetime.now()
+        coordinator.send_signal(signal.SIGHUP)
+        code, out = d.wait(coordinator, 60)
+        site_results = [d.wait(site, 30) for site in sites]
+    finally:
+        d.stop_all()
+    assert code == 0, out
+    assert site_results[0][0] == site_results[1][0] == 0
+    assert site_results[2][0] == 2, site_results[2][1]
+    assert "the coordinator ended this site's session: site 'site-2' was revoked" in " ".join(
+        site_results[2][1].split()
+    )
+    line = next(ln for ln in out.splitlines() if "stream ended: site 'site-2' was revoked" in ln)
+    ended = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    assert (ended - hangup).total_seconds() < 2.0, line
+    store = RunStore(d.state_dir / "run.db", run_id="run", read_only=True)
+    try:
+        rounds, rows = store.rounds(), store.clients(Stage.TRAIN)
+    finally:
+        store.close()
+    assert [(r.ok, r.train_selected, r.train_ok) for r in rounds] == [(True, 3, 3), (True, 3, 2)]
+    row = next(r for r in rows if (r.round, r.client_id) == (2, 2))
+    assert not row.ok and row.error == "site 'site-2' was revoked"
