@@ -850,3 +850,19 @@ def test_fedlearn_keys_revoke_and_sighup_cut_a_site_off_a_running_coordinator(
     assert [(r.ok, r.train_selected, r.train_ok) for r in rounds] == [(True, 3, 3), (True, 3, 2)]
     row = next(r for r in rows if (r.round, r.client_id) == (2, 2))
     assert not row.ok and row.error == "site 'site-2' was revoked"
+
+
+def test_a_site_whose_coordinator_is_down_keeps_retrying(tmp_path: Path) -> None:
+    """Only a coordinator that answers in a way that cannot work stops a site: one that
+    does not answer at all (down, restarting) is retried, over TLS and plaintext alike."""
+    d = fault_deployment(tmp_path)  # its coordinator is never started
+    runs = [
+        run_site(site_from(d.root / "site-0.toml")),
+        run_site(site_from(d.root / "site-1.toml", **{"coordinator.insecure": True})),
+    ]
+    time.sleep(2.0)
+    assert [run.thread.is_alive() for run in runs] == [True, True]
+    for run in runs:
+        run.stop.set()
+        run.wait(10)
+        assert run.error is None

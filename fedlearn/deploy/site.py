@@ -64,6 +64,10 @@ FATAL = {
 }
 
 
+class _Unreachable(Exception):
+    """The coordinator could not be reached for the TLS probe (retried with backoff)."""
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with full jitter: ``uniform(0, min(cap, initial * 2**attempt))``."""
@@ -171,7 +175,7 @@ class SiteClient:
                         "insecure and set coordinator.ca to the CA that signed its certificate"
                     ) from exc
                 log.info("connection to %s lost (%s); retrying", self.address, code)
-            except OSError as exc:  # the TLS probe could not reach the coordinator
+            except _Unreachable as exc:
                 log.info("cannot reach %s (%s); retrying", self.address, exc)
             delay = self.backoff.delay(attempt, self._rng)
             attempt += 1
@@ -181,12 +185,15 @@ class SiteClient:
         """One connection: returns True when the coordinator said the run is finished."""
         self.joined = False
         if self.root_certificates is not None:
-            self.server_cert_sha256 = peer_certificate_sha256(
-                self.address,
-                self.root_certificates,
-                server_name=self.server_name,
-                client_cert_files=self.client_cert_files,
-            )
+            try:
+                self.server_cert_sha256 = peer_certificate_sha256(
+                    self.address,
+                    self.root_certificates,
+                    server_name=self.server_name,
+                    client_cert_files=self.client_cert_files,
+                )
+            except OSError as exc:  # refused, reset, timed out: down for now, not misconfigured
+                raise _Unreachable(str(exc) or type(exc).__name__) from exc
         outbox: Outbox = queue.Queue()
         outbox.put(
             pb.ClientMessage(
