@@ -36,7 +36,13 @@ from fedlearn.engine.runtime import ClientRuntime
 from fedlearn.engine.store import RunStore
 from fedlearn.engine.weights import save_weights
 from fedlearn.security.auth import sign_challenge
-from fedlearn.security.certs import load_pem, write_dev_pki
+from fedlearn.security.certs import (
+    SiteCertPaths,
+    leaf_sha256,
+    load_pem,
+    write_dev_pki,
+    write_site_cert,
+)
 from fedlearn.security.keys import (
     allowlist_entry_toml,
     generate_site_key,
@@ -91,9 +97,14 @@ class Deployment:
     app: str = APP  # the sites' client.app ("module:factory")
     params: dict[str, object] = field(default_factory=lambda: dict(PARAMS))  # client.params
     strategy_params: dict[str, object] = field(default_factory=lambda: {"min_train_clients": 1})
+    mtls: bool = False
+    """Mutual TLS: the coordinator requires client certificates from the harness CA, and
+    each site's config names its own (``site_tls``)."""
 
     def __post_init__(self) -> None:
-        self.pki = write_dev_pki(self.root / "pki", ["localhost", "127.0.0.1"])
+        self.pki = write_dev_pki(
+            self.root / "pki", ["localhost", "127.0.0.1", "::1"], keep_ca_key=True
+        )
         entries = []
         for i in range(self.num_sites):
             key = generate_site_key()
@@ -112,6 +123,15 @@ class Deployment:
     def state_dir(self) -> Path:
         return self.root / "state"
 
+    def site_tls(self, i: int) -> SiteCertPaths:
+        """Site ``i``'s client certificate and key from the harness CA (made once)."""
+        paths = SiteCertPaths(
+            self.root / "pki" / f"site-{i}-tls.pem", self.root / "pki" / f"site-{i}-tls.key"
+        )
+        if not paths.cert.exists():
+            write_site_cert(self.root / "pki", f"site-{i}", self.root / "pki")
+        return paths
+
     def write_coordinator_config(self, **run: object) -> Path:
         settings: dict[str, object] = {
             "seed": self.seed,
@@ -128,6 +148,7 @@ class Deployment:
 address = "127.0.0.1:{self.port}"
 cert = "{self.pki.server_cert}"
 key = "{self.pki.server_key}"
+{f'client_ca = "{self.pki.ca_cert}"' if self.mtls else ""}
 allowlist = "{self.root / "sites.toml"}"
 state_dir = "{self.state_dir}"
 
@@ -146,11 +167,14 @@ params = {_table(self.strategy_params)}
 
     def write_site_config(self, i: int, key: Path | None = None, **extra: object) -> Path:
         path = self.root / f"site-{i}.toml"
+        tls = self.site_tls(i) if self.mtls else None
+        client_cert = "" if tls is None else f'cert = "{tls.cert}"\nkey = "{tls.key}"'
         path.write_text(
             f"""
 [coordinator]
 address = "127.0.0.1:{self.port}"
 ca = "{self.pki.ca_cert}"
+{client_cert}
 backoff_initial_s = 0.2
 backoff_max_s = 1.0
 exit_when_finished = true
@@ -244,12 +268,20 @@ class Running:
         assert self.result is not None
         return self.result
 
-    def channel(self) -> grpc.Channel:
-        """A TLS channel to the coordinator, trusting the harness CA."""
+    def channel(self) -> TlsChannel:
+        """A TLS channel to the coordinator, trusting the harness CA (with the harness
+        site certificate of site ``0`` under mutual TLS)."""
+        d = self.deployment
+        client = d.site_tls(0) if d.mtls else None
         creds = grpc.ssl_channel_credentials(
-            root_certificates=load_pem(self.deployment.pki.ca_cert)
+            root_certificates=load_pem(d.pki.ca_cert),
+            private_key=None if client is None else client.key.read_bytes(),
+            certificate_chain=None if client is None else client.cert.read_bytes(),
         )
-        return grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
+        return TlsChannel(
+            grpc.secure_channel(f"127.0.0.1:{self.port}", creds),
+            leaf_sha256(load_pem(d.pki.server_cert)),
+        )
 
     def start_site(self, i: int, **params: object) -> SiteClient:
         """Run site ``i`` as a SiteClient thread (``params``: extra client params)."""
@@ -360,6 +392,24 @@ def in_process_coordinator(
         running.thread.join(30)
 
 
+class TlsChannel:
+    """A gRPC channel and the SHA-256 of the certificate its server presents, which a
+    join proof on it must cover (what a SiteClient learns from its TLS probe)."""
+
+    def __init__(self, channel: grpc.Channel, server_cert_sha256: bytes) -> None:
+        self.channel = channel
+        self.server_cert_sha256 = server_cert_sha256
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.channel, name)
+
+    def __enter__(self) -> TlsChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+
+
 def _serialize(message: pb.ClientMessage | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
@@ -367,7 +417,9 @@ def _serialize(message: pb.ClientMessage | bytes) -> bytes:
 class RawStream:
     """One ``Connect`` stream driven by hand: any message, or any bytes, in any order."""
 
-    def __init__(self, channel: grpc.Channel, timeout: float = 30.0) -> None:
+    def __init__(self, channel: grpc.Channel | TlsChannel, timeout: float = 30.0) -> None:
+        self.server_cert_sha256: bytes | None = getattr(channel, "server_cert_sha256", None)
+        """What a proof on this stream covers (None: a plaintext channel)."""
         self._out: queue.Queue[pb.ClientMessage | bytes | None] = queue.Queue()
         connect = channel.stream_stream(
             "/fedlearn.v1.Coordinator/Connect",
@@ -483,11 +535,18 @@ def proof(signature: bytes) -> pb.ClientMessage:
     return pb.ClientMessage(proof=pb.Proof(signature=signature))
 
 
+def sign(stream: RawStream, key: Ed25519PrivateKey, challenge: pb.Challenge) -> bytes:
+    """The proof an honest site sends on ``stream`` to answer ``challenge``."""
+    return sign_challenge(
+        key, challenge.server_id, bytes(challenge.nonce), stream.server_cert_sha256
+    )
+
+
 def join(stream: RawStream, key: Ed25519PrivateKey) -> tuple[pb.Welcome, bytes]:
     """Hello, Challenge, Proof, Welcome; returns the Welcome and the signature sent."""
     stream.send(hello(key))
     challenge = stream.recv().challenge
-    signature = sign_challenge(key, challenge.server_id, bytes(challenge.nonce))
+    signature = sign(stream, key, challenge)
     stream.send(proof(signature))
     message = stream.recv()
     assert message.WhichOneof("kind") == "welcome", message

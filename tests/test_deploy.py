@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.tabular import make_app
-from deployment import PARAMS, Deployment, simulated_data
+from deployment import FAULT_APP, FAULT_PARAMS, Deployment, simulated_data
 from fedlearn.engine.messages import Stage
+from fedlearn.engine.references import resolve
 from fedlearn.engine.store import RunStore
 from fedlearn.engine.weights import load_weights
 from fedlearn.simulation import run_simulation
@@ -25,7 +25,8 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 
 
 def _simulated(d: Deployment, strategy: str = "fedavg"):  # type: ignore[no-untyped-def]
-    factory = functools.partial(make_app, simulated_data(d.num_sites, d.seed), **PARAMS)
+    make_app = resolve(d.app, "client.app")  # the sites' own app and params
+    factory = functools.partial(make_app, simulated_data(d.num_sites, d.seed), **d.params)
     return run_simulation(
         factory,  # type: ignore[arg-type]
         build_strategy(strategy, {"min_train_clients": 1}),
@@ -43,7 +44,23 @@ def _assert_same(a: dict, b: dict) -> None:  # type: ignore[type-arg]
 
 
 def test_tls_run_matches_in_process_simulation(deployment: Deployment) -> None:
-    d = deployment
+    _run_matches_simulation(deployment)
+
+
+def test_mutual_tls_run_matches_in_process_simulation(tmp_path: Path) -> None:
+    """The coordinator requires client certificates (server.client_ca); each site presents
+    its own (coordinator.cert/key) and the run is the same as without them (the numpy
+    fault-test app without faults: sites start faster than with torch)."""
+    d = Deployment(tmp_path, mtls=True, app=FAULT_APP, params=dict(FAULT_PARAMS))
+    try:
+        assert "client_ca = " in (d.root / "coordinator.toml").read_text()
+        assert "site-1-tls.pem" in (d.root / "site-1.toml").read_text()
+        _run_matches_simulation(d)
+    finally:
+        d.stop_all()
+
+
+def _run_matches_simulation(d: Deployment) -> None:
     coordinator = d.start_coordinator()
     sites = [d.start_site(i) for i in range(d.num_sites)]
     code, out = d.wait(coordinator)

@@ -502,10 +502,40 @@ def test_tampered_nonce_refused(allowlist: Allowlist, sites: dict[str, Ed25519Pr
 
 
 def test_transcript_is_length_prefixed_and_bound() -> None:
-    nonce, key = bytes(range(32)), bytes(32)
+    nonce, key, cert = bytes(range(32)), bytes(32), bytes(range(100, 132))
     t = join_transcript("ab", nonce, key)
-    assert t == b"fedlearn-join-v1" + b"\x00\x00\x00\x02ab" + nonce + key
+    assert t == b"fedlearn-join-v2" + b"\x00\x00\x00\x02ab" + b"\x00" + nonce + key
+    assert join_transcript("ab", nonce, key, cert) == (
+        b"fedlearn-join-v2" + b"\x00\x00\x00\x02ab" + b"\x20" + cert + nonce + key
+    )
     assert join_transcript("a", nonce, key) != join_transcript("ab", nonce, key)
+    with pytest.raises(AuthError, match="malformed certificate digest"):
+        join_transcript("ab", nonce, key, cert[:31])
+
+
+def test_proof_is_bound_to_the_coordinators_certificate(
+    allowlist: Allowlist, sites: dict[str, Ed25519PrivateKey]
+) -> None:
+    """A proof over another certificate (a coordinator that relays this one's challenge),
+    or over none (plaintext), is refused by a TLS coordinator, and the reverse."""
+    mine, theirs = bytes(range(32)), bytes(range(1, 33))
+    key = sites["alpha"]
+    public = public_key_bytes(key)
+    auth = Authenticator(allowlist, SERVER_ID, server_cert_sha256=mine)
+    assert auth.server_cert_sha256 == mine
+    for cert in (theirs, None):
+        nonce = auth.challenge(public)
+        refused = r"bad signature for site 'alpha'.*for this coordinator"
+        with pytest.raises(AuthError, match=refused):
+            auth.verify(public, nonce, sign_challenge(key, SERVER_ID, nonce, cert))
+    nonce = auth.challenge(public)
+    assert auth.verify(public, nonce, sign_challenge(key, SERVER_ID, nonce, mine)).name == "alpha"
+    plaintext = Authenticator(allowlist, SERVER_ID)
+    nonce = plaintext.challenge(public)
+    with pytest.raises(AuthError, match="bad signature"):
+        plaintext.verify(public, nonce, sign_challenge(key, SERVER_ID, nonce, mine))
+    with pytest.raises(ConfigError, match="certificate digest"):
+        Authenticator(allowlist, SERVER_ID, server_cert_sha256=b"short")
 
 
 def test_malformed_inputs_are_auth_errors(
@@ -526,24 +556,51 @@ def test_malformed_inputs_are_auth_errors(
 
 def test_bounded_memory(allowlist: Allowlist, sites: dict[str, Ed25519PrivateKey]) -> None:
     clock = FakeClock()
-    auth = Authenticator(
-        allowlist, SERVER_ID, nonce_ttl_s=10, max_outstanding=5, max_per_key=3, clock=clock
-    )
+    auth = Authenticator(allowlist, SERVER_ID, nonce_ttl_s=10, max_outstanding=5, clock=clock)
     alpha, beta = public_key_bytes(sites["alpha"]), public_key_bytes(sites["beta"])
     first = auth.challenge(alpha)
-    for _ in range(5):
-        auth.challenge(alpha)
-    assert auth.outstanding == 3  # per-key cap: alpha's oldest were dropped
-    with pytest.raises(AuthError, match="unknown or expired nonce"):
-        auth.verify(alpha, first, sign_challenge(sites["alpha"], SERVER_ID, first))
-    auth.challenge(beta)
-    auth.challenge(beta)
+    others = [auth.challenge(alpha) for _ in range(4)]
     assert auth.outstanding == 5
-    with pytest.raises(AuthError, match="too many outstanding"):
-        auth.challenge(beta)
+    with pytest.raises(AuthError, match="too many outstanding") as info:
+        auth.challenge(beta)  # refused, and retryable: nobody's challenge was dropped for it
+    assert info.value.retryable
+    assert (
+        auth.verify(alpha, first, sign_challenge(sites["alpha"], SERVER_ID, first)).name == "alpha"
+    )
+    auth.withdraw(others[0])  # its stream ended
+    assert auth.outstanding == 3
+    with pytest.raises(AuthError, match="unknown or expired nonce"):
+        auth.verify(alpha, others[0], sign_challenge(sites["alpha"], SERVER_ID, others[0]))
+    auth.challenge(beta)
     clock.now += 10  # everything expires and is purged
     assert auth.outstanding == 0
     assert _join(auth, sites["beta"]).name == "beta"
+
+
+def test_a_challenge_is_never_dropped_for_newer_ones(
+    allowlist: Allowlist, sites: dict[str, Ed25519PrivateKey]
+) -> None:
+    """Hole (unauthenticated flood): the 9th challenge for a key evicted the oldest, so
+    anyone who knows a site's public key could make its join fail."""
+    auth = Authenticator(allowlist, SERVER_ID)
+    key = sites["alpha"]
+    public = public_key_bytes(key)
+    nonce = auth.challenge(public)
+    for _ in range(100):
+        auth.challenge(public)
+    assert auth.verify(public, nonce, sign_challenge(key, SERVER_ID, nonce)).name == "alpha"
+
+
+def test_admitted_follows_the_allowlist(
+    allowlist: Allowlist, sites: dict[str, Ed25519PrivateKey]
+) -> None:
+    auth = Authenticator(allowlist, SERVER_ID)
+    alpha = public_key_bytes(sites["alpha"])
+    assert auth.admitted(alpha) == allowlist.by_name("alpha")
+    assert auth.admitted(public_key_bytes(sites["gone"])) is None
+    assert auth.admitted(public_key_bytes(generate_site_key())) is None
+    auth.replace_allowlist(Allowlist([SiteEntry("alpha", alpha, revoked=True)]))
+    assert auth.admitted(alpha) is None
 
 
 def test_errors_never_carry_key_material(
@@ -570,7 +627,7 @@ def test_concurrent_verify_accepts_each_nonce_once(
 
     key = sites["alpha"]
     public = public_key_bytes(key)
-    auth = Authenticator(allowlist, SERVER_ID, max_per_key=1_000)
+    auth = Authenticator(allowlist, SERVER_ID)
     answers = [
         (n, sign_challenge(key, SERVER_ID, n)) for n in (auth.challenge(public) for _ in range(200))
     ]

@@ -110,7 +110,7 @@ def test_generated_modules_import_under_installed_protobuf() -> None:
     assert connect.input_type.full_name == "fedlearn.v1.ClientMessage"
     assert connect.output_type.full_name == "fedlearn.v1.ServerMessage"
     assert pb.DESCRIPTOR.package == "fedlearn.v1"
-    assert PROTOCOL_VERSION == 2
+    assert PROTOCOL_VERSION == 3
 
 
 SCHEMA = {

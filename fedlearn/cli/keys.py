@@ -14,7 +14,7 @@ import typer
 from fedlearn.errors import FedlearnError
 
 certs_app = typer.Typer(
-    help="TLS certificates for a deployment's coordinator.",
+    help="TLS certificates for a deployment: the coordinator's, and sites' for mutual TLS.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -32,7 +32,7 @@ def _fail(message: str) -> NoReturn:
 
 @certs_app.callback()
 def _certs() -> None:
-    """TLS certificates for a deployment's coordinator."""
+    """TLS certificates for a deployment: the coordinator's, and sites' for mutual TLS."""
 
 
 @keys_app.callback()
@@ -53,6 +53,13 @@ def certs_dev(
     ] = None,
     days: Annotated[int, typer.Option(min=1, help="validity in days")] = 365,
     force: Annotated[bool, typer.Option(help="replace existing files")] = False,
+    keep_ca_key: Annotated[
+        bool,
+        typer.Option(
+            help="also write the CA's key (ca.key, mode 0600), to issue site certificates for "
+            "mutual TLS later (fedlearn certs site)"
+        ),
+    ] = False,
 ) -> None:
     """Write a development CA and a server certificate/key signed by it (key mode 0600)."""
     from fedlearn.security.certs import (
@@ -63,7 +70,9 @@ def certs_dev(
 
     hostnames = list(host) if host else list(DEFAULT_HOSTNAMES)
     try:
-        paths = write_dev_pki(out, hostnames, valid_days=days, overwrite=force)
+        paths = write_dev_pki(
+            out, hostnames, valid_days=days, overwrite=force, keep_ca_key=keep_ca_key
+        )
     except FedlearnError as exc:
         _fail(str(exc))
     from cryptography import x509
@@ -72,10 +81,49 @@ def certs_dev(
     typer.echo(f"CA certificate:     {paths.ca_cert}  ({cert_fingerprint(ca)})")
     typer.echo(f"server certificate: {paths.server_cert}  (for {', '.join(hostnames)})")
     typer.echo(f"server key:         {paths.server_key}  (mode 0600; keep it on the coordinator)")
-    typer.echo(
-        f"Give {paths.ca_cert.name} to every site; the CA key was not kept, so re-running this "
-        "command makes a new CA."
-    )
+    if paths.ca_key is not None:
+        typer.echo(
+            f"CA key:             {paths.ca_key}  (mode 0600; keep it off the coordinator and "
+            "the sites)"
+        )
+        typer.echo(
+            f"Give {paths.ca_cert.name} to every site; issue each site a client certificate "
+            f"with: fedlearn certs site NAME --ca-dir {out}"
+        )
+    else:
+        typer.echo(
+            f"Give {paths.ca_cert.name} to every site; the CA key was not kept, so re-running "
+            "this command makes a new CA."
+        )
+
+
+@certs_app.command("site")
+def certs_site(
+    name: Annotated[str, typer.Argument(help="the site's name (as in the allowlist)")],
+    ca_dir: Annotated[
+        Path, typer.Option(help="the dev CA: ca.pem and ca.key (certs dev --keep-ca-key)")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="directory for NAME-tls.pem and NAME-tls.key")
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="validity in days")] = 365,
+    force: Annotated[bool, typer.Option(help="replace existing files")] = False,
+) -> None:
+    """Issue a site a TLS client certificate from the dev CA, for a coordinator with
+    mutual TLS (server.client_ca = the CA's ca.pem)."""
+    from fedlearn.security.certs import write_site_cert
+
+    try:
+        paths = write_site_cert(ca_dir, name, out or ca_dir, valid_days=days, overwrite=force)
+    except FedlearnError as exc:
+        _fail(str(exc))
+    typer.echo(f"site certificate: {paths.cert}")
+    typer.echo(f"site TLS key:     {paths.key}  (mode 0600; keep it on the site)")
+    typer.echo("")
+    typer.echo("# in the site's site.toml:")
+    typer.echo("[coordinator]")
+    typer.echo(f'cert = "{paths.cert}"')
+    typer.echo(f'key = "{paths.key}"')
 
 
 @keys_app.command("generate")
@@ -156,3 +204,60 @@ def keys_allowlist(
         typer.echo(f"{entry.name}  {entry.fingerprint}  {status}")
     active = sum(not e.revoked for e in allowlist)
     typer.echo(f"{len(allowlist)} sites, {active} active")
+
+
+@keys_app.command("enroll")
+def keys_enroll(
+    name: Annotated[str, typer.Argument(help="the new site's name")],
+    allowlist: Annotated[Path, typer.Option(help="the coordinator's allowlist file")],
+    key: Annotated[
+        Path | None, typer.Option(help="the site's private key file (keys generate)")
+    ] = None,
+    public_key: Annotated[
+        str | None, typer.Option(help="or the site's public key (base64, as keys show prints)")
+    ] = None,
+) -> None:
+    """Add a site to the allowlist (atomically, keeping the rest of the file). A running
+    coordinator admits it at once, with the next client id."""
+    from fedlearn.security.keys import (
+        decode_public_key,
+        enroll_site,
+        load_private_key,
+        public_key_bytes,
+    )
+
+    if (key is None) == (public_key is None):
+        _fail("give the site's key: --key FILE or --public-key BASE64")
+    try:
+        if key is not None:
+            raw = public_key_bytes(load_private_key(key))
+        else:
+            assert public_key is not None
+            try:
+                raw = decode_public_key(public_key)
+            except ValueError as exc:
+                _fail(f"--public-key: {exc}")
+        entry = enroll_site(allowlist, name, raw)
+    except FedlearnError as exc:
+        _fail(str(exc))
+    typer.echo(f"enrolled {entry.name} ({entry.fingerprint}) in {allowlist}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="the site to revoke")],
+    allowlist: Annotated[Path, typer.Option(help="the coordinator's allowlist file")],
+) -> None:
+    """Set ``revoked = true`` on a site in the allowlist (atomically, keeping the rest of
+    the file). A running coordinator ends the site's stream within a second or two and
+    refuses its key from then on."""
+    from fedlearn.security.keys import set_revoked
+
+    try:
+        before = set_revoked(allowlist, name)
+    except FedlearnError as exc:
+        _fail(str(exc))
+    if before.revoked:
+        typer.echo(f"{name} ({before.fingerprint}) was already revoked in {allowlist}")
+    else:
+        typer.echo(f"revoked {name} ({before.fingerprint}) in {allowlist}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,36 +20,66 @@ class _Section(BaseModel):
 
 
 class TlsSection(_Section):
-    """TLS material. Plaintext only with ``insecure = true``."""
+    """What both ends set about the channel. Plaintext only with ``insecure = true``; the
+    certificate fields differ by side (:class:`ServerSection`, :class:`ConnectSection`)."""
 
     insecure: bool = False
     payload_digest: Literal["auto", "always"] = "auto"
     """``auto``: payloads carry a SHA-256 on plaintext channels only (TLS authenticates
     every record); ``always``: this end attaches one to what it sends over TLS too."""
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
+
+    field_hints: ClassVar[dict[str, str]] = {}
+    """Unknown fields that deserve more than a nearest-name guess (config.loading)."""
 
 
 class ServerSection(TlsSection):
     """[server]: where the coordinator listens and whom it admits."""
 
+    cert: str | None = None
+    """The coordinator's certificate chain (PEM)."""
+    key: str | None = None
+    """Its private key (PEM, unencrypted)."""
+    client_ca: str | None = None
+    """Mutual TLS: every site must present a client certificate signed by this CA (PEM);
+    a site without one is refused during the TLS handshake, before it can say Hello."""
     address: str = "127.0.0.1:7443"
     allowlist: str = "sites.toml"
+    """Enrolled sites; re-read whenever the file changes (and on SIGHUP)."""
+    allowlist_poll_s: float = Field(0.5, gt=0)
+    """How often the allowlist file is checked for changes."""
     state_dir: str = "coordinator-state"
     server_id: str = "fedlearn-coordinator"
     max_payload_mb: int = Field(4096, ge=1)
     max_inflight_upload_mb: int = Field(2048, ge=1)
     """Memory all sites' uploads in flight may hold together; past it, uploads wait."""
     handshake_timeout_s: float = Field(10.0, gt=0)
+    max_joins_per_peer: int = Field(32, ge=1)
+    """Joins in progress (streams not yet past the Welcome) from one network address; a
+    stream over the limit is refused at once with RESOURCE_EXHAUSTED."""
+    joins_per_peer_per_s: float = Field(50.0, gt=0)
+    """Sustained rate of new streams from one network address (a token bucket)..."""
+    join_burst_per_peer: int = Field(100, ge=1)
+    """... with bursts of up to this many."""
+    max_joins: int = Field(256, ge=1)
+    """Joins in progress from all addresses together."""
     hold_replies_mb: int = Field(1024, ge=0)
     """Memory for replies that arrive before their turn; beyond it they wait on disk."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
 
+    field_hints: ClassVar[dict[str, str]] = {
+        "ca": "the coordinator's own certificate is server.cert and server.key; to require "
+        "a client certificate from every site, set server.client_ca (the CA that signs them)"
+    }
+
     @model_validator(mode="after")
     def _tls(self) -> ServerSection:
-        if not self.insecure and (self.cert is None or self.key is None):
+        if self.insecure:
+            if self.client_ca is not None:
+                raise ValueError("client_ca needs TLS: remove insecure = true, or remove client_ca")
+        elif self.cert is None or self.key is None:
             raise ValueError("TLS is on by default: set cert and key, or insecure = true")
+        if self.max_joins < self.max_joins_per_peer:
+            raise ValueError("max_joins must be at least max_joins_per_peer")
         return self
 
 
@@ -104,13 +134,33 @@ class CoordinatorConfig(_Section):
 
 
 class ConnectSection(TlsSection):
-    """[coordinator]: where the site dials out to."""
+    """[coordinator]: where the site dials out to, and whom it expects to find there."""
 
     address: str = "127.0.0.1:7443"
+    ca: str | None = None
+    """The CA that signed the coordinator's certificate (PEM): the only one trusted."""
+    cert: str | None = None
+    """Mutual TLS: this site's client certificate (PEM), for a coordinator with
+    ``client_ca``; set together with ``key``."""
+    key: str | None = None
+    """The private key of ``cert`` (PEM; not the site's Ed25519 identity key)."""
     server_name: str | None = None
+    server_id: str | None = Field(None, min_length=1, max_length=1024)
+    """The coordinator's ``server_id``: the site refuses to sign a challenge from a
+    coordinator that calls itself anything else. Over TLS the proof is also bound to the
+    coordinator's certificate; on a plaintext channel this is the only binding."""
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     exit_when_finished: bool = False
+
+    @model_validator(mode="after")
+    def _client_cert(self) -> ConnectSection:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError(
+                "set both coordinator.cert and coordinator.key (a client certificate for "
+                "mutual TLS), or neither"
+            )
+        return self
 
 
 class SiteSection(_Section):

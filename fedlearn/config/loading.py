@@ -50,6 +50,9 @@ def _unknown_field(model: type[BaseModel], loc: _Loc) -> str:
     if owner is None:
         return f"{_dotted(loc)}: unknown {what}"
     names = list(owner.model_fields)
+    hint = getattr(owner, "field_hints", {}).get(str(loc[-1]))
+    if hint:  # a field that moved or never did what its name suggests
+        return f"{_dotted(loc)}: unknown {what}; {hint}"
     close = difflib.get_close_matches(str(loc[-1]), names, n=1)
     if close:
         return f"{_dotted(loc)}: unknown {what}; did you mean {_dotted((*loc[:-1], close[0]))}?"

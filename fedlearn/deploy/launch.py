@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from fedlearn.security.certs import load_pem
 from fedlearn.security.keys import load_private_key
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+log = logging.getLogger("fedlearn.site")
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,27 @@ def build_site(config: SiteConfig) -> SiteClient:
     factory = resolve(config.client.app, "client.app")
     app = build_app(factory, site_data(config.data), dict(config.client.params))
     conn = config.coordinator
+    client_cert: tuple[str, str] | None = None
     if conn.insecure:
         roots = None
+        unused = [name for name in ("ca", "cert", "key") if getattr(conn, name) is not None]
+        if unused:
+            log.warning(
+                "coordinator.insecure: plaintext, so coordinator.%s %s not used",
+                " and ".join(unused),
+                "is" if len(unused) == 1 else "are",
+            )
+        if conn.server_id is None:
+            log.warning(
+                "plaintext without coordinator.server_id: nothing binds this site's join "
+                "proof to one coordinator; pin the coordinator's server_id"
+            )
     elif conn.ca is None:
         raise ConfigError("coordinator.ca: TLS is on by default; set ca or insecure = true")
     else:
         roots = load_pem(conn.ca)
+        if conn.cert is not None and conn.key is not None:
+            client_cert = (conn.cert, conn.key)
     return SiteClient(
         conn.address,
         app,
@@ -84,4 +102,6 @@ def build_site(config: SiteConfig) -> SiteClient:
         backoff=Backoff(conn.backoff_initial_s, conn.backoff_max_s),
         exit_when_finished=conn.exit_when_finished,
         always_digest=conn.payload_digest == "always",
+        client_cert_files=client_cert,
+        server_id=conn.server_id,
     )

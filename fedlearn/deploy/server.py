@@ -1,7 +1,7 @@
 """The coordinator daemon: serve gRPC, admit enrolled sites, run rounds, keep durable state.
 
-``run_coordinator`` builds the deployment's pieces (allowlist, authenticator, session
-registry, gRPC transport) and drives the same :class:`Coordinator` loop as simulations,
+``run_coordinator`` builds the deployment's pieces (the live allowlist, authenticator,
+session registry, gRPC transport) and drives the same :class:`Coordinator` loop as simulations,
 through the same run lifecycle (:mod:`fedlearn.run.lifecycle`): every round commits
 atomically, the same command after a crash resumes after the last committed round, and
 the run ends with its true status, its report and its final publication.
@@ -10,6 +10,7 @@ the run ends with its true status, its report and its final publication.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ from pathlib import Path
 import grpc
 
 from fedlearn.config.deployment import CoordinatorConfig, ServerSection
+from fedlearn.deploy.admission import JoinLimits
+from fedlearn.deploy.enrollment import IDS_FILE, Enrollment
 from fedlearn.deploy.metrics import CoordinatorMetrics
 from fedlearn.deploy.servicer import CoordinatorServicer
 from fedlearn.deploy.sessions import ClientRegistry
@@ -31,7 +34,7 @@ from fedlearn.errors import ConfigError, RoundFailed, RunInterrupted
 from fedlearn.run.builders import make_secure, make_strategy
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.security.auth import Authenticator
-from fedlearn.security.certs import load_server_pem
+from fedlearn.security.certs import leaf_sha256, load_pem, load_server_pem
 from fedlearn.security.keys import load_allowlist
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
 
@@ -43,18 +46,41 @@ GRPC_OPTIONS = [
 ]
 
 
+def server_credentials(section: ServerSection) -> grpc.ServerCredentials | None:
+    """TLS credentials for ``[server]`` (None: plaintext). With ``client_ca`` every site
+    must present a certificate signed by it (mutual TLS): one without is refused during
+    the TLS handshake."""
+    if section.insecure:
+        return None
+    assert section.cert is not None and section.key is not None
+    pem = load_server_pem(section.cert, section.key)
+    if section.client_ca is None:
+        return grpc.ssl_server_credentials([(pem.private_key, pem.certificate_chain)])
+    return grpc.ssl_server_credentials(
+        [(pem.private_key, pem.certificate_chain)],
+        root_certificates=load_pem(section.client_ca),
+        require_client_auth=True,
+    )
+
+
+def certificate_sha256(section: ServerSection) -> bytes | None:
+    """The SHA-256 of the coordinator's own certificate: what a site's proof covers."""
+    if section.insecure:
+        return None
+    assert section.cert is not None
+    return leaf_sha256(load_pem(section.cert))
+
+
 def start_server(
     section: ServerSection, servicer: CoordinatorServicer, max_workers: int
 ) -> tuple[grpc.Server, int]:
     """Bind and start the gRPC server (TLS unless ``insecure``); returns it and its port."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    if section.insecure:
+    creds = server_credentials(section)
+    if creds is None:
         port = server.add_insecure_port(section.address)
     else:
-        assert section.cert is not None and section.key is not None
-        pem = load_server_pem(section.cert, section.key)
-        creds = grpc.ssl_server_credentials([(pem.private_key, pem.certificate_chain)])
         port = server.add_secure_port(section.address, creds)
     if port == 0:
         raise ConfigError(f"server.address: cannot listen on {section.address}")
@@ -85,9 +111,14 @@ def run_coordinator(
     The state directory's run continues after its last committed round, under the rules
     of :mod:`fedlearn.run.lifecycle` (``new_run`` moves a previous run aside instead).
     Setting ``stop`` (or SIGTERM / Ctrl-C in the main thread) stops before the next round
-    with :class:`RunInterrupted`.
+    with :class:`RunInterrupted`. The allowlist is re-read when its file changes (and on
+    SIGHUP in the main thread): see :mod:`fedlearn.deploy.enrollment`.
     """
     allowlist = load_allowlist(config.server.allowlist)
+    authenticator = Authenticator(
+        allowlist, config.server.server_id, server_cert_sha256=certificate_sha256(config.server)
+    )
+    server_credentials(config.server)  # every TLS file is checked before the run opens
     strategy = make_strategy(config.strategy)
     secure = make_secure(config.secagg)
     state_dir = Path(config.server.state_dir)
@@ -111,7 +142,15 @@ def run_coordinator(
         lifecycle.publish_every = config.publish.every
     if lifecycle.already_finished:
         return lifecycle.leave()
+    try:  # the sites' client ids stay those of the run's earlier processes
+        enrollment = Enrollment(
+            authenticator, config.server.allowlist, ids_file=state_dir / IDS_FILE
+        )
+    except BaseException:
+        lifecycle.close()
+        raise
     registry = ClientRegistry()
+    enrollment.on_revoke = lambda name, client_id, reason: registry.revoke(client_id, reason)
     plaintext = config.server.insecure
     transport = GrpcTransport(
         registry,
@@ -119,23 +158,38 @@ def run_coordinator(
         digest=plaintext or config.server.payload_digest == "always",
     )
     metrics = CoordinatorMetrics(registry)
+    limits = JoinLimits(
+        per_peer=config.server.max_joins_per_peer,
+        total=config.server.max_joins,
+        rate_per_s=config.server.joins_per_peer_per_s,
+        burst=config.server.join_burst_per_peer,
+    )
     servicer = CoordinatorServicer(
         registry,
-        Authenticator(allowlist, config.server.server_id),
+        authenticator,
         config.server.max_payload_mb << 20,
         handshake_timeout_s=config.server.handshake_timeout_s,
         require_digest=plaintext,
         payload_sent=metrics.bytes_sent.inc,
         payload_received=metrics.bytes_received.inc,
         upload_budget=config.server.max_inflight_upload_mb << 20,
+        client_id=enrollment.client_id,
+        join_limits=limits,
+        refresh=enrollment.refresh,
     )
+    # A worker per stream: two per site (a reconnect overlaps its old stream for a while),
+    # every join the limits let be in progress, and room for as many sites again enrolled
+    # while it runs (threads start only when needed).
+    workers = 4 * max(len(allowlist), 16) + limits.total + 8
     try:
-        server, port = start_server(config.server, servicer, max_workers=2 * len(allowlist) + 8)
+        server, port = start_server(config.server, servicer, max_workers=workers)
     except BaseException:
         lifecycle.close()
         metrics.close()
         raise
     log.info("coordinator listening on port %d", port)
+    enrollment.watch(config.server.allowlist_poll_s)
+    restore_sighup = _reload_on_sighup(enrollment)
     try:
         if config.server.metrics_port is not None:
             metrics_port = metrics.serve(config.server.metrics_port)
@@ -156,7 +210,7 @@ def run_coordinator(
             coordinator = Coordinator(
                 strategy,
                 transport,
-                list(range(len(allowlist))),
+                enrollment.ids,  # follows the allowlist as it changes
                 config.run.rounds,
                 seed=config.run.seed,
                 evaluate_every=config.run.evaluate_every,
@@ -174,5 +228,22 @@ def run_coordinator(
         registry.close_all("run finished")
         return outcome
     finally:
+        restore_sighup()
+        enrollment.close()
         server.stop(grace=2).wait()
         metrics.close()
+
+
+def _reload_on_sighup(enrollment: Enrollment) -> Callable[[], None]:
+    """In the main thread, make SIGHUP re-read the allowlist now; returns what puts the
+    previous handler back (nothing to do outside the main thread, where Python handles
+    no signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, lambda signum, frame: enrollment.poke())
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
+
+    return restore

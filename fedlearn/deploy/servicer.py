@@ -8,13 +8,17 @@ the Welcome it assembles the site's replies.
 
 Nothing a site sends can stop the coordinator serving others: a malformed join ends that
 stream with an error status (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED,
-FAILED_PRECONDITION or DEADLINE_EXCEEDED; ABORTED for a lapsed challenge, which a site
-answers by joining again), and a malformed reply fails that task (recorded
-as the client's failure, logged, and told to the site in a Cancel that says why), not the
-stream. A site has at most one upload in progress, only for a task it was actually given
-and is still awaited, and of at most the transport's expected size for that task (and
-``max_payload``): a larger declaration is refused before anything is allocated. An
-upload's buffer grows with the bytes that arrive, and all uploads in flight share one
+FAILED_PRECONDITION or DEADLINE_EXCEEDED; ABORTED for a lapsed challenge and
+RESOURCE_EXHAUSTED for too many joins at once, which a site answers by joining again
+later), and a malformed reply fails that task (recorded as the client's failure, logged,
+and told to the site in a Cancel that says why), not the stream. Streams that have not
+joined yet are limited per peer address before anything is read from them
+(:mod:`fedlearn.deploy.admission`). A site revoked while connected has its stream ended
+with PERMISSION_DENIED and the reason (:meth:`ClientRegistry.revoke`). A site has at most
+one upload in progress, only for a task it was actually given and is still awaited, and of
+at most the transport's expected size for that task (and ``max_payload``): a larger
+declaration is refused before anything is allocated. An upload's buffer grows with the
+bytes that arrive, and all uploads in flight share one
 :class:`~fedlearn.deploy.uploads.UploadBudget`: past it, a stream is not read until other
 uploads end.
 """
@@ -25,11 +29,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
 
 import grpc
 
+from fedlearn.deploy.admission import JoinGate, JoinLimits, peer_address
 from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Session
 from fedlearn.deploy.uploads import Account, UploadBudget
 from fedlearn.engine.messages import Reply, Stage
@@ -156,6 +161,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         payload_sent: PayloadCounter = _uncounted,
         payload_received: PayloadCounter = _uncounted,
         upload_budget: int = UPLOAD_BUDGET,
+        client_id: Callable[[str], int | None] | None = None,
+        join_limits: JoinLimits | None = None,
+        refresh: Callable[[], object] | None = None,
     ) -> None:
         self.registry = registry
         self.payload_sent = payload_sent
@@ -163,13 +171,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.payload_received = payload_received
         """Told each received chunk's data size (whether or not its upload is kept)."""
         self.auth = authenticator
+        if client_id is None:  # the allowlist's order, fixed
+            order = {site.name: i for i, site in enumerate(authenticator.allowlist.sites)}
+            client_id = order.get
+        self.client_id = client_id
+        """Site name -> client id (fedlearn.deploy.enrollment keeps it as sites come)."""
+        self.gate = JoinGate(join_limits or JoinLimits())
+        self.refresh = refresh
+        """Re-reads the allowlist (rate-limited) when an unknown key says Hello, so a
+        site enrolled a moment ago need not wait for the next poll."""
         self.require_digest = require_digest
         """Refuse uploads without a SHA-256 (plaintext); over TLS check one if present."""
         self.max_payload = max_payload
         self.handshake_timeout_s = (
             HANDSHAKE_TIMEOUT_S if handshake_timeout_s is None else handshake_timeout_s
         )
-        self.client_ids = {site.name: i for i, site in enumerate(authenticator.allowlist.sites)}
         self.buffers = ReceiveBuffers()
         """Upload buffers: a reply's is reused once the fold has let go of its arrays."""
         self.budget = UploadBudget(upload_budget)
@@ -200,6 +216,27 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def _connect(
         self, request_iterator: Iterator[Received], context: grpc.ServicerContext
     ) -> Iterator[pb.ServerMessage | bytes]:
+        peer = peer_address(context.peer())
+        refusal = self.gate.enter(peer)
+        if refusal is not None:  # nothing read yet: no read is pending on the stream
+            self._count("rejected")
+            if self.gate.refused % 100 == 1:
+                log.info("join refused (RESOURCE_EXHAUSTED): %s", refusal)
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(refusal)
+            return
+        try:
+            joined = yield from self._join(request_iterator, context)
+        finally:
+            self.gate.leave(peer)
+        if joined is not None:
+            yield from self._serve(*joined, context)
+
+    def _join(
+        self, request_iterator: Iterator[Received], context: grpc.ServicerContext
+    ) -> Generator[pb.ServerMessage, None, tuple[Session, threading.Thread] | None]:
+        """Hello, Challenge, Proof; the generator's value is the registered Session and
+        the stream's reader thread, or None when the join was refused (status set)."""
         deadline = time.monotonic() + self.handshake_timeout_s
         handshake = _Handshake()
         reader = threading.Thread(
@@ -212,6 +249,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         # Status codes are set and the generator returns: no context.abort() (an exception
         # thrown through gRPC's iterator) on any path.
         session: Session | None = None
+        nonce: bytes | None = None
         try:
             try:
                 hello = self._expect(handshake, "hello", deadline)
@@ -228,32 +266,52 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 proof = self._expect(handshake, "proof", deadline)
                 try:
                     site = self.auth.verify(public_key, nonce, bytes(proof.proof.signature))
+                    nonce = None  # consumed
                 except AuthError as exc:
-                    # a lapsed challenge (e.g. evicted by someone else's Hellos for this
-                    # key) is ABORTED: the site joins again instead of giving up
+                    nonce = None  # consumed
+                    # a lapsed challenge (expired) is ABORTED: the site joins again
+                    # instead of giving up
                     code = (
                         grpc.StatusCode.ABORTED
                         if exc.retryable
                         else grpc.StatusCode.UNAUTHENTICATED
                     )
                     raise _Refused(code, str(exc)) from None
+                client_id = self.client_id(site.name)
+                if client_id is None:  # pragma: no cover - enrollment assigns one first
+                    raise _Refused(
+                        grpc.StatusCode.PERMISSION_DENIED, f"site {site.name!r} has no client id"
+                    )
             except _Refused as refused:
                 self._count("rejected")
                 log.info("join refused (%s): %s", refused.code.name, refused.details)
                 context.set_code(refused.code)
                 context.set_details(refused.details)
-                return
-            session = self.registry.connect(self.client_ids[site.name], site.name)
+                return None
+            session = self.registry.connect(client_id, site.name)
+            if self.auth.admitted(public_key) != site:
+                # revoked between the proof and now: the revocation may have looked for
+                # this site's session before there was one, so end it here
+                self.registry.revoke(client_id, f"site {site.name!r} was revoked")
         finally:
+            if nonce is not None:
+                self.auth.withdraw(nonce)
             handshake.decide(session)
         log.info("site %s joined as client %d", site.name, session.client_id)
+        return session, reader
+
+    def _serve(
+        self, session: Session, reader: threading.Thread, context: grpc.ServicerContext
+    ) -> Iterator[pb.ServerMessage | bytes]:
+        """Welcome, then the session's tasks until it ends."""
         if not context.add_callback(lambda: self.registry.disconnect(session)):
             self.registry.disconnect(session)  # the stream already ended
             return
-        yield pb.ServerMessage(
-            welcome=pb.Welcome(client_id=session.client_id, session_id=session.session_id)
-        )
-        while True:
+        if session.revoked is None:
+            yield pb.ServerMessage(
+                welcome=pb.Welcome(client_id=session.client_id, session_id=session.session_id)
+            )
+        while session.revoked is None:
             item = session.outbox.get()
             if item is None:
                 break
@@ -281,10 +339,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 continue
             yield pb.ServerMessage(task_header=header)
             # Serialized ServerMessages (fedlearn.wire.codec passes bytes through).
-            yield from frames(item.payload, item.task_id, item.digest, item.task.payload)
-            self.payload_sent(item.size)
+            for frame in frames(item.payload, item.task_id, item.digest, item.task.payload):
+                if session.revoked is not None:
+                    break
+                yield frame
+            else:
+                self.payload_sent(item.size)
             # drop our references before waiting again: they pin the stage's whole payload
-            item = header = None  # type: ignore[assignment]
+            item = header = frame = None  # type: ignore[assignment]
+        if session.revoked is not None:
+            # Said at once, read pending or not: the site must stop within seconds, and
+            # an honest site sends nothing that does not parse (see _Handshake).
+            log.info("site %s: stream ended: %s", session.site, session.revoked)
+            context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+            context.set_details(session.revoked)
+            return
         # The session is over (the run ended, the site reconnected on another stream, or
         # this one broke). A site that has finished closes its side at once; one that
         # still sends after a few seconds is cut off rather than given a status while a
@@ -318,10 +387,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 f"this coordinator speaks version {PROTOCOL_VERSION}",
             )
         public_key = bytes(hello.public_key)
+        if self.refresh is not None and self.auth.allowlist.lookup(public_key) is None:
+            self.refresh()
         try:
             return self.auth.challenge(public_key), public_key
         except AuthError as exc:
-            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
+            code = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+                if exc.retryable
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
+            raise _Refused(code, str(exc)) from None
 
     def _read(self, requests: Iterator[Received], handshake: _Handshake) -> None:
         """Feed the handshake, then assemble the site's replies until the stream ends."""
@@ -339,7 +415,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if session is None:
                 return
             for message in requests:
-                self._on_message(session, message)
+                if session.revoked is None:  # a revoked site's uploads are dropped unread
+                    self._on_message(session, message)
         except grpc.RpcError:
             pass  # the stream broke: the site is gone
         except Exception:  # a bug here must not leave the session half-alive

@@ -68,6 +68,10 @@ class Session:
     outbox: queue.Queue[Outgoing | Cancelled | None] = field(default_factory=queue.Queue)
     connected_at: float = field(default_factory=time.monotonic)
     closed: bool = field(default=False, init=False, compare=False)
+    revoked: str | None = field(default=None, init=False, compare=False)
+    """Why the coordinator ended this session because its site may no longer take part
+    (revoked, removed from the allowlist): its stream ends with PERMISSION_DENIED and
+    this reason, and its tasks in flight fail with it."""
     _upload: tuple[str, Upload] | None = field(default=None, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
@@ -154,6 +158,17 @@ class ClientRegistry:
         session.close()
         if self.on_disconnect is not None:
             self.on_disconnect(session)
+
+    def revoke(self, client_id: int, reason: str) -> Session | None:
+        """End the live session of ``client_id`` because its site may no longer take part;
+        returns it (None if the client was not connected)."""
+        with self._cond:
+            session = self._sessions.get(client_id)
+            if session is not None:
+                session.revoked = reason
+        if session is not None:
+            self.disconnect(session)
+        return session
 
     def get(self, client_id: int) -> Session | None:
         """The live session of ``client_id``."""

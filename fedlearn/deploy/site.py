@@ -5,8 +5,18 @@ same app gives the same update in both. Raw data never leaves: only the arrays t
 returns are sent. Tasks run one at a time while a reader thread keeps taking messages off
 the stream, so a Cancel takes effect at once: a queued task it names is skipped and a
 running one's reply is dropped. Connection faults are retried forever with exponential
-backoff and full jitter; a refused join (unknown key, version mismatch) is fatal, a lapsed
-challenge (ABORTED) is retried.
+backoff and full jitter; a refused join (unknown or revoked key, version mismatch) is fatal,
+a lapsed challenge (ABORTED) or a coordinator busy with other joins (RESOURCE_EXHAUSTED)
+is retried.
+
+Before each join over TLS the site verifies the coordinator's certificate on a TLS
+connection of its own (:mod:`fedlearn.deploy.probe`) and signs the join proof over that
+certificate's SHA-256, so a proof made for one coordinator is refused by any other. A
+coordinator that calls itself by another ``server_id`` than the one pinned in the site's
+config gets no proof at all. A coordinator that cannot do TLS as configured (a plaintext
+one, one with an untrusted certificate, one that wants a client certificate the site does
+not have), or a TLS coordinator dialled by a plaintext site, stops the site with an error
+that says what to change, instead of retrying forever.
 """
 
 from __future__ import annotations
@@ -21,11 +31,13 @@ from dataclasses import dataclass, replace
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedlearn.deploy.probe import peer_certificate_sha256, speaks_tls
 from fedlearn.engine.client_app import ClientApp
 from fedlearn.engine.records import decode_arrays, encode_arrays_parts
 from fedlearn.engine.runtime import ClientRuntime
-from fedlearn.errors import AuthError, SerializationError
+from fedlearn.errors import AuthError, ConfigError, SerializationError
 from fedlearn.security.auth import sign_challenge
+from fedlearn.security.certs import load_server_pem
 from fedlearn.security.keys import public_key_bytes
 from fedlearn.wire import CAPABILITIES, PROTOCOL_VERSION
 from fedlearn.wire import fedlearn_pb2 as pb
@@ -50,6 +62,10 @@ FATAL = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.FAILED_PRECONDITION,
 }
+
+
+class _Unreachable(Exception):
+    """The coordinator could not be reached for the TLS probe (retried with backoff)."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +96,19 @@ class SiteClient:
         exit_when_finished: bool = False,
         max_payload: int = 1 << 42,
         always_digest: bool = False,
+        client_cert_files: tuple[str, str] | None = None,
+        server_id: str | None = None,
     ) -> None:
         self.address = address
+        self.client_cert_files = client_cert_files
+        """Mutual TLS: this site's client certificate and its key (PEM files)."""
+        self.client_cert = (
+            None if client_cert_files is None else load_server_pem(*client_cert_files)
+        )
+        self.server_id = server_id
+        """The coordinator's expected server_id (None: whatever it says)."""
+        self.server_cert_sha256: bytes | None = None
+        """The certificate the coordinator presented to this connection's probe."""
         self.runtime = ClientRuntime(app)
         self.key = key
         self.site_name = site_name
@@ -95,6 +122,8 @@ class SiteClient:
         self.digest = root_certificates is None or always_digest
         self.require_digest = root_certificates is None
         self.client_id: int | None = None
+        self.joined = False
+        """Whether the current (or last) connection got past its join."""
         self.tasks_done = 0
         self.tasks_skipped = 0
         self.buffers = ReceiveBuffers()
@@ -107,7 +136,13 @@ class SiteClient:
             return grpc.insecure_channel(self.address, options)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
-        creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=None if self.client_cert is None else self.client_cert.private_key,
+            certificate_chain=None
+            if self.client_cert is None
+            else self.client_cert.certificate_chain,
+        )
         return grpc.secure_channel(self.address, creds, options)
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -124,14 +159,41 @@ class SiteClient:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if code in FATAL:
                     detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                    if self.joined:  # say, revoked while connected
+                        raise AuthError(
+                            f"the coordinator ended this site's session: {detail}"
+                        ) from exc
                     raise AuthError(f"coordinator refused the join: {detail}") from exc
+                if (
+                    code == grpc.StatusCode.UNAVAILABLE
+                    and self.root_certificates is None
+                    and speaks_tls(self.address)
+                ):
+                    raise ConfigError(
+                        f"the coordinator at {self.address} speaks TLS, but this site is set "
+                        "to plaintext (coordinator.insecure = true, or --insecure): remove "
+                        "insecure and set coordinator.ca to the CA that signed its certificate"
+                    ) from exc
                 log.info("connection to %s lost (%s); retrying", self.address, code)
+            except _Unreachable as exc:
+                log.info("cannot reach %s (%s); retrying", self.address, exc)
             delay = self.backoff.delay(attempt, self._rng)
             attempt += 1
             stop.wait(delay)
 
     def serve_once(self, stop: threading.Event) -> bool:
         """One connection: returns True when the coordinator said the run is finished."""
+        self.joined = False
+        if self.root_certificates is not None:
+            try:
+                self.server_cert_sha256 = peer_certificate_sha256(
+                    self.address,
+                    self.root_certificates,
+                    server_name=self.server_name,
+                    client_cert_files=self.client_cert_files,
+                )
+            except OSError as exc:  # refused, reset, timed out: down for now, not misconfigured
+                raise _Unreachable(str(exc) or type(exc).__name__) from exc
         outbox: Outbox = queue.Queue()
         outbox.put(
             pb.ClientMessage(
@@ -195,12 +257,24 @@ class SiteClient:
                 continue
             assert isinstance(message, pb.ServerMessage)  # every other kind is protobuf's
             if kind == "challenge":
+                server_id = message.challenge.server_id
+                if self.server_id is not None and server_id != self.server_id:
+                    raise ConfigError(
+                        f"the coordinator at {self.address} calls itself {server_id!r}, but "
+                        f"this site expects {self.server_id!r} (coordinator.server_id): it is "
+                        "another coordinator, or its server_id changed; the site did not sign "
+                        "anything"
+                    )
                 signature = sign_challenge(
-                    self.key, message.challenge.server_id, bytes(message.challenge.nonce)
+                    self.key,
+                    server_id,
+                    bytes(message.challenge.nonce),
+                    self.server_cert_sha256,
                 )
                 outbox.put(pb.ClientMessage(proof=pb.Proof(signature=signature)))
             elif kind == "welcome":
                 self.client_id = message.welcome.client_id
+                self.joined = True
                 log.info("joined as client %d", self.client_id)
             elif kind == "task_header":
                 header, assembler = message.task_header, None

@@ -201,13 +201,12 @@ class GrpcTransport:
             self._inbox.put(reply)
 
     def _on_disconnect(self, session: Session) -> None:
+        reason = session.revoked or f"site {session.site!r} disconnected during the task"
         with self._lock:
             lost = [k for k, p in self._pending.items() if p.session is session]
             for task_id in lost:
                 pending = self._pending.pop(task_id)
-                self._inbox.put(
-                    _fail(pending.task, f"site {session.site!r} disconnected during the task")
-                )
+                self._inbox.put(_fail(pending.task, reason))
 
     def close(self) -> None:
         """Nothing to release: sessions belong to the registry."""

@@ -2,6 +2,7 @@
 an allowlist, and a sans-IO challenge-response join (no sockets here)."""
 
 from fedlearn.security.auth import (
+    CERT_DIGEST_SIZE,
     NONCE_SIZE,
     SIGNATURE_SIZE,
     TRANSCRIPT_DOMAIN,
@@ -13,13 +14,17 @@ from fedlearn.security.certs import (
     DEFAULT_HOSTNAMES,
     DevPkiPaths,
     ServerPem,
+    SiteCertPaths,
     cert_fingerprint,
     generate_ca,
+    issue_client_cert,
     issue_server_cert,
+    leaf_sha256,
     load_pem,
     load_server_pem,
     verify_issued_by,
     write_dev_pki,
+    write_site_cert,
 )
 from fedlearn.security.keys import (
     Allowlist,
@@ -27,6 +32,7 @@ from fedlearn.security.keys import (
     allowlist_entry_toml,
     decode_public_key,
     encode_public_key,
+    enroll_site,
     fingerprint,
     generate_site_key,
     load_allowlist,
@@ -34,9 +40,11 @@ from fedlearn.security.keys import (
     parse_allowlist,
     public_key_bytes,
     save_private_key,
+    set_revoked,
 )
 
 __all__ = [
+    "CERT_DIGEST_SIZE",
     "DEFAULT_HOSTNAMES",
     "NONCE_SIZE",
     "SIGNATURE_SIZE",
@@ -45,16 +53,20 @@ __all__ = [
     "Authenticator",
     "DevPkiPaths",
     "ServerPem",
+    "SiteCertPaths",
     "SiteEntry",
     "allowlist_entry_toml",
     "cert_fingerprint",
     "decode_public_key",
     "encode_public_key",
+    "enroll_site",
     "fingerprint",
     "generate_ca",
     "generate_site_key",
+    "issue_client_cert",
     "issue_server_cert",
     "join_transcript",
+    "leaf_sha256",
     "load_allowlist",
     "load_pem",
     "load_private_key",
@@ -62,7 +74,9 @@ __all__ = [
     "parse_allowlist",
     "public_key_bytes",
     "save_private_key",
+    "set_revoked",
     "sign_challenge",
     "verify_issued_by",
     "write_dev_pki",
+    "write_site_cert",
 ]

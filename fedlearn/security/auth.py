@@ -7,29 +7,38 @@
     public_key                  ------------->  challenge(public_key)
                                                   unknown / revoked -> AuthError
                                 <-------------    nonce (32 fresh random bytes, single use)
-    sign_challenge(key, server_id, nonce)
+    sign_challenge(key, server_id, nonce, cert)
     public_key, nonce, signature ------------>  verify(public_key, nonce, signature)
                                                   -> SiteEntry, or AuthError
 
 The signature covers the transcript::
 
-    b"fedlearn-join-v1" || u32_be(len(server_id)) || server_id (UTF-8) || nonce || public_key
+    b"fedlearn-join-v2" || u32_be(len(server_id)) || server_id (UTF-8)
+                        || u8(len(cert)) || cert || nonce || public_key
 
-so a proof is bound to one coordinator (``server_id``), one nonce and one key. A nonce is
-consumed by the first ``verify`` that names it, whatever the outcome, so a captured
-(nonce, signature) pair can never be replayed. Nothing here touches a socket or logs; errors
+where ``cert`` is the SHA-256 of the coordinator's TLS certificate (DER) as the site saw
+it when it verified the channel, and empty on a plaintext channel. A proof is bound to one
+coordinator twice over: by the certificate the site verified (a coordinator B that passes
+coordinator A's challenge on to a site gets a proof over B's certificate, which A refuses)
+and by ``server_id``, which a site may pin (the only binding a plaintext channel has). It
+is also bound to one nonce and one key.
+
+A nonce is consumed by the first ``verify`` that names it, whatever the outcome, so a
+captured (nonce, signature) pair can never be replayed. A nonce belongs to the stream that
+asked for it: no later Hello, for whatever key, can push it out (whoever knows a site's
+public key could otherwise keep its join from ever completing); it leaves when answered,
+withdrawn (its stream ended) or expired. Nothing here touches a socket or logs; errors
 name keys by fingerprint and never include key bytes, nonces or signatures.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import secrets
 import struct
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,10 +54,12 @@ from fedlearn.security.keys import (
     public_key_bytes,
 )
 
-TRANSCRIPT_DOMAIN = b"fedlearn-join-v1"
+TRANSCRIPT_DOMAIN = b"fedlearn-join-v2"
 NONCE_SIZE = 32
 SIGNATURE_SIZE = 64
 MAX_SERVER_ID_BYTES = 1024
+CERT_DIGEST_SIZE = 32
+"""SHA-256 of the coordinator's certificate, in the transcript of a TLS join."""
 
 Clock = Callable[[], float]
 
@@ -72,23 +83,44 @@ def _as_bytes(value: object, size: int, what: str) -> bytes:
     return data
 
 
-def join_transcript(server_id: str, nonce: bytes, public_key: bytes) -> bytes:
-    """The exact bytes a site signs to answer ``nonce`` from the coordinator ``server_id``."""
+def _cert_digest(server_cert_sha256: bytes | None) -> bytes:
+    if server_cert_sha256 is None:
+        return b""
+    return _as_bytes(server_cert_sha256, CERT_DIGEST_SIZE, "certificate digest")
+
+
+def join_transcript(
+    server_id: str, nonce: bytes, public_key: bytes, server_cert_sha256: bytes | None = None
+) -> bytes:
+    """The exact bytes a site signs to answer ``nonce`` from the coordinator ``server_id``
+    whose TLS certificate has the SHA-256 ``server_cert_sha256`` (None: plaintext)."""
     sid = _server_id_bytes(server_id)
+    cert = _cert_digest(server_cert_sha256)
     return b"".join(
         (
             TRANSCRIPT_DOMAIN,
             struct.pack(">I", len(sid)),
             sid,
+            struct.pack(">B", len(cert)),
+            cert,
             _as_bytes(nonce, NONCE_SIZE, "nonce"),
             _as_bytes(public_key, PUBLIC_KEY_SIZE, "public key"),
         )
     )
 
 
-def sign_challenge(private_key: Ed25519PrivateKey, server_id: str, nonce: bytes) -> bytes:
-    """Client side: the 64-byte Ed25519 signature answering ``nonce``."""
-    return private_key.sign(join_transcript(server_id, nonce, public_key_bytes(private_key)))
+def sign_challenge(
+    private_key: Ed25519PrivateKey,
+    server_id: str,
+    nonce: bytes,
+    server_cert_sha256: bytes | None = None,
+) -> bytes:
+    """Client side: the 64-byte Ed25519 signature answering ``nonce`` from ``server_id``,
+    over the certificate the site verified (``server_cert_sha256``; None on plaintext)."""
+    transcript = join_transcript(
+        server_id, nonce, public_key_bytes(private_key), server_cert_sha256
+    )
+    return private_key.sign(transcript)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +133,13 @@ class Authenticator:
     """Server side of the join handshake. Thread-safe (one internal lock), so gRPC handler
     threads may share one instance.
 
-    Memory is bounded: at most ``max_outstanding`` unanswered nonces in all and
-    ``max_per_key`` per site (a site's oldest is dropped when it asks for more), and the same
-    bound on remembered used nonces (kept only to report replays clearly; a forgotten one is
-    still refused, because only outstanding nonces are ever accepted). Expired nonces are
-    purged on every call.
+    ``server_cert_sha256`` is the SHA-256 of this coordinator's own TLS certificate (DER),
+    None when it serves plaintext. Memory is bounded: at most ``max_outstanding``
+    unanswered nonces (a challenge beyond that is refused as retryable, never made by
+    dropping another), and the same bound on remembered used nonces (kept only to report
+    replays clearly; a forgotten one is still refused, because only outstanding nonces are
+    ever accepted). Expired nonces are purged on every call. How many joins one peer may
+    have in progress is the transport's to limit (fedlearn.deploy.servicer).
     """
 
     def __init__(
@@ -113,25 +147,27 @@ class Authenticator:
         allowlist: Allowlist,
         server_id: str,
         *,
+        server_cert_sha256: bytes | None = None,
         nonce_ttl_s: float = 30.0,
         max_outstanding: int = 10_000,
-        max_per_key: int = 8,
         clock: Clock = time.monotonic,
     ) -> None:
         self._server_id = server_id
         _server_id_bytes(server_id)
+        try:
+            self._cert = _cert_digest(server_cert_sha256)
+        except AuthError as exc:
+            raise ConfigError(str(exc)) from None
         if not nonce_ttl_s > 0:
             raise ConfigError(f"nonce_ttl_s must be positive, got {nonce_ttl_s!r}")
-        if max_outstanding < 1 or max_per_key < 1:
-            raise ConfigError("max_outstanding and max_per_key must be at least 1")
+        if max_outstanding < 1:
+            raise ConfigError("max_outstanding must be at least 1")
         self._allowlist = allowlist
         self._ttl = float(nonce_ttl_s)
         self._max_outstanding = max_outstanding
-        self._max_per_key = max_per_key
         self._clock = clock
         # Insertion order is issue order, hence expiry order (fixed TTL, monotonic clock).
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
-        self._by_key: dict[bytes, deque[bytes]] = {}
         self._used: OrderedDict[bytes, float] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -142,6 +178,11 @@ class Authenticator:
         return self._server_id
 
     @property
+    def server_cert_sha256(self) -> bytes | None:
+        """The certificate digest proofs must cover (None: plaintext)."""
+        return self._cert or None
+
+    @property
     def allowlist(self) -> Allowlist:
         return self._allowlist
 
@@ -150,6 +191,12 @@ class Authenticator:
         will fail ``verify``."""
         with self._lock:
             self._allowlist = allowlist
+
+    def admitted(self, public_key: bytes) -> SiteEntry | None:
+        """The site ``public_key`` belongs to if the current allowlist admits it."""
+        with self._lock:
+            entry = self._allowlist.lookup(public_key)
+        return None if entry is None or entry.revoked else entry
 
     @property
     def outstanding(self) -> int:
@@ -162,36 +209,35 @@ class Authenticator:
 
     def challenge(self, public_key: bytes) -> bytes:
         """Issue a fresh single-use nonce for ``public_key``; AuthError if the key is unknown
-        or revoked, or if too many challenges are outstanding."""
+        or revoked, or (retryable) if too many challenges are outstanding."""
         key = _as_bytes(public_key, PUBLIC_KEY_SIZE, "public key")
         with self._lock:
-            return self._challenge(key)
-
-    def _challenge(self, key: bytes) -> bytes:
-        self._admit(key)
-        now = self._clock()
-        self._purge(now)
-        queue = self._by_key.setdefault(key, deque())
-        while len(queue) >= self._max_per_key:
-            self._pending.pop(queue.popleft(), None)
-        if len(self._pending) >= self._max_outstanding:
-            if not queue:
-                del self._by_key[key]
-            raise AuthError("too many outstanding join challenges; try again later")
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        while nonce in self._pending or nonce in self._used:  # pragma: no cover - 2**-256
+            self._admit(key)
+            now = self._clock()
+            self._purge(now)
+            if len(self._pending) >= self._max_outstanding:
+                raise AuthError(
+                    "too many outstanding join challenges; try again later", retryable=True
+                )
             nonce = secrets.token_bytes(NONCE_SIZE)
-        self._pending[nonce] = _Pending(public_key=key, expires_at=now + self._ttl)
-        queue.append(nonce)
-        return nonce
+            while nonce in self._pending or nonce in self._used:  # pragma: no cover - 2**-256
+                nonce = secrets.token_bytes(NONCE_SIZE)
+            self._pending[nonce] = _Pending(public_key=key, expires_at=now + self._ttl)
+            return nonce
+
+    def withdraw(self, nonce: bytes) -> None:
+        """Forget an unanswered nonce (its stream ended); answering it later is refused."""
+        with self._lock:
+            self._pending.pop(bytes(nonce), None)
 
     def verify(self, public_key: bytes, nonce: bytes, signature: bytes) -> SiteEntry:
         """Check the answer to a challenge and return the site it authenticates.
 
         Refused with AuthError: malformed inputs, a nonce we did not issue (or forgot after
         expiry), a nonce already used (replay), one issued to another key, an expired one, a
-        key that is no longer allowed, and a signature that does not verify. The nonce is
-        consumed by this call whatever the outcome.
+        key that is no longer allowed, and a signature that does not verify (not made with
+        the site's key, or made for another coordinator). The nonce is consumed by this call
+        whatever the outcome.
         """
         key = _as_bytes(public_key, PUBLIC_KEY_SIZE, "public key")
         nonce_b = _as_bytes(nonce, NONCE_SIZE, "nonce")
@@ -199,12 +245,13 @@ class Authenticator:
         with self._lock:
             entry = self._consume(key, nonce_b)
         # Signature check outside the lock: the nonce is already consumed.
-        transcript = join_transcript(self._server_id, nonce_b, key)
+        transcript = join_transcript(self._server_id, nonce_b, key, self.server_cert_sha256)
         try:
             Ed25519PublicKey.from_public_bytes(key).verify(sig, transcript)
         except (InvalidSignature, ValueError):
             raise AuthError(
-                f"bad signature for site {entry.name!r} ({entry.fingerprint})"
+                f"bad signature for site {entry.name!r} ({entry.fingerprint}): not made with "
+                "its key for this coordinator"
             ) from None
         return entry
 
@@ -217,7 +264,6 @@ class Authenticator:
             if nonce_b in self._used:
                 raise AuthError("nonce already used (replay)")
             raise AuthError("unknown or expired nonce; join again", retryable=True)
-        self._forget_pending(pending.public_key, nonce_b)
         self._remember_used(nonce_b, pending.expires_at)
         self._purge(now)
         if not hmac.compare_digest(pending.public_key, key):
@@ -236,15 +282,6 @@ class Authenticator:
             raise AuthError(f"site {entry.name!r} is revoked")
         return entry
 
-    def _forget_pending(self, key: bytes, nonce: bytes) -> None:
-        queue = self._by_key.get(key)
-        if queue is None:
-            return
-        with contextlib.suppress(ValueError):
-            queue.remove(nonce)
-        if not queue:
-            del self._by_key[key]
-
     def _remember_used(self, nonce: bytes, expires_at: float) -> None:
         self._used[nonce] = expires_at
         while len(self._used) > self._max_outstanding:
@@ -256,7 +293,6 @@ class Authenticator:
             if pending.expires_at > now:
                 break
             del self._pending[nonce]
-            self._forget_pending(pending.public_key, nonce)
         while self._used:
             nonce, expires_at = next(iter(self._used.items()))
             if expires_at > now:

@@ -1,13 +1,15 @@
-"""A development PKI for the coordinator's TLS endpoint: one CA and one server certificate.
+"""A development PKI for a deployment's TLS: one CA, the coordinator's server certificate,
+and (for mutual TLS) the sites' client certificates.
 
 Keys are ECDSA P-256 with SHA-256 signatures. gRPC's TLS stack (BoringSSL) negotiates
 ECDSA P-256 everywhere, whereas Ed25519 *certificates* fail the handshake in grpcio
 (grpc/grpc#24252; grpc-java#7774 is the same story). Ed25519 is used for site identities
 (see :mod:`fedlearn.security.keys`), not for TLS.
 
-This is for development and private deployments only: the CA key is discarded after it
-signs the server certificate, so re-running :func:`write_dev_pki` makes a new CA, and every
-client must be given the new ``ca.pem``.
+This is for development and private deployments only. By default the CA key is discarded
+after it signs the server certificate, so re-running :func:`write_dev_pki` makes a new CA,
+and every client must be given the new ``ca.pem``; with ``keep_ca_key`` it is written as
+``ca.key`` (mode 0600), and :func:`write_site_cert` issues site certificates from it later.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlearn.errors import ConfigError
-from fedlearn.security.keys import write_file_atomic
+from fedlearn.security.keys import check_site_name, write_file_atomic
 
 DEFAULT_HOSTNAMES = ("localhost", "127.0.0.1", "::1")
 CA_CERT_FILE = "ca.pem"
 SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server.key"
+CA_KEY_FILE = "ca.key"
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 _ORGANIZATION = "fedlearn development PKI"
 
@@ -42,12 +46,24 @@ class DevPkiPaths:
     ca_cert: Path
     server_cert: Path
     server_key: Path
+    ca_key: Path | None = None
+    """Written only with ``keep_ca_key``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SiteCertPaths:
+    """Where :func:`write_site_cert` put a site's client certificate and its key."""
+
+    cert: Path
+    key: Path
 
 
 @dataclass(frozen=True, slots=True)
 class ServerPem:
-    """The two byte strings ``grpc.ssl_server_credentials([(private_key, certificate_chain)])``
-    takes; the key is never shown in a repr."""
+    """A TLS key and its certificate chain as PEM bytes: what
+    ``grpc.ssl_server_credentials([(private_key, certificate_chain)])`` takes, and what
+    ``grpc.ssl_channel_credentials(private_key=..., certificate_chain=...)`` takes for a
+    site's client certificate. The key is never shown in a repr."""
 
     private_key: bytes
     certificate_chain: bytes
@@ -176,14 +192,46 @@ def issue_server_cert(
     """
     _check_days(valid_days)
     sans = subject_alt_names(hostnames)
+    return _issue_leaf(
+        ca_key,
+        ca_cert,
+        str(sans[0].value)[:64],
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        valid_days,
+        x509.SubjectAlternativeName(sans),
+    )
+
+
+def issue_client_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    name: str,
+    valid_days: int = 365,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A TLS client certificate (extended key usage clientAuth, common name ``name``) for a
+    site of a coordinator with mutual TLS, signed by the CA; it expires no later than the
+    CA does. The site's identity is still its Ed25519 key: this certificate only lets it
+    through the TLS handshake."""
+    _check_days(valid_days)
+    check_site_name(name)
+    return _issue_leaf(ca_key, ca_cert, name, ExtendedKeyUsageOID.CLIENT_AUTH, valid_days, None)
+
+
+def _issue_leaf(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    valid_days: int,
+    sans: x509.SubjectAlternativeName | None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _new_key()
     not_before, not_after = _validity(valid_days)
     not_after = min(not_after, ca_cert.not_valid_after_utc)
-    first = sans[0].value
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
-            x509.NameAttribute(NameOID.COMMON_NAME, str(first)[:64]),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
     try:
@@ -191,7 +239,7 @@ def issue_server_cert(
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
     except x509.ExtensionNotFound:
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
@@ -214,9 +262,14 @@ def issue_server_cert(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if sans is not None:
+        builder = builder.add_extension(sans, critical=False)
+    cert = (
+        builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
         .add_extension(aki, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -242,25 +295,42 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
     return "sha256:" + cert.fingerprint(hashes.SHA256()).hex()
 
 
+def leaf_sha256(chain: bytes) -> bytes:
+    """The SHA-256 of the first certificate (DER) of a PEM chain: what a site's join proof
+    covers (fedlearn.security.auth)."""
+    try:
+        certs = x509.load_pem_x509_certificates(chain)
+    except ValueError as exc:
+        raise ConfigError("not a PEM certificate chain") from exc
+    if not certs:
+        raise ConfigError("the certificate chain holds no certificate")
+    return certs[0].fingerprint(hashes.SHA256())
+
+
 def write_dev_pki(
     out_dir: str | Path,
     hostnames: Sequence[str] = DEFAULT_HOSTNAMES,
     *,
     valid_days: int = 365,
     overwrite: bool = False,
+    keep_ca_key: bool = False,
 ) -> DevPkiPaths:
     """Write ``ca.pem``, ``server.pem`` and ``server.key`` (mode 0600) into ``out_dir``.
 
-    Refuses to replace existing files unless ``overwrite``. The CA key is not written.
+    Refuses to replace existing files unless ``overwrite``. The CA key is written (as
+    ``ca.key``, mode 0600) only with ``keep_ca_key``: site certificates for mutual TLS are
+    issued from it (:func:`write_site_cert`).
     """
     out = Path(out_dir)
     paths = DevPkiPaths(
         ca_cert=out / CA_CERT_FILE,
         server_cert=out / SERVER_CERT_FILE,
         server_key=out / SERVER_KEY_FILE,
+        ca_key=out / CA_KEY_FILE if keep_ca_key else None,
     )
     if not overwrite:
-        existing = [p for p in (paths.ca_cert, paths.server_cert, paths.server_key) if p.exists()]
+        files = (paths.ca_cert, paths.server_cert, paths.server_key, paths.ca_key)
+        existing = [p for p in files if p is not None and p.exists()]
         if existing:
             raise ConfigError(
                 f"{', '.join(str(p) for p in existing)} already exist(s) (refusing to overwrite)"
@@ -272,6 +342,44 @@ def write_dev_pki(
     )
     write_file_atomic(paths.server_cert, cert_pem(server_cert), mode=0o644, overwrite=overwrite)
     write_file_atomic(paths.ca_cert, cert_pem(ca_cert), mode=0o644, overwrite=overwrite)
+    if paths.ca_key is not None:
+        write_file_atomic(paths.ca_key, private_key_pem(ca_key), mode=0o600, overwrite=overwrite)
+    return paths
+
+
+def write_site_cert(
+    ca_dir: str | Path,
+    name: str,
+    out_dir: str | Path,
+    *,
+    valid_days: int = 365,
+    overwrite: bool = False,
+) -> SiteCertPaths:
+    """Issue site ``name`` a client certificate from the dev CA in ``ca_dir`` (its
+    ``ca.pem`` and ``ca.key``) and write ``<name>-tls.pem`` and ``<name>-tls.key`` (mode
+    0600) into ``out_dir``; a site sets them as ``[coordinator] cert`` and ``key``."""
+    check_site_name(name)
+    ca_path, key_path = Path(ca_dir) / CA_CERT_FILE, Path(ca_dir) / CA_KEY_FILE
+    if not key_path.exists():
+        raise ConfigError(
+            f"{key_path} does not exist: site certificates are issued by a dev CA whose key "
+            "was kept (fedlearn certs dev --keep-ca-key)"
+        )
+    ca_cert = x509.load_pem_x509_certificates(load_pem(ca_path))[0]
+    ca_key, _ = _load_private_key(key_path)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not _same_public_key(ca_key, ca_cert):
+        raise ConfigError(f"{key_path} is not the key of the CA in {ca_path}")
+    out = Path(out_dir)
+    paths = SiteCertPaths(cert=out / f"{name}-tls.pem", key=out / f"{name}-tls.key")
+    if not overwrite:
+        existing = [p for p in (paths.cert, paths.key) if p.exists()]
+        if existing:
+            raise ConfigError(
+                f"{', '.join(str(p) for p in existing)} already exist(s) (refusing to overwrite)"
+            )
+    key, cert = issue_client_cert(ca_key, ca_cert, name, valid_days)
+    write_file_atomic(paths.key, private_key_pem(key), mode=0o600, overwrite=overwrite)
+    write_file_atomic(paths.cert, cert_pem(cert), mode=0o644, overwrite=overwrite)
     return paths
 
 
@@ -302,26 +410,32 @@ def load_pem(path: str | Path) -> bytes:
     return data
 
 
-def load_server_pem(
-    cert_path: str | Path = SERVER_CERT_FILE, key_path: str | Path = SERVER_KEY_FILE
-) -> ServerPem:
-    """The server's key and certificate chain as PEM bytes, checked to belong together."""
-    chain = load_pem(cert_path)
+def _load_private_key(key_path: str | Path) -> tuple[PrivateKeyTypes, bytes]:
+    """The key in a PEM file, and the file's bytes."""
     key_data = _read(key_path, "private key")
     try:
-        key = serialization.load_pem_private_key(key_data, password=None)
+        return serialization.load_pem_private_key(key_data, password=None), key_data
     except TypeError as exc:
         raise ConfigError(f"{key_path} is encrypted; gRPC needs an unencrypted key") from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{key_path} is not a PEM private key") from exc
-    leaf = x509.load_pem_x509_certificates(chain)[0]
-    key_pub = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    cert_pub = leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if key_pub != cert_pub:
+
+
+def _same_public_key(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ) == cert.public_key().public_bytes(serialization.Encoding.DER, spki)
+
+
+def load_server_pem(
+    cert_path: str | Path = SERVER_CERT_FILE, key_path: str | Path = SERVER_KEY_FILE
+) -> ServerPem:
+    """A key and its certificate chain as PEM bytes, checked to belong together (the
+    coordinator's server certificate, or a site's client certificate)."""
+    chain = load_pem(cert_path)
+    key, key_data = _load_private_key(key_path)
+    if not _same_public_key(key, x509.load_pem_x509_certificates(chain)[0]):
         raise ConfigError(f"{key_path} does not match the certificate in {cert_path}")
     return ServerPem(private_key=key_data, certificate_chain=chain)
 

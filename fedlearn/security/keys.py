@@ -344,3 +344,106 @@ def load_allowlist(path: str | Path) -> Allowlist:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read allowlist file {source}: {exc}") from exc
     return parse_allowlist(text, source=str(source))
+
+
+# ---------------------------------------------------------------------------------------------
+# editing the allowlist file (fedlearn keys enroll / revoke)
+
+_SITE_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*site[ \t]*\]\][ \t]*(?:#.*)?$", re.MULTILINE)
+_REVOKED_LINE = re.compile(r"^([ \t]*revoked[ \t]*=[ \t]*)(true|false)\b(.*)$", re.MULTILINE)
+
+
+def _replace_allowlist(path: Path, text: str, expected: list[SiteEntry]) -> None:
+    """Write ``text`` over ``path`` atomically, once it parses to exactly ``expected``."""
+    try:
+        edited = parse_allowlist(text, source=str(path))
+    except ConfigError:
+        edited = None
+    if edited is None or [(e.name, e.public_key, e.revoked) for e in edited.sites] != [
+        (e.name, e.public_key, e.revoked) for e in expected
+    ]:
+        raise ConfigError(
+            f"cannot edit {path} safely (its layout is not one [[site]] table per entry); "
+            "edit it by hand"
+        )
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    write_file_atomic(path, text.encode("utf-8"), mode=mode, overwrite=True)
+
+
+def _read_allowlist_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"allowlist file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read allowlist file {path}: {exc}") from exc
+
+
+def set_revoked(path: str | Path, name: str, revoked: bool = True) -> SiteEntry:
+    """Set ``revoked`` on site ``name`` in the allowlist file and keep everything else (the
+    other entries, their order, comments and layout); the file is replaced atomically, so
+    a coordinator reading it sees the old or the new version, never a mix. Returns the
+    entry as it was before."""
+    source = Path(path)
+    text = _read_allowlist_text(source)
+    allowlist = parse_allowlist(text, source=str(source))
+    entry = allowlist.by_name(name)
+    if entry is None:
+        listed = ", ".join(e.name for e in allowlist) or "none"
+        raise ConfigError(f"site {name!r} is not in {source} (sites: {listed})")
+    if entry.revoked == revoked:
+        return entry
+    value = "true" if revoked else "false"
+    starts = [m.start() for m in _SITE_HEADER.finditer(text)]
+    edited: str | None = None
+    for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
+        block = text[begin:end]
+        try:
+            names = [s.get("name") for s in tomllib.loads(block).get("site", [])]
+        except tomllib.TOMLDecodeError:
+            continue
+        if names != [name]:
+            continue
+        if _REVOKED_LINE.search(block):
+            block = _REVOKED_LINE.sub(lambda m: f"{m[1]}{value}{m[3]}", block, count=1)
+        else:  # after the entry's last key line, before trailing blank lines and comments
+            lines = block.splitlines(keepends=True)
+            last = max(
+                i
+                for i, line in enumerate(lines)
+                if line.strip() and not line.lstrip().startswith("#")
+            )
+            if not lines[last].endswith("\n"):
+                lines[last] += "\n"
+            lines.insert(last + 1, f"revoked = {value}\n")
+            block = "".join(lines)
+        edited = text[:begin] + block + text[end:]
+        break
+    expected = [
+        SiteEntry(e.name, e.public_key, revoked if e.name == name else e.revoked) for e in allowlist
+    ]
+    _replace_allowlist(source, edited if edited is not None else "", expected)
+    return entry
+
+
+def enroll_site(path: str | Path, name: str, public_key: bytes) -> SiteEntry:
+    """Append site ``name`` with ``public_key`` to the allowlist file (created if missing),
+    keeping what is there; the file is replaced atomically. A name or key already listed,
+    revoked or not, is refused."""
+    check_site_name(name)
+    source = Path(path)
+    text = _read_allowlist_text(source) if source.exists() else ""
+    allowlist = parse_allowlist(text, source=str(source))
+    if allowlist.by_name(name) is not None:
+        raise ConfigError(f"site {name!r} is already in {source}; choose another name")
+    other = allowlist.lookup(public_key)
+    if other is not None:
+        raise ConfigError(f"key {fingerprint(public_key)} is already enrolled as {other.name!r}")
+    entry = SiteEntry(name, bytes(public_key))
+    separator = "" if not text or text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
+    _replace_allowlist(
+        source,
+        text + separator + allowlist_entry_toml(name, entry.public_key),
+        [*allowlist.sites, entry],
+    )
+    return entry

@@ -15,9 +15,12 @@ Nothing here opens a socket; the coordinator daemon and the site client build on
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """The wire protocol version sent in ``Hello`` and ``Challenge``. Version 2 carries a
-payload's SHA-256 on its last chunk instead of in the header."""
+payload's SHA-256 on its last chunk instead of in the header; version 3 signs the join
+transcript ``fedlearn-join-v2``, which covers the coordinator's TLS certificate
+(fedlearn.security.auth), so a site of version 2 cannot join a coordinator of version 3
+or the reverse: the coordinator refuses it with FAILED_PRECONDITION and both versions."""
 
 CAPABILITIES = ("chunked-arrays", "sha256")
 """What this side of the protocol can do, announced in ``Hello`` and ``Challenge``."""
