@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from fault_apps import make_app
+from fedlearn.cli.main import app
 from fedlearn.config.deployment import CoordinatorConfig
 from fedlearn.config.simulation import load_config
 from fedlearn.data import load_dataset, partition_dataset
@@ -91,7 +93,7 @@ def _failures(directory: Path, run_id: str) -> list[tuple[int, str, int]]:
 def test_a_resumed_simulation_with_failures_replays_exactly(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(RunInterrupted, match="interrupted after round 2"):
-        run_job(_simulation(out), observer=StopAfter(2))  # type: ignore[arg-type]
+        run_job(_simulation(out), observer=StopAfter(2))
     # resumed with more rounds and evaluation every round: both operational
     run_job(_simulation(out, **{"run.rounds": 5, "run.evaluate_every": 1}), resume=True)
     assert _failures(out, "sim") == [(2, "train", 2), (4, "train", 2)]
@@ -110,6 +112,17 @@ def test_a_resumed_simulation_with_failures_replays_exactly(tmp_path: Path) -> N
     assert not other.matches
     assert "model.safetensors: array 'w' differs from the replay" in other.differences
     assert any("round 1: train_metrics recorded" in d for d in other.differences)
+
+    # the command: exit 0 when the replay reproduces the run, 1 with the differences
+    result = CliRunner().invoke(app, ["replay", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "reproduces every round and all" in result.output
+    assert "bit-identical to the round 5 checkpoint and model.safetensors" in result.output
+    with sqlite3.connect(out / "run.db") as db:  # client 2's round-4 failure, erased
+        db.execute("UPDATE client_results SET ok = 1 WHERE round = 4 AND client_id = 2")
+    result = CliRunner().invoke(app, ["replay", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "round 4, train, client 2: ok recorded True, replayed False" in result.output
 
 
 def _factory(**params: Any) -> Callable[[], ClientApp]:
