@@ -104,6 +104,12 @@ class ChaosSettings:
     min_train_clients: int | None = None
     """The training quorum (default: a fifth of the sites)."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.coordinator_kills <= self.rounds:
+            raise ValueError("coordinator kills: at most one a round")
+        if self.sites < 2 or not 0 < self.site_kill_fraction < 1:
+            raise ValueError("at least 2 sites, and a kill fraction in (0, 1)")
+
     @property
     def site_kills_per_round(self) -> int:
         return max(1, round(self.site_kill_fraction * self.sites))
@@ -218,8 +224,11 @@ class Trace:
             *lines, rest = (rest + data).split(b"\n")
             marks = []
             for line in lines:
-                site, phase, rnd, at = line.decode().split()
-                marks.append(Mark(int(site), phase, int(rnd), float(at)))
+                try:
+                    site, phase, rnd, at = line.decode().split()
+                    marks.append(Mark(int(site), phase, int(rnd), float(at)))
+                except ValueError:  # not a mark: nothing to strike on
+                    continue
             with self._cond:
                 self.marks.extend(marks)
                 self._cond.notify_all()
@@ -753,7 +762,11 @@ def main(argv: list[str] | None = None) -> int:
         root = args.keep
     else:
         root = Path(tempfile.mkdtemp(prefix="fedlearn-chaos-"))
-    outcome = run_chaos(settings, root, say=lambda s: print(s, flush=True))
+    try:
+        outcome = run_chaos(settings, root, say=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print(f"interrupted; every process stopped; the run is in {root}")
+        return 130
     print(summary(outcome))
     print(f"load after: {_load()}")
     if args.keep is None:
