@@ -49,6 +49,7 @@ SLOW_FIRST = (
     "tests/test_mnist_convergence.py",
     "tests/test_deploy_lifecycle.py",
     "tests/test_interrupts.py",
+    "tests/test_chaos.py",
     "tests/test_deploy.py",
     "tests/test_deploy_fuzz.py",
     "tests/test_site_install.py",

@@ -351,6 +351,53 @@ def report(
         store.close()
 
 
+@app.command()
+def replay(
+    run_dir: Annotated[Path, typer.Argument(help="a run or coordinator state directory")],
+    site_config: Annotated[
+        Path | None,
+        typer.Option(help="a coordinator's run: the site.toml whose app (and data) the sites ran"),
+    ] = None,
+    run: Annotated[str | None, typer.Option(help="run id, if the store holds several")] = None,
+) -> None:
+    """Replay a run from its store and check that it reproduces every record and the model.
+
+    Each round selects from the clients recorded as available; exactly the clients recorded
+    as answering answer, in this process; the others fail as recorded. Exit 0 when the
+    replay reproduces every round, every client's result and the final model bit for bit,
+    1 with each difference listed otherwise."""
+    from fedlearn.run.replay import replay_run, site_app_factory
+
+    try:
+        factory = None
+        if site_config is not None:
+            from fedlearn.config.deployment import SiteConfig
+            from fedlearn.config.loading import load_toml
+
+            factory = site_app_factory(load_toml(SiteConfig, site_config))
+        result = replay_run(run_dir, factory, run_id=run)
+    except FedlearnError as exc:
+        _fail(str(exc))
+    recorded = result.recorded
+    what = f"run {recorded.run_id!r} in {run_dir}: {len(result.rounds)} rounds"
+    if result.matches:
+        checked = [f"the round {recorded.checkpoint[0]} checkpoint"] if recorded.checkpoint else []
+        checked += ["model.safetensors"] if recorded.model is not None else []
+        console.print(
+            f"replay of {what} reproduces every round and all {len(result.clients)} client "
+            f"results; the final model is bit-identical to {' and '.join(checked) or 'nothing'}",
+            soft_wrap=True,
+        )
+        return
+    shown = result.differences[:20]
+    console.print(f"replay of {what} differs from the record in {len(result.differences)} ways:")
+    for line in shown:
+        console.print(f"  {escape(line)}", soft_wrap=True)
+    if len(result.differences) > len(shown):
+        console.print(f"  ... and {len(result.differences) - len(shown)} more")
+    raise typer.Exit(1)
+
+
 def _logging(verbose: bool) -> None:
     """Daemon logs: rich in a terminal; one plain, unwrapped line per record otherwise
     (a service manager's journal, a file, a pipe)."""

@@ -187,6 +187,7 @@ class Coordinator:
             eval_metrics=eval_metrics,
             duration_s=time.perf_counter() - t0,
             error=error,
+            candidates=None if self.available is None else tuple(clients),
         )
         return arrays, state, record, records
 

@@ -41,6 +41,10 @@ class RoundRecord:
     eval_metrics: Metrics = field(default_factory=dict)
     duration_s: float = 0.0
     error: str | None = None
+    candidates: tuple[int, ...] | None = None
+    """The clients the strategy selected from this round (the connected sites of a
+    deployment), in the order it saw them; None when it saw every enrolled client. With
+    the clients whose replies were accepted, this is all a replay of the round needs."""
 
 
 @dataclass(frozen=True)

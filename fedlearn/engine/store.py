@@ -1,7 +1,8 @@
 """The run store: every round and every client's result in one SQLite file.
 
-One transaction per round: the round row, its client rows and (optionally) the model
-and strategy state commit together or not at all. Nothing here deletes a committed row:
+One transaction per round: the round row, the clients it selected from (when not every
+enrolled client was there to select), its client rows and (optionally) the model and
+strategy state commit together or not at all. Nothing here deletes a committed row:
 a run is created once, its status and config move forward, every change to its config
 and every start, resume, interruption and end is appended to its history.
 """
@@ -56,6 +57,12 @@ CREATE TABLE IF NOT EXISTS client_results (
     metrics TEXT NOT NULL,
     error TEXT,
     PRIMARY KEY (run_id, round, stage, client_id)
+);
+CREATE TABLE IF NOT EXISTS candidates (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    clients TEXT NOT NULL,
+    PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT PRIMARY KEY,
@@ -269,6 +276,11 @@ class RunStore:
                     for c in clients
                 ],
             )
+            if round.candidates is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO candidates VALUES (?,?,?)",
+                    (self.run_id, round.round, json.dumps(list(round.candidates))),
+                )
             if checkpoint is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
@@ -293,9 +305,20 @@ class RunStore:
 
     def rounds(self) -> list[RoundRecord]:
         """Every recorded round of this run, in order."""
+        # a store written before candidates were recorded has no such table
+        candidates = "c.clients" if self._has_table("candidates") else "NULL"
+        join = (
+            " LEFT JOIN candidates c ON c.run_id = r.run_id AND c.round = r.round"
+            if candidates != "NULL"
+            else ""
+        )
         rows = self._db.execute(
-            "SELECT round, ok, train_selected, train_ok, eval_selected, eval_ok, train_metrics,"
-            " eval_metrics, duration_s, error FROM rounds WHERE run_id = ? ORDER BY round",
+            "SELECT r.round, r.ok, r.train_selected, r.train_ok, r.eval_selected, r.eval_ok,"
+            " r.train_metrics, r.eval_metrics, r.duration_s, r.error, "
+            + candidates
+            + " FROM rounds r"
+            + join
+            + " WHERE r.run_id = ? ORDER BY r.round",
             (self.run_id,),
         )
         return [
@@ -310,9 +333,16 @@ class RunStore:
                 json.loads(r[7]),
                 r[8],
                 r[9],
+                None if r[10] is None else tuple(json.loads(r[10])),
             )
             for r in rows
         ]
+
+    def _has_table(self, name: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        return row is not None
 
     def clients(self, stage: Stage | None = None) -> list[ClientRecord]:
         """Every recorded client result of this run (optionally one stage), in order."""

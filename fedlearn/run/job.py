@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,21 @@ def resume_command(config: SimulationConfig) -> str:
     return f"fedlearn simulate --out {run_dir(config)} --resume"
 
 
+def client_app_factory(config: SimulationConfig) -> Callable[[], ClientApp]:
+    """Builds the config's ClientApp over its dataset, partitioned as the config says."""
+    factory = resolve(config.client.app, "client.app")
+    data = partition_dataset(
+        load_dataset(config.data.dataset),
+        config.data.partitioner,
+        config.run.clients,
+        config.run.seed,
+        alpha=config.data.alpha,
+        shards_per_client=config.data.shards_per_client,
+        test_fraction=config.data.test_fraction,
+    )
+    return functools.partial(build_app, factory, data, dict(config.client.params))
+
+
 def run_job(
     config: SimulationConfig,
     observer: Observer | None = None,
@@ -81,18 +97,7 @@ def run_job(
     secure = make_secure(config.secagg)
     if secure is not None:
         secure.check(strategy, strategy.train_clients_per_round(config.run.clients))
-    factory = resolve(config.client.app, "client.app")
-    dataset = load_dataset(config.data.dataset)
-    data = partition_dataset(
-        dataset,
-        config.data.partitioner,
-        config.run.clients,
-        config.run.seed,
-        alpha=config.data.alpha,
-        shards_per_client=config.data.shards_per_client,
-        test_fraction=config.data.test_fraction,
-    )
-    app_factory = functools.partial(build_app, factory, data, dict(config.client.params))
+    app_factory = client_app_factory(config)
     probe = app_factory()
     if not isinstance(probe, ProvidesInitialArrays):
         raise ConfigError(
