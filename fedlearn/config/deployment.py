@@ -8,10 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlearn.config.simulation import (
     DataSection,
+    PrivacySection,
     PublishSection,
     Scalar,
     SecAggSection,
     StrategySection,
+    check_privacy,
 )
 
 
@@ -130,7 +132,13 @@ class CoordinatorConfig(_Section):
     model: ModelSection
     strategy: StrategySection = Field(default_factory=StrategySection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
+    privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: CoordinatorPublishSection = Field(default_factory=CoordinatorPublishSection)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _privacy(self) -> CoordinatorConfig:
+        check_privacy(self.privacy, self.secagg)
+        return self
 
 
 class ConnectSection(TlsSection):

@@ -10,6 +10,8 @@ serve      starlette, uvicorn                ``fedlearn serve``, the serving che
                                              ``fedlearn simulate``
 report     matplotlib                        the PNG plots of a report (JSON/CSV need none)
 datasets   sklearn                           the digits, breast_cancer and wine datasets
+privacy    dp_accounting, opacus             ``[privacy]``: the accountant (coordinator),
+                                             DP-SGD in ``TorchClientApp`` (sites)
 ========== ================================= =============================================
 """
 
@@ -24,6 +26,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("starlette", "uvicorn"),
     "report": ("matplotlib",),
     "datasets": ("sklearn",),
+    "privacy": ("dp_accounting", "opacus"),
 }
 
 

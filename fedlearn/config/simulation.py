@@ -73,6 +73,40 @@ class SecAggSection(_Section):
     threshold: int | None = Field(None, ge=2)
 
 
+PrivacyMode = Literal["off", "central", "local", "distributed", "example"]
+
+
+class PrivacySection(_Section):
+    """[privacy]: differential privacy and its accounting (``fedlearn.privacy``).
+
+    ``mode``: ``central`` clips each client's update to ``clip`` on the coordinator and adds
+    Gaussian noise ``noise_multiplier * clip`` to their sum (DP-FedAvg); ``local`` clips and
+    noises each update on the client before it leaves; ``distributed`` has each client add
+    its share of discrete noise under secure aggregation (needs ``[secagg]``); ``example``
+    runs DP-SGD on each client (Opacus; ``clip`` bounds each example's gradient).
+    ``budget`` is an epsilon at ``delta``: training stops before a round would exceed it.
+    """
+
+    mode: PrivacyMode = "off"
+    noise_multiplier: float = Field(1.0, gt=0)
+    clip: float = Field(1.0, gt=0)
+    adaptive_clip: bool = False
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0)
+    clipped_count_stddev: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    noise: Literal["secure", "seeded"] = "secure"
+    budget: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _adaptive(self) -> PrivacySection:
+        if self.adaptive_clip and self.mode != "central":
+            raise ValueError("adaptive_clip is for mode = 'central' only")
+        return self
+
+
 class TensorSection(_Section):
     """One input or output tensor of a published model (``-1`` in a shape: any size)."""
 
@@ -107,6 +141,7 @@ class GateSection(_Section):
     higher_is_better: bool | None = None
     tolerance: float = Field(0.005, ge=0)
     min_worst_client: float | None = None
+    max_epsilon: float | None = Field(None, gt=0)
 
 
 class PublishSection(_Section):
@@ -147,7 +182,22 @@ class SimulationConfig(_Section):
     strategy: StrategySection = Field(default_factory=StrategySection)
     backend: BackendSection = Field(default_factory=BackendSection)  # type: ignore[arg-type]
     secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
+    privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: PublishSection = Field(default_factory=PublishSection)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _privacy(self) -> SimulationConfig:
+        check_privacy(self.privacy, self.secagg)
+        return self
+
+
+def check_privacy(privacy: PrivacySection, secagg: SecAggSection) -> None:
+    """Privacy settings that contradict the secure-aggregation ones."""
+    if privacy.mode == "distributed" and not secagg.enabled:
+        raise ValueError(
+            "privacy.mode = 'distributed' adds noise under secure aggregation: "
+            "set secagg.enabled = true (or use mode = 'central' or 'local')"
+        )
 
 
 def parse_config(raw: dict[str, Any]) -> SimulationConfig:

@@ -1,0 +1,1 @@
+"""Differential privacy: mechanisms, noise sources and the accountant (``[privacy]``)."""
