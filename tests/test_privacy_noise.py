@@ -1,0 +1,49 @@
+"""DP noise sources: the distribution they draw, reproducibility of the seeded one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedlearn.privacy.noise import noise_source, secure_noise, seeded_noise
+
+
+@pytest.mark.parametrize("kind", ["secure", "seeded"])
+def test_normal_noise_is_standard_normal(kind: str) -> None:
+    source = noise_source(kind, 7, 1)
+    x = source.normal(1_000_001, std=2.5)  # odd: the last Box-Muller pair is cut
+    assert x.shape == (1_000_001,) and x.dtype == np.float64
+    # sd of the sample sd for n = 1e6 is about 0.07 %: 1 % is > 10 of them
+    assert abs(x.std() / 2.5 - 1) < 0.01
+    assert abs(x.mean()) < 5 * 2.5 / 1000
+    # the whole shape, not only two moments (KS on 1e5 points)
+    assert stats.kstest(x[:100_000] / 2.5, "norm").pvalue > 1e-4
+
+
+def test_uniforms_are_strictly_inside_the_unit_interval() -> None:
+    u = secure_noise().uniform(1 << 16)
+    assert u.min() > 0 and u.max() < 1
+    assert stats.kstest(u, "uniform").pvalue > 1e-4
+
+
+def test_seeded_noise_repeats_for_a_key_and_differs_across_keys() -> None:
+    a = seeded_noise(0, 3, 5).normal(1000)
+    b = seeded_noise(0, 3, 5).normal(1000)
+    c = seeded_noise(0, 3, 6).normal(1000)
+    assert a.tobytes() == b.tobytes()
+    assert not np.array_equal(a, c)
+
+
+def test_secure_noise_never_repeats_and_hides_its_key() -> None:
+    a, b = secure_noise(), secure_noise()
+    assert a.secure and not seeded_noise(1).secure
+    assert not np.array_equal(a.bits(64), b.bits(64))
+    assert repr(a) == "SecureNoise()"
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="'secure' or 'seeded'"):
+        noise_source("fast")
+    with pytest.raises(ValueError, match="std"):
+        secure_noise().normal(3, std=-1.0)
