@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# first, ahead of site-packages: Opacus's wheel installs a top-level package named "benchmarks"
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# first, ahead of site-packages: Opacus's wheel installs a top-level package named "benchmarks"
+sys.path.insert(0, str(REPO))
 
 from clients import mnist  # noqa: E402
 from fedlearn.data import load_dataset, partition_dataset  # noqa: E402

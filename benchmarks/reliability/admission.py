@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+# first, ahead of site-packages: Opacus's wheel installs a top-level package named "benchmarks"
 for entry in (str(ROOT), str(ROOT / "tests")):
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
+    sys.path.insert(0, entry)
 
 import grpc  # noqa: E402
 

@@ -59,9 +59,9 @@ from pathlib import Path
 from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[2]
+# first, ahead of site-packages: Opacus's wheel installs a top-level package named "benchmarks"
 for _path in (REPO, REPO / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+    sys.path.insert(0, str(_path))
 
 import numpy as np  # noqa: E402
 

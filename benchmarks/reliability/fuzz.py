@@ -54,9 +54,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+# first, ahead of site-packages: Opacus's wheel installs a top-level package named "benchmarks"
 for extra in (ROOT, ROOT / "tests"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
+    sys.path.insert(0, str(extra))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402

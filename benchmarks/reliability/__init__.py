@@ -1,0 +1,1 @@
+"""RELIABILITY.md figures: fuzz, chaos, load, serving, admission."""
