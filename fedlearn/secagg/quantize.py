@@ -203,6 +203,32 @@ def quantize(
     return apply_masks(out, masks, modulus_bits, fill=fill)
 
 
+def encode_integers(
+    values: np.ndarray,
+    weight: int,
+    *,
+    modulus_bits: int,
+    masks: Sequence[tuple[bytes, int]] = (),
+) -> np.ndarray:
+    """Signed ``int64`` ``values`` (already quantized, e.g. noised by distributed DP) and
+    ``weight`` as ``len(values) + 1`` words mod ``2^b`` (two's complement), masks added."""
+    v = np.asarray(values)
+    if v.ndim != 1 or v.dtype != np.int64:
+        raise ConfigError(f"expected a 1-D int64 array, got {v.dtype}{v.shape}")
+    dtype = mask_dtype(modulus_bits)
+    d = v.size
+    out = np.empty(d + 1, dtype=dtype)
+
+    def fill(start: int, stop: int, block: np.ndarray) -> None:
+        end = min(stop, d)
+        if end > start:
+            np.copyto(block[: end - start], v[start:end], casting="unsafe")  # wraps mod 2^b
+        if stop > d:
+            block[d - start] = weight
+
+    return apply_masks(out, masks, modulus_bits, fill=fill)
+
+
 def decode_signed(total: np.ndarray, modulus_bits: int) -> np.ndarray:
     """Residues mod ``2^b`` as signed int64 in ``[-2^(b-1), 2^(b-1))``."""
     t = np.asarray(total)
