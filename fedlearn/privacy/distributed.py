@@ -53,9 +53,12 @@ D2^2 / (2 v^2)`` and ``xi0 = max(0, (6 D1 - D2^2) / (4 v^2))``. Renyi divergence
 decrease with the order, so for a real order ``alpha`` in ``(k - 1, k]``, ``eps(alpha) <=
 eps(k) <= rho (alpha + 1) + xi0``: the round is ``(xi, rho)``-zCDP with ``xi = xi0 + rho``,
 a :class:`dp_accounting.ZCDpEvent` that dp-accounting's RDP accountant composes at every
-order it uses (fractional ones included). The slack against the Gaussian mechanism with
-the same variance is the ``xi`` term (about ``1/alpha`` of the cost at the order that
-``eps(delta)`` picks) and the rounding's ``D2 / c - 1`` (below 1e-6 at the default scale).
+order it uses (its default orders include fractional ones) - conservative, by about
+``1/alpha`` of the cost at the order that ``eps(delta)`` picks (much more at large
+epsilon, where that order is near 1). An accountant built with the integer orders
+:data:`RDP_ORDERS` can take the tight event (``integer_orders=True``: ``xi = xi0``), whose
+only slack against the Gaussian mechanism of the same variance is the rounding's ``D2 / c
+- 1`` (below 1e-6 at the default scale) and the ``1/v`` terms (below 1e-12).
 The event covers the round *as run*: no amplification by sampling is claimed, so it
 must not be wrapped in a sampled event (dp-accounting's PLD accountant and its sampled
 events take only Gaussian-type events; see the README). Add/remove neighbours (one
@@ -89,6 +92,8 @@ MAX_INFLATION = 1.1
 EXACT_LIMIT = 2**52
 """Every integer the protocol handles stays below this (exact in float64)."""
 MAX_ROUNDING_TRIES = 200
+RDP_ORDERS: tuple[int, ...] = (*range(2, 129), 160, 192, 256, 384, 512, 768, 1024)
+"""Integer RDP orders: with an accountant on these, ``integer_orders=True`` is exact."""
 Neighbours = Literal["add_or_remove", "replace"]
 
 
@@ -293,9 +298,14 @@ def calibrate(
 
 
 def zcdp_parameters(
-    noise: RoundNoise, survivors: int, neighbours: Neighbours = "add_or_remove"
+    noise: RoundNoise,
+    survivors: int,
+    neighbours: Neighbours = "add_or_remove",
+    *,
+    integer_orders: bool = False,
 ) -> tuple[float, float]:
-    """``(rho, xi)`` of the round with ``survivors`` noise shares in the sum."""
+    """``(rho, xi)`` of the round with ``survivors`` noise shares in the sum; with
+    ``integer_orders`` valid only at integer orders (see the module docstring)."""
     if not isinstance(survivors, int) or survivors < 1:
         raise ConfigError(f"survivors must be a positive int, got {survivors!r}")
     if neighbours not in ("add_or_remove", "replace"):
@@ -305,7 +315,7 @@ def zcdp_parameters(
     v = survivors * noise.variance
     rho = d2 * d2 / (2.0 * v) + d2 * d2 / (2.0 * v * v)
     xi0 = max(0.0, (6.0 * d1 - d2 * d2) / (4.0 * v * v))
-    return rho, xi0 + rho
+    return rho, xi0 if integer_orders else xi0 + rho
 
 
 def skellam_rdp(
@@ -322,19 +332,24 @@ def skellam_rdp(
 
 
 def distributed_event(
-    noise: RoundNoise, survivors: int, neighbours: Neighbours = "add_or_remove"
+    noise: RoundNoise,
+    survivors: int,
+    neighbours: Neighbours = "add_or_remove",
+    *,
+    integer_orders: bool = False,
 ) -> dp_accounting.DpEvent:
     """The round's :class:`dp_accounting.ZCDpEvent` given the actual ``survivors``.
 
-    Compose it as is (no sampling wrapper) with dp-accounting's RDP accountant; see the
-    module docstring for the bound and its slack.
+    Compose it as is (no sampling wrapper) with dp-accounting's RDP accountant; pass
+    ``integer_orders=True`` only when that accountant uses integer orders (e.g.
+    ``RdpAccountant(list(RDP_ORDERS))``). See the module docstring for the bound.
     """
     from fedlearn.config.extras import require_extra
 
     require_extra("privacy", "distributed DP accounting")
     import dp_accounting
 
-    rho, xi = zcdp_parameters(noise, survivors, neighbours)
+    rho, xi = zcdp_parameters(noise, survivors, neighbours, integer_orders=integer_orders)
     return dp_accounting.ZCDpEvent(rho=rho, xi=xi)
 
 
@@ -399,6 +414,7 @@ def distributed_noise(
 
 
 __all__ = [
+    "RDP_ORDERS",
     "DistributedNoise",
     "RoundNoise",
     "calibrate",

@@ -150,11 +150,15 @@ class SecureRound:
     noise: RoundNoise | None
     """The round's distributed-DP calibration; None without distributed DP."""
 
-    def event(self, neighbours: Neighbours = "add_or_remove") -> dp_accounting.DpEvent:
+    def event(
+        self, neighbours: Neighbours = "add_or_remove", *, integer_orders: bool = False
+    ) -> dp_accounting.DpEvent:
         """The round's ZCDpEvent (:func:`fedlearn.privacy.distributed.distributed_event`)."""
         if self.noise is None:
             raise ConfigError("this secure round added no distributed-DP noise")
-        return distributed_event(self.noise, len(self.survivors), neighbours)
+        return distributed_event(
+            self.noise, len(self.survivors), neighbours, integer_orders=integer_orders
+        )
 
     @property
     def noise_std(self) -> float:
