@@ -33,6 +33,7 @@ import numpy as np
 from fedlearn.privacy.noise import NoiseSource
 
 _SMALL = 10.0
+_BLOCK = 1 << 15
 _TABLE = 16
 _LOG_FACTORIAL = np.array([math.lgamma(k + 1) for k in range(_TABLE)])
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -127,9 +128,14 @@ def poisson(source: NoiseSource, lam: float, size: int) -> np.ndarray:
         raise ValueError(f"Poisson rate must be in [0, 2^52], got {lam}")
     if size == 0 or lam == 0.0:
         return np.zeros(size, np.int64)
-    if lam < _SMALL:
-        return _poisson_inversion(source, lam, size)
-    return _poisson_ptrs(source, lam, size)
+    sample = _poisson_inversion if lam < _SMALL else _poisson_ptrs
+    if size <= _BLOCK:
+        return sample(source, lam, size)
+    out = np.empty(size, np.int64)
+    for start in range(0, size, _BLOCK):  # bounded temporaries, cache-sized blocks
+        stop = min(size, start + _BLOCK)
+        out[start:stop] = sample(source, lam, stop - start)
+    return out
 
 
 def skellam(source: NoiseSource, variance: float, size: int) -> np.ndarray:
