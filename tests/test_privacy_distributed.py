@@ -174,6 +174,31 @@ def test_worst_case_clients_cannot_make_the_sum_wrap() -> None:
         )
 
 
+@pytest.mark.parametrize(("clients", "modulus_bits"), [(3, 32), (3, 64), (40, 64), (200, 32)])
+def test_the_chosen_scale_is_usable_for_any_ring(clients: int, modulus_bits: int) -> None:
+    noise = DistributedNoise(1.0, seed=1)
+    cfg = SecAggConfig.create(
+        range(clients), 500, max_weight=1, clip=1.0, modulus_bits=modulus_bits, noise=noise
+    )
+    rn = cfg.round_noise
+    assert rn is not None and rn.headroom() >= 0 and rn.variance <= 2.0**50
+    assert rn.norm_bound / rn.scaled_clip < 1.001
+    updates = _updates(clients, 500) if clients <= 40 else None
+    if updates is not None:
+        result = SecAggSimulation(updates, cfg).run()
+        exact = sum(_clip(x, 1.0) for x, _ in updates.values())
+        assert np.abs(result.weighted_sum - exact).max() < 8.0  # noise of std 1, no wrap
+    with pytest.raises(ConfigError, match="2\\^50"):
+        calibrate(
+            noise,
+            clip=1.0,
+            dimension=500,
+            clients=clients,
+            modulus_bits=64,
+            scale_bits=40,
+        )
+
+
 def test_noise_settings_travel_in_setup_and_seeded_rounds_repeat() -> None:
     noise = DistributedNoise(0.8, expected_clients=4, seed=5)
     cfg = SecAggConfig.create(range(5), 300, max_weight=10, clip=0.5, noise=noise)
@@ -265,6 +290,8 @@ def test_secure_rounds_report_their_survivors_and_event() -> None:
     assert math.isclose(seen[0].noise_std, 1.5)
     assert seen[1].noise_std < seen[0].noise_std
     assert _epsilon(seen[1].event()) > _epsilon(seen[0].event())
+    assert secure.planned_noise(8, 6) == seen[0].noise  # LogReg: 6 parameters
+    assert SecureAggregation().planned_noise(8, 6) is None
     plain: list[SecureRound] = []
     run_simulation(
         LogReg,

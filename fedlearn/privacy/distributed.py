@@ -40,7 +40,9 @@ Skellam moment generating function ``exp(v (cosh t - 1))``, ``v = n mu``). fedle
 requires ``n floor(D2) + T < min(2^(b-1), 2^52)`` with ``T`` chosen so that some coordinate
 wraps with probability below 2^-40 per round; the 2^52 keeps every value exact in float64.
 The scale is the largest that passes, unless given, and a setting where none does (or
-where rounding inflates the sensitivity by more than 10 %) is a :class:`ConfigError`.
+where rounding inflates the sensitivity by more than 10 %, or where a client's variance
+would pass 2^50 and its Poisson draws leave float64's exact integers) is a
+:class:`ConfigError`.
 
 **Accounting.** For integer orders ``alpha > 1`` the Skellam mechanism with total
 variance ``v`` and sensitivities ``D2``, ``D1`` is ``(alpha, eps(alpha))``-RDP with (their
@@ -91,6 +93,9 @@ MAX_INFLATION = 1.1
 """Largest ``D2 / c`` (sensitivity growth from rounding) accepted at configuration."""
 EXACT_LIMIT = 2**52
 """Every integer the protocol handles stays below this (exact in float64)."""
+MAX_VARIANCE = 2.0**50
+"""Largest per-client Skellam variance: its two Poisson draws (about ``mu / 2`` each) then
+stay exact in float64 and within the samplers' range."""
 MAX_ROUNDING_TRIES = 200
 RDP_ORDERS: tuple[int, ...] = (*range(2, 129), 160, 192, 256, 384, 512, 768, 1024)
 """Integer RDP orders: with an accountant on these, ``integer_orders=True`` is exact."""
@@ -251,6 +256,11 @@ class RoundNoise:
                 f"{self.dimension} coordinates: rounding inflates the sensitivity by "
                 f"{100 * (inflation - 1):.0f} % (raise scale_bits or modulus_bits)"
             )
+        if self.variance > MAX_VARIANCE:
+            raise ConfigError(
+                f"distributed DP: each client's noise variance {self.variance:.3g} at "
+                f"scale_bits {self.scale_bits} exceeds 2^50 quantized units; lower scale_bits"
+            )
         if self.headroom() < 0:
             raise ConfigError(
                 f"distributed DP: {self.clients} clients' signal (each coordinate <= "
@@ -285,7 +295,7 @@ def calibrate(
     best: RoundNoise | None = None
     for s in range(0, 53):
         candidate = RoundNoise(settings, float(clip), s, modulus_bits, dimension, clients)
-        if candidate.headroom() < 0:
+        if candidate.headroom() < 0 or candidate.variance > MAX_VARIANCE:
             break
         best = candidate
     if best is None:

@@ -78,9 +78,10 @@ class SecureAggregation:
 
     ``noise`` turns on distributed DP (:mod:`fedlearn.privacy.distributed`): ``clip`` is
     then the L2 clip ``C`` of each client's change and each client adds its Skellam
-    share before masking; ``scale_bits`` (default: the largest whose noised sum cannot
-    wrap) is the fixed-point precision. ``on_round`` is called with a
-    :class:`SecureRound` after every round whose sum was revealed (the accountant's hook).
+    share before masking, with weight 1 (``max_weight`` is then unused); ``scale_bits``
+    (default: the largest whose noised sum cannot wrap) is the fixed-point precision.
+    ``on_round`` is called with a :class:`SecureRound` after every round whose sum was
+    revealed (the accountant's hook).
     """
 
     clip: float = 1.0
@@ -102,6 +103,12 @@ class SecureAggregation:
         if noise is None:
             return self
         return replace(self, noise=noise, clip=clip, on_round=on_round)
+
+    def planned_noise(self, clients: int, vector_length: int) -> RoundNoise | None:
+        """The distributed-DP calibration a round of ``clients`` over ``vector_length``
+        parameters will use (None without noise): e.g. for the epsilon a round would cost
+        before it runs (``distributed_event(noise, clients)``)."""
+        return self.round_config(list(range(clients)), vector_length, 0, 0).round_noise
 
     def check(self, strategy: Strategy, clients_per_round: int) -> None:
         """ConfigError unless ``strategy`` aggregates by a plain weighted mean."""
@@ -225,7 +232,7 @@ def _weighted_delta(
         ),
         global_arrays,
     )
-    if update.num_examples > setup.config.max_weight:
+    if update.num_examples > setup.config.max_weight and setup.config.noise is None:
         raise UpdateRejected(
             f"num_examples {update.num_examples} exceeds secure aggregation's max_weight "
             f"{setup.config.max_weight}"
