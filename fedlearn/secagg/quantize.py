@@ -21,6 +21,9 @@ for float16/float32 updates and integer weights below 2^29 (the product ``w * x`
 then exact in float64 and scaling by ``2^s`` is exact); float64 updates add at most one
 float64 rounding of ``w * x * 2^s``, i.e. ``max|q| * 2^-53`` per client.
 
+:func:`encode_integers` packs values that are already integers (distributed DP's noised
+contributions, :mod:`fedlearn.privacy.distributed`) the same way, weight last.
+
 :func:`flatten` / :func:`unflatten` turn named model arrays into the flat vector the
 protocol masks and back.
 """

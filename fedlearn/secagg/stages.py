@@ -81,7 +81,10 @@ class SecureAggregation:
     share before masking, with weight 1 (``max_weight`` is then unused); ``scale_bits``
     (default: the largest whose noised sum cannot wrap) is the fixed-point precision.
     ``on_round`` is called with a :class:`SecureRound` after every round whose sum was
-    revealed (the accountant's hook).
+    revealed (the accountant's hook): as soon as the server has unmasked it, before the
+    model changes, so a round that fails afterwards (quorum, server update) is still on
+    the ledger - its noised sum was seen. A round that aborts earlier reveals nothing and
+    is not reported.
     """
 
     clip: float = 1.0
