@@ -5,8 +5,9 @@
     warm), the two kinds alternating, medians -> ``dp+secagg / secagg round`` (target
     <= 1.1).
 (b) ``--part peer``: bench_secagg's peer workload (no training: each client returns a
-    fixed change), ``--clients`` x ``--params``, 2 rounds, pool backend; medians of whole
-    runs -> the same ratio on a workload that is nothing but secure aggregation.
+    fixed change), ``--clients`` x ``--params``, 2 rounds in one process; medians of the
+    CPU seconds of whole runs -> the same ratio on a workload that is nothing but secure
+    aggregation.
 (b') ``--part cpu``: (a) in one process (in-process backend, one torch thread), CPU seconds
     of the whole 2-round run: the same ratio, robust to a busy shared machine.
 (c) ``--part client``: one client's cost of its noise share for ``--params`` coordinates
@@ -118,24 +119,25 @@ def part_peer(args: argparse.Namespace) -> None:
     noised = base.with_noise(DistributedNoise(SIGMA), clip=1.0)
 
     def run(dp: bool) -> float:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         run_simulation(
             lambda: PeerApp(args.params),
             FedAvg(),
             num_clients=args.clients,
             rounds=2,
-            backend="pool",
+            backend="inprocess",
             evaluate_every=0,
             secure=noised if dp else base,
         )
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
     plain, dp = _alternate(args.reps, run)
     print(
-        f"peer workload {args.clients} clients x {args.params:,} params x 2 rounds: SecAgg+ "
-        f"{plain:.2f} s, with distributed DP {dp:.2f} s (medians of {args.reps})"
+        f"peer workload {args.clients} clients x {args.params:,} params x 2 rounds in one "
+        f"process: CPU {plain:.2f} s with SecAgg+, {dp:.2f} s with distributed DP (medians "
+        f"of {args.reps})"
     )
-    print(f"dp+secagg / secagg run (peer) = {dp / plain:.3f}")
+    print(f"dp+secagg / secagg CPU (peer) = {dp / plain:.3f}")
 
 
 def part_client(args: argparse.Namespace) -> None:
