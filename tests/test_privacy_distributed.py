@@ -174,6 +174,24 @@ def test_worst_case_clients_cannot_make_the_sum_wrap() -> None:
         )
 
 
+@given(
+    st.floats(1e-3, 1e3),
+    st.one_of(st.none(), st.integers(1, 10_000)),
+    st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+)
+def test_noise_settings_round_trip_through_json(
+    sigma: float, expected: int | None, seed: int | None
+) -> None:
+    noise = DistributedNoise(sigma, expected, seed)
+    assert DistributedNoise.from_json(noise.to_json()) == noise
+    source = noise.source(4, 2)
+    assert source.secure == (seed is None)
+    if seed is not None:
+        again = noise.source(4, 2).bits(4)
+        assert source.bits(4).tobytes() == again.tobytes()
+        assert noise.source(4, 3).bits(4).tobytes() != again.tobytes()
+
+
 @pytest.mark.parametrize(("clients", "modulus_bits"), [(3, 32), (3, 64), (40, 64), (200, 32)])
 def test_the_chosen_scale_is_usable_for_any_ring(clients: int, modulus_bits: int) -> None:
     noise = DistributedNoise(1.0, seed=1)

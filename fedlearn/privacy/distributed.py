@@ -100,6 +100,8 @@ MAX_ROUNDING_TRIES = 200
 RDP_ORDERS: tuple[int, ...] = (*range(2, 129), 160, 192, 256, 384, 512, 768, 1024)
 """Integer RDP orders: with an accountant on these, ``integer_orders=True`` is exact."""
 Neighbours = Literal["add_or_remove", "replace"]
+SEED_TAG = 0x5E11A
+"""Last component of a seeded client's noise key: distributed DP's own stream."""
 
 
 # ------------------------------------------------------------------------ settings
@@ -113,7 +115,8 @@ class DistributedNoise:
     ``sigma * clip`` when ``expected_clients`` of them survive (``None``: as many as were
     selected for the round). ``seed``: ``None`` draws every client's noise from
     :func:`~fedlearn.privacy.noise.secure_noise`; an int draws it from
-    ``seeded_noise(seed, round, client_id)`` - reproducible, for tests and replays only,
+    ``seeded_noise(seed, round, client_id, SEED_TAG)`` - reproducible, for tests and
+    replays only (the tag keeps it apart from other seeded noise of the same round),
     since whoever knows the seed can subtract the noise.
     """
 
@@ -139,7 +142,7 @@ class DistributedNoise:
         """The client's noise source for ``round``."""
         if self.seed is None:
             return noise_source("secure")
-        return noise_source("seeded", self.seed, round, client_id)
+        return noise_source("seeded", self.seed, round, client_id, SEED_TAG)
 
     def to_json(self) -> dict[str, Any]:
         return {
