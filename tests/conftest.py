@@ -10,6 +10,7 @@ two options that ``addopts`` still passes.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 from hypothesis import settings
@@ -19,6 +20,20 @@ from hypothesis import settings
 # a bug. Examples and shrinking are unchanged.
 settings.register_profile("fedlearn", deadline=None)
 settings.load_profile("fedlearn")
+
+
+# absl.logging (imported by dp-accounting) creates a handler on whatever sys.stderr is at
+# import time: during collection, pytest's capture file. A later logging.config.dictConfig
+# (uvicorn's, in the serving tests) closes every handler, and absl's close() spares only
+# the *current* sys.stderr - under click's CliRunner that is another stream, so pytest's
+# capture file was closed and every later test in the worker errored. Point the handler
+# at the process's real stderr, which it never closes.
+try:
+    import absl.logging
+except ImportError:  # the privacy extra is not installed
+    pass
+else:
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _TWO_PI = 2.0 * np.pi
 _INV_2_53 = 1.0 / float(1 << 53)
+_BLOCK = 1 << 16
+_ZEROS = memoryview(bytes(_BLOCK))
 
 
 class NoiseSource(Protocol):
@@ -86,9 +88,18 @@ class SecureNoise(_BoxMuller):
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
 
     def bits(self, size: int) -> np.ndarray:
-        """The next ``8 * size`` keystream bytes as ``uint64`` words."""
-        raw = self._stream.update(bytes(8 * size))
-        return np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
+        """The next ``8 * size`` keystream bytes as ``uint64`` words (little-endian).
+
+        The keystream is written block by block straight into the result (the 64 bytes
+        of slack are what ``update_into`` asks for), with no full-size temporaries.
+        """
+        out = np.empty(size + 8, dtype="<u8")
+        view = memoryview(out.data).cast("B")
+        total = 8 * size
+        for start in range(0, total, _BLOCK):
+            m = min(_BLOCK, total - start)
+            self._stream.update_into(_ZEROS[:m], view[start : start + m + 64])
+        return out[:size].astype(np.uint64, copy=False)
 
     def __repr__(self) -> str:  # never shows the key
         return "SecureNoise()"

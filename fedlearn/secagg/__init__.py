@@ -10,6 +10,10 @@
 * :mod:`~fedlearn.secagg.simulate` - an in-memory driver with dropout injection;
 * :mod:`~fedlearn.secagg.stages` - the glue into a coordinator round.
 
+With distributed DP (:mod:`fedlearn.privacy.distributed`, ``SecAggConfig.noise``) each
+client clips, rounds and adds its Skellam share in the quantized domain before masking,
+so the sum the server unmasks is already noised.
+
 The server and every client exchange the frozen dataclasses of ``messages`` and nothing
 else: no sockets, threads, sleeps or clocks. A driver (a transport, or
 :mod:`fedlearn.secagg.simulate`) moves messages and decides when a stage's deadline has

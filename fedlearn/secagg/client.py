@@ -13,6 +13,7 @@ from fedlearn.errors import (
     SerializationError,
     UpdateRejected,
 )
+from fedlearn.privacy.distributed import noised_integers
 from fedlearn.secagg import crypto, shamir
 from fedlearn.secagg.config import (
     MAX_ID,
@@ -39,6 +40,7 @@ from fedlearn.secagg.messages import (
     UnmaskShares,
 )
 from fedlearn.secagg.quantize import (
+    encode_integers,
     quantize,
 )
 
@@ -228,21 +230,28 @@ class SecAggClient:
                 f"client {me}: update has {vector.size} values, the round expects "
                 f"{cfg.vector_length}"
             )
-        if weight > cfg.max_weight:
+        if weight > cfg.max_weight and cfg.noise is None:  # under DP every weight is 1
             raise UpdateRejected(f"client {me}: weight {weight} exceeds {cfg.max_weight}")
         masks = [(b, 1)]
         for v in sorted(held):
             shared = crypto.agree(s.private, self._peers[v].s_pk)
             seed = crypto.derive_mask_seed(shared, round=self.round, a=me, b=v)
             masks.append((seed, pairwise_sign(me, v)))
-        masked = quantize(
-            vector,
-            weight,
-            clip=cfg.clip,
-            scale_bits=cfg.scale_bits,
-            modulus_bits=cfg.modulus_bits,
-            masks=masks,
-        )
+        noise = cfg.round_noise
+        if noise is not None and cfg.noise is not None:
+            # distributed DP: L2 clip, conditional rounding and this client's noise share
+            # go in before any mask; the weight is 1 (the sum's sensitivity is one clip)
+            values = noised_integers(vector, noise, cfg.noise.source(self.round, me))
+            masked = encode_integers(values, 1, modulus_bits=cfg.modulus_bits, masks=masks)
+        else:
+            masked = quantize(
+                vector,
+                weight,
+                clip=cfg.clip,
+                scale_bits=cfg.scale_bits,
+                modulus_bits=cfg.modulus_bits,
+                masks=masks,
+            )
         self._held = held
         self._input = None
         self._s = None

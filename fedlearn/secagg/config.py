@@ -15,6 +15,7 @@ from fedlearn.errors import (
     ConfigError,
     SerializationError,
 )
+from fedlearn.privacy.distributed import DistributedNoise, RoundNoise, calibrate
 from fedlearn.secagg import crypto, shamir
 from fedlearn.secagg.graph import (
     check_params,
@@ -63,6 +64,9 @@ class SecAggConfig:
     :mod:`fedlearn.secagg.quantize`); the capacity check runs here, before any round.
     ``graph_seed``: public randomness of the neighbour graph, fresh per round.
     ``min_survivors``: fewest clients that may be left at any stage (default ``t``).
+    ``noise``: distributed DP (:mod:`fedlearn.privacy.distributed`): every client then
+    clips its update to L2 norm ``clip``, rounds it conditionally, adds its Skellam share
+    and sends weight 1; the capacity check is then the noised one (signal plus noise tails).
     """
 
     clients: tuple[int, ...]
@@ -75,6 +79,8 @@ class SecAggConfig:
     max_weight: int = 1
     graph_seed: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     min_survivors: int = 0
+    noise: DistributedNoise | None = None
+    _round_noise: RoundNoise | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clients", tuple(self.clients))
@@ -111,7 +117,25 @@ class SecAggConfig:
             raise ConfigError(f"secagg min_survivors must be in {t}..{n}")
         if self.modulus_bits < 8:
             raise ConfigError("secagg modulus_bits must be at least 8")
-        check_capacity(n, self.max_weight, self.clip, self.scale_bits, self.modulus_bits)
+        if self.noise is None:
+            check_capacity(n, self.max_weight, self.clip, self.scale_bits, self.modulus_bits)
+            return
+        if not isinstance(self.noise, DistributedNoise):
+            raise ConfigError("secagg noise must be a DistributedNoise")
+        round_noise = calibrate(
+            self.noise,
+            clip=self.clip,
+            dimension=self.vector_length,
+            clients=n,
+            modulus_bits=self.modulus_bits,
+            scale_bits=self.scale_bits,
+        )
+        object.__setattr__(self, "_round_noise", round_noise)
+
+    @property
+    def round_noise(self) -> RoundNoise | None:
+        """The round's distributed-DP calibration (None without ``noise``)."""
+        return self._round_noise
 
     @classmethod
     def create(
@@ -127,12 +151,21 @@ class SecAggConfig:
         modulus_bits: int = 32,
         graph_seed: bytes | None = None,
         min_survivors: int = 0,
+        noise: DistributedNoise | None = None,
     ) -> SecAggConfig:
         """A config with SecAgg+ defaults: ``k = min(n-1, 2 ceil(log2 n))``, ``t`` a strict
         majority of ``k + 1``, and the largest ``scale_bits`` that cannot wrap."""
         ids = tuple(clients)
         k = recommended_degree(len(ids)) if num_neighbours is None else num_neighbours
         t = recommended_threshold(k) if threshold is None else threshold
+        if scale_bits is None and noise is not None:
+            scale_bits = calibrate(
+                noise,
+                clip=clip,
+                dimension=vector_length,
+                clients=len(ids),
+                modulus_bits=modulus_bits,
+            ).scale_bits
         if scale_bits is None:
             best = max_scale_bits(len(ids), max_weight, clip, modulus_bits)
             if best is None:
@@ -152,6 +185,7 @@ class SecAggConfig:
             max_weight=max_weight,
             graph_seed=secrets.token_bytes(32) if graph_seed is None else graph_seed,
             min_survivors=min_survivors,
+            noise=noise,
         )
 
     @property
@@ -160,7 +194,7 @@ class SecAggConfig:
         return error_bound(len(self.clients), self.scale_bits)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "clients": list(self.clients),
             "vector_length": self.vector_length,
             "num_neighbours": self.num_neighbours,
@@ -172,6 +206,9 @@ class SecAggConfig:
             "graph_seed": b64(self.graph_seed),
             "min_survivors": self.min_survivors,
         }
+        if self.noise is not None:  # absent without noise: plain rounds keep their bytes
+            out["noise"] = self.noise.to_json()
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> SecAggConfig:
@@ -187,8 +224,11 @@ class SecAggConfig:
             "graph_seed",
             "min_survivors",
         }
-        if not isinstance(raw, dict) or set(raw) != keys:
-            raise SerializationError(f"secagg config must have exactly the keys {sorted(keys)}")
+        if not isinstance(raw, dict) or set(raw) - {"noise"} != keys:
+            raise SerializationError(
+                f"secagg config must have exactly the keys {sorted(keys)} (and maybe noise)"
+            )
+        noise = None if "noise" not in raw else DistributedNoise.from_json(raw["noise"])
         clip = raw["clip"]
         if not isinstance(clip, int | float) or isinstance(clip, bool):
             raise SerializationError("secagg config clip must be a number")
@@ -204,6 +244,7 @@ class SecAggConfig:
                 max_weight=uint(raw["max_weight"], "max_weight"),
                 graph_seed=unb64(raw["graph_seed"], "graph_seed"),
                 min_survivors=uint(raw["min_survivors"], "min_survivors"),
+                noise=noise,
             )
         except ConfigError as exc:
             raise SerializationError(f"invalid secagg config: {exc}") from exc

@@ -21,6 +21,9 @@ for float16/float32 updates and integer weights below 2^29 (the product ``w * x`
 then exact in float64 and scaling by ``2^s`` is exact); float64 updates add at most one
 float64 rounding of ``w * x * 2^s``, i.e. ``max|q| * 2^-53`` per client.
 
+:func:`encode_integers` packs values that are already integers (distributed DP's noised
+contributions, :mod:`fedlearn.privacy.distributed`) the same way, weight last.
+
 :func:`flatten` / :func:`unflatten` turn named model arrays into the flat vector the
 protocol masks and back.
 """
@@ -199,6 +202,32 @@ def quantize(
                 np.copyto(block[:m], low_words[:m])  # low 32 bits = value mod 2^32
         if stop > d:
             block[d - start] = w
+
+    return apply_masks(out, masks, modulus_bits, fill=fill)
+
+
+def encode_integers(
+    values: np.ndarray,
+    weight: int,
+    *,
+    modulus_bits: int,
+    masks: Sequence[tuple[bytes, int]] = (),
+) -> np.ndarray:
+    """Signed ``int64`` ``values`` (already quantized, e.g. noised by distributed DP) and
+    ``weight`` as ``len(values) + 1`` words mod ``2^b`` (two's complement), masks added."""
+    v = np.asarray(values)
+    if v.ndim != 1 or v.dtype != np.int64:
+        raise ConfigError(f"expected a 1-D int64 array, got {v.dtype}{v.shape}")
+    dtype = mask_dtype(modulus_bits)
+    d = v.size
+    out = np.empty(d + 1, dtype=dtype)
+
+    def fill(start: int, stop: int, block: np.ndarray) -> None:
+        end = min(stop, d)
+        if end > start:
+            np.copyto(block[: end - start], v[start:end], casting="unsafe")  # wraps mod 2^b
+        if stop > d:
+            block[d - start] = weight
 
     return apply_masks(out, masks, modulus_bits, fill=fill)
 

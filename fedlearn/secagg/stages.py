@@ -11,13 +11,20 @@ A secure training round is four exchanges over any transport (``Stage.SECAGG_*``
 
 The coordinator learns ``sum_i w_i delta_i`` and ``sum_i w_i`` only, and adds the weighted
 mean delta to the global model. A client's secrets never leave the runtime that holds it.
+
+With distributed DP (``SecureAggregation.noise``) every client clips its delta to L2 norm
+``clip``, adds its share of Skellam noise and sends weight 1 before masking, so the
+coordinator learns only the noised sum of the survivors and their number; each finished
+round is reported to ``SecureAggregation.on_round`` as a :class:`SecureRound`, whose
+:meth:`SecureRound.event` is the round's DpEvent for the accountant.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +33,12 @@ from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, Metrics, check_scalars
 from fedlearn.engine.results import ClientRecord, accepted_train
 from fedlearn.errors import ConfigError, FedlearnError, SecAggError, UpdateRejected
+from fedlearn.privacy.distributed import (
+    DistributedNoise,
+    Neighbours,
+    RoundNoise,
+    distributed_event,
+)
 from fedlearn.secagg.client import SecAggClient
 from fedlearn.secagg.config import SecAggConfig
 from fedlearn.secagg.config import Stage as Protocol
@@ -40,6 +53,9 @@ from fedlearn.secagg.messages import (
 from fedlearn.secagg.quantize import flatten, unflatten
 from fedlearn.secagg.server import SecAggServer
 from fedlearn.strategy.base import ClientUpdate, Strategy
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 SECURE_STAGES = (Stage.SECAGG_SETUP, Stage.SECAGG_KEYS, Stage.SECAGG_SHARES, Stage.SECAGG_UNMASK)
 REPLY_OF = {
@@ -59,6 +75,16 @@ class SecureAggregation:
     bounds ``num_examples`` (a client above it is refused); ``modulus_bits`` is the ring
     of the masked sum; ``neighbours`` (k) and ``threshold`` (t) default to SecAgg+'s
     ``k = 2 ceil(log2 n)`` and a strict majority of ``k + 1``.
+
+    ``noise`` turns on distributed DP (:mod:`fedlearn.privacy.distributed`): ``clip`` is
+    then the L2 clip ``C`` of each client's change and each client adds its Skellam
+    share before masking, with weight 1 (``max_weight`` is then unused); ``scale_bits``
+    (default: the largest whose noised sum cannot wrap) is the fixed-point precision.
+    ``on_round`` is called with a :class:`SecureRound` after every round whose sum was
+    revealed (the accountant's hook): as soon as the server has unmasked it, before the
+    model changes, so a round that fails afterwards (quorum, server update) is still on
+    the ledger - its noised sum was seen. A round that aborts earlier reveals nothing and
+    is not reported.
     """
 
     clip: float = 1.0
@@ -66,6 +92,26 @@ class SecureAggregation:
     modulus_bits: int = 32
     neighbours: int | None = None
     threshold: int | None = None
+    noise: DistributedNoise | None = None
+    scale_bits: int | None = None
+    on_round: Callable[[SecureRound], None] | None = field(default=None, compare=False, repr=False)
+
+    def with_noise(
+        self,
+        noise: DistributedNoise | None,
+        clip: float,
+        on_round: Callable[[SecureRound], None] | None = None,
+    ) -> SecureAggregation:
+        """These settings with distributed DP: L2 clip ``clip`` (``privacy.clip``)."""
+        if noise is None:
+            return self
+        return replace(self, noise=noise, clip=clip, on_round=on_round)
+
+    def planned_noise(self, clients: int, vector_length: int) -> RoundNoise | None:
+        """The distributed-DP calibration a round of ``clients`` over ``vector_length``
+        parameters will use (None without noise): e.g. for the epsilon a round would cost
+        before it runs (``distributed_event(noise, clients)``)."""
+        return self.round_config(list(range(clients)), vector_length, 0, 0).round_noise
 
     def check(self, strategy: Strategy, clients_per_round: int) -> None:
         """ConfigError unless ``strategy`` aggregates by a plain weighted mean."""
@@ -78,6 +124,13 @@ class SecureAggregation:
             )
         if clients_per_round < 3:
             raise ConfigError("secure aggregation needs at least 3 clients per round")
+        expected = None if self.noise is None else self.noise.expected_clients
+        if expected is not None and expected > clients_per_round:
+            raise ConfigError(
+                f"distributed DP expects {expected} surviving clients but only "
+                f"{clients_per_round} are selected per round: the noise could never reach "
+                "its target"
+            )
         self.round_config(list(range(clients_per_round)), 1, 0, 0)
 
     def round_config(self, clients: list[int], length: int, seed: int, rnd: int) -> SecAggConfig:
@@ -91,8 +144,36 @@ class SecureAggregation:
             num_neighbours=self.neighbours,
             threshold=self.threshold,
             modulus_bits=self.modulus_bits,
+            scale_bits=self.scale_bits,
             graph_seed=graph_seed,
+            noise=self.noise,
         )
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """What a finished secure round revealed, for the privacy ledger."""
+
+    round: int
+    survivors: frozenset[int]
+    """Clients whose masked input (and noise share) is in the sum."""
+    noise: RoundNoise | None
+    """The round's distributed-DP calibration; None without distributed DP."""
+
+    def event(
+        self, neighbours: Neighbours = "add_or_remove", *, integer_orders: bool = False
+    ) -> dp_accounting.DpEvent:
+        """The round's ZCDpEvent (:func:`fedlearn.privacy.distributed.distributed_event`)."""
+        if self.noise is None:
+            raise ConfigError("this secure round added no distributed-DP noise")
+        return distributed_event(
+            self.noise, len(self.survivors), neighbours, integer_orders=integer_orders
+        )
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise in the revealed sum (model units)."""
+        return 0.0 if self.noise is None else self.noise.noise_std(len(self.survivors))
 
 
 # ------------------------------------------------------------------------ client side
@@ -154,7 +235,7 @@ def _weighted_delta(
         ),
         global_arrays,
     )
-    if update.num_examples > setup.config.max_weight:
+    if update.num_examples > setup.config.max_weight and setup.config.noise is None:
         raise UpdateRejected(
             f"num_examples {update.num_examples} exceeds secure aggregation's max_weight "
             f"{setup.config.max_weight}"
@@ -235,6 +316,8 @@ def secure_mean(
                 note(record)
         outgoing = server.advance()  # RoundFailed when too few survive
     result = server.result()
+    if secure.on_round is not None:
+        secure.on_round(SecureRound(rnd, result.survivors, server.config.round_noise))
     mean_delta = unflatten(result.mean(), spec)
     new = {name: _add(global_arrays[name], mean_delta[name]) for name in global_arrays}
     survivors = [accepted[c] for c in sorted(result.survivors) if c in accepted]
@@ -251,5 +334,6 @@ __all__ = [
     "ClientMessage",
     "SecureAggregation",
     "SecureClientStates",
+    "SecureRound",
     "secure_mean",
 ]
