@@ -78,7 +78,8 @@ class SGDSettings(Protocol):
 
 
 def check_model(model: nn.Module) -> None:
-    """ConfigError unless Opacus can compute per-sample gradients for ``model``."""
+    """ConfigError unless Opacus can compute per-sample gradients for ``model`` (in
+    training mode)."""
     require_extra("privacy", "example-level DP-SGD (dp.mode = 'example')")
     from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
 
@@ -109,7 +110,9 @@ def fit_private(
     import torch
     from torch.nn import functional as F
 
-    check_model(model)
+    work = copy.deepcopy(model)
+    work.train()  # Opacus validates a model in training mode
+    check_model(work)
     if settings.proximal_mu > 0:
         raise ConfigError("example-level DP-SGD does not take proximal_mu (FedProx)")
     n = int(y.shape[0])
@@ -121,8 +124,6 @@ def fit_private(
     secure_mode = dp.noise == "secure" and importlib.util.find_spec("torchcsprng") is not None
     device = next(model.parameters()).device
     noise_gen, sample_gen = (None, None) if secure_mode else _generators(dp, seed, device)
-    work = copy.deepcopy(model)
-    work.train()
     optimizer = torch.optim.SGD(
         [p for p in work.parameters() if p.requires_grad],
         lr=settings.lr,
