@@ -9,7 +9,9 @@ two options that ``addopts`` still passes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import pytest
 from hypothesis import settings
@@ -19,6 +21,21 @@ from hypothesis import settings
 # a bug. Examples and shrinking are unchanged.
 settings.register_profile("fedlearn", deadline=None)
 settings.load_profile("fedlearn")
+
+
+def _absl_logs_to_the_process_stderr() -> None:
+    """dp-accounting logs through absl, whose handler keeps the ``sys.stderr`` of the moment
+    absl is imported (pytest's capture, while collecting) and closes that stream when its
+    handler is closed: a later test (the CLI's) then finds stderr closed. Point it at the
+    process's own stderr, which absl never closes."""
+    if importlib.util.find_spec("absl") is None:
+        return
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_logs_to_the_process_stderr()
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:

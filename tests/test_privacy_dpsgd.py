@@ -3,15 +3,15 @@ the per-client metrics, determinism, MNIST training, and the untouched non-DP pa
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import dp_accounting as dpa
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from clients import mnist
@@ -23,11 +23,16 @@ from fedlearn.engine.messages import Stage, Task
 from fedlearn.engine.records import Arrays, Config
 from fedlearn.engine.runtime import ClientRuntime, single_thread
 from fedlearn.errors import ConfigError
+from fedlearn.privacy import dpsgd
 from fedlearn.simulation import run_simulation
 from fedlearn.strategy import FedAvg
 from fedlearn.strategy.base import RoundContext
 
 DELTA = 1e-5
+
+dpsgd.import_opacus()  # before the imports below: without the root handler Opacus adds
+from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
 
 
 def example_config(sigma: float = 1.0, clip: float = 1.0, noise: str = "seeded") -> Config:
@@ -56,6 +61,19 @@ def opacus_epsilon(
     accountant = RDPAccountant()
     accountant.history = [(sigma, q, steps)]
     return float(accountant.get_epsilon(delta, alphas=orders))
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_untouched() -> Iterator[None]:
+    """dp-accounting logs orders it drops with ``logging.warning``, which runs
+    ``logging.basicConfig()`` when the root logger has no handler: a handler bound to this
+    test's captured stderr, closed after it. Remove what a test added."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in list(root.handlers):
+        if handler not in before:
+            root.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +272,18 @@ def test_proximal_mu_is_refused_with_dp_sgd(mnist5k: FederatedDataset) -> None:
     app = mnist.make_app(mnist5k)
     with pytest.raises(ConfigError, match="proximal_mu"):
         train(app, app.initial_arrays(0), example_config() | {"proximal_mu": 0.1})
+
+
+def test_importing_opacus_leaves_the_root_logger_alone() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from fedlearn.privacy.dpsgd import import_opacus; import_opacus(); "
+        "import opacus.utils.module_utils; print(len(logging.getLogger().handlers))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
 
 
 def test_missing_privacy_extra_names_it(

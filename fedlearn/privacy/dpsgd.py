@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import secrets
 import warnings
 from typing import TYPE_CHECKING, Protocol
@@ -77,10 +78,29 @@ class SGDSettings(Protocol):
     def proximal_mu(self) -> float: ...
 
 
+def import_opacus() -> None:
+    """Import Opacus (ConfigError naming the ``privacy`` extra if it is missing), without
+    the root-logger handler its import installs.
+
+    ``opacus.utils.module_utils`` calls ``logging.basicConfig(stream=sys.stderr)`` when
+    imported: that binds the process's logging to whatever ``sys.stderr`` is at that
+    moment and makes the application's own ``basicConfig`` a no-op. Handlers the import
+    added are removed again (a process that imported Opacus before keeps its own).
+    """
+    require_extra("privacy", "example-level DP-SGD (dp.mode = 'example')")
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import opacus  # type: ignore[import-untyped]  # noqa: F401
+
+    for handler in list(root.handlers):
+        if handler not in before:
+            root.removeHandler(handler)
+
+
 def check_model(model: nn.Module) -> None:
     """ConfigError unless Opacus can compute per-sample gradients for ``model`` (in
     training mode)."""
-    require_extra("privacy", "example-level DP-SGD (dp.mode = 'example')")
+    import_opacus()
     from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
 
     errors = ModuleValidator.validate(model, strict=False)
@@ -118,7 +138,7 @@ def fit_private(
     n = int(y.shape[0])
     if n == 0:
         raise ValueError("cannot train on an empty training split")
-    from opacus import PrivacyEngine  # type: ignore[import-untyped]
+    from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     secure_mode = dp.noise == "secure" and importlib.util.find_spec("torchcsprng") is not None
