@@ -199,11 +199,21 @@ def test_local_dp_keeps_only_dp_metrics() -> None:
         (local_config(1.0, 1.0, "pseudo"), "dp.noise must be"),
     ],
 )
-def test_a_bad_dp_config_fails_the_task_with_its_key(config: Config, message: str) -> None:
-    reply = ClientRuntime(LogReg()).handle(train_task(config), LogReg().initial_arrays(0))
+def test_a_bad_dp_config_fails_the_task_with_its_key_before_training(
+    config: Config, message: str
+) -> None:
+    calls: list[int] = []
+
+    class Counting(LogReg):
+        def train(self, arrays: Arrays, config: Config, ctx: ClientContext) -> TrainResult:
+            calls.append(ctx.client_id)
+            return super().train(arrays, config, ctx)
+
+    reply = ClientRuntime(Counting()).handle(train_task(config), LogReg().initial_arrays(0))
     assert reply.error is not None
     assert "ConfigError" in reply.error
     assert message in reply.error
+    assert calls == []
 
 
 def test_site_floor_raises_sigma_applies_unasked_and_allows_seeded_only_if_both_say_so() -> None:

@@ -109,11 +109,12 @@ def privatize(new: Arrays, global_arrays: Arrays, dp: TaskDP, seed: int) -> Arra
     if list(new) != list(global_arrays):
         raise ValueError("local DP: the app's arrays differ from the global model's names")
     floats = [name for name, a in global_arrays.items() if a.dtype.kind == "f"]
+    updated = {name: np.asarray(new[name]) for name in floats}
     for name in floats:
-        if np.shape(new[name]) != np.shape(global_arrays[name]):
+        if updated[name].shape != global_arrays[name].shape:
             raise ValueError(f"local DP: array {name!r} changed shape")
     delta = np.concatenate(
-        [np.subtract(new[n], global_arrays[n], dtype=np.float64).reshape(-1) for n in floats]
+        [np.subtract(updated[n], global_arrays[n], dtype=np.float64).reshape(-1) for n in floats]
         or [np.empty(0)]
     )
     clipped = clip_update(delta, dp.clip)
@@ -158,8 +159,8 @@ class PrivateTraining:
 
     def train(self, arrays: Arrays, config: Config, ctx: ClientContext) -> TrainResult:
         """The app's training result, clipped and noised when local DP applies."""
+        dp = local_dp(config, self.floor)  # a bad dp.* config fails before training
         result = self.app.train(arrays, config, ctx)
-        dp = local_dp(config, self.floor)
         if dp is None or not isinstance(result, TrainResult):
             return result  # the runtime reports a result of the wrong type
         return TrainResult(
