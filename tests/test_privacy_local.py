@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays as np_arrays
 from apps import LogReg
 from deployment import FAULT_APP, FAULT_PARAMS, Deployment, in_process_coordinator, simulated_data
 from fedlearn.config.deployment import SiteConfig
-from fedlearn.config.loading import load_toml
+from fedlearn.config.loading import load_toml, validate
 from fedlearn.deploy.launch import site_dp_floor
 from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.engine.messages import Stage, Task
@@ -250,6 +250,15 @@ def test_floor_on_top_of_example_level_dp_reports_both() -> None:
         "dp.local.noise_multiplier": 3.0,
         "dp.local.clip": 0.25,
     }
+
+
+def test_site_privacy_section_is_off_by_default_and_checked() -> None:
+    raw = {"site": {"name": "s"}, "data": {"path": "x.npz"}, "client": {"app": "m:f"}}
+    assert site_dp_floor(validate(SiteConfig, raw)) is None
+    with pytest.raises(ConfigError, match=r"privacy\.min_noise_multiplier"):
+        validate(SiteConfig, raw | {"privacy": {"min_noise_multiplier": 0}})
+    with pytest.raises(ConfigError, match=r"privacy\.noise"):
+        validate(SiteConfig, raw | {"privacy": {"min_noise_multiplier": 1, "noise": "weak"}})
 
 
 # ------------------------------------------------------------------------- real runs
