@@ -33,6 +33,7 @@ from fedlearn.privacy.local import (
     privatize,
 )
 from fedlearn.privacy.noise import seeded_noise
+from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import run_simulation
 from fedlearn.strategy import FedAvg, FedMedian
 from fedlearn.strategy.base import RoundContext
@@ -292,6 +293,27 @@ def test_local_dp_with_a_robust_strategy_in_simulation() -> None:
     assert gap < 1e-4
     moved = max(float(np.abs(noised.arrays[k] - plain.arrays[k]).max()) for k in plain.arrays)
     assert moved > 0.01
+
+
+def test_local_dp_noises_the_update_before_secure_aggregation_masks_it() -> None:
+    """Under SecAgg+ the setup stage trains through the same wrapper: the securely summed
+    model is the plain local-DP run's up to SecAgg's fixed-point rounding."""
+    secure = SecureAggregation(clip=10.0, max_weight=100)
+    strategy = LocalFedAvg(sigma=0.5, clip=0.3)
+
+    def run(secure: SecureAggregation | None, strategy: FedAvg):  # type: ignore[no-untyped-def]
+        return run_simulation(LogReg, strategy, num_clients=4, rounds=2, seed=1, secure=secure)  # type: ignore[arg-type]
+
+    masked, plain = run(secure, strategy), run(None, strategy)
+    assert all(r.ok for r in masked.rounds)
+    for name in plain.arrays:
+        np.testing.assert_allclose(masked.arrays[name], plain.arrays[name], atol=1e-5)
+    unnoised = run(secure, FedAvg())
+    assert (
+        max(float(np.abs(unnoised.arrays[k] - masked.arrays[k]).max()) for k in plain.arrays) > 0.01
+    )
+    train = [c for c in masked.clients if c.stage is Stage.TRAIN]
+    assert train and all(c.metrics == {"dp.noise_multiplier": 0.5, "dp.clip": 0.3} for c in train)
 
 
 def test_site_privacy_floor_over_grpc_equals_the_local_dp_simulation(tmp_path: Path) -> None:
