@@ -10,7 +10,9 @@ data, for federated-vs-centralized comparisons.
 Config keys a strategy may send with a training task (each overrides the constructor
 value for that task): ``epochs``, ``batch_size``, ``lr``, ``momentum``,
 ``weight_decay`` and ``proximal_mu`` (FedProx: adds ``mu/2 * ||w - w_global||^2`` to
-the loss when positive).
+the loss when positive). With ``dp.mode = "example"`` (and ``dp.clip``,
+``dp.noise_multiplier``, ``dp.noise``, ``dp.delta``) training is example-level DP-SGD
+through Opacus instead (:mod:`fedlearn.privacy.dpsgd`, the ``privacy`` extra).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.nn import functional as F
 from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.engine.records import Arrays, Config, Scalar
 from fedlearn.errors import ConfigError
+from fedlearn.privacy.keys import task_dp
 from fedlearn.registry.spec import ServingSpec, derive_spec
 
 __all__ = [
@@ -361,13 +364,20 @@ class TorchClientApp:
         return tensors
 
     def train(self, arrays: Arrays, config: Config, ctx: ClientContext) -> TrainResult:
-        """Load ``arrays``, run local SGD on the client's train split, return new arrays."""
+        """Load ``arrays``, run local SGD (or DP-SGD, with ``dp.mode = "example"``) on the
+        client's train split, return new arrays."""
         settings = self.settings.override(config)
         data = self.client_tensors(ctx.client_id)
         if data.y_train.shape[0] == 0:
             raise ValueError(f"client {ctx.client_id} has no training samples")
         model = self._placed_model()
         arrays_to_model(model, arrays)
+        dp = task_dp(config)
+        if dp is not None and dp.mode == "example":
+            from fedlearn.privacy.dpsgd import fit_private
+
+            metrics = fit_private(model, data.x_train, data.y_train, settings, dp, ctx.seed)
+            return TrainResult(model_to_arrays(model), int(data.y_train.shape[0]), metrics)
         generator = torch.Generator().manual_seed(ctx.seed)
         loss, accuracy = fit(model, data.x_train, data.y_train, settings, generator)
         return TrainResult(

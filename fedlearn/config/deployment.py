@@ -203,6 +203,21 @@ class SiteAppSection(_Section):
     params: dict[str, Scalar] = Field(default_factory=dict)
 
 
+class SitePrivacySection(_Section):
+    """[privacy] of a site: the least local DP it applies to every update it sends.
+
+    With ``min_noise_multiplier`` set, the site clips and noises each update itself
+    (:mod:`fedlearn.privacy.local`), whatever the coordinator asks: with sigma raised to at
+    least ``min_noise_multiplier`` when the coordinator asks for local DP, and with
+    ``clip`` and that sigma when it asks for none. Seeded noise only with
+    ``noise = "seeded"`` here too (tests; it protects nobody who knows the run's seed).
+    """
+
+    min_noise_multiplier: float | None = Field(None, gt=0)
+    clip: float = Field(1.0, gt=0)
+    noise: Literal["secure", "seeded"] = "secure"
+
+
 class SiteConfig(_Section):
     """site.toml."""
 
@@ -210,3 +225,4 @@ class SiteConfig(_Section):
     site: SiteSection
     data: SiteDataSection
     client: SiteAppSection
+    privacy: SitePrivacySection = Field(default_factory=SitePrivacySection)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from fedlearn.deploy.site import Backoff, SiteClient
 from fedlearn.engine.client_app import build_app
 from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError, DataError
+from fedlearn.privacy.local import LocalDPFloor
 from fedlearn.security.certs import load_pem
 from fedlearn.security.keys import load_private_key
 
@@ -104,4 +105,13 @@ def build_site(config: SiteConfig) -> SiteClient:
         always_digest=conn.payload_digest == "always",
         client_cert_files=client_cert,
         server_id=conn.server_id,
+        local_dp_floor=site_dp_floor(config),
     )
+
+
+def site_dp_floor(config: SiteConfig) -> LocalDPFloor | None:
+    """The local DP ``[privacy]`` of ``config`` demands of every update (None: nothing)."""
+    section = config.privacy
+    if section.min_noise_multiplier is None:
+        return None
+    return LocalDPFloor(section.min_noise_multiplier, section.clip, section.noise)

@@ -36,6 +36,7 @@ from fedlearn.engine.client_app import ClientApp
 from fedlearn.engine.records import decode_arrays, encode_arrays_parts
 from fedlearn.engine.runtime import ClientRuntime
 from fedlearn.errors import AuthError, ConfigError, SerializationError
+from fedlearn.privacy.local import LocalDPFloor
 from fedlearn.security.auth import sign_challenge
 from fedlearn.security.certs import load_server_pem
 from fedlearn.security.keys import public_key_bytes
@@ -98,6 +99,7 @@ class SiteClient:
         always_digest: bool = False,
         client_cert_files: tuple[str, str] | None = None,
         server_id: str | None = None,
+        local_dp_floor: LocalDPFloor | None = None,
     ) -> None:
         self.address = address
         self.client_cert_files = client_cert_files
@@ -109,7 +111,9 @@ class SiteClient:
         """The coordinator's expected server_id (None: whatever it says)."""
         self.server_cert_sha256: bytes | None = None
         """The certificate the coordinator presented to this connection's probe."""
-        self.runtime = ClientRuntime(app)
+        self.runtime = ClientRuntime(app, local_dp_floor=local_dp_floor)
+        """Runs each task; with ``local_dp_floor`` (``[privacy]`` of site.toml) every update
+        is clipped and noised here at least that much, whatever the coordinator asks."""
         self.key = key
         self.site_name = site_name
         self.root_certificates = root_certificates

@@ -1,7 +1,8 @@
 """The client runtime: answers a Task by calling the user's ClientApp.
 
-Every transport runs tasks through :class:`ClientRuntime`, so seeding, error capture
-and result checking are the same in-process, in a worker pool and in a site daemon.
+Every transport runs tasks through :class:`ClientRuntime`, so seeding, error capture,
+result checking and client-side privacy (local DP, :mod:`fedlearn.privacy.local`) are the
+same in-process, in a worker pool and in a site daemon.
 """
 
 from __future__ import annotations
@@ -18,14 +19,24 @@ from fedlearn.engine.client_app import ClientApp, ClientContext, EvaluateResult,
 from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, check_scalars
 from fedlearn.errors import FedlearnError
+from fedlearn.privacy.local import LocalDPFloor, PrivateTraining
 
 
 class ClientRuntime:
-    """Runs tasks against one ClientApp instance (which may serve many client ids)."""
+    """Runs tasks against one ClientApp instance (which may serve many client ids).
 
-    def __init__(self, app: ClientApp, run_id: str = "") -> None:
+    Training goes through :class:`~fedlearn.privacy.local.PrivateTraining`: an update
+    is clipped and noised here, before its reply exists, when the task asks for local DP
+    (``dp.mode = "local"``) or ``local_dp_floor`` (a site's own ``[privacy]``) demands it.
+    """
+
+    def __init__(
+        self, app: ClientApp, run_id: str = "", local_dp_floor: LocalDPFloor | None = None
+    ) -> None:
         self.app = app
         self.run_id = run_id
+        self.local_dp_floor = local_dp_floor
+        self._training = PrivateTraining(app, local_dp_floor)
         self._secure: Any = None
 
     def handle(self, task: Task, arrays: Arrays) -> Reply:
@@ -37,7 +48,7 @@ class ClientRuntime:
                 if task.stage.secure:
                     return self._secure_reply(task, arrays, ctx)
                 if task.stage is Stage.TRAIN:
-                    return _train_reply(task, self.app.train(arrays, task.config, ctx))
+                    return _train_reply(task, self._training.train(arrays, task.config, ctx))
                 return _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
         except Exception as exc:  # user code may raise anything: it becomes this client's failure
             return Reply(task.stage, task.round, task.client_id, error=describe(exc))
@@ -47,7 +58,7 @@ class ClientRuntime:
             from fedlearn.secagg.stages import SecureClientStates
 
             self._secure = SecureClientStates()
-        payload, num_examples, metrics = self._secure.handle(task, arrays, self.app, ctx)
+        payload, num_examples, metrics = self._secure.handle(task, arrays, self._training, ctx)
         return Reply(
             task.stage,
             task.round,
