@@ -71,7 +71,9 @@ def test_rdp_poisson_equals_dp_accounting(sigma: float, q: float) -> None:
     ("sigma", "q", "rounds", "delta"),
     [(2.0, 0.05, 40, 1e-5), (2.0, 0.3, 1, 1e-3), (0.8, 0.05, 1, 1e-3), (1.2, 0.1, 10, 1e-5)],
 )
-def test_pld_poisson_equals_dp_accounting(sigma: float, q: float, rounds: int, delta: float) -> None:
+def test_pld_poisson_equals_dp_accounting(
+    sigma: float, q: float, rounds: int, delta: float
+) -> None:
     event = round_event(sigma, "poisson", rate=q)
     reference = PLDAccountant().compose(event, rounds).get_epsilon(delta)
     ours = _ledger("pld", event, rounds, delta, "poisson")
@@ -84,9 +86,7 @@ def test_pld_poisson_equals_dp_accounting(sigma: float, q: float, rounds: int, d
 def test_rdp_fixed_size_sampling_equals_dp_accounting(sigma: float, m: int) -> None:
     event = round_event(sigma, "fixed", population=50, sample_size=m)
     # replace-one: one client swapped for another moves the clipped sum by up to 2C
-    expected = dp_event.SampledWithoutReplacementDpEvent(
-        50, m, dp_event.GaussianDpEvent(sigma / 2)
-    )
+    expected = dp_event.SampledWithoutReplacementDpEvent(50, m, dp_event.GaussianDpEvent(sigma / 2))
     assert event == expected
     ours = _ledger_epsilons("rdp", event, "fixed")
     for rounds in ROUNDS:
