@@ -139,6 +139,11 @@ def grouped(events: Iterable[DpEvent]) -> list[tuple[DpEvent, int]]:
     return list(groups.values())
 
 
+_RDP_CURVES: dict[tuple[str, str], np.ndarray] = {}
+"""Each distinct event's RDP curve, by neighbouring relation (shared by all ledgers of a
+process: a curve costs up to a second to compute, composing it is an addition)."""
+
+
 class Ledger:
     """The DP events of one run and their ε at ``delta`` (see the module docstring)."""
 
@@ -151,7 +156,6 @@ class Ledger:
         self.run_events: list[DpEvent] = []
         self.client_events: dict[int, list[DpEvent]] = {}
         self._cache: dict[tuple[tuple[str, int], ...], float] = {}
-        self._rdp: dict[str, np.ndarray] = {}
 
     def check(self, event: DpEvent) -> None:
         """ConfigError unless this ledger's accountant can compose ``event``."""
@@ -243,12 +247,15 @@ class Ledger:
         total: np.ndarray | None = None
         orders: np.ndarray | None = None
         for event, count in groups:
-            key = repr(event)
-            curve = self._rdp.get(key)
+            key = (self.relation.name, repr(event))
+            curve = _RDP_CURVES.get(key)
             if curve is None:
                 accountant = RdpAccountant(neighboring_relation=self.relation)
                 self._compose(accountant, event, 1)
-                curve = self._rdp[key] = accountant.rdp
+                curve = accountant.rdp
+                if len(_RDP_CURVES) > 4096:
+                    _RDP_CURVES.clear()
+                _RDP_CURVES[key] = curve
             orders = RdpAccountant(neighboring_relation=self.relation).orders
             total = count * curve if total is None else total + count * curve
         assert total is not None and orders is not None
