@@ -250,3 +250,44 @@ def test_registry_versions_carry_epsilon_and_the_gate_refuses_above_max(tmp_path
     decisions = [p.decision for p in job.published]
     assert decisions[0].promoted
     assert not decisions[1].promoted and "exceeds the gate's max_epsilon" in decisions[1].reason
+
+
+def test_a_seeded_central_dp_run_replays_exactly_and_a_secure_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    from fedlearn.run.replay import replay_run
+
+    out = tmp_path / "run"
+    run_job(
+        _config(
+            out,
+            **{"run.rounds": 2, "privacy.adaptive_clip": True, "privacy.clipped_count_stddev": 1.0},
+        )
+    )
+    replay = replay_run(out)
+    assert replay.differences == []
+    secure = tmp_path / "secure"
+    run_job(_config(secure, **{"run.rounds": 1, "privacy.noise": "secure"}))
+    with pytest.raises(ConfigError, match="secure differential-privacy noise cannot be replayed"):
+        replay_run(secure)
+
+
+def test_the_round_table_shows_epsilon(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from fedlearn.report.console import print_report
+    from fedlearn.report.summary import summarize
+
+    out = tmp_path / "run"
+    run_job(_config(out, **{"run.rounds": 2}))
+    store = _store(out)
+    try:
+        report = summarize(store)
+    finally:
+        store.close()
+    console = Console(record=True, width=160)
+    print_report(report, console)
+    text = console.export_text()
+    assert "ε" in text and f"ε at δ = {DELTA:g}" in text
+    assert f"{_fixed_epsilon(2):.4g}" in text and f"{_fixed_epsilon(1):.4g}" in text
+    assert report.epsilon == pytest.approx(_fixed_epsilon(2), abs=1e-9)
