@@ -133,6 +133,7 @@ def test_epsilon_per_round_in_the_store_and_the_report(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert [r["epsilon"] for r in report["rounds"]] == pytest.approx(expected, abs=1e-9)
     assert report["delta"] == DELTA
+    assert report["epsilon"] == pytest.approx(expected[-1], abs=1e-9)
     header, *rows = (out / "rounds.csv").read_text().splitlines()
     column = header.split(",").index("epsilon")
     assert [float(r.split(",")[column]) for r in rows] == pytest.approx(expected, abs=1e-9)
@@ -291,3 +292,70 @@ def test_the_round_table_shows_epsilon(tmp_path: Path) -> None:
     assert "ε" in text and f"ε at δ = {DELTA:g}" in text
     assert f"{_fixed_epsilon(2):.4g}" in text and f"{_fixed_epsilon(1):.4g}" in text
     assert report.epsilon == pytest.approx(_fixed_epsilon(2), abs=1e-9)
+
+
+def _toml(config: dict[str, Any]) -> str:
+    """A config as TOML (JSON's strings, numbers and booleans are TOML's; nulls left out)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + "}"
+        return json.dumps(v)
+
+    lines = []
+    for section, fields in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in fields.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def test_kill_9_mid_run_then_resume_keeps_the_epsilon_series(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from run_state import committed_round
+
+    settings: dict[str, Any] = {
+        "run.rounds": 4,
+        "client.params": {"sleep_round": 3, "sleep_s": 0.4},  # round 3 is slow: kill it
+        "privacy.adaptive_clip": True,
+        "privacy.clipped_count_stddev": 1.0,
+        "privacy.clip": 0.05,
+    }
+    run_job(_config(tmp_path / "full", **settings))
+    config = _config(tmp_path / "cut", **settings).model_dump(mode="json")
+    (tmp_path / "cut.toml").write_text(_toml(config))
+    sets = [str(tmp_path / "cut.toml")]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    cli = [sys.executable, "-m", "fedlearn.cli", "simulate"]
+    proc = subprocess.Popen(
+        [*cli, *sets], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    db = tmp_path / "cut" / "run.db"
+    try:
+        deadline = time.monotonic() + 120
+        while committed_round(db, RUN) < 2:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no round committed in time"
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL: no clean point, no goodbye
+        proc.wait(timeout=30)
+    cut = _epsilons(tmp_path / "cut")
+    assert 2 <= len(cut) < 4
+    assert cut == _epsilons(tmp_path / "full")[: len(cut)]
+    resumed = subprocess.run(
+        [*cli, "--out", str(tmp_path / "cut"), "--resume"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _epsilons(tmp_path / "cut") == _epsilons(tmp_path / "full")
+    a = load_weights(tmp_path / "full" / "model.safetensors")
+    b = load_weights(tmp_path / "cut" / "model.safetensors")
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)

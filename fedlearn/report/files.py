@@ -99,6 +99,7 @@ def _report_json(report: Report) -> str:
         "run": run,
         "ok": report.ok,
         "failed_rounds": list(report.failed_rounds),
+        "epsilon": report.epsilon,
         "lower_is_better": [name for name in report.metric_names if lower_is_better(name)],
         **body,
     }
