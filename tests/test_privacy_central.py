@@ -218,3 +218,21 @@ def test_holistic_and_own_fold_strategies_are_refused() -> None:
     with pytest.raises(ConfigError, match="QFedAvg aggregates differently"):
         _central(inner=QFedAvg(client_learning_rate=0.1))
     assert next_clip(1.0, 0.5, 0.5, 0.2) == 1.0
+
+
+@pytest.mark.parametrize(("sigma", "count_stddev"), [(1.0, 1.0), (0.7, 5.0), (2.0, 1.5)])
+def test_adaptive_clipping_costs_what_one_gaussian_with_sigma_costs(
+    sigma: float, count_stddev: float
+) -> None:
+    from dp_accounting import dp_event
+    from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+
+    update = adaptive_noise_multiplier(sigma, count_stddev)
+    # the unclipped count has sensitivity 1/2 (b - 1/2): noise multiplier 2 sigma_b
+    both = dp_event.ComposedDpEvent(
+        [dp_event.GaussianDpEvent(update), dp_event.GaussianDpEvent(2 * count_stddev)]
+    )
+    for delta in (1e-5, 1e-3):
+        joint = RdpAccountant().compose(both, 10).get_epsilon(delta)
+        single = RdpAccountant().compose(dp_event.GaussianDpEvent(sigma), 10).get_epsilon(delta)
+        assert joint == pytest.approx(single, rel=1e-9)
