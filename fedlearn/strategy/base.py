@@ -159,14 +159,25 @@ def _axpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
     """``y += a * x`` in place, in one pass with the multiply-add fused for every element:
     torch's kernel (torch is a core dependency, loaded on the first large fold). It gives
     the same bits whatever else is installed and whatever the thread count, so a
-    coordinator and a simulation fold alike on any machine."""
+    coordinator and a simulation fold alike on any machine.
+
+    It runs on one thread: the fold is memory-bound, one core already reads at memory
+    speed, and a kernel split across threads waits for the slowest of them, which on a
+    busy machine made the fold 3-10x slower (BENCHMARKS.md section 2)."""
     import warnings
 
     import torch
 
-    with warnings.catch_warnings():  # x may be a read-only view of a received payload
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        torch.from_numpy(y).add_(torch.from_numpy(x), alpha=a)
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():  # x may be a read-only view of a received payload
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            torch.from_numpy(y).add_(torch.from_numpy(x), alpha=a)
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
 
 
 class CollectFold:
