@@ -50,3 +50,33 @@ def test_robust_and_own_fold_strategies_keep_their_rule() -> None:
     assert type(q.start_fold(_ctx(), g)) is type(
         QFedAvg(client_learning_rate=0.1).start_fold(_ctx(), g)
     )
+
+
+def test_distributed_dp_counts_the_survivors_and_accounts_each_round_with_them() -> None:
+    from dp_accounting import dp_event
+
+    from fedlearn.engine.results import RoundRecord
+    from fedlearn.privacy.strategy import CountedSum
+    from fedlearn.privacy.tracker import PrivacySettings, PrivacyTracker
+
+    counted = CountedSum(inner=FedProx(proximal_mu=0.1))
+    SecureAggregation().check(counted, 5)  # the secure path takes it like FedProx
+    updates = [ClientUpdate(i, {}, 10, {"loss": 1.0}) for i in range(3)]
+    assert counted.summarize_train(_ctx(), updates) == {"loss": 1.0, "dp.survivors": 3}
+
+    def distributed_event(survivors: int) -> dp_event.DpEvent:
+        # stand-in for the distributed part's calibration: fewer survivors, less noise
+        return dp_event.GaussianDpEvent(0.5 * survivors)
+
+    settings = PrivacySettings("distributed", 1.0, 1e-5, worst_survivors=2)
+    tracker = PrivacyTracker(settings, distributed_event)
+    ok = RoundRecord(1, True, 5, 5, train_metrics={"dp.survivors": 3})
+    failed = RoundRecord(2, False, 5, 1, train_metrics={})
+    assert tracker.round_events(ok, []) == (dp_event.GaussianDpEvent(1.5), {})
+    assert tracker.round_events(failed, []) == (None, {})  # nothing was unmasked
+    tracker.record(ok, [])
+    # the budget's worst case: the fewest survivors a round can apply with
+    worst = tracker.ledger.compose([dp_event.GaussianDpEvent(1.5), dp_event.GaussianDpEvent(1.0)])
+    assert tracker.next_epsilon() == worst
+    with pytest.raises(ConfigError, match="needs the distributed mechanism"):
+        PrivacyTracker(settings)

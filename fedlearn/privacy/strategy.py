@@ -3,7 +3,8 @@
 :class:`PrivacyWrapper` hands every hook to the strategy it wraps (``inner``); a mode
 overrides the hooks it changes. :class:`ClientPrivacy` (local DP, example-level DP-SGD)
 changes only the training config: each TRAIN task carries the ``dp.*`` keys the client
-runtime reads. Central DP (:mod:`fedlearn.privacy.central`) changes the fold and the
+runtime reads. :class:`CountedSum` (distributed DP) records how many clients each secure
+sum holds. Central DP (:mod:`fedlearn.privacy.central`) changes the fold and the
 server update.
 """
 
@@ -28,6 +29,8 @@ CLIP_KEY = "dp.clip"
 NOISE_MULTIPLIER_KEY = "dp.noise_multiplier"
 NOISE_KEY = "dp.noise"
 DELTA_KEY = "dp.delta"
+#: Round train metric: how many clients' updates the round's (secure) sum holds.
+SURVIVORS_KEY = "dp.survivors"
 
 _SHARED = ("fraction_train", "fraction_evaluate", "min_train_clients", "min_evaluate_clients")
 
@@ -92,6 +95,20 @@ class PrivacyWrapper(Strategy):
     ) -> Metrics:
         """As ``inner``."""
         return self.inner.summarize_evaluate(ctx, evaluations)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountedSum(PrivacyWrapper):
+    """``inner``, whose round summary also says how many clients' updates the aggregate
+    holds (``dp.survivors``): under secure aggregation the survivors of every stage, which
+    distributed DP's accounting needs. The fold is the base one, so secure aggregation's
+    checks pass wherever they pass for ``inner``."""
+
+    def summarize_train(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> Metrics:
+        """``inner``'s summary plus ``dp.survivors``."""
+        metrics = dict(self.inner.summarize_train(ctx, updates))
+        metrics[SURVIVORS_KEY] = len(updates)
+        return metrics
 
 
 @dataclass(frozen=True, kw_only=True)

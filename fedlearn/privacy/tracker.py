@@ -10,9 +10,10 @@ Which events a round costs, by ``privacy.mode``:
 * ``central``: every round that ran its training stage, applied or not (conservative):
   :func:`~fedlearn.privacy.accountant.round_event` with the round's actual population
   (the clients it selected from) and sample size;
-* ``distributed``: every applied round, ``distributed_event(survivors)`` with the clients
-  whose masked inputs the sum holds (the round's accepted updates); a round that failed
-  unmasked nothing;
+* ``distributed``: every applied round, ``distributed_event(survivors)`` with the number
+  of clients whose masked inputs the sum holds (the ``dp.survivors`` train metric that
+  :class:`~fedlearn.privacy.strategy.CountedSum` records); a round that failed unmasked
+  nothing;
 * ``local`` and ``example``: each client whose training reply was accepted, from the
   ``dp.*`` metrics it returned (:func:`~fedlearn.privacy.accountant.client_event`).
 """
@@ -42,6 +43,7 @@ from fedlearn.privacy.accountant import (
     relation_for,
     round_event,
 )
+from fedlearn.privacy.strategy import SURVIVORS_KEY
 
 Mode = Literal["central", "local", "distributed", "example"]
 
@@ -127,7 +129,10 @@ class PrivacyTracker:
             return self._central_event(population, record.train_selected), {}
         if mode == "distributed":
             assert self.distributed_event is not None
-            return (self.distributed_event(record.train_ok) if record.ok else None), {}
+            if not record.ok:
+                return None, {}
+            survivors = record.train_metrics.get(SURVIVORS_KEY, record.train_ok)
+            return self.distributed_event(int(survivors)), {}
         events = {
             c.client_id: client_event(c.metrics)
             for c in clients

@@ -66,7 +66,7 @@ def make_privacy(
         return strategy, None
     require_extra("privacy", f"privacy.mode = {section.mode!r}")
     from fedlearn.privacy.central import CentralPrivacy
-    from fedlearn.privacy.strategy import client_privacy
+    from fedlearn.privacy.strategy import CountedSum, client_privacy
     from fedlearn.privacy.tracker import PrivacySettings, PrivacyTracker
 
     if section.delta >= 1.0 / num_clients:
@@ -106,8 +106,11 @@ def make_privacy(
             section.noise,
             section.delta,
         )
-    # mode = "distributed": the noise is added inside secure aggregation (its settings
-    # come with [secagg]); here only its accounting, through ``distributed_event``.
+    else:
+        # mode = "distributed": the noise is added inside secure aggregation (its settings
+        # come with [secagg]); here the survivors are counted and ``distributed_event``
+        # accounts for each round
+        wrapped = CountedSum(inner=strategy)
     settings = PrivacySettings(
         mode=section.mode,
         noise_multiplier=section.noise_multiplier,
