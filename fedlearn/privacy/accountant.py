@@ -23,6 +23,7 @@ is σ/2) and only dp-accounting's RDP accountant supports it.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,6 +38,22 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant, compute_epsi
 
 from fedlearn.engine.records import Metrics
 from fedlearn.errors import ConfigError, SerializationError
+
+
+def _keep_absl_off_borrowed_streams() -> None:
+    """dp-accounting logs through absl, whose handler keeps the ``sys.stderr`` of the
+    moment absl was imported and *closes* it when logging is reconfigured
+    (``logging.config.dictConfig``, as uvicorn does when fedlearn serves a model) unless
+    it is the current ``sys.stderr``. Imported under a redirected stderr (a test runner's
+    capture, click's CliRunner) that would close someone else's stream; the process's own
+    stderr is never closed."""
+    from absl import logging as absl_logging
+
+    if sys.__stderr__ is not None:
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_keep_absl_off_borrowed_streams()
 
 AccountantKind = Literal["rdp", "pld"]
 Sampling = Literal["fixed", "poisson"]
