@@ -31,7 +31,7 @@ from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
 from fedlearn.engine.weights import load_weights
 from fedlearn.errors import ConfigError, RoundFailed, RunInterrupted
-from fedlearn.run.builders import make_secure, make_strategy
+from fedlearn.run.builders import make_privacy, make_secure, make_strategy
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.security.auth import Authenticator
 from fedlearn.security.certs import leaf_sha256, load_pem, load_server_pem
@@ -121,6 +121,14 @@ def run_coordinator(
     server_credentials(config.server)  # every TLS file is checked before the run opens
     strategy = make_strategy(config.strategy)
     secure = make_secure(config.secagg)
+    # the population a round samples from: the enrolled sites when the run starts
+    strategy, privacy = make_privacy(
+        config.privacy,
+        strategy,
+        num_clients=max(len(allowlist), 1),
+        seed=config.run.seed,
+        secure=secure,
+    )
     state_dir = Path(config.server.state_dir)
     registry_root = Path(config.publish.registry or state_dir / "registry")
     spec = RunSpec(
@@ -133,6 +141,8 @@ def run_coordinator(
         keep=(registry_root,),
     )
     lifecycle = open_run(spec, Start.NEW if new_run else Start.AUTO, new_run)
+    if privacy is not None:
+        lifecycle.account_privacy(privacy)
     if config.publish.enabled:  # imported only then: the registry and its dependencies
         from fedlearn.registry.publish import Publisher, serving_spec
 
@@ -219,6 +229,7 @@ def run_coordinator(
                 available=registry.available,
                 before_round=before_round,
                 secure=secure,
+                stop_before=lifecycle.stop_before,
                 hold_bytes=config.server.hold_replies_mb << 20,
             )
             # handed over, not copied: one copy of the model fewer for the whole run

@@ -108,6 +108,9 @@ class Coordinator:
     """Called before each round (deployment: wait until enough sites are connected)."""
     secure: SecureAggregation | None = None
     """Secure aggregation settings; the coordinator then sees only the sum of updates."""
+    stop_before: Callable[[int], str | None] | None = None
+    """Asked before each round; a reason (a privacy budget that the round would exceed)
+    ends the run there, cleanly: :attr:`RunResult.stopped` says why."""
     hold_bytes: int | None = None
     """Memory for replies that arrive before their turn (they are folded in task order);
     beyond it early replies wait in temporary files. None: no limit."""
@@ -143,6 +146,9 @@ class Coordinator:
         rounds: list[RoundRecord] = []
         clients: list[ClientRecord] = []
         for rnd in range(start_round, self.rounds + 1):
+            stopped = None if self.stop_before is None else self.stop_before(rnd)
+            if stopped is not None:
+                return RunResult(arrays, state, rounds, clients, stopped=stopped)
             if self.before_round is not None:
                 self.before_round(rnd)
             arrays, state, record, records = self.run_round(rnd, arrays, state)
@@ -159,7 +165,7 @@ class Coordinator:
     ) -> tuple[Arrays, Arrays, RoundRecord, list[ClientRecord]]:
         """One round: train, apply if quorum holds, then evaluate the resulting model."""
         t0 = time.perf_counter()
-        ctx = RoundContext(rnd, self.rounds, np.random.default_rng([self.seed, rnd]))
+        ctx = RoundContext(rnd, self.rounds, np.random.default_rng([self.seed, rnd]), state)
         records: list[ClientRecord] = []
         clients = self._clients()
         selected = self.strategy.select_train(ctx, clients)

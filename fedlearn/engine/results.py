@@ -55,6 +55,8 @@ class RunResult:
     state: Arrays
     rounds: list[RoundRecord]
     clients: list[ClientRecord]
+    stopped: str | None = None
+    """Why the run stopped before its last round (a privacy budget), or None."""
 
 
 def accepted_train(rnd: int, reply: Reply) -> tuple[ClientUpdate, ClientRecord]:

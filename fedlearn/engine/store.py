@@ -85,6 +85,15 @@ CREATE TABLE IF NOT EXISTS events (
     round INTEGER NOT NULL,
     detail TEXT
 );
+CREATE TABLE IF NOT EXISTS privacy (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    epsilon REAL NOT NULL,
+    delta REAL NOT NULL,
+    accountant TEXT NOT NULL,
+    events TEXT NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
 CREATE TABLE IF NOT EXISTS published (
     run_id TEXT NOT NULL,
     round INTEGER NOT NULL,
@@ -128,6 +137,19 @@ class Publication:
     version: int
     promoted: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class PrivacyRow:
+    """A round's differential-privacy accounting: ε at ``delta`` after the round, and the
+    DP events the round added (``{"run": event or None, "clients": {id: event}}`` as
+    :func:`fedlearn.privacy.accountant.event_to_json` writes them)."""
+
+    round: int
+    epsilon: float
+    delta: float
+    accountant: str
+    events: dict[str, Any]
 
 
 class RunStore:
@@ -238,9 +260,15 @@ class RunStore:
         return [Publication(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
 
     def record_round(
-        self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
+        self,
+        round: RoundRecord,
+        clients: Sequence[ClientRecord],
+        arrays: Arrays,
+        state: Arrays,
+        privacy: PrivacyRow | None = None,
     ) -> None:
-        """Write a round, its client rows and (if enabled) the checkpoint atomically."""
+        """Write a round, its client rows, its privacy row (if any) and (if enabled) the
+        checkpoint atomically."""
         checkpoint = self._write_checkpoint(round.round, arrays, state) if self.checkpoint else None
         with self._db:
             self._db.execute(
@@ -280,6 +308,18 @@ class RunStore:
                 self._db.execute(
                     "INSERT OR REPLACE INTO candidates VALUES (?,?,?)",
                     (self.run_id, round.round, json.dumps(list(round.candidates))),
+                )
+            if privacy is not None:
+                self._db.execute(
+                    "INSERT INTO privacy VALUES (?,?,?,?,?,?)",
+                    (
+                        self.run_id,
+                        privacy.round,
+                        privacy.epsilon,
+                        privacy.delta,
+                        privacy.accountant,
+                        json.dumps(privacy.events),
+                    ),
                 )
             if checkpoint is not None:
                 self._db.execute(
@@ -337,6 +377,17 @@ class RunStore:
             )
             for r in rows
         ]
+
+    def privacy_rows(self) -> list[PrivacyRow]:
+        """Every round's privacy row of this run, in round order (none without DP)."""
+        if not self._has_table("privacy"):  # a store written before DP was accounted
+            return []
+        rows = self._db.execute(
+            "SELECT round, epsilon, delta, accountant, events FROM privacy WHERE run_id = ?"
+            " ORDER BY round",
+            (self.run_id,),
+        )
+        return [PrivacyRow(r[0], float(r[1]), r[2], r[3], json.loads(r[4])) for r in rows]
 
     def _has_table(self, name: str) -> bool:
         row = self._db.execute(

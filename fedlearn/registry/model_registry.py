@@ -78,6 +78,8 @@ CREATE TABLE IF NOT EXISTS decisions (
 """
 
 PRODUCTION = "production"
+#: The metric holding a version's differential-privacy epsilon (at ``dp.delta``).
+EPSILON_METRIC = "dp.epsilon"
 LATEST = "latest"
 #: Module prefixes a served version's factory may come from unless the operator adds more
 #: (``fedlearn serve --allow-factory``). Not ``fedlearn.``: no model builder lives there.
@@ -117,13 +119,16 @@ class Gate:
     production's, allowing ``tolerance`` (in the metric's units) of regression. When
     ``min_worst_client`` is set, the candidate's ``client_summary["<metric>_worst"]``
     must be at least that value (at most, when lower is better) -- also for the first
-    version, which otherwise always passes.
+    version, which otherwise always passes. When ``max_epsilon`` is set, the candidate's
+    differential-privacy guarantee (``metrics["dp.epsilon"]``) must be at most that: a
+    version without one is refused.
     """
 
     metric: str
     higher_is_better: bool = True
     tolerance: float = 0.0
     min_worst_client: float | None = None
+    max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.metric, str) or not self.metric:
@@ -492,6 +497,18 @@ def _judge(candidate: ModelVersion, production: ModelVersion | None, gate: Gate 
     if gate is None:
         return Decision(True, f"{v} promoted without a gate")
     better = "higher" if gate.higher_is_better else "lower"
+    if gate.max_epsilon is not None:
+        eps = candidate.metrics.get(EPSILON_METRIC)
+        if eps is None:
+            return Decision(
+                False,
+                f"{v} has no privacy guarantee ({EPSILON_METRIC}); the gate needs "
+                f"epsilon <= {gate.max_epsilon:g}",
+            )
+        if not eps <= gate.max_epsilon:
+            return Decision(
+                False, f"{v} epsilon={eps:.4g} exceeds the gate's max_epsilon {gate.max_epsilon:g}"
+            )
     value = candidate.metrics.get(gate.metric)
     if value is None:
         return Decision(False, f"{v} has no metric {gate.metric!r}")

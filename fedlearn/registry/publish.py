@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -106,7 +106,7 @@ def make_gate(section: PublishSection) -> Gate:
     """The promotion gate a ``[publish.gate]`` section describes."""
     g = section.gate
     higher = not lower_is_better(g.metric) if g.higher_is_better is None else g.higher_is_better
-    return Gate(g.metric, higher, g.tolerance, g.min_worst_client)
+    return Gate(g.metric, higher, g.tolerance, g.min_worst_client, g.max_epsilon)
 
 
 def client_summary(clients: Sequence[ClientRecord], round: int) -> dict[str, float]:
@@ -165,8 +165,12 @@ class Publisher:
         round: RoundRecord | None,
         clients: Sequence[ClientRecord],
         number: int,
+        privacy: Mapping[str, float] | None = None,
     ) -> Published:
-        """Publish ``arrays`` as of round ``number`` and run the gate; returns both."""
+        """Publish ``arrays`` as of round ``number`` and run the gate; returns both.
+
+        ``privacy`` (``dp.epsilon``, ``dp.delta``: the guarantee of the model as of that
+        round) joins the version's metrics, where the gate's ``max_epsilon`` reads it."""
         with ModelRegistry(self.root) as registry:
             previous = [v for v in registry.versions(self.name) if v.run == self.run_id]
             version = registry.publish(
@@ -174,7 +178,7 @@ class Publisher:
                 arrays,
                 run=self.run_id,
                 round=number,
-                metrics=round_metrics(round),
+                metrics={**round_metrics(round), **(privacy or {})},
                 client_summary=client_summary(clients, number) or None,
                 factory=self.spec.factory,
                 factory_params=dict(self.spec.params),

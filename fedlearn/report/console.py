@@ -82,6 +82,9 @@ _ROUND_COLUMNS = (
     _RoundColumn("loss\nmean", _stat("loss", "mean")),
     _RoundColumn("loss worst\n(client)", _worst_of("loss"), wraps=True),
 )
+_EPSILON_COLUMN = _RoundColumn(
+    "ε", lambda r: _plain("-" if r.epsilon is None else f"{r.epsilon:.4g}")
+)
 # Left out in this order, one at a time, when the table cannot fit the terminal otherwise.
 _ROUND_DROP_ORDER = ("acc p10", "acc p90", "loss worst (client)", "acc p50", "eval", "loss mean")
 _CAPTION = "train/eval: ok/selected clients; worst: value (client id)"
@@ -167,6 +170,8 @@ def _round_table(report: Report, padding: int, wrap: bool, hidden: tuple[str, ..
     from rich.text import Text
 
     caption = _CAPTION + (f"; not shown at this width: {', '.join(hidden)}" if hidden else "")
+    if report.epsilon is not None:
+        caption += f"; ε at δ = {report.delta:g}"
     table = Table(
         title=Text(f"Run {report.run_id}: evaluation per round"),
         caption=Text(caption),
@@ -177,6 +182,8 @@ def _round_table(report: Report, padding: int, wrap: bool, hidden: tuple[str, ..
         padding=(0, padding),
     )
     columns = [c for c in _ROUND_COLUMNS if c.name not in hidden]
+    if report.epsilon is not None:  # differential privacy: ε after each round
+        columns.insert(4, _EPSILON_COLUMN)
     for c in columns:
         justify: Literal["left", "right"] = "left" if c.name == "status" else "right"
         table.add_column(c.header, justify=justify, no_wrap=not (wrap and c.wraps))
@@ -252,6 +259,11 @@ def _status_line(report: Report) -> Text:
         shown = ", ".join(str(r) for r in failed[:10]) + (", ..." if len(failed) > 10 else "")
         parts.append(f"{len(failed)} failed ({shown})")
     parts.append(f"{len(report.failures)} client failures")
+    if report.epsilon is not None:
+        parts.append(f"ε = {report.epsilon:.4g} at δ = {report.delta:g}")
+    stops = [e.detail for e in report.history if e.kind == "stopped" and e.detail]
+    if stops:
+        parts.append(stops[-1])
     resumes = sum(e.kind == "resumed" for e in report.history)
     if resumes:
         parts.append(f"resumed {resumes} time{'s' * (resumes > 1)}")

@@ -15,7 +15,13 @@ from typing import Any
 
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.store import RunStore
-from fedlearn.report.plots import PLOTS_SKIPPED, can_plot, plot_clients, plot_metrics
+from fedlearn.report.plots import (
+    PLOTS_SKIPPED,
+    can_plot,
+    plot_clients,
+    plot_metrics,
+    plot_privacy,
+)
 from fedlearn.report.summary import Report, ReportFiles, lower_is_better, summarize
 
 log = logging.getLogger(__name__)
@@ -30,8 +36,10 @@ def write_report(store: RunStore, out_dir: Path) -> ReportFiles:
 
     Writes ``report.json`` (the summary, failures and every client row; NaN and infinite
     values become ``null``), ``clients.csv`` (one row per round, stage and client),
-    ``rounds.csv`` (one row per round), ``metrics_per_round.png`` and
-    ``clients_per_round.png``. Each file is written to a temporary name and renamed.
+    ``rounds.csv`` (one row per round, with ``epsilon`` under differential privacy),
+    ``metrics_per_round.png``, ``clients_per_round.png`` and, under differential privacy,
+    ``privacy_per_round.png`` (ε after each round). Each file is written to a temporary
+    name and renamed.
 
     Without matplotlib (the ``report`` extra) the two plots are skipped: their paths are
     ``None``, ``notes`` says so, and it is logged once per call.
@@ -48,6 +56,9 @@ def write_report(store: RunStore, out_dir: Path) -> ReportFiles:
         metrics_png=out_dir / "metrics_per_round.png" if plots else None,
         clients_png=out_dir / "clients_per_round.png" if plots else None,
         notes=() if plots else (PLOTS_SKIPPED,),
+        privacy_png=(
+            out_dir / "privacy_per_round.png" if plots and report.epsilon is not None else None
+        ),
     )
     _write_atomic(files.report_json, _report_json(report).encode())
     _write_atomic(files.clients_csv, _csv_bytes(*_client_table(report)))
@@ -55,6 +66,8 @@ def write_report(store: RunStore, out_dir: Path) -> ReportFiles:
     if files.metrics_png is not None and files.clients_png is not None:
         _write_atomic(files.metrics_png, plot_metrics(report))
         _write_atomic(files.clients_png, plot_clients(report))
+        if files.privacy_png is not None:
+            _write_atomic(files.privacy_png, plot_privacy(report))
     else:
         log.warning("%s: %s", out_dir, PLOTS_SKIPPED)
     return files
@@ -86,6 +99,7 @@ def _report_json(report: Report) -> str:
         "run": run,
         "ok": report.ok,
         "failed_rounds": list(report.failed_rounds),
+        "epsilon": report.epsilon,
         "lower_is_better": [name for name in report.metric_names if lower_is_better(name)],
         **body,
     }
@@ -151,6 +165,9 @@ def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
         "eval_failed",
         *(f"{name}_{f}" for name in report.metric_names for f in _METRIC_FIELDS),
     ]
+    private = report.epsilon is not None
+    if private:
+        header.append("epsilon")
     rows: list[list[Any]] = []
     for r in report.rounds:
         row: list[Any] = [
@@ -168,5 +185,7 @@ def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
         for name in report.metric_names:
             summary = r.metric(name)
             row.extend(getattr(summary, f) if summary is not None else None for f in _METRIC_FIELDS)
+        if private:
+            row.append(r.epsilon)
         rows.append(row)
     return header, rows

@@ -206,3 +206,28 @@ def plot_clients(report: Report) -> bytes:
         return _png(fig)
     finally:
         plt.close(fig)
+
+
+def plot_privacy(report: Report) -> bytes:
+    """ε after each round (differential privacy), with the budget when the run had one."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    try:
+        points = [(r.round, r.epsilon) for r in report.rounds if r.epsilon is not None]
+        finite = [(x, y) for x, y in points if math.isfinite(y)]
+        _shade_failed_rounds(ax, report)
+        ax.plot([x for x, _ in finite], [y for _, y in finite], "o-", color="tab:purple", label="ε")
+        budget = report.config.get("privacy", {}).get("budget")
+        tops = [y for _, y in finite]
+        if isinstance(budget, int | float):
+            ax.axhline(float(budget), color="tab:red", linestyle="--", label="budget")
+            tops.append(float(budget))
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"ε at δ = {report.delta:g}")
+        ax.set_ylim(0, 1.1 * max(tops, default=1.0) or 1.0)
+        _round_axis(ax, report)
+        ax.set_title(f"Run {report.run_id}: privacy spent (ε) after each round")
+        _figure_legend(fig, [ax])
+        return _png(fig)
+    finally:
+        plt.close(fig)

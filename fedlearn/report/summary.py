@@ -83,6 +83,9 @@ class RoundSummary:
     metrics: Mapping[str, MetricSummary]
     train_metrics: Mapping[str, Scalar]
     eval_metrics: Mapping[str, Scalar]
+    epsilon: float | None = None
+    """The run's differential-privacy ε (at the report's ``delta``) after this round;
+    None without DP."""
 
     def metric(self, name: str) -> MetricSummary | None:
         """The summary of metric ``name`` in this round, if any client reported it."""
@@ -121,6 +124,14 @@ class Report:
     """Starts, resumes, interruptions and ends, oldest first."""
     config_changes: tuple[ConfigChange, ...] = ()
     """Operational config changes made when the run resumed, with their first round."""
+    delta: float | None = None
+    """The δ at which each round's ``epsilon`` holds (None without DP)."""
+
+    @property
+    def epsilon(self) -> float | None:
+        """The run's ε after its last accounted round (None without DP)."""
+        values = [r.epsilon for r in self.rounds if r.epsilon is not None]
+        return values[-1] if values else None
 
     @property
     def failed_rounds(self) -> tuple[int, ...]:
@@ -147,6 +158,8 @@ class ReportFiles:
     metrics_png: Path | None
     clients_png: Path | None
     notes: tuple[str, ...] = ()
+    privacy_png: Path | None = None
+    """ε per round (differential privacy only)."""
 
 
 # --------------------------------------------------------------------------- summary
@@ -182,6 +195,7 @@ def summarize(store: RunStore) -> Report:
         if record.stage is Stage.EVALUATE and record.ok:
             evaluated.setdefault(record.round, []).append(record)
     names = _metric_names(r for rows in evaluated.values() for r in rows)
+    privacy = {row.round: row for row in store.privacy_rows()}
     rounds = tuple(
         RoundSummary(
             round=r.round,
@@ -197,6 +211,7 @@ def summarize(store: RunStore) -> Report:
             metrics=_round_metrics(evaluated.get(r.round, []), names),
             train_metrics=dict(r.train_metrics),
             eval_metrics=dict(r.eval_metrics),
+            epsilon=privacy[r.round].epsilon if r.round in privacy else None,
         )
         for r in round_records
     )
@@ -219,6 +234,7 @@ def summarize(store: RunStore) -> Report:
         clients=clients,
         history=tuple(store.events()),
         config_changes=tuple(store.config_changes()),
+        delta=next((row.delta for row in privacy.values()), None),
     )
 
 

@@ -1,12 +1,21 @@
-"""Strategy and secure-aggregation objects from config sections (simulation and coordinator)."""
+"""Strategy, secure-aggregation and privacy objects from config sections (simulation and
+coordinator)."""
 
 from __future__ import annotations
 
-from fedlearn.config.simulation import SecAggSection, StrategySection
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from fedlearn.config.extras import require_extra
+from fedlearn.config.simulation import PrivacySection, SecAggSection, StrategySection
 from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.strategy import Strategy, build_strategy
+
+if TYPE_CHECKING:  # dp-accounting (the privacy extra) loads only when privacy is on
+    from fedlearn.privacy.accountant import DpEvent
+    from fedlearn.privacy.tracker import PrivacyTracker
 
 
 def make_strategy(section: StrategySection) -> Strategy:
@@ -33,3 +42,87 @@ def make_secure(section: SecAggSection) -> SecureAggregation | None:
         neighbours=section.neighbours,
         threshold=section.threshold,
     )
+
+
+def make_privacy(
+    section: PrivacySection,
+    strategy: Strategy,
+    *,
+    num_clients: int,
+    seed: int,
+    secure: SecureAggregation | None,
+    distributed_event: Callable[[int], DpEvent] | None = None,
+) -> tuple[Strategy, PrivacyTracker | None]:
+    """The strategy to run (``strategy`` wrapped for ``[privacy]``) and the run's privacy
+    accounting; ``(strategy, None)`` when ``privacy.mode = "off"``.
+
+    Every impossible setting is a ConfigError here, before any round: δ ≥ 1/clients,
+    central DP with a holistic strategy or with secure aggregation (the coordinator would
+    not see the updates it must clip), PLD with fixed-size sampling, a budget that round 1
+    alone exceeds. ``distributed_event(survivors)`` is the distributed mechanism's DP event
+    for a round whose sum holds ``survivors`` clients (``mode = "distributed"``).
+    """
+    if section.mode == "off":
+        return strategy, None
+    require_extra("privacy", f"privacy.mode = {section.mode!r}")
+    from fedlearn.privacy.central import CentralPrivacy
+    from fedlearn.privacy.strategy import CountedSum, client_privacy
+    from fedlearn.privacy.tracker import PrivacySettings, PrivacyTracker
+
+    if section.delta >= 1.0 / num_clients:
+        raise ConfigError(
+            f"privacy.delta = {section.delta:g} must be below 1/clients = {1.0 / num_clients:g}: "
+            "a delta that large allows the mechanism to reveal one client outright"
+        )
+    per_round = strategy.train_clients_per_round(num_clients)
+    q = strategy.fraction_train
+    wrapped: Strategy = strategy
+    if section.mode == "central":
+        if secure is not None:
+            raise ConfigError(
+                "privacy.mode = 'central' clips each update on the coordinator, which secure "
+                "aggregation hides from it: use mode = 'distributed' with [secagg], or turn "
+                "secagg off"
+            )
+        wrapped = CentralPrivacy(
+            inner=strategy,
+            noise_multiplier=section.noise_multiplier,
+            clip=section.clip,
+            expected_clients=q * num_clients if section.sampling == "poisson" else per_round,
+            adaptive_clip=section.adaptive_clip,
+            target_quantile=section.target_quantile,
+            clip_learning_rate=section.clip_learning_rate,
+            clipped_count_stddev=section.clipped_count_stddev,
+            sampling=section.sampling,
+            noise=section.noise,
+            seed=seed,
+        )
+    elif section.mode in ("local", "example"):
+        wrapped = client_privacy(
+            strategy,
+            section.mode,
+            section.clip,
+            section.noise_multiplier,
+            section.noise,
+            section.delta,
+        )
+    else:
+        # mode = "distributed": the noise is added inside secure aggregation (its settings
+        # come with [secagg]); here the survivors are counted and ``distributed_event``
+        # accounts for each round
+        wrapped = CountedSum(inner=strategy)
+    settings = PrivacySettings(
+        mode=section.mode,
+        noise_multiplier=section.noise_multiplier,
+        delta=section.delta,
+        accountant=section.accountant,
+        sampling=section.sampling,
+        rate=q,
+        num_clients=num_clients,
+        clients_per_round=per_round,
+        worst_survivors=strategy.min_train_clients,
+        budget=section.budget,
+    )
+    tracker = PrivacyTracker(settings, distributed_event)
+    tracker.check_budget()
+    return wrapped, tracker

@@ -2,9 +2,12 @@
 
 *Identity* fields decide the model a run produces: its name and seed, the data and how it
 is split, the client app and its parameters, the initial model, the strategy, secure
-aggregation. A run may never continue under other identity fields. *Operational* fields
-say how the run is carried out (ports, addresses, timeouts, workers, publishing, paths,
-how many rounds); they may change when a run resumes, and each change is recorded.
+aggregation, differential privacy (the mechanism, its noise and accounting: a run's ε is
+only meaningful for one mechanism). A run may never continue under other identity fields.
+*Operational* fields say how the run is carried out (ports, addresses, timeouts, workers,
+publishing, paths, how many rounds, ``privacy.budget``, which like ``run.rounds`` may be
+raised to continue a run that stopped at it); they may change when a run resumes, and each
+change is recorded.
 
 Everything not named operational here is identity, so a new field is safe by default.
 """
@@ -26,6 +29,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "run.out_dir",
         "backend",
         "publish",
+        "privacy.budget",
     ),
     "CoordinatorConfig": (
         "server",
@@ -35,6 +39,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "run.stage_timeout_s",
         "run.evaluate_every",
         "publish",
+        "privacy.budget",
     ),
 }
 

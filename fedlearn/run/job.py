@@ -16,7 +16,7 @@ from fedlearn.engine.records import Arrays
 from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
 from fedlearn.errors import ConfigError
-from fedlearn.run.builders import make_secure, make_strategy
+from fedlearn.run.builders import make_privacy, make_secure, make_strategy
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.simulation import run_simulation
 
@@ -97,6 +97,13 @@ def run_job(
     secure = make_secure(config.secagg)
     if secure is not None:
         secure.check(strategy, strategy.train_clients_per_round(config.run.clients))
+    strategy, privacy = make_privacy(
+        config.privacy,
+        strategy,
+        num_clients=config.run.clients,
+        seed=config.run.seed,
+        secure=secure,
+    )
     app_factory = client_app_factory(config)
     probe = app_factory()
     if not isinstance(probe, ProvidesInitialArrays):
@@ -118,6 +125,8 @@ def run_job(
     if note is not None:
         lifecycle.note(note)
     lifecycle.publisher, lifecycle.publish_every = publisher, config.publish.every
+    if privacy is not None:
+        lifecycle.account_privacy(privacy)
 
     def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
         return run_simulation(
@@ -136,6 +145,7 @@ def run_job(
             observer=observer,
             run_id=config.run.name,
             secure=secure,
+            stop_before=lifecycle.stop_before,
         )
 
     outcome = lifecycle.drive(lambda: probe.initial_arrays(config.run.seed), run)

@@ -12,9 +12,13 @@ final ``model.safetensors`` and the report files. This module owns what happens 
   aside to ``<dir>.N`` (nothing is deleted). One process at a time holds a directory.
 * **commit**: each round, its client records and checkpoint in one transaction, then
   the round's publication when one is due.
-* **finish**: the true status (``finished``; ``failed`` when no round was ever applied
-  or the run raised; ``interrupted`` on Ctrl-C, SIGTERM or a stop request), the final
-  model, the final publication, the report.
+* **finish**: the true status (``finished``, also when a privacy budget stopped training
+  early, which a note and a ``stopped`` event say; ``failed`` when no round was ever
+  applied or the run raised; ``interrupted`` on Ctrl-C, SIGTERM or a stop request), the
+  final model, the final publication, the report.
+* **privacy**: with a :class:`~fedlearn.privacy.tracker.PrivacyTracker` attached, each
+  round commits its ε with it, and :meth:`RunLifecycle.stop_before` ends training before
+  a round that would exceed the budget.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from fedlearn.errors import ConfigError, RunConflict, RunInterrupted
 from fedlearn.run.identity import FieldChange, as_stored, differences, stored_as
 
 if TYPE_CHECKING:
+    from fedlearn.privacy.tracker import PrivacyTracker
     from fedlearn.registry.publish import Published, Publisher
 
 log = logging.getLogger("fedlearn.run")
@@ -128,6 +133,18 @@ class RunLifecycle:
         self.publisher: Publisher | None = None
         self.publish_every = 0
         self.published: list[Published] = []
+        self.privacy: PrivacyTracker | None = None
+
+    def account_privacy(self, tracker: PrivacyTracker) -> None:
+        """Account each round's DP with ``tracker``, which first takes the committed
+        rounds' privacy rows back from the store (a resumed run's ε continues)."""
+        tracker.restore(self.store.privacy_rows())
+        self.privacy = tracker
+
+    def stop_before(self, round: int) -> str | None:
+        """Why round ``round`` must not run (a privacy budget), or None: the coordinator's
+        ``stop_before``."""
+        return None if self.privacy is None else self.privacy.stop_reason(round)
 
     # ------------------------------------------------------------------ driving
 
@@ -189,7 +206,8 @@ class RunLifecycle:
         """Commit one round (signals wait until the commit is whole), then publish it
         when publishing every N rounds is on and this round is due."""
         with _deferred_signals():
-            self.store.record_round(round, clients, arrays, state)
+            row = None if self.privacy is None else self.privacy.record(round, clients)
+            self.store.record_round(round, clients, arrays, state, row)
         if (
             self.publisher is not None
             and self.publish_every
@@ -208,6 +226,9 @@ class RunLifecycle:
     # ------------------------------------------------------------------ ending
 
     def _finish(self, result: RunResult) -> RunOutcome:
+        if result.stopped is not None:
+            self.note(result.stopped)
+            self.store.add_event("stopped", self.store.committed_round(), result.stopped)
         rounds = self.store.rounds()
         applied = [r for r in rounds if r.ok]
         save_weights_atomically(
@@ -249,7 +270,8 @@ class RunLifecycle:
         self, arrays: Arrays, round: RoundRecord, clients: Sequence[ClientRecord], number: int
     ) -> None:
         assert self.publisher is not None
-        published = self.publisher.publish(arrays, round, clients, number)
+        privacy = None if self.privacy is None else self.privacy.metrics_at(number)
+        published = self.publisher.publish(arrays, round, clients, number, privacy)
         self.published.append(published)
         v, d = published.version, published.decision
         self.store.add_publication(Publication(number, v.name, v.version, d.promoted, d.reason))

@@ -17,7 +17,8 @@ replay are not what the clients ran. A simulation's store names its ClientApp an
 a coordinator's does not, so its replay needs the sites' ClientApp (for instance from a
 site config whose data every client id can be read from: simulated partitions).
 Secure-aggregation runs are not replayed: their outcome depends on the stage at which
-each client dropped out, which the store does not keep.
+each client dropped out, which the store does not keep; nor are runs with secure
+differential-privacy noise, which nobody can reproduce (seeded-noise runs replay).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from fedlearn.engine.results import ClientRecord, RoundRecord
 from fedlearn.engine.store import ConfigChange, RunStore
 from fedlearn.engine.weights import load_weights
 from fedlearn.errors import ConfigError, FedlearnError
-from fedlearn.run.builders import make_strategy
+from fedlearn.run.builders import make_privacy, make_strategy
 from fedlearn.run.lifecycle import MODEL_FILE, Status
 from fedlearn.simulation.inprocess import InProcessTransport
 
@@ -174,6 +175,11 @@ def replay_run(
             "a secure-aggregation run cannot be replayed: its outcome depends on the stage "
             "at which each client dropped out, which the run store does not keep"
         )
+    if config.privacy.mode != "off" and config.privacy.noise == "secure":
+        raise ConfigError(
+            "a run with secure differential-privacy noise cannot be replayed: nobody can "
+            "reproduce its noise (privacy.noise = 'seeded' runs replay, and protect nobody)"
+        )
     strategy = make_strategy(config.strategy)
     if isinstance(config, SimulationConfig):
         client_ids = list(range(config.run.clients))
@@ -201,6 +207,13 @@ def replay_run(
             from fedlearn.deploy.server import initial_arrays as model_of
 
             initial_arrays = model_of(config)
+    strategy, _ = make_privacy(
+        config.privacy,
+        strategy,
+        num_clients=len(client_ids),
+        seed=recorded.seed,
+        secure=None,
+    )
     outcomes = {(c.round, c.stage, c.client_id): c for c in recorded.clients}
     transport = RecordedOutcomes(InProcessTransport(factory, client_run_id), outcomes)
     candidates: list[Sequence[int]] = [client_ids]

@@ -49,6 +49,7 @@ def run_simulation(
     observer: Observer | None = None,
     run_id: str = "",
     secure: SecureAggregation | None = None,
+    stop_before: Callable[[int], str | None] | None = None,
 ) -> RunResult:
     """Simulate ``rounds`` rounds of federated training over ``num_clients`` clients.
 
@@ -56,7 +57,8 @@ def run_simulation(
     and cached data) for every task it runs. Client ids are ``0..num_clients-1``.
     With the same ``seed`` the result is bit-identical, whichever backend runs it.
     ``initial_state`` and ``start_round`` continue a run from a checkpoint. With
-    ``secure``, training rounds use secure aggregation (SecAgg+).
+    ``secure``, training rounds use secure aggregation (SecAgg+). ``stop_before`` is asked
+    before each round and may end the run there (see :class:`Coordinator`).
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -83,6 +85,7 @@ def run_simulation(
             sink=sink,
             observer=observer,
             secure=secure,
+            stop_before=stop_before,
         )
         return coordinator.run(initial_arrays, initial_state, start_round)
     finally:

@@ -31,6 +31,9 @@ class RoundContext:
     round: int
     num_rounds: int
     rng: np.random.Generator = field(compare=False, repr=False)
+    state: Arrays = field(default_factory=dict, compare=False, repr=False)
+    """The strategy state at the start of the round (as :meth:`Strategy.init_state` or the
+    last :meth:`Strategy.server_update` left it): read it, never change it."""
 
 
 @dataclass(frozen=True)
