@@ -31,7 +31,7 @@ from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
 from fedlearn.engine.weights import load_weights
 from fedlearn.errors import ConfigError, RoundFailed, RunInterrupted
-from fedlearn.run.builders import make_privacy, make_secure, make_strategy
+from fedlearn.run.builders import make_distributed, make_privacy, make_secure, make_strategy
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.security.auth import Authenticator
 from fedlearn.security.certs import leaf_sha256, load_pem, load_server_pem
@@ -120,14 +120,23 @@ def run_coordinator(
     )
     server_credentials(config.server)  # every TLS file is checked before the run opens
     strategy = make_strategy(config.strategy)
-    secure = make_secure(config.secagg)
     # the population a round samples from: the enrolled sites when the run starts
+    population = max(len(allowlist), 1)
+    secure, distributed_event = make_distributed(
+        config.privacy,
+        config.secagg,
+        make_secure(config.secagg),
+        clients_per_round=strategy.train_clients_per_round(population),
+        num_params=lambda: sum(int(a.size) for a in initial_arrays(config).values()),
+        seed=config.run.seed,
+    )
     strategy, privacy = make_privacy(
         config.privacy,
         strategy,
-        num_clients=max(len(allowlist), 1),
+        num_clients=population,
         seed=config.run.seed,
         secure=secure,
+        distributed_event=distributed_event,
     )
     state_dir = Path(config.server.state_dir)
     registry_root = Path(config.publish.registry or state_dir / "registry")

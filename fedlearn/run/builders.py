@@ -4,7 +4,7 @@ coordinator)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fedlearn.config.extras import require_extra
 from fedlearn.config.simulation import PrivacySection, SecAggSection, StrategySection
@@ -42,6 +42,54 @@ def make_secure(section: SecAggSection) -> SecureAggregation | None:
         neighbours=section.neighbours,
         threshold=section.threshold,
     )
+
+
+def make_distributed(
+    privacy: PrivacySection,
+    secagg: SecAggSection,
+    secure: SecureAggregation | None,
+    *,
+    clients_per_round: int,
+    num_params: Callable[[], int],
+    seed: int,
+) -> tuple[SecureAggregation | None, Callable[[int], DpEvent] | None]:
+    """Secure aggregation with distributed DP's noise added by every client, and the DP
+    event of a round whose sum holds ``survivors`` clients; ``(secure, None)`` unless
+    ``privacy.mode = "distributed"``.
+
+    A round's event is computed from the calibration it actually used (reported by the
+    secure stages once its sum is revealed); before any round (the budget check) from the
+    calibration a full round over the model's ``num_params()`` parameters will use.
+    """
+    if privacy.mode != "distributed" or secure is None:
+        return secure, None
+    require_extra("privacy", "privacy.mode = 'distributed'")
+    from fedlearn.privacy.distributed import distributed_event, distributed_noise
+    from fedlearn.secagg.stages import SecureRound
+
+    if privacy.accountant == "pld":
+        raise ConfigError(
+            "privacy.accountant = 'pld' cannot account distributed DP (its bound is a zCDP "
+            "event, which dp-accounting's PLD accountant does not take): use 'rdp'"
+        )
+    noise = distributed_noise(privacy, secagg, clients_per_round, seed=seed)
+    neighbours: Literal["replace", "add_or_remove"] = (
+        "replace" if privacy.sampling == "fixed" else "add_or_remove"
+    )
+    last: list[SecureRound] = []
+
+    def on_round(report: SecureRound) -> None:
+        last[:] = [report]
+
+    noised = secure.with_noise(noise, clip=privacy.clip, on_round=on_round)
+    planned = noised.planned_noise(clients_per_round, num_params())
+    assert planned is not None
+
+    def event(survivors: int) -> DpEvent:
+        used = last[0].noise if last and last[0].noise is not None else planned
+        return distributed_event(used, survivors, neighbours)
+
+    return noised, event
 
 
 def make_privacy(

@@ -16,7 +16,7 @@ from fedlearn.engine.records import Arrays
 from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
 from fedlearn.errors import ConfigError
-from fedlearn.run.builders import make_privacy, make_secure, make_strategy
+from fedlearn.run.builders import make_distributed, make_privacy, make_secure, make_strategy
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.simulation import run_simulation
 
@@ -94,22 +94,31 @@ def run_job(
     """
     strategy = make_strategy(config.strategy)
     strategy.validate(config.run.clients)
-    secure = make_secure(config.secagg)
-    if secure is not None:
-        secure.check(strategy, strategy.train_clients_per_round(config.run.clients))
-    strategy, privacy = make_privacy(
-        config.privacy,
-        strategy,
-        num_clients=config.run.clients,
-        seed=config.run.seed,
-        secure=secure,
-    )
     app_factory = client_app_factory(config)
     probe = app_factory()
     if not isinstance(probe, ProvidesInitialArrays):
         raise ConfigError(
             f"client.app: {config.client.app} must build an app with initial_arrays()"
         )
+    per_round = strategy.train_clients_per_round(config.run.clients)
+    secure, distributed_event = make_distributed(
+        config.privacy,
+        config.secagg,
+        make_secure(config.secagg),
+        clients_per_round=per_round,
+        num_params=lambda: _num_params(probe.initial_arrays(config.run.seed)),
+        seed=config.run.seed,
+    )
+    if secure is not None:
+        secure.check(strategy, per_round)
+    strategy, privacy = make_privacy(
+        config.privacy,
+        strategy,
+        num_clients=config.run.clients,
+        seed=config.run.seed,
+        secure=secure,
+        distributed_event=distributed_event,
+    )
     publisher, note = _publisher(config, probe)
     directory = run_dir(config)
     spec = RunSpec(
@@ -177,3 +186,7 @@ def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | No
         )
     publisher = Publisher(section, config.run.name, spec, registry_dir(config))
     return publisher, publisher.warning  # a builder serving would refuse: said up front
+
+
+def _num_params(arrays: Arrays) -> int:
+    return sum(int(a.size) for a in arrays.values())
