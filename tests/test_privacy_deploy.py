@@ -68,3 +68,62 @@ def test_a_central_dp_deployment_accounts_and_equals_the_simulation(tmp_path: Pa
     )
     for name, value in simulated.arrays.items():
         assert result.arrays[name].tobytes() == value.tobytes(), name
+
+
+def test_a_distributed_dp_coordinator_from_its_config_accounts_the_survivors(
+    tmp_path: Path,
+) -> None:
+    # [privacy] mode = "distributed" in coordinator.toml: the sites add Skellam shares under
+    # SecAgg+, the coordinator's ledger composes each round's zCDP event for its survivors,
+    # and the seeded deployment equals the simulation with the same noise bit for bit
+    from fedlearn.privacy.distributed import DistributedNoise, distributed_event
+    from fedlearn.secagg.stages import SecureAggregation
+
+    d = Deployment(
+        tmp_path,
+        num_sites=4,
+        rounds=2,
+        app=FAULT_APP,
+        params=dict(FAULT_PARAMS),
+        strategy_params={"min_train_clients": 3},
+    )
+    distributed = {
+        "secagg.enabled": True,
+        "privacy.mode": "distributed",
+        "privacy.noise_multiplier": 2.0,
+        "privacy.clip": 1.0,
+        "privacy.delta": 1e-3,
+        "privacy.noise": "seeded",
+    }
+    with in_process_coordinator(d, distributed) as running:
+        for i in range(d.num_sites):
+            running.start_site(i)
+        result = running.wait(120)
+        store = running.store()
+        try:
+            rows = store.privacy_rows()
+        finally:
+            store.close()
+    assert [r.ok for r in result.rounds] == [True, True]
+    secure = SecureAggregation().with_noise(DistributedNoise(2.0, 4, seed=d.seed), clip=1.0)
+    length = sum(int(a.size) for a in d.initial.values())
+    noise = secure.planned_noise(4, length)
+    assert noise is not None
+    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    expected = [
+        accountant.compose(distributed_event(noise, 4, "replace")).get_epsilon(1e-3)
+        for _ in range(2)
+    ]
+    assert [row.epsilon for row in rows] == pytest.approx(expected, rel=1e-9)
+    factory = functools.partial(make_app, simulated_data(d.num_sites, d.seed), **FAULT_PARAMS)
+    simulated = run_simulation(
+        factory,  # type: ignore[arg-type]
+        build_strategy("fedavg", {"min_train_clients": 3}),
+        num_clients=d.num_sites,
+        rounds=d.rounds,
+        initial_arrays=d.initial,
+        seed=d.seed,
+        secure=secure,
+    )
+    for name, value in simulated.arrays.items():
+        assert result.arrays[name].tobytes() == value.tobytes(), name
