@@ -104,15 +104,7 @@ def plot_metrics(report: Report) -> bytes:
                     xs, [s.worst for _, s in points], "v:", color="tab:red", label="worst client"
                 )
             else:
-                ax.text(
-                    0.5,
-                    0.5,
-                    f"no {name} reported",
-                    transform=ax.transAxes,
-                    ha="center",
-                    va="center",
-                    color="gray",
-                )
+                _nothing_reported(ax, name)
             ax.set_ylabel(name)
             _round_axis(ax, report)
         axes[-1].set_xlabel("round")
@@ -189,15 +181,7 @@ def plot_clients(report: Report) -> bytes:
                 label="weighted mean",
             )
         else:
-            ax.text(
-                0.5,
-                0.5,
-                f"no {name} reported",
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                color="gray",
-            )
+            _nothing_reported(ax, name)
         ax.set_xlabel("round")
         ax.set_ylabel(name)
         _round_axis(ax, report)
@@ -231,3 +215,16 @@ def plot_privacy(report: Report) -> bytes:
         return _png(fig)
     finally:
         plt.close(fig)
+
+
+def _nothing_reported(ax: Any, name: str) -> None:
+    """A grey note in the middle of an axes that has no data for ``name``."""
+    ax.text(
+        0.5,
+        0.5,
+        f"no {name} reported",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        color="gray",
+    )
