@@ -40,6 +40,7 @@ import numpy as np
 from fedlearn.engine.records import Arrays, Metrics
 from fedlearn.errors import ConfigError
 from fedlearn.privacy.noise import NoiseSource, noise_source
+from fedlearn.privacy.norms import l2_norm
 from fedlearn.privacy.strategy import PrivacyWrapper
 from fedlearn.strategy.base import ClientUpdate, Fold, RoundContext, Strategy
 
@@ -80,7 +81,7 @@ def update_norm(arrays: Arrays, global_arrays: Arrays) -> float:
     for name, x in global_arrays.items():
         if np.issubdtype(x.dtype, np.floating):
             d = np.asarray(arrays[name], np.float64) - np.asarray(x, np.float64)
-            total += float(np.dot(d.ravel(), d.ravel()))
+            total += l2_norm(d) ** 2
     return math.sqrt(total)
 
 
@@ -94,7 +95,7 @@ def clipped_delta(
         for name, x in global_arrays.items()
         if np.issubdtype(x.dtype, np.floating)
     }
-    norm = math.sqrt(sum(float(np.dot(d.ravel(), d.ravel())) for d in deltas.values()))
+    norm = math.sqrt(sum(l2_norm(d) ** 2 for d in deltas.values()))
     if norm > clip:
         scale = clip / norm
         for d in deltas.values():

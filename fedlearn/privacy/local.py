@@ -35,6 +35,7 @@ from fedlearn.engine.client_app import ClientApp, ClientContext, EvaluateResult,
 from fedlearn.engine.records import Arrays, Config, Metrics
 from fedlearn.privacy import keys
 from fedlearn.privacy.keys import NoiseKind, TaskDP
+from fedlearn.privacy.norms import l2_norm
 
 LOCAL_DP_STREAM = 0x4C4450
 """Second word of a seeded local-DP noise key ``(task seed, LOCAL_DP_STREAM)``: keeps the
@@ -86,18 +87,18 @@ def local_dp(config: Mapping[str, object], floor: LocalDPFloor | None = None) ->
 def clip_update(delta: np.ndarray, clip: float) -> np.ndarray:
     """A float64 copy of ``delta`` scaled to L2 norm at most ``clip`` (unchanged if within).
 
-    The norm of the result, as numpy computes it, never exceeds ``clip``: a rescale that
-    rounding left a hair above is shrunk again.
+    The norm of the result (:func:`~fedlearn.privacy.norms.l2_norm`) never exceeds
+    ``clip``: a rescale that rounding left a hair above is shrunk again.
     """
     if not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip}")
     out = np.array(delta, dtype=np.float64).reshape(-1)
-    norm = float(np.linalg.norm(out))
+    norm = l2_norm(out)
     if not np.isfinite(norm):
         raise ValueError("the update has a NaN or infinite coordinate")
     while norm > clip:
         out *= np.nextafter(clip / norm, 0.0)
-        norm = float(np.linalg.norm(out))
+        norm = l2_norm(out)
     return out
 
 
