@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -292,81 +293,221 @@ def _round(item: tuple[str, Any]) -> int:
     return int(item[0])
 
 
-# --------------------------------------------------------------------------- cost
-def cost_peer_workload(
-    clients: int, rounds: int, reps: int, sigma: float, local_sigma: float, delta: float
-) -> dict[str, Any]:
-    """Per-round time of the Flower peer workload off, central and local (in-process)."""
-    from benchmarks.peer_workload import PeerLogReg
+class Clock:
+    """A round sink that does the run's privacy bookkeeping and notes the time."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+        self.marks: list[tuple[float, float]] = []
+
+    def record_round(self, round: Any, clients: Any, arrays: Any, state: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.record(round, clients)
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+
+def mnist_factory(clients: int, epochs: int) -> Any:
+    """The ClientApp factory ``fedlearn simulate`` builds for the MNIST job."""
+    from fedlearn.config.simulation import load_config
+    from fedlearn.run.job import client_app_factory
+
+    config = load_config(
+        None,
+        {
+            "run": {"clients": clients, "seed": 0},
+            "client": {"params": {"epochs": epochs, "batch_size": 32, "lr": 0.1}},
+        },
+    )
+    return client_app_factory(config)
+
+
+def model_size(factory: Any) -> int:
+    """Number of parameters (all arrays) of the factory's initial model."""
+    return int(sum(a.size for a in factory().initial_arrays(0).values()))
+
+
+# --------------------------------------------------------------------------- distributed
+def distributed_parts(w: Workload, sigma: float, length: int) -> tuple[Any, Any]:
+    """SecAgg+ with distributed DP (Skellam) of noise multiplier ``sigma`` and clip C,
+    and the round's DP event as a function of the number of survivors."""
+    from fedlearn.config.simulation import SecAggSection
+    from fedlearn.privacy.distributed import DistributedNoise, distributed_event
+    from fedlearn.run.builders import make_secure
+
+    base = make_secure(SecAggSection(enabled=True, clip=w.clip))
+    assert base is not None
+    secure = base.with_noise(DistributedNoise(sigma), clip=w.clip)
+    planned = secure.planned_noise(w.clients, length)
+
+    def event(survivors: int) -> Any:
+        return distributed_event(planned, survivors)
+
+    return secure, event
+
+
+def calibrate_distributed(
+    w: Workload, epsilons: Sequence[float], gaussian: dict[float, float], length: int
+) -> dict[float, float]:
+    """σ per ε for distributed DP, on the Skellam round event the ledger composes (its
+    zCDP bound costs a little more than a Gaussian of the same variance)."""
+    from fedlearn.privacy.calibrate import noise_multiplier_for
+
+    out = {}
+    for eps in epsilons:
+        g = gaussian[eps]
+        out[eps] = noise_multiplier_for(
+            eps,
+            w.delta,
+            w.rounds,
+            lambda s: distributed_parts(w, s, length)[1](w.clients),
+            bracket=(0.5 * g, 8.0 * g),
+            tol=1e-4,
+        )
+    return out
+
+
+def run_fedlearn_distributed_api(w: Workload, sigma: float, factory: Any) -> dict[str, Any]:
+    """Distributed DP through the Python API (SecAgg+ with noise, the run's tracker):
+    for a checkout where ``fedlearn simulate`` does not wire the mode yet."""
     from fedlearn.config.simulation import PrivacySection
-    from fedlearn.engine.records import Arrays
-    from fedlearn.engine.results import ClientRecord, RoundRecord
     from fedlearn.run.builders import make_privacy
     from fedlearn.simulation.engine import run_simulation
     from fedlearn.strategy import FedAvg
 
-    class Accounting:
-        """A round sink that only does the run's privacy bookkeeping, timed."""
+    secure, event = distributed_parts(w, sigma, model_size(factory))
+    section = PrivacySection(
+        mode="distributed",
+        noise_multiplier=sigma,
+        clip=w.clip,
+        delta=w.delta,
+        accountant="rdp",
+        sampling="poisson",
+    )
+    strategy, tracker = make_privacy(
+        section,
+        FedAvg(),
+        num_clients=w.clients,
+        seed=0,
+        secure=secure,
+        distributed_event=event,
+    )
+    secure.check(strategy, w.clients)
+    clock = Clock(tracker)
+    print(f"$ (Python API) distributed DP, sigma {sigma:.4f}, pool backend", flush=True)
+    t0 = time.perf_counter()
+    result = run_simulation(
+        factory,
+        strategy,
+        num_clients=w.clients,
+        rounds=w.rounds,
+        seed=0,
+        backend="pool",
+        sink=clock,  # type: ignore[arg-type]
+        stop_before=None if tracker is None else tracker.stop_reason,
+        secure=secure,
+    )
+    times = [r.duration_s for r in result.rounds]
+    out: dict[str, Any] = {
+        "mode": "distributed",
+        "sigma": sigma,
+        "command": "Python API (run_simulation + SecureAggregation.with_noise + make_privacy)",
+        "wall_s": time.perf_counter() - t0,
+        "final_acc": float(result.rounds[-1].eval_metrics["accuracy"]),
+        "acc_by_round": [float(r.eval_metrics.get("accuracy", math.nan)) for r in result.rounds],
+        "epsilon": None if tracker is None else float(tracker.epsilon()),
+        "round_s": times,
+        "steady_round_s": statistics.median(times[1:]) if len(times) > 1 else None,
+        "rounds_done": len(result.rounds),
+    }
+    print(
+        f"  acc {fmt(out['final_acc'], 4)}  eps {fmt(out['epsilon'], 4)}  "
+        f"steady round {fmt(out['steady_round_s'], 3)} s  wall {out['wall_s']:.1f} s",
+        flush=True,
+    )
+    return out
 
-        def __init__(self, tracker: Any) -> None:
-            self.tracker = tracker
-            self.seconds: dict[int, float] = {}
 
-        def record_round(
-            self,
-            round: RoundRecord,
-            clients: Sequence[ClientRecord],
-            arrays: Arrays,
-            state: Arrays,
-        ) -> None:
-            t0 = time.perf_counter()
-            if self.tracker is not None:
-                self.tracker.record(round, clients)
-            self.seconds[round.round] = time.perf_counter() - t0
+# --------------------------------------------------------------------------- cost
+def cost(
+    workload: str,
+    clients: int,
+    rounds: int,
+    reps: int,
+    sigmas: dict[str, float],
+    delta: float,
+) -> dict[str, Any]:
+    """Per-round wall and CPU time of ``workload`` (``peer`` or ``mnist``) with DP off,
+    central and local, in-process: the wrapper ``fedlearn simulate`` builds
+    (``make_privacy``) and its accountant's bookkeeping after every round.
 
-    def one(mode: str) -> tuple[list[float], list[float], float]:
+    A round's time is the time between the ends of consecutive rounds (training,
+    aggregation with clipping and noise, evaluation, accounting), so round 1 (warm-up) is
+    left out; CPU time is this process's (``time.process_time``), which other work on a
+    shared machine disturbs far less than wall time. The three configurations are
+    interleaved ``reps`` times after one warm-up each; medians over rounds and reps.
+    """
+    from benchmarks.peer_workload import PeerLogReg
+    from fedlearn.config.simulation import PrivacySection
+    from fedlearn.run.builders import make_privacy
+    from fedlearn.simulation.engine import run_simulation
+    from fedlearn.strategy import FedAvg
+
+    factory: Any = PeerLogReg if workload == "peer" else mnist_factory(clients, 1)
+
+    def one(mode: str) -> tuple[list[float], list[float], float, float | None]:
         section = PrivacySection(
             mode=mode,  # type: ignore[arg-type]
-            noise_multiplier=local_sigma if mode == "local" else max(sigma, 1e-9),
-            clip=1.0,
+            noise_multiplier=sigmas.get(mode, 1.0),
+            clip=1.0 if workload == "peer" else 0.4,
             delta=delta,
             sampling="poisson",
         )
         strategy, tracker = make_privacy(
             section, FedAvg(), num_clients=clients, seed=0, secure=None
         )
-        sink = Accounting(tracker)
+        clock = Clock(tracker)
         result = run_simulation(
-            PeerLogReg,  # type: ignore[arg-type]
+            factory,
             strategy,
             num_clients=clients,
             rounds=rounds,
             seed=0,
             backend="inprocess",
-            sink=sink,  # type: ignore[arg-type]
+            sink=clock,  # type: ignore[arg-type]
             stop_before=None if tracker is None else tracker.stop_reason,
         )
-        mech = [r.duration_s for r in result.rounds]
-        total = [r.duration_s + sink.seconds.get(r.round, 0.0) for r in result.rounds]
+        m = clock.marks
+        wall = [b[0] - a[0] for a, b in itertools.pairwise(m)]
+        cpu = [b[1] - a[1] for a, b in itertools.pairwise(m)]
         acc = float(result.rounds[-1].eval_metrics.get("accuracy", math.nan))
-        return mech, total, acc
+        eps = None if tracker is None else float(tracker.epsilon())
+        return wall, cpu, acc, eps
 
     modes = ("off", "central", "local")
-    mech: dict[str, list[float]] = {m: [] for m in modes}
-    total: dict[str, list[float]] = {m: [] for m in modes}
-    accs: dict[str, float] = {}
+    wall: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    final: dict[str, tuple[float, float | None]] = {}
+    for m in modes:
+        one(m)  # warm-up: imports, first data generation, dp-accounting's caches
     for _ in range(reps):
         for m in modes:  # interleaved, so drift in the machine's load hits all three
-            a, b, acc = one(m)
-            mech[m] += a[1:]
-            total[m] += b[1:]
-            accs[m] = acc
-    out: dict[str, Any] = {"clients": clients, "rounds": rounds, "reps": reps}
+            a, b, acc, eps = one(m)
+            wall[m] += a
+            cpu[m] += b
+            final[m] = (acc, eps)
+    out: dict[str, Any] = {
+        "workload": workload,
+        "clients": clients,
+        "rounds": rounds,
+        "reps": reps,
+        "sigmas": sigmas,
+    }
     for m in modes:
         out[m] = {
-            "median_round_s": statistics.median(total[m]),
-            "median_mechanism_round_s": statistics.median(mech[m]),
-            "final_acc": accs[m],
+            "wall_round_s": statistics.median(wall[m]),
+            "cpu_round_s": statistics.median(cpu[m]),
+            "final_acc": final[m][0],
+            "epsilon": final[m][1],
         }
     return out
 
@@ -408,8 +549,8 @@ def print_tables(results: dict[str, Any]) -> None:
     print(f"{'non-private: fedlearn':<40} | {cell(base_f)}")
     print(f"{'non-private: Flower':<40} | {cell(base_w)}")
     for mode in FEDLEARN_MODES:
-        kind = "local" if mode == "local" else "central"
-        sigmas = ", ".join(f"{sig[kind][str(e)]:.3f}" for e in eps_list)
+        kind = {"local": "local", "distributed": "distributed"}.get(mode, "central")
+        sigmas = ", ".join(f"{sig.get(kind, {}).get(str(e), math.nan):.3f}" for e in eps_list)
         print(
             f"{'fedlearn ' + mode:<40} | "
             + " | ".join(cell(fed.get((mode, e))) for e in eps_list)
@@ -454,16 +595,17 @@ def print_tables(results: dict[str, Any]) -> None:
                     f"/ {fmt(base_w['steady_round_s'])} s = "
                     f"{ratio(r['steady_round_s'], base_w['steady_round_s'])}"
                 )
-    cost = results.get("cost")
-    if cost:
-        off = cost["off"]
+    for cost_result in results.get("cost", []):
+        off = cost_result["off"]
         for mode in ("central", "local"):
-            c = cost[mode]
+            c = cost_result[mode]
             print(
-                f"  peer workload ({cost['clients']} clients, in-process) {mode} / off: "
-                f"{c['median_round_s'] * 1e3:.2f} / {off['median_round_s'] * 1e3:.2f} ms = "
-                f"{ratio(c['median_round_s'], off['median_round_s'])} (mechanism alone "
-                f"{ratio(c['median_mechanism_round_s'], off['median_mechanism_round_s'])})"
+                f"  {cost_result['workload']} ({cost_result['clients']} clients, in-process, "
+                f"{cost_result['rounds']} rounds x {cost_result['reps']}) {mode} / off: "
+                f"wall {c['wall_round_s'] * 1e3:.1f} / {off['wall_round_s'] * 1e3:.1f} ms = "
+                f"{ratio(c['wall_round_s'], off['wall_round_s'])}; CPU "
+                f"{c['cpu_round_s'] * 1e3:.1f} / {off['cpu_round_s'] * 1e3:.1f} ms = "
+                f"{ratio(c['cpu_round_s'], off['cpu_round_s'])}"
             )
 
 
@@ -490,7 +632,13 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
     p.add_argument("--cost-clients", type=int, default=100)
     p.add_argument("--cost-rounds", type=int, default=20)
+    p.add_argument("--cost-mnist-rounds", type=int, default=4)
     p.add_argument("--cost-reps", type=int, default=3)
+    p.add_argument(
+        "--distributed-api",
+        action="store_true",
+        help="run distributed DP through the Python API when `fedlearn simulate` refuses it",
+    )
     p.add_argument("--runs-dir", type=Path, default=None, help="fedlearn run directories")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args()
@@ -562,10 +710,26 @@ def main() -> None:
         r = run_fedlearn(w, "off", 0.0, root, args.timeout)
         r["epsilon_target"] = None
         fed.append(r)
-        for mode in [m for m in args.modes.split(",") if m]:
-            kind = "local" if mode == "local" else "central"
+        modes = [m for m in args.modes.split(",") if m]
+        factory = mnist_factory(w.clients, w.epochs)
+        if "distributed" in modes:
+            t1 = time.perf_counter()
+            sigmas["distributed"] = calibrate_distributed(
+                w, eps_list, sigmas["central"], model_size(factory)
+            )
+            results["sigmas"]["distributed"] = {str(e): s for e, s in sigmas["distributed"].items()}
+            print(
+                f"calibrated sigma for distributed DP on its Skellam event "
+                f"({time.perf_counter() - t1:.1f} s): "
+                + ", ".join(f"eps {e:g} -> {s:.4f}" for e, s in sigmas["distributed"].items()),
+                flush=True,
+            )
+        for mode in modes:
+            kind = {"local": "local", "distributed": "distributed"}.get(mode, "central")
             for eps in eps_list:
                 r = run_fedlearn(w, mode, sigmas[kind][eps], root, args.timeout)
+                if mode == "distributed" and "error" in r and args.distributed_api:
+                    r = run_fedlearn_distributed_api(w, sigmas[kind][eps], factory)
                 r["epsilon_target"] = eps
                 fed.append(r)
         results["fedlearn"] = fed
@@ -574,15 +738,16 @@ def main() -> None:
 
     if "cost" in parts:
         top = max(eps_list)
-        crounds = args.cost_rounds
-        results["cost"] = cost_peer_workload(
-            args.cost_clients,
-            crounds,
-            args.cost_reps,
-            central_noise_multiplier(top, w.delta, crounds),
-            local_noise_multiplier(top, w.delta, crounds),
-            w.delta,
-        )
+        results["cost"] = []
+        for name, clients, rounds in (
+            ("peer", args.cost_clients, args.cost_rounds),
+            ("mnist", args.clients, args.cost_mnist_rounds),
+        ):
+            sig = {
+                "central": central_noise_multiplier(top, w.delta, rounds),
+                "local": local_noise_multiplier(top, w.delta, rounds),
+            }
+            results["cost"].append(cost(name, clients, rounds, args.cost_reps, sig, w.delta))
 
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     results["load_at_end"] = os.getloadavg()

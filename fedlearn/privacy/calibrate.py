@@ -53,9 +53,10 @@ def noise_multiplier_for(
     accountant: AccountantKind = "rdp",
     relation: Relation = Relation.ADD_OR_REMOVE_ONE,
     tol: float = 1e-6,
+    bracket: tuple[float, float] = SIGMA_RANGE,
 ) -> float:
     """The smallest σ (within ``tol``) whose ``round_event(σ)``, composed ``rounds`` times,
-    spends at most ``epsilon`` at ``delta``."""
+    spends at most ``epsilon`` at ``delta``, searched within ``bracket``."""
     if not (epsilon > 0 and 0 < delta < 1):
         raise ConfigError(f"need epsilon > 0 and 0 < delta < 1, got {epsilon}, {delta}")
     if rounds < 1:
@@ -71,7 +72,7 @@ def noise_multiplier_for(
     def run_event(sigma: float) -> dp_event.DpEvent:
         return dp_event.SelfComposedDpEvent(round_event(sigma), rounds)
 
-    low, high = SIGMA_RANGE
+    low, high = bracket
     for sigma, side in ((high, "largest"), (low, "smallest")):
         reached = fresh().compose(run_event(sigma)).get_epsilon(delta)
         if side == "largest" and reached > epsilon:
