@@ -44,6 +44,7 @@ leftover processes (those carrying that dir in their environment) are killed by 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import itertools
 import json
@@ -575,6 +576,7 @@ def print_tables(results: dict[str, Any]) -> None:
         )
     print()
     print("Cost: round time with DP / without (same run)")
+    print("  (utility runs' steady rounds: indicative only, wall time, side by side with --jobs)")
     if base_f is not None and "error" not in base_f:
         top = max(eps_list)
         for mode in FEDLEARN_MODES:
@@ -639,6 +641,7 @@ def main() -> None:
         action="store_true",
         help="run distributed DP through the Python API when `fedlearn simulate` refuses it",
     )
+    p.add_argument("--jobs", type=int, default=1, help="fedlearn cells side by side")
     p.add_argument("--runs-dir", type=Path, default=None, help="fedlearn run directories")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args()
@@ -706,10 +709,6 @@ def main() -> None:
 
     if "fedlearn" in parts:
         root = args.runs_dir or Path(tempfile.mkdtemp(prefix="fedlearn-dp-bench-"))
-        fed: list[dict[str, Any]] = []
-        r = run_fedlearn(w, "off", 0.0, root, args.timeout)
-        r["epsilon_target"] = None
-        fed.append(r)
         modes = [m for m in args.modes.split(",") if m]
         factory = mnist_factory(w.clients, w.epochs)
         if "distributed" in modes:
@@ -724,14 +723,26 @@ def main() -> None:
                 + ", ".join(f"eps {e:g} -> {s:.4f}" for e, s in sigmas["distributed"].items()),
                 flush=True,
             )
+        cells = [("off", None, 0.0)]
         for mode in modes:
             kind = {"local": "local", "distributed": "distributed"}.get(mode, "central")
-            for eps in eps_list:
-                r = run_fedlearn(w, mode, sigmas[kind][eps], root, args.timeout)
-                if mode == "distributed" and "error" in r and args.distributed_api:
-                    r = run_fedlearn_distributed_api(w, sigmas[kind][eps], factory)
-                r["epsilon_target"] = eps
-                fed.append(r)
+            cells += [(mode, eps, sigmas[kind][eps]) for eps in eps_list]
+        # the cells are separate processes: with --jobs > 1 they run side by side (their
+        # accuracy and epsilon do not depend on it; their round times then mean nothing,
+        # which is why the cost part measures on its own)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [
+                pool.submit(run_fedlearn, w, mode, sigma, root, args.timeout)
+                for mode, _, sigma in cells
+            ]
+            fed = [f.result() for f in futures]
+        for r, (_, eps, _) in zip(fed, cells, strict=True):
+            r["epsilon_target"] = eps
+            r["jobs"] = args.jobs
+        for i, (mode, eps, sigma) in enumerate(cells):
+            if mode == "distributed" and "error" in fed[i] and args.distributed_api:
+                fed[i] = run_fedlearn_distributed_api(w, sigma, factory)
+                fed[i]["epsilon_target"] = eps
         results["fedlearn"] = fed
         if args.runs_dir is None:
             shutil.rmtree(root, ignore_errors=True)
