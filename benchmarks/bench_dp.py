@@ -454,6 +454,10 @@ def cost(
     from fedlearn.strategy import FedAvg
 
     factory: Any = PeerLogReg if workload == "peer" else mnist_factory(clients, 1)
+    if workload == "mnist":  # one thread, as in a pool worker: idle threads spin otherwise
+        import torch
+
+        torch.set_num_threads(1)
 
     def one(mode: str) -> tuple[list[float], list[float], float, float | None]:
         section = PrivacySection(
