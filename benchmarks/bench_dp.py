@@ -436,6 +436,7 @@ def cost(
     reps: int,
     sigmas: dict[str, float],
     delta: float,
+    blas_threads: int | None = None,
 ) -> dict[str, Any]:
     """Per-round wall and CPU time of ``workload`` (``peer`` or ``mnist``) with DP off,
     central and local, in-process: the wrapper ``fedlearn simulate`` builds
@@ -446,7 +447,17 @@ def cost(
     left out; CPU time is this process's (``time.process_time``), which other work on a
     shared machine disturbs far less than wall time. The three configurations are
     interleaved ``reps`` times after one warm-up each; medians over rounds and reps.
+    ``blas_threads`` limits numpy's BLAS thread pool (threadpoolctl) for these runs: on a
+    small loaded machine an idle BLAS thread pool can make one ``np.dot`` of a model-sized
+    vector cost milliseconds.
     """
+    if blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(blas_threads, user_api="blas"):
+            out = cost(workload, clients, rounds, reps, sigmas, delta)
+        out["blas_threads"] = blas_threads
+        return out
     from benchmarks.peer_workload import PeerLogReg
     from fedlearn.config.simulation import PrivacySection
     from fedlearn.run.builders import make_privacy
@@ -603,10 +614,12 @@ def print_tables(results: dict[str, Any]) -> None:
                 )
     for cost_result in results.get("cost", []):
         off = cost_result["off"]
+        blas = cost_result.get("blas_threads")
         for mode in ("central", "local"):
             c = cost_result[mode]
             print(
                 f"  {cost_result['workload']} ({cost_result['clients']} clients, in-process, "
+                f"BLAS threads {'default' if blas is None else blas}, "
                 f"{cost_result['rounds']} rounds x {cost_result['reps']}) {mode} / off: "
                 f"wall {c['wall_round_s'] * 1e3:.1f} / {off['wall_round_s'] * 1e3:.1f} ms = "
                 f"{ratio(c['wall_round_s'], off['wall_round_s'])}; CPU "
@@ -639,6 +652,11 @@ def main() -> None:
     p.add_argument("--cost-clients", type=int, default=100)
     p.add_argument("--cost-rounds", type=int, default=20)
     p.add_argument("--cost-mnist-rounds", type=int, default=4)
+    p.add_argument(
+        "--cost-blas-one",
+        action="store_true",
+        help="measure the cost again with numpy's BLAS on one thread (threadpoolctl)",
+    )
     p.add_argument("--cost-reps", type=int, default=3)
     p.add_argument(
         "--distributed-api",
@@ -762,7 +780,10 @@ def main() -> None:
                 "central": central_noise_multiplier(top, w.delta, rounds),
                 "local": local_noise_multiplier(top, w.delta, rounds),
             }
-            results["cost"].append(cost(name, clients, rounds, args.cost_reps, sig, w.delta))
+            for blas in (None, 1) if args.cost_blas_one else (None,):
+                results["cost"].append(
+                    cost(name, clients, rounds, args.cost_reps, sig, w.delta, blas)
+                )
 
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     results["load_at_end"] = os.getloadavg()
