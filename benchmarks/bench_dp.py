@@ -332,21 +332,29 @@ def model_size(factory: Any) -> int:
 
 # --------------------------------------------------------------------------- distributed
 def distributed_parts(w: Workload, sigma: float, length: int) -> tuple[Any, Any]:
-    """SecAgg+ with distributed DP (Skellam) of noise multiplier ``sigma`` and clip C,
-    and the round's DP event as a function of the number of survivors."""
-    from fedlearn.config.simulation import SecAggSection
-    from fedlearn.privacy.distributed import DistributedNoise, distributed_event
-    from fedlearn.run.builders import make_secure
+    """SecAgg+ with distributed DP (Skellam) of noise multiplier ``sigma`` and clip C, and
+    the round's DP event as a function of the number of survivors, as ``fedlearn simulate``
+    builds them (``make_distributed``)."""
+    from fedlearn.config.simulation import PrivacySection, SecAggSection
+    from fedlearn.run.builders import make_distributed, make_secure
 
-    base = make_secure(SecAggSection(enabled=True, clip=w.clip))
-    assert base is not None
-    secure = base.with_noise(DistributedNoise(sigma), clip=w.clip)
-    planned = secure.planned_noise(w.clients, length)
-
-    def event(survivors: int) -> Any:
-        return distributed_event(planned, survivors)
-
-    return secure, event
+    privacy = PrivacySection(
+        mode="distributed",
+        noise_multiplier=sigma,
+        clip=w.clip,
+        delta=w.delta,
+        accountant="rdp",
+        sampling="poisson",
+    )
+    secagg = SecAggSection(enabled=True, clip=w.clip)
+    return make_distributed(
+        privacy,
+        secagg,
+        make_secure(secagg),
+        clients_per_round=w.clients,
+        num_params=lambda: length,
+        seed=0,
+    )
 
 
 def calibrate_distributed(
