@@ -20,14 +20,14 @@ mechanisms: ``DifferentialPrivacyServerSideFixedClipping`` and
 DP. The clip C is chosen from the norms of the non-private updates (printed, with a small
 sweep of C under central DP at the largest ε).
 
-**Cost** (acceptance 5, central and local). Round time with DP over round time without:
-
-* on the Flower peer workload (``benchmarks/peer_workload.py``: numpy logistic regression,
-  100 clients, in-process backend, as ``bench_sim_vs_flower.py`` runs it): the privacy
-  wrapper that ``fedlearn simulate`` builds (``make_privacy``) plus its accountant, whose
-  bookkeeping after each round is timed and added; configurations interleaved, medians
-  over rounds and repetitions;
-* on MNIST: the steady rounds (2..R, median) of the utility runs above.
+**Cost** (acceptance 5, central and local). Round time with DP over round time without,
+in-process, by CPU time (``time.process_time``; wall time is printed too): the privacy
+wrapper ``fedlearn simulate`` builds (``make_privacy``) and its accountant's bookkeeping
+after every round, on the Flower peer workload (``benchmarks/peer_workload.py``: numpy
+logistic regression, 100 clients, as ``bench_sim_vs_flower.py`` runs it) and on the MNIST
+job; off, central and local interleaved, medians over rounds and repetitions;
+``--cost-blas-one`` measures again with numpy's BLAS on one thread. The utility runs'
+steady rounds are printed as well, but they are wall time, side by side with ``--jobs``.
 
 Usage (from the repository root; the Flower venv is made by
 ``shared/peers/flower/setup.sh .peer-venv-flower`` plus torch 2.13.0 and mlxtend, see
@@ -35,7 +35,7 @@ Usage (from the repository root; the Flower venv is made by
 
     python benchmarks/bench_dp.py                       # everything (about 30 min on 2 cores)
     python benchmarks/bench_dp.py --part flower --json flower.json
-    python benchmarks/bench_dp.py --part fedlearn --part cost --flower-json flower.json
+    python benchmarks/bench_dp.py --part fedlearn --part cost --jobs 3 --flower-json flower.json
 
 Flower runs with telemetry and update checks off and Ray in a private temp dir; its
 leftover processes (those carrying that dir in their environment) are killed by pid.
@@ -332,21 +332,29 @@ def model_size(factory: Any) -> int:
 
 # --------------------------------------------------------------------------- distributed
 def distributed_parts(w: Workload, sigma: float, length: int) -> tuple[Any, Any]:
-    """SecAgg+ with distributed DP (Skellam) of noise multiplier ``sigma`` and clip C,
-    and the round's DP event as a function of the number of survivors."""
-    from fedlearn.config.simulation import SecAggSection
-    from fedlearn.privacy.distributed import DistributedNoise, distributed_event
-    from fedlearn.run.builders import make_secure
+    """SecAgg+ with distributed DP (Skellam) of noise multiplier ``sigma`` and clip C, and
+    the round's DP event as a function of the number of survivors, as ``fedlearn simulate``
+    builds them (``make_distributed``)."""
+    from fedlearn.config.simulation import PrivacySection, SecAggSection
+    from fedlearn.run.builders import make_distributed, make_secure
 
-    base = make_secure(SecAggSection(enabled=True, clip=w.clip))
-    assert base is not None
-    secure = base.with_noise(DistributedNoise(sigma), clip=w.clip)
-    planned = secure.planned_noise(w.clients, length)
-
-    def event(survivors: int) -> Any:
-        return distributed_event(planned, survivors)
-
-    return secure, event
+    privacy = PrivacySection(
+        mode="distributed",
+        noise_multiplier=sigma,
+        clip=w.clip,
+        delta=w.delta,
+        accountant="rdp",
+        sampling="poisson",
+    )
+    secagg = SecAggSection(enabled=True, clip=w.clip)
+    return make_distributed(
+        privacy,
+        secagg,
+        make_secure(secagg),
+        clients_per_round=w.clients,
+        num_params=lambda: length,
+        seed=0,
+    )
 
 
 def calibrate_distributed(
