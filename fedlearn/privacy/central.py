@@ -40,7 +40,7 @@ import numpy as np
 from fedlearn.engine.records import Arrays, Metrics
 from fedlearn.errors import ConfigError
 from fedlearn.privacy.noise import NoiseSource, noise_source
-from fedlearn.privacy.norms import l2_norm
+from fedlearn.privacy.norms import sum_of_squares
 from fedlearn.privacy.strategy import PrivacyWrapper
 from fedlearn.strategy.base import ClientUpdate, Fold, RoundContext, Strategy
 
@@ -75,16 +75,6 @@ def next_clip(clip: float, unclipped_fraction: float, target: float, rate: float
     return float(clip * math.exp(-rate * (unclipped_fraction - target)))
 
 
-def update_norm(arrays: Arrays, global_arrays: Arrays) -> float:
-    """L2 norm of the change from ``global_arrays`` over every floating array."""
-    total = 0.0
-    for name, x in global_arrays.items():
-        if np.issubdtype(x.dtype, np.floating):
-            d = np.asarray(arrays[name], np.float64) - np.asarray(x, np.float64)
-            total += l2_norm(d) ** 2
-    return math.sqrt(total)
-
-
 def clipped_delta(
     arrays: Arrays, global_arrays: Arrays, clip: float
 ) -> tuple[dict[str, np.ndarray], float]:
@@ -95,7 +85,7 @@ def clipped_delta(
         for name, x in global_arrays.items()
         if np.issubdtype(x.dtype, np.floating)
     }
-    norm = math.sqrt(sum(l2_norm(d) ** 2 for d in deltas.values()))
+    norm = math.sqrt(sum(sum_of_squares(d) for d in deltas.values()))
     if norm > clip:
         scale = clip / norm
         for d in deltas.values():

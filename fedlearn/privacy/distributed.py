@@ -78,6 +78,7 @@ import numpy as np
 
 from fedlearn.errors import ConfigError, SecAggError, SerializationError, UpdateRejected
 from fedlearn.privacy.noise import NoiseSource, noise_source
+from fedlearn.privacy.norms import sum_of_squares
 from fedlearn.privacy.skellam import skellam
 
 if TYPE_CHECKING:
@@ -369,12 +370,6 @@ def distributed_event(
 # -------------------------------------------------------------------- client side
 
 
-def _sum_of_squares(x: np.ndarray) -> float:
-    """``sum(x^2)`` by numpy's pairwise summation (not BLAS, whose threads can spin on a
-    loaded machine; the error bound used below is the pairwise one)."""
-    return float(np.square(x).sum())
-
-
 def randomized_round(y: np.ndarray, bound: float, source: NoiseSource) -> np.ndarray:
     """Conditional randomized rounding of ``y`` (float64) to ``int64`` with L2 norm ``<=
     bound``: redraw until the bound holds (SecAggError after many failures)."""
@@ -385,7 +380,7 @@ def randomized_round(y: np.ndarray, bound: float, source: NoiseSource) -> np.nda
     for _ in range(MAX_ROUNDING_TRIES):
         up = source.uniform(y.size) < frac
         out = base + up
-        if _sum_of_squares(out) <= limit:
+        if sum_of_squares(out) <= limit:
             rounded: np.ndarray = out.astype(np.int64)
             return rounded
     raise SecAggError("conditional rounding failed repeatedly; the clip is not respected")
@@ -397,7 +392,7 @@ def noised_integers(vector: np.ndarray, noise: RoundNoise, source: NoiseSource) 
     x = np.asarray(vector, dtype=np.float64)
     if x.ndim != 1 or x.size != noise.dimension:
         raise UpdateRejected(f"update has {x.size} values, the round expects {noise.dimension}")
-    norm = math.sqrt(_sum_of_squares(x))
+    norm = math.sqrt(sum_of_squares(x))
     if not math.isfinite(norm):
         raise UpdateRejected("update contains NaN or infinite values")
     factor = 2.0**noise.scale_bits

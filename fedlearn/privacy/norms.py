@@ -13,7 +13,12 @@ import math
 import numpy as np
 
 
+def sum_of_squares(x: np.ndarray) -> float:
+    """``sum(x**2)`` of ``x`` (any shape), in float64, by pairwise summation."""
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    return float(np.square(flat).sum())
+
+
 def l2_norm(x: np.ndarray) -> float:
     """``sqrt(sum(x**2))`` of ``x`` (any shape), in float64."""
-    flat = np.asarray(x, dtype=np.float64).reshape(-1)
-    return math.sqrt(float(np.square(flat).sum()))
+    return math.sqrt(sum_of_squares(x))
