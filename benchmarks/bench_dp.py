@@ -66,7 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_sim_vs_flower import _kill_ours  # noqa: E402
+from benchmarks.bench_sim_vs_flower import run_in_flower_env  # noqa: E402
 from fedlearn.privacy.calibrate import (  # noqa: E402
     central_noise_multiplier,
     local_noise_multiplier,
@@ -213,19 +213,6 @@ def run_flower(
     python: Path, w: Workload, mode: str, sigma: float, clip: float, timeout: float
 ) -> dict[str, Any]:
     """One run of ``flower_dp.py`` in the Flower venv; its BENCH_RESULT."""
-    tmp = tempfile.mkdtemp(prefix="flwr-dp-bench-")
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        RAY_TMPDIR=tmp,
-        TMPDIR=tmp,
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_DEDUP_LOGS="1",
-        PYTHONUNBUFFERED="1",
-        FLOWER_PEER_DIR=str(find_flower_dir()),
-    )
     cmd = [
         str(python),
         str(FLOWER_DRIVER),
@@ -246,25 +233,13 @@ def run_flower(
     ]
     shown = " ".join(["flower_dp.py", *cmd[2:]])
     print(f"$ {shown}", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
+    out, err, wall, rc, _ = run_in_flower_env(
         cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        cwd=tmp,
+        timeout,
+        "flwr-dp-bench-",
+        RAY_DEDUP_LOGS="1",
+        FLOWER_PEER_DIR=str(find_flower_dir()),
     )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        out += "\n[timed out]"
-    wall = time.perf_counter() - t0
-    _kill_ours(f"RAY_TMPDIR={tmp}".encode())
-    shutil.rmtree(tmp, ignore_errors=True)
     result: dict[str, Any] = {"mode": mode, "sigma": sigma, "clip": clip, "command": shown}
     result["wall_s"] = wall
     for line in out.splitlines():
@@ -280,7 +255,7 @@ def run_flower(
             )
     if "final_acc" not in result:
         result["error"] = (err + out)[-2000:]
-        print(f"  FAILED (rc {proc.returncode}): {result['error'][-600:]}", flush=True)
+        print(f"  FAILED (rc {rc}): {result['error'][-600:]}", flush=True)
     else:
         print(
             f"  acc {fmt(result['final_acc'], 4)}  flower eps {fmt(result['epsilon'], 4)}  "

@@ -145,11 +145,15 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def run_flower(
-    python: Path, clients: int, rounds: int, cpus_per_client: float, timeout: float
-) -> dict[str, Any]:
-    """One run of Flower's sim_bench.py; the parent's wall time and its BENCH_RESULT."""
-    tmp = tempfile.mkdtemp(prefix="flwr-bench-")
+def run_in_flower_env(
+    cmd: list[str], timeout: float, prefix: str, **extra_env: str
+) -> tuple[str, str, float, int, int]:
+    """Run ``cmd`` (a Flower script in its venv) with telemetry off and Ray in a private
+    temp dir, then stop whatever it left behind by that dir and remove it.
+
+    Returns stdout, stderr (``[timed out]`` appended on a timeout), the wall time, the
+    exit code and how many leftover processes were killed."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.update(
@@ -159,17 +163,8 @@ def run_flower(
         TMPDIR=tmp,
         RAY_USAGE_STATS_ENABLED="0",
         PYTHONUNBUFFERED="1",
+        **extra_env,
     )
-    cmd = [
-        str(python),
-        str(FLOWER_DIR / "sim_bench.py"),
-        "--clients",
-        str(clients),
-        "--rounds",
-        str(rounds),
-        "--cpus-per-client",
-        str(cpus_per_client),
-    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -189,7 +184,25 @@ def run_flower(
     wall = time.perf_counter() - t0
     leftover = _kill_ours(f"RAY_TMPDIR={tmp}".encode())
     shutil.rmtree(tmp, ignore_errors=True)
-    result: dict[str, Any] = {"wall_s": wall, "rc": proc.returncode, "leftover_killed": leftover}
+    return out, err, wall, proc.returncode, leftover
+
+
+def run_flower(
+    python: Path, clients: int, rounds: int, cpus_per_client: float, timeout: float
+) -> dict[str, Any]:
+    """One run of Flower's sim_bench.py; the parent's wall time and its BENCH_RESULT."""
+    cmd = [
+        str(python),
+        str(FLOWER_DIR / "sim_bench.py"),
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--cpus-per-client",
+        str(cpus_per_client),
+    ]
+    out, err, wall, rc, leftover = run_in_flower_env(cmd, timeout, "flwr-bench-")
+    result: dict[str, Any] = {"wall_s": wall, "rc": rc, "leftover_killed": leftover}
     for line in out.splitlines():
         if line.startswith("BENCH_RESULT "):
             result["bench"] = json.loads(line[len("BENCH_RESULT ") :])
