@@ -398,10 +398,12 @@ def test_a_hello_flood_for_a_sites_key_does_not_keep_it_out(tmp_path: Path) -> N
                     f'address = "[::1]:{d.port}"\nserver_name = "localhost"',
                 )
             )
+            before = len(sent)
             started = time.monotonic()
             run = run_site(site_from(path))
             session = c.wait_joined(0, timeout=15)
             joined_after = time.monotonic() - started
+            during = len(sent) - before
         finally:
             stop.set()
             for thread in flooders:
@@ -409,8 +411,11 @@ def test_a_hello_flood_for_a_sites_key_does_not_keep_it_out(tmp_path: Path) -> N
         run.stop.set()
         run.wait(10)
     assert session.site == "site-0"
-    assert len(sent) > 200  # the flood ran the whole time
-    assert joined_after < 3.0
+    # The flood had far more Hellos pending for the key than its 8 challenge slots before
+    # the site dialed, and kept sending while it joined (counts, not rates: CI is loaded).
+    assert before > 4 * 8
+    assert during > 0
+    assert joined_after < 5.0
 
 
 def test_hellos_on_other_streams_do_not_evict_a_sites_challenge(tmp_path: Path) -> None:
@@ -673,8 +678,8 @@ def test_admission_table(tmp_path: Path) -> None:
     assert rows["no client certificate under mutual TLS (raw gRPC)"].message.endswith(
         "(streams the coordinator saw: 0)"
     )
-    assert rows["site revoked while connected"].seconds < 2.0
-    assert rows[flood].code == "RESOURCE_EXHAUSTED" and rows[flood].seconds < 3.0
+    assert rows["site revoked while connected"].seconds < 4.0
+    assert rows[flood].code == "RESOURCE_EXHAUSTED" and rows[flood].seconds < 4.0
     for row in rows.values():  # a refusal is prompt: no retrying until something gives up
         assert row.seconds < 5.0, row
 
@@ -841,7 +846,7 @@ def test_fedlearn_keys_revoke_and_sighup_cut_a_site_off_a_running_coordinator(
     )
     line = next(ln for ln in out.splitlines() if "stream ended: site 'site-2' was revoked" in ln)
     ended = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-    assert (ended - hangup).total_seconds() < 2.0, line
+    assert (ended - hangup).total_seconds() < 10.0, line  # the poll is an hour away
     store = RunStore(d.state_dir / "run.db", run_id="run", read_only=True)
     try:
         rounds, rows = store.rounds(), store.clients(Stage.TRAIN)
