@@ -23,7 +23,6 @@ from fedlearn.privacy.central import (
     UNCLIPPED,
     CentralPrivacy,
     adaptive_noise_multiplier,
-    clipped_delta,
     next_clip,
 )
 from fedlearn.strategy import FedAdam, FedAvg, Krum, QFedAvg
@@ -108,18 +107,17 @@ def test_seeded_noise_repeats_per_round_and_secure_noise_never_does() -> None:
 def test_every_update_is_clipped_to_c(parts: list[np.ndarray], clip: float) -> None:
     global_arrays = {f"a{i}": np.zeros_like(p) for i, p in enumerate(parts)}
     update = {f"a{i}": p for i, p in enumerate(parts)}
-    deltas, norm = clipped_delta(update, global_arrays, clip)
-    clipped = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
-    assert clipped <= clip * (1 + 1e-9)
-    if norm <= clip:  # a short update passes unchanged
-        for name, d in deltas.items():
-            assert d.tobytes() == update[name].tobytes()
-    # and through the fold: one client, m = 1, no noise: the model moves by at most C
+    norm = math.sqrt(sum(float(np.sum(p * p)) for p in parts))
+    # one client, m = 1, no noise: the model moves by the clipped change, at most C
     strategy = _central(clip=clip)
     fold = _noiseless(strategy, _ctx(), global_arrays)
     fold.add(ClientUpdate(0, update, 1))
     moved = fold.result()
     assert math.sqrt(sum(float(np.sum(v * v)) for v in moved.values())) <= clip * (1 + 1e-9)
+    assert fold.norms == [pytest.approx(norm, rel=1e-12)]
+    if norm <= clip:  # a short update passes unchanged
+        for name, p in update.items():
+            assert moved[name].tobytes() == p.tobytes()
 
 
 def test_a_round_by_hand_uniform_weights_and_the_expected_divisor() -> None:

@@ -21,7 +21,8 @@ from fedlearn.data import ClientData, FederatedDataset, load_dataset, partition_
 from fedlearn.engine.client_app import ClientContext, TrainResult
 from fedlearn.engine.messages import Stage, Task
 from fedlearn.engine.records import Arrays, Config
-from fedlearn.engine.runtime import ClientRuntime, single_thread
+from fedlearn.engine.runtime import ClientRuntime
+from fedlearn.engine.threads import single_thread
 from fedlearn.errors import ConfigError
 from fedlearn.privacy import dpsgd
 from fedlearn.simulation import run_simulation

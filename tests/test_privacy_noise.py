@@ -47,3 +47,41 @@ def test_bad_arguments() -> None:
         noise_source("fast")
     with pytest.raises(ValueError, match="std"):
         secure_noise().normal(3, std=-1.0)
+
+
+def test_small_requests_are_fresh_draws_from_the_block() -> None:
+    source = secure_noise()
+    a, b = source.normal(100), source.normal(100)
+    assert not set(a.tolist()) & set(b.tolist())  # never the same normals twice
+    a[:] = 0.0  # the caller owns what it got: the next draw is unaffected
+    assert np.count_nonzero(source.normal(100)) == 100
+
+
+def test_a_forked_child_never_continues_its_parents_noise() -> None:
+    import multiprocessing
+
+    parent = secure_noise()
+    parent.normal(8)  # the parent has a key and a block of normals drawn ahead
+    ctx = multiprocessing.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        writer.send((secure_noise().normal(8).tobytes(), secure_noise().bits(4).tobytes()))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    normals, bits = reader.recv()
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert normals != parent.normal(8).tobytes()
+    assert bits != parent.bits(4).tobytes()
+
+
+def test_each_thread_has_its_own_source() -> None:
+    import threading
+
+    got: list[object] = []
+    thread = threading.Thread(target=lambda: got.append(secure_noise()))
+    thread.start()
+    thread.join()
+    assert got[0] is not secure_noise() and secure_noise() is secure_noise()

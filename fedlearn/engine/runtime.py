@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -18,6 +16,7 @@ import numpy as np
 from fedlearn.engine.client_app import ClientApp, ClientContext, EvaluateResult, TrainResult
 from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, check_scalars
+from fedlearn.engine.threads import single_thread
 from fedlearn.errors import FedlearnError
 from fedlearn.privacy.local import LocalDPFloor, PrivateTraining
 
@@ -111,26 +110,6 @@ def _count(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"num_examples must be an int, not {type(value).__name__}")
     return value
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch with one intra-op thread while user code runs, in every transport.
-
-    Some kernels (oneDNN convolution gradients) sum per-thread partial results, so their
-    rounding depends on the thread count; one thread everywhere keeps a seeded run
-    bit-identical in-process, in the worker pool and at a site. Parallelism comes from
-    running clients side by side instead.
-    """
-    torch = sys.modules.get("torch")
-    previous = torch.get_num_threads() if torch is not None else 1
-    if previous != 1:
-        torch.set_num_threads(1)  # type: ignore[union-attr]
-    try:
-        yield
-    finally:
-        if previous != 1:
-            torch.set_num_threads(previous)  # type: ignore[union-attr]
 
 
 def _seed_frameworks(seed: int) -> None:

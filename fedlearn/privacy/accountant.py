@@ -22,9 +22,10 @@ is σ/2) and only dp-accounting's RDP accountant supports it.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import attr
@@ -118,10 +119,16 @@ def client_event(metrics: Metrics) -> DpEvent:
     ``σ·C`` and sensitivity 2C (any two of the client's datasets), ``GaussianDpEvent(σ/2)``.
     A client that reports no valid noise multiplier gets ``NonPrivateDpEvent`` (ε = ∞).
     """
-    sigma = _number(metrics, NOISE_MULTIPLIER)
+    return _client_event(
+        _number(metrics, NOISE_MULTIPLIER), _number(metrics, SAMPLE_RATE), _number(metrics, STEPS)
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_event(sigma: float | None, rate: float | None, steps: float | None) -> DpEvent:
+    """:func:`client_event` from its numbers (one event object per distinct mechanism)."""
     if sigma is None or not math.isfinite(sigma) or sigma <= 0:
         return dp_event.NonPrivateDpEvent()
-    rate, steps = _number(metrics, SAMPLE_RATE), _number(metrics, STEPS)
     if rate is None and steps is None:
         return dp_event.GaussianDpEvent(sigma / 2)
     if rate is None or steps is None or not 0 <= rate <= 1 or steps < 0 or steps != int(steps):
@@ -143,18 +150,8 @@ def _flatten(event: DpEvent, count: int, out: list[tuple[DpEvent, int]]) -> None
         out.append((event, count))
 
 
-def grouped(events: Iterable[DpEvent]) -> list[tuple[DpEvent, int]]:
-    """Equal events together with their total count, in order of first appearance."""
-    flat: list[tuple[DpEvent, int]] = []
-    for event in events:
-        _flatten(event, 1, flat)
-    groups: dict[str, tuple[DpEvent, int]] = {}
-    for event, count in flat:
-        key = repr(event)
-        seen = groups.get(key)
-        groups[key] = (event, count + (seen[1] if seen else 0))
-    return list(groups.values())
-
+Counts = tuple[tuple[str, int], ...]
+"""A multiset of events: ``(repr(event), count)`` pairs sorted by repr."""
 
 _RDP_CURVES: dict[tuple[str, str], np.ndarray] = {}
 """Each distinct event's RDP curve, by neighbouring relation (shared by all ledgers of a
@@ -162,7 +159,13 @@ process: a curve costs up to a second to compute, composing it is an addition)."
 
 
 class Ledger:
-    """The DP events of one run and their ε at ``delta`` (see the module docstring)."""
+    """The DP events of one run and their ε at ``delta`` (see the module docstring).
+
+    Besides the events themselves (``run_events``, ``client_events``) the ledger keeps
+    their counts: the run-level events' and each client's, and how many clients share each
+    history. ε is the worst over *distinct* client histories, so a round costs the same
+    whether 10 or 10,000 clients took part with the same mechanism.
+    """
 
     def __init__(self, accountant: AccountantKind, delta: float, relation: Relation) -> None:
         if not 0 < delta < 1:
@@ -172,7 +175,12 @@ class Ledger:
         self.relation = relation
         self.run_events: list[DpEvent] = []
         self.client_events: dict[int, list[DpEvent]] = {}
-        self._cache: dict[tuple[tuple[str, int], ...], float] = {}
+        self._events: dict[str, DpEvent] = {}
+        self._leaves: dict[DpEvent, Counts] = {}
+        self._run: dict[str, int] = {}
+        self._history: dict[int, Counts] = {}
+        self._histories: dict[Counts, int] = {}
+        self._cache: dict[Counts, float] = {}
 
     def check(self, event: DpEvent) -> None:
         """ConfigError unless this ledger's accountant can compose ``event``."""
@@ -182,14 +190,57 @@ class Ledger:
                 f"{event}"
             )
 
+    def _counts_of(self, event: DpEvent) -> Counts:
+        """``event`` as the multiset of the basic events it composes (memoized)."""
+        try:
+            found = self._leaves.get(event)
+        except TypeError:  # an event holding a list is not hashable
+            found, hashable = None, False
+        else:
+            hashable = True
+        if found is not None:
+            return found
+        flat: list[tuple[DpEvent, int]] = []
+        _flatten(event, 1, flat)
+        merged: dict[str, int] = {}
+        for leaf, count in flat:
+            key = repr(leaf)
+            self._events.setdefault(key, leaf)
+            merged[key] = merged.get(key, 0) + count
+        counts = tuple(sorted(merged.items()))
+        if hashable and len(self._leaves) < 65536:
+            self._leaves[event] = counts
+        return counts
+
+    @staticmethod
+    def _merge(*parts: Mapping[str, int] | Counts) -> Counts:
+        total: dict[str, int] = {}
+        for part in parts:
+            for key, count in part.items() if isinstance(part, Mapping) else part:
+                total[key] = total.get(key, 0) + count
+        return tuple(sorted(total.items()))
+
     def add_round(
         self, run_event: DpEvent | None = None, client_events: Mapping[int, DpEvent] | None = None
     ) -> None:
         """Add one round: its run-level event (if any) and each participating client's."""
         if run_event is not None:
             self.run_events.append(run_event)
+            for key, count in self._counts_of(run_event):
+                self._run[key] = self._run.get(key, 0) + count
         for cid, event in (client_events or {}).items():
-            self.client_events.setdefault(int(cid), []).append(event)
+            cid = int(cid)
+            self.client_events.setdefault(cid, []).append(event)
+            old = self._history.get(cid, ())
+            new = self._merge(old, self._counts_of(event))
+            self._history[cid] = new
+            if old:
+                left = self._histories[old] - 1
+                if left:
+                    self._histories[old] = left
+                else:
+                    del self._histories[old]
+            self._histories[new] = self._histories.get(new, 0) + 1
 
     def epsilon(self) -> float:
         """ε at ``delta`` of everything added so far (0.0 before the first event)."""
@@ -206,35 +257,42 @@ class Ledger:
         ``client_events`` go to the named clients; each of ``any_client`` is tried on every
         known client and on a client not seen yet (worst case over who takes part).
         """
-        run = [*self.run_events, *([run_event] if run_event is not None else [])]
-        extra = dict(client_events or {})
-        clients = sorted(self.client_events.keys() | extra.keys())
-        if not clients and not any_client:
-            return self.compose(run)
+        run = self._merge(self._run, () if run_event is None else self._counts_of(run_event))
+        histories = set(self._histories)
+        for cid, event in (client_events or {}).items():
+            old = self._history.get(int(cid), ())
+            histories.add(self._merge(old, self._counts_of(event)))
+            if old and self._histories.get(old) == 1:
+                histories.discard(old)  # its only client has moved on
+        if not histories and not any_client:
+            return self._compose_counts(run)
         worst = 0.0
-        for cid in clients:
-            own = [*run, *self.client_events.get(cid, []), *([extra[cid]] if cid in extra else [])]
-            worst = max(worst, self.compose(own))
-            for event in any_client:
-                worst = max(worst, self.compose([*own, event]))
-        for event in any_client:
-            worst = max(worst, self.compose([*run, event]))
+        extras = [self._counts_of(event) for event in any_client]
+        for history in histories:
+            own = self._merge(run, history)
+            worst = max(worst, self._compose_counts(own))
+            for extra in extras:
+                worst = max(worst, self._compose_counts(self._merge(own, extra)))
+        for extra in extras:
+            worst = max(worst, self._compose_counts(self._merge(run, extra)))
         return worst
 
     def client_epsilons(self) -> dict[int, float]:
         """Each client's own ε (the run-level events included)."""
         return {
-            cid: self.compose([*self.run_events, *events])
-            for cid, events in sorted(self.client_events.items())
+            cid: self._compose_counts(self._merge(self._run, history))
+            for cid, history in sorted(self._history.items())
         }
 
     def compose(self, events: Sequence[DpEvent]) -> float:
         """ε at ``delta`` of ``events`` composed by this ledger's accountant (cached)."""
-        groups = grouped(events)
-        key = tuple((repr(e), n) for e, n in groups)
-        cached = self._cache.get(key)
+        return self._compose_counts(self._merge(*(self._counts_of(e) for e in events)))
+
+    def _compose_counts(self, counts: Counts) -> float:
+        cached = self._cache.get(counts)
         if cached is not None:
             return cached
+        groups = [(self._events[key], count) for key, count in counts if count > 0]
         if not groups:
             return 0.0
         if self.accountant == "rdp":
@@ -246,7 +304,7 @@ class Ledger:
             value = float(accountant.get_epsilon(self.delta))
         if len(self._cache) > 4096:
             self._cache.clear()
-        self._cache[key] = value
+        self._cache[counts] = value
         return value
 
     def _compose(self, accountant: Any, event: DpEvent, count: int) -> None:
@@ -341,7 +399,6 @@ __all__ = [
     "client_event",
     "event_from_json",
     "event_to_json",
-    "grouped",
     "make_accountant",
     "relation_for",
     "round_event",

@@ -40,7 +40,6 @@ import numpy as np
 from fedlearn.engine.records import Arrays, Metrics
 from fedlearn.errors import ConfigError
 from fedlearn.privacy.noise import NoiseSource, noise_source
-from fedlearn.privacy.norms import sum_of_squares
 from fedlearn.privacy.strategy import PrivacyWrapper
 from fedlearn.strategy.base import ClientUpdate, Fold, RoundContext, Strategy
 
@@ -75,26 +74,13 @@ def next_clip(clip: float, unclipped_fraction: float, target: float, rate: float
     return float(clip * math.exp(-rate * (unclipped_fraction - target)))
 
 
-def clipped_delta(
-    arrays: Arrays, global_arrays: Arrays, clip: float
-) -> tuple[dict[str, np.ndarray], float]:
-    """The change from ``global_arrays`` (floating arrays, float64) scaled to norm at most
-    ``clip``, and the norm before clipping."""
-    deltas = {
-        name: np.asarray(arrays[name], np.float64) - np.asarray(x, np.float64)
-        for name, x in global_arrays.items()
-        if np.issubdtype(x.dtype, np.floating)
-    }
-    norm = math.sqrt(sum(sum_of_squares(d) for d in deltas.values()))
-    if norm > clip:
-        scale = clip / norm
-        for d in deltas.values():
-            d *= scale
-    return deltas, norm
-
-
 class CentralFold:
-    """Sum of clipped changes; the result adds the noise and divides by ``divisor``."""
+    """Sum of clipped changes; the result adds the noise and divides by ``divisor``.
+
+    The floating arrays are laid end to end as one float64 vector: the global model is
+    converted once per round, and each update costs one pass to take its change, one for
+    its norm and one to add it (plus one to scale it when it is clipped).
+    """
 
     def __init__(
         self,
@@ -112,20 +98,32 @@ class CentralFold:
         self.divisor = divisor
         self.count_stddev = count_stddev
         self._noise = noise
-        self._sums = {
-            name: np.zeros(x.shape, np.float64)
-            for name, x in global_arrays.items()
-            if np.issubdtype(x.dtype, np.floating)
-        }
+        self._layout: list[tuple[str, int, int]] = []
+        offset = 0
+        for name, x in global_arrays.items():
+            if np.issubdtype(x.dtype, np.floating):
+                self._layout.append((name, offset, offset + x.size))
+                offset += x.size
+        self._flat = np.empty(offset, np.float64)
+        for name, start, stop in self._layout:
+            self._flat[start:stop] = np.ravel(global_arrays[name])
+        self._sum = np.zeros(offset, np.float64)
+        self._delta = np.empty(offset, np.float64)
+        self._squares = np.empty(offset, np.float64)
         self.count = 0
         self.unclipped = 0
         self.norms: list[float] = []
 
     def add(self, update: ClientUpdate) -> None:
         """Clip ``update``'s change to the global model and add it to the sum."""
-        deltas, norm = clipped_delta(update.arrays, self._global, self.clip)
-        for name, d in deltas.items():
-            self._sums[name] += d
+        delta, flat = self._delta, self._flat
+        for name, start, stop in self._layout:
+            np.subtract(np.ravel(update.arrays[name]), flat[start:stop], out=delta[start:stop])
+        np.square(delta, out=self._squares)
+        norm = math.sqrt(float(self._squares.sum()))  # pairwise, as norms.sum_of_squares
+        if norm > self.clip:
+            delta *= self.clip / norm
+        self._sum += delta
         self.count += 1
         self.unclipped += norm <= self.clip
         self.norms.append(norm)
@@ -133,14 +131,13 @@ class CentralFold:
     def result(self) -> Arrays:
         """``global + (sum + noise) / divisor`` per floating array (others unchanged), and
         with adaptive clipping the noised unclipped fraction under :data:`UNCLIPPED`."""
-        out: Arrays = {}
-        for name, x in self._global.items():
-            total = self._sums.get(name)
-            if total is None:
-                out[name] = np.array(x)
-                continue
-            noised = total + self._noise.normal(total.size, self.noise_std).reshape(total.shape)
-            out[name] = (np.asarray(x, np.float64) + noised / self.divisor).astype(x.dtype)
+        noised = self._sum + self._noise.normal(self._sum.size, self.noise_std)
+        noised /= self.divisor
+        noised += self._flat
+        out: Arrays = {name: np.array(x) for name, x in self._global.items()}
+        for name, start, stop in self._layout:
+            x = self._global[name]
+            out[name] = noised[start:stop].reshape(x.shape).astype(x.dtype)
         if self.count_stddev is not None:
             centred = self.unclipped - 0.5 * self.count
             noisy = centred + float(self._noise.normal(1, self.count_stddev)[0])

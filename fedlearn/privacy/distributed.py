@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -292,6 +292,20 @@ def calibrate(
         raise ConfigError(f"clip must be a positive finite number, got {clip!r}")
     if dimension < 1 or clients < 1:
         raise ConfigError("distributed DP needs at least one coordinate and one client")
+    return _calibrated(settings, float(clip), dimension, clients, modulus_bits, scale_bits)
+
+
+@lru_cache(maxsize=256)
+def _calibrated(
+    settings: DistributedNoise,
+    clip: float,
+    dimension: int,
+    clients: int,
+    modulus_bits: int,
+    scale_bits: int | None,
+) -> RoundNoise:
+    """:func:`calibrate` once per distinct round setting (every client of a round, and
+    every round with the same selection, builds the same config)."""
     if scale_bits is not None:
         noise = RoundNoise(settings, float(clip), scale_bits, modulus_bits, dimension, clients)
         noise.check()

@@ -26,6 +26,7 @@ which makes a seeded run reproducible and protects nobody who knows the seed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -35,6 +36,7 @@ from fedlearn.engine.client_app import ClientApp, ClientContext, EvaluateResult,
 from fedlearn.engine.records import Arrays, Config, Metrics
 from fedlearn.privacy import keys
 from fedlearn.privacy.keys import NoiseKind, TaskDP
+from fedlearn.privacy.noise import noise_source
 from fedlearn.privacy.norms import l2_norm
 
 LOCAL_DP_STREAM = 0x4C4450
@@ -90,11 +92,15 @@ def clip_update(delta: np.ndarray, clip: float) -> np.ndarray:
     The norm of the result (:func:`~fedlearn.privacy.norms.l2_norm`) never exceeds
     ``clip``: a rescale that rounding left a hair above is shrunk again.
     """
+    return _clip_in_place(np.array(delta, dtype=np.float64).reshape(-1), clip)
+
+
+def _clip_in_place(out: np.ndarray, clip: float) -> np.ndarray:
+    """:func:`clip_update` on a float64 vector the caller owns."""
     if not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip}")
-    out = np.array(delta, dtype=np.float64).reshape(-1)
     norm = l2_norm(out)
-    if not np.isfinite(norm):
+    if not math.isfinite(norm):
         raise ValueError("the update has a NaN or infinite coordinate")
     while norm > clip:
         out *= np.nextafter(clip / norm, 0.0)
@@ -105,31 +111,39 @@ def clip_update(delta: np.ndarray, clip: float) -> np.ndarray:
 def privatize(new: Arrays, global_arrays: Arrays, dp: TaskDP, seed: int) -> Arrays:
     """``new`` after clipping its change from ``global_arrays`` to ``dp.clip`` and adding
     Gaussian noise of std ``dp.noise_multiplier * dp.clip`` to every float coordinate."""
-    from fedlearn.privacy.noise import noise_source
-
     if list(new) != list(global_arrays):
         raise ValueError("local DP: the app's arrays differ from the global model's names")
-    floats = [name for name, a in global_arrays.items() if a.dtype.kind == "f"]
-    updated = {name: np.asarray(new[name]) for name in floats}
-    for name in floats:
-        if updated[name].shape != global_arrays[name].shape:
+    olds: list[np.ndarray] = []
+    news: list[np.ndarray] = []
+    for name, old in global_arrays.items():
+        if old.dtype.kind != "f":
+            continue
+        updated = np.asarray(new[name])
+        if updated.shape != old.shape:
             raise ValueError(f"local DP: array {name!r} changed shape")
-    delta = np.concatenate(
-        [np.subtract(updated[n], global_arrays[n], dtype=np.float64).reshape(-1) for n in floats]
-        or [np.empty(0)]
+        olds.append(old.reshape(-1))
+        news.append(updated.reshape(-1))
+    if len(olds) == 1:  # float64 throughout: the subtraction casts exactly
+        delta = np.subtract(news[0], olds[0], dtype=np.float64)
+    else:
+        delta = np.subtract(
+            np.concatenate(news or [np.empty(0)]),
+            np.concatenate(olds or [np.empty(0)]),
+            dtype=np.float64,
+        )
+    delta = _clip_in_place(delta, dp.clip)
+    delta += noise_source(dp.noise, seed, LOCAL_DP_STREAM).normal(
+        delta.size, dp.noise_multiplier * dp.clip
     )
-    clipped = clip_update(delta, dp.clip)
-    source = noise_source(dp.noise, seed, LOCAL_DP_STREAM)
-    clipped += source.normal(clipped.size, dp.noise_multiplier * dp.clip)
     out: Arrays = {}
     offset = 0
     for name, old in global_arrays.items():
         if old.dtype.kind != "f":
             out[name] = old.copy()
             continue
-        piece = clipped[offset : offset + old.size].reshape(old.shape)
+        piece = delta[offset : offset + old.size].reshape(old.shape)
         offset += old.size
-        out[name] = np.add(old, piece, dtype=np.float64).astype(old.dtype)
+        out[name] = np.add(old, piece, dtype=np.float64).astype(old.dtype, copy=False)
     return out
 
 

@@ -4,28 +4,45 @@ Two sources with one interface, :class:`NoiseSource`:
 
 * :func:`secure_noise` - the ChaCha20 keystream (``cryptography``) under a 256-bit key
   from the operating system's CSPRNG (:mod:`secrets`): what protects a real run. Nobody
-  can reproduce or predict the noise, not even with the run's seed.
+  can reproduce or predict the noise, not even with the run's seed. One source per thread
+  and process: a forked child (a pool worker) never continues its parent's stream but
+  keys its own, and a source takes a new key after 64 GiB of keystream.
 * :func:`seeded_noise` - numpy's PCG64 from a seed sequence: the same noise for the same
   key, so a seeded run (a test, a replay) is reproducible bit for bit. Chosen explicitly
   (``privacy.noise = "seeded"``); its noise protects nobody from whoever knows the seed.
 
 Both draw standard normals by the Box-Muller transform of uniform doubles made from 53
-random bits each, so the two differ only in where the bits come from.
+random bits each, so the two differ only in where the bits come from. The transform's
+cosine and sine are torch's (SLEEF, vectorized, within 1 ulp in float64: numpy's scalar
+libm calls cost 4-5 times as much and were most of local DP's cost per update, BENCHMARKS.md
+section 8). The secure source draws normals in blocks of :data:`NORMAL_BLOCK` and hands
+out small requests from the block, so a 21-parameter update does not pay a dozen numpy
+calls for its noise; every draw is still fresh keystream, never handed out twice.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import threading
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fedlearn.engine.threads import single_thread
+
 _TWO_PI = 2.0 * np.pi
 _INV_2_53 = 1.0 / float(1 << 53)
 _BLOCK = 1 << 16
 _ZEROS = memoryview(bytes(_BLOCK))
+NORMAL_BLOCK = 1 << 14
+"""How many normals the secure source draws at a time for requests of at most a quarter
+of it (128 KiB per thread)."""
+REKEY_BYTES = 1 << 36
+"""A secure source takes a fresh key after this much keystream (64 GiB, a quarter of what
+ChaCha20's 32-bit block counter can address)."""
 
 
 class NoiseSource(Protocol):
@@ -64,17 +81,28 @@ class _BoxMuller:
             raise ValueError(f"size must be >= 0, got {size}")
         if not std >= 0:
             raise ValueError(f"std must be >= 0, got {std}")
-        pairs = (size + 1) // 2
-        u = self.uniform(2 * pairs)
-        radius = np.sqrt(-2.0 * np.log(u[:pairs]))
-        angle = _TWO_PI * u[pairs:]
-        out = np.empty(2 * pairs, np.float64)
-        np.multiply(radius, np.cos(angle), out=out[:pairs])
-        np.multiply(radius, np.sin(angle), out=out[pairs:])
-        out = out[:size]
+        out = self._standard_normal(size)
         if std != 1.0:
             out *= std
         return out
+
+    def _standard_normal(self, size: int) -> np.ndarray:
+        import torch
+
+        pairs = (size + 1) // 2
+        u = self.uniform(2 * pairs)
+        out = np.empty(2 * pairs, np.float64)
+        radius = out[:pairs]
+        np.log(u[:pairs], out=radius)
+        radius *= -2.0
+        np.sqrt(radius, out=radius)
+        angle = u[pairs:]
+        angle *= _TWO_PI
+        turn = torch.from_numpy(angle)
+        with single_thread():  # fork-safe and deterministic (fedlearn.engine.threads)
+            np.multiply(radius, torch.sin(turn).numpy(), out=out[pairs:])
+            radius *= torch.cos(turn).numpy()
+        return out[:size]
 
 
 class SecureNoise(_BoxMuller):
@@ -83,9 +111,28 @@ class SecureNoise(_BoxMuller):
     secure = True
 
     def __init__(self) -> None:
+        self._rekey()
+        self._normals = np.empty(0)
+        self._taken = 0
+
+    def _rekey(self) -> None:
         key = secrets.token_bytes(32)
         nonce = secrets.token_bytes(16)
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._used = 0
+
+    def _standard_normal(self, size: int) -> np.ndarray:
+        """Small requests come from a block of normals drawn ahead; large ones directly."""
+        if 4 * size > NORMAL_BLOCK:
+            return super()._standard_normal(size)
+        if self._taken + size > self._normals.size:
+            self._normals = super()._standard_normal(NORMAL_BLOCK)
+            self._taken = 0
+        start = self._taken
+        self._taken += size
+        out = self._normals[start : self._taken].copy()
+        self._normals[start : self._taken] = 0.0  # handed out: not kept in memory
+        return out
 
     def bits(self, size: int) -> np.ndarray:
         """The next ``8 * size`` keystream bytes as ``uint64`` words (little-endian).
@@ -96,6 +143,10 @@ class SecureNoise(_BoxMuller):
         out = np.empty(size + 8, dtype="<u8")
         view = memoryview(out.data).cast("B")
         total = 8 * size
+        self._used += total
+        if self._used > REKEY_BYTES:
+            self._rekey()
+            self._used = total
         for start in range(0, total, _BLOCK):
             m = min(_BLOCK, total - start)
             self._stream.update_into(_ZEROS[:m], view[start : start + m + 64])
@@ -122,9 +173,21 @@ class SeededNoise(_BoxMuller):
         return f"SeededNoise({self.key})"
 
 
+class _PerThread(threading.local):
+    source: SecureNoise | None = None
+    pid: int = -1
+
+
+_SHARED = _PerThread()
+
+
 def secure_noise() -> NoiseSource:
-    """A fresh cryptographic noise source."""
-    return SecureNoise()
+    """This thread's cryptographic noise source (keyed afresh in each process)."""
+    pid = os.getpid()
+    if _SHARED.source is None or _SHARED.pid != pid:
+        _SHARED.source = SecureNoise()
+        _SHARED.pid = pid
+    return _SHARED.source
 
 
 def seeded_noise(*key: int) -> NoiseSource:

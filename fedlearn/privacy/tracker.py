@@ -98,6 +98,7 @@ class PrivacyTracker:
         )
         self.ledger = Ledger(s.accountant, s.delta, relation)
         self.rows: list[PrivacyRow] = []
+        self._json: dict[DpEvent, dict[str, Any]] = {}
         self._population = s.num_clients
         if s.mode == "central":
             self.ledger.check(self._central_event(s.num_clients, s.clients_per_round))
@@ -172,11 +173,21 @@ class PrivacyTracker:
             accountant=self.settings.accountant,
             events={
                 "run": None if run_event is None else event_to_json(run_event),
-                "clients": {str(c): event_to_json(e) for c, e in sorted(client_events.items())},
+                "clients": {str(c): self._to_json(e) for c, e in sorted(client_events.items())},
             },
         )
         self.rows.append(row)
         return row
+
+    def _to_json(self, event: DpEvent) -> dict[str, Any]:
+        """:func:`event_to_json`, once per distinct event (a round's clients share one)."""
+        try:
+            found = self._json.get(event)
+        except TypeError:  # not hashable
+            return event_to_json(event)
+        if found is None:
+            found = self._json[event] = event_to_json(event)
+        return found
 
     def restore(self, rows: Sequence[PrivacyRow]) -> None:
         """Rebuild the ledger from a resumed run's stored rows, in round order."""

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
+from fedlearn.engine.threads import single_thread
 from fedlearn.errors import ConfigError, RoundFailed
 
 
@@ -168,16 +169,10 @@ def _axpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
 
     import torch
 
-    threads = torch.get_num_threads()
-    if threads != 1:
-        torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():  # x may be a read-only view of a received payload
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            torch.from_numpy(y).add_(torch.from_numpy(x), alpha=a)
-    finally:
-        if threads != 1:
-            torch.set_num_threads(threads)
+    with single_thread(), warnings.catch_warnings():
+        # x may be a read-only view of a received payload
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        torch.from_numpy(y).add_(torch.from_numpy(x), alpha=a)
 
 
 class CollectFold:
