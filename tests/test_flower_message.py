@@ -15,20 +15,20 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-import flower_apps  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+import flower_apps
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedlearn.apps.flower_message import MessageClientApp  # noqa: E402
-from fedlearn.apps.flower_records import (  # noqa: E402
+from fedlearn.apps.flower_message import MessageClientApp
+from fedlearn.apps.flower_records import (
     DirectoryStates,
     decode_recorddict,
     encode_recorddict,
 )
-from fedlearn.engine.client_app import ClientContext  # noqa: E402
-from fedlearn.engine.messages import Stage  # noqa: E402
-from fedlearn.errors import ConfigError, UpdateRejected  # noqa: E402
-from fedlearn.simulation import run_simulation  # noqa: E402
-from fedlearn.strategy import FedAvg, FedProx  # noqa: E402
+from fedlearn.engine.client_app import ClientContext
+from fedlearn.engine.messages import Stage
+from fedlearn.errors import ConfigError, UpdateRejected
+from fedlearn.simulation import run_simulation
+from fedlearn.strategy import FedAvg, FedProx
 
 N = 6
 ROUNDS = 3
