@@ -303,9 +303,15 @@ class _Unsupported(Exception):
 
 
 def plan_server(
-    project: FlowerProject, run_config: Mapping[str, Scalar], num_nodes: int, seed: int = 0
+    project: FlowerProject,
+    run_config: Mapping[str, Scalar],
+    num_nodes: int | None,
+    seed: int = 0,
 ) -> ServerPlan:
     """Run the ServerApp's ``main`` up to ``strategy.start`` and map what it set up.
+
+    ``num_nodes`` is the number of clients the run will have (None: unknown, at a site;
+    then ``min_available_nodes`` is not checked).
 
     torch's global generator is seeded with ``seed`` first, so a ServerApp that builds its
     initial model unseeded (``Net()``, as Flower's templates do) gives the same one each
@@ -375,7 +381,7 @@ def _server_identity() -> Iterator[None]:
             setattr(TaskIdentity, f"_{name}", value)
 
 
-def _grid(num_nodes: int) -> Any:
+def _grid(num_nodes: int | None) -> Any:
     """A Grid that knows ``num_nodes`` node ids and refuses to move any message."""
     from flwr.serverapp import Grid
 
@@ -391,7 +397,7 @@ def _grid(num_nodes: int) -> Any:
             raise _Unsupported("create_message")
 
         def get_node_ids(self) -> list[int]:
-            return list(range(num_nodes))
+            return list(range(num_nodes or 0))
 
         def push_messages(self, messages: Any) -> Any:
             raise _Unsupported("push_messages")
@@ -405,7 +411,7 @@ def _grid(num_nodes: int) -> Any:
     return RecordingGrid()
 
 
-def _plan(started: _Started, where: str, num_nodes: int) -> ServerPlan:
+def _plan(started: _Started, where: str, num_nodes: int | None) -> ServerPlan:
     strategy, arguments = started.strategy, started.arguments
     cls = type(strategy)
     base = next(
@@ -435,7 +441,7 @@ def _plan(started: _Started, where: str, num_nodes: int) -> ServerPlan:
                 "(evaluation can be thinned with run.evaluate_every)"
             )
     min_available = int(getattr(strategy, "min_available_nodes", 0))
-    if min_available > num_nodes:
+    if num_nodes is not None and min_available > num_nodes:
         raise ConfigError(
             f"{where}: min_available_nodes = {min_available} but the run has {num_nodes} "
             "clients (Flower would wait for more nodes forever); run more clients"
