@@ -6,8 +6,10 @@ what the apps do: client ``p`` returns ``x + (p + 1)`` weighted by ``10 (p + 1)`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +196,39 @@ def test_state_bytes_round_trip_without_pickle(tmp_path: object) -> None:
     assert dict(store.load(3)["c"]) == dict(back["c"])
     store.save(3, RecordDict())
     assert len(store.load(3)) == 0 and not list(store.directory.iterdir())
+
+
+def _sim_bench() -> Path | None:
+    root = Path(__file__).resolve().parents[1]
+    for shared in (root.parent / "shared", root.parent.parent / "shared"):
+        path = shared / "peers" / "flower" / "sim_bench.py"
+        if path.is_file():
+            return path
+    return None
+
+
+@pytest.mark.skipif(_sim_bench() is None, reason="the Flower peer workload is not checked out")
+def test_flower_peer_workload_client_app_runs_imported() -> None:
+    """The peer benchmark's own ClientApp (imported from its file, not copied): 10 clients,
+    2 rounds of FedAvg with its ServerApp's settings, on both backends, one model."""
+    path = _sim_bench()
+    assert path is not None
+    spec = importlib.util.spec_from_file_location("sim_bench_peer", path)
+    assert spec is not None and spec.loader is not None
+    sim_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim_bench)
+    app = MessageClientApp(
+        sim_bench.client_app,
+        num_partitions=10,
+        initial_arrays={"0": np.zeros(sim_bench.D), "1": np.zeros(1)},
+        train_config={"lr": sim_bench.LR},
+    )
+    strategy = FedAvg(min_train_clients=10, min_evaluate_clients=10)
+    a = run_simulation(lambda: app, strategy, num_clients=10, rounds=2)
+    b = run_simulation(lambda: app, strategy, num_clients=10, rounds=2, backend="pool", workers=2)
+    assert all(c.ok for c in a.clients)
+    assert [r.train_ok for r in a.rounds] == [10, 10]
+    assert a.arrays["0"].tobytes() == b.arrays["0"].tobytes()
+    last = [c for c in a.clients if c.stage is Stage.EVALUATE and c.round == 2]
+    assert sorted(c.metrics["partition-id"] for c in last) == list(range(10))
+    assert a.rounds[-1].eval_metrics["eval_acc"] > 0.8
