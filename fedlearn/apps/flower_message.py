@@ -174,6 +174,7 @@ class MessageClientApp:
         self.configrecord_key = configrecord_key
         self.loss_key = loss_key
         self.run_id = run_id
+        self._sent: tuple[Arrays, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ fedlearn ClientApp
 
@@ -259,10 +260,20 @@ class MessageClientApp:
         values[_ROUND_KEY] = ctx.round
         return RecordDict(
             {
-                self.arrayrecord_key: to_array_record(arrays),
+                self.arrayrecord_key: self._array_record(arrays),
                 self.configrecord_key: ConfigRecord(values),
             }
         )
+
+    def _array_record(self, arrays: Arrays) -> Any:
+        """A fresh ``ArrayRecord`` of ``arrays``. A stage's tasks share one broadcast
+        dict, so its Flower ``Array`` objects (immutable bytes) are made once per stage
+        and reused, each message getting its own record around them."""
+        from flwr.app import ArrayRecord
+
+        if self._sent is None or self._sent[0] is not arrays:
+            self._sent = (arrays, dict(to_array_record(arrays)))
+        return ArrayRecord(array_dict=dict(self._sent[1]))
 
     def _call(self, message_type: str, content: Any, ctx: ClientContext) -> Any:
         """Run the app on one message in the client's context and keep its state."""
