@@ -50,8 +50,8 @@ A legacy app (``ClientApp(client_fn=...)``, or a bare ``client_fn(context)`` ret
 ``"server_round"``, and its ``FitRes`` / ``EvaluateRes`` map back the same way; its
 ``get_parameters`` gives the initial model when no ``initial_arrays`` are passed.
 
-flwr is imported only by this module and :mod:`fedlearn.apps.flower_records`, lazily:
-install it with ``pip install 'fedlearn[flower]'``.
+flwr is imported only by the ``fedlearn.apps.flower_*`` modules, and only when they are
+used: install it with ``pip install 'fedlearn[flower]'``.
 """
 
 from __future__ import annotations
