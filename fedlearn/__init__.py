@@ -12,6 +12,7 @@ from typing import Any as _Any
 
 if _TYPE_CHECKING:
     from fedlearn.apps.flower import FlowerClientApp
+    from fedlearn.apps.flower_message import MessageClientApp
     from fedlearn.engine.client_app import (
         ClientApp,
         ClientContext,
@@ -106,6 +107,7 @@ _EXPORTS: dict[str, str] = {
     "FedYogi": "fedlearn.strategy",
     "FedlearnError": "fedlearn.errors",
     "FlowerClientApp": "fedlearn.apps.flower",
+    "MessageClientApp": "fedlearn.apps.flower_message",
     "Fold": "fedlearn.strategy",
     "InProcessTransport": "fedlearn.simulation",
     "InferenceError": "fedlearn.errors",
@@ -180,6 +182,7 @@ __all__ = [
     "ModelNotFound",
     "ModelNotReady",
     "FlowerClientApp",
+    "MessageClientApp",
     "Fold",
     "InProcessTransport",
     "Krum",

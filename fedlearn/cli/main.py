@@ -20,7 +20,7 @@ from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
 from fedlearn.config.loading import parse_assignment, set_dotted, validate
 from fedlearn.config.simulation import SimulationConfig, load_config
-from fedlearn.errors import FedlearnError, RunInterrupted
+from fedlearn.errors import ConfigError, FedlearnError, RunInterrupted
 
 if TYPE_CHECKING:
     from fedlearn.engine.messages import Stage
@@ -134,6 +134,17 @@ def simulate(
     serve: Annotated[
         bool, typer.Option(help="then keep serving it (OIP v2 on :8000 and :8001) until Ctrl-C")
     ] = False,
+    flower_app: Annotated[
+        Path | None,
+        typer.Option(
+            help="a Flower app project (pyproject.toml with [tool.flwr.app]): run its "
+            "ClientApp with the strategy its ServerApp starts"
+        ),
+    ] = None,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option(help="with --flower-app: override its [tool.flwr.app.config], 'k=v k2=v2'"),
+    ] = None,
 ) -> None:
     """Run a federated simulation, write its run directory (model, run store, report),
     publish the model to the registry and query it through the serving endpoint."""
@@ -153,6 +164,10 @@ def simulate(
             overrides[key] = value
     try:
         overrides.update(parse_assignment(text) for text in set_ or [])
+        if flower_app is not None:
+            overrides = _flower_overrides(flower_app, run_config, overrides)
+        elif run_config:
+            raise ConfigError("--run-config overrides a Flower app's config: add --flower-app DIR")
         cfg = _simulation_config(config, overrides, resume)
         console.print(
             f"[bold]fedlearn simulate[/] {cfg.run.name}: {cfg.run.clients} clients, "
@@ -190,6 +205,19 @@ def simulate(
             _serve_published(job, registry_dir(cfg), serve)
         except FedlearnError as exc:
             _fail(str(exc))
+
+
+def _flower_overrides(
+    directory: Path, run_config: list[str] | None, given: dict[str, Any]
+) -> dict[str, Any]:
+    """The overrides that run a Flower app project (``given`` win); prints what did not
+    carry over from its ServerApp."""
+    from fedlearn.run.flower import flower_settings
+
+    settings = flower_settings(directory, run_config, given)
+    for note in settings.notes:
+        console.print(f"[yellow]flower:[/] {escape(note)}", soft_wrap=True)
+    return settings.overrides
 
 
 def _simulation_config(

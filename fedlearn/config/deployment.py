@@ -197,10 +197,29 @@ class SiteDataSection(_Section):
 
 
 class SiteAppSection(_Section):
-    """[client]: the ClientApp factory, called as ``factory(data, **params)``."""
+    """[client]: the ClientApp factory, called as ``factory(data, **params)``; or a Flower
+    app project run unchanged (``flower_app``: its directory).
 
-    app: str = Field(..., pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    For a Flower app, ``node_config`` is the node's ``context.node_config`` (what
+    ``flower-supernode --node-config`` gives, e.g. ``{"partition-id" = 0,
+    "num-partitions" = 2}``), ``run_config`` overrides the project's
+    ``[tool.flwr.app.config]``, and ``state_dir`` keeps ``context.state`` on disk across
+    daemon restarts (default: in the daemon's memory). The app loads its own data, so
+    ``[data]`` is not needed.
+    """
+
+    app: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     params: dict[str, Scalar] = Field(default_factory=dict)
+    flower_app: str | None = None
+    node_config: dict[str, Scalar] = Field(default_factory=dict)
+    run_config: dict[str, Scalar] = Field(default_factory=dict)
+    state_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _one_app(self) -> SiteAppSection:
+        if (self.app is None) == (self.flower_app is None):
+            raise ValueError("set exactly one of app or flower_app")
+        return self
 
 
 class SitePrivacySection(_Section):
@@ -223,6 +242,12 @@ class SiteConfig(_Section):
 
     coordinator: ConnectSection = Field(default_factory=ConnectSection)  # type: ignore[arg-type]
     site: SiteSection
-    data: SiteDataSection
+    data: SiteDataSection | None = None
     client: SiteAppSection
     privacy: SitePrivacySection = Field(default_factory=SitePrivacySection)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _data(self) -> SiteConfig:
+        if self.client.app is not None and self.data is None:
+            raise ValueError("[data] is needed by client.app (a Flower app loads its own)")
+        return self

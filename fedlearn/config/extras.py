@@ -12,6 +12,8 @@ report     matplotlib                        the PNG plots of a report (JSON/CSV
 datasets   sklearn                           the digits, breast_cancer and wine datasets
 privacy    dp_accounting, opacus             ``[privacy]``: the accountant (coordinator),
                                              DP-SGD in ``TorchClientApp`` (sites)
+flower     flwr                              Flower apps (``simulate --flower-app``, a
+                                             site's ``client.flower_app``)
 ========== ================================= =============================================
 """
 
@@ -27,6 +29,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "report": ("matplotlib",),
     "datasets": ("sklearn",),
     "privacy": ("dp_accounting", "opacus"),
+    "flower": ("flwr",),
 }
 
 

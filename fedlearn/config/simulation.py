@@ -107,6 +107,19 @@ class PrivacySection(_Section):
         return self
 
 
+class FlowerSection(_Section):
+    """[flower]: run a Flower app project unchanged (``fedlearn simulate --flower-app DIR``).
+
+    ``app`` is the project directory (its ``pyproject.toml`` names the ServerApp and the
+    ClientApp); ``run_config`` overrides its ``[tool.flwr.app.config]``. The ClientApp
+    replaces ``[client]`` and ``[data]`` (a Flower app loads its own data). ``[strategy]``
+    and ``run.rounds`` are what the CLI took from the ServerApp (``fedlearn.run.flower``).
+    """
+
+    app: str | None = None
+    run_config: dict[str, Scalar] = Field(default_factory=dict)
+
+
 class TensorSection(_Section):
     """One input or output tensor of a published model (``-1`` in a shape: any size)."""
 
@@ -184,6 +197,7 @@ class SimulationConfig(_Section):
     secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
     privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: PublishSection = Field(default_factory=PublishSection)  # type: ignore[arg-type]
+    flower: FlowerSection = Field(default_factory=FlowerSection)
 
     @model_validator(mode="after")
     def _privacy(self) -> SimulationConfig:

@@ -12,7 +12,7 @@ import numpy as np
 from fedlearn.config.deployment import SiteConfig, SiteDataSection
 from fedlearn.data import ClientData, load_dataset, partition_dataset
 from fedlearn.deploy.site import Backoff, SiteClient
-from fedlearn.engine.client_app import build_app
+from fedlearn.engine.client_app import ClientApp, build_app
 from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError, DataError
 from fedlearn.privacy.local import LocalDPFloor
@@ -67,10 +67,35 @@ def site_data(section: SiteDataSection) -> Any:
     )
 
 
+def site_app(config: SiteConfig) -> ClientApp:
+    """The site's ClientApp: ``client.app`` over its data, or the Flower app project of
+    ``client.flower_app`` (its ServerApp's fixed train/evaluate configs filled in under
+    what the coordinator sends; ``context.state`` in memory or in ``client.state_dir``)."""
+    section = config.client
+    if section.flower_app is not None:
+        from fedlearn.apps.flower_project import (
+            fuse_run_config,
+            make_client_app,
+            plan_server,
+            read_project,
+        )
+        from fedlearn.apps.flower_records import DirectoryStates, MemoryStates
+
+        project = read_project(section.flower_app)
+        run_config = fuse_run_config(project.config, section.run_config)
+        plan = plan_server(project, run_config, None)
+        states = MemoryStates() if section.state_dir is None else DirectoryStates(section.state_dir)
+        return make_client_app(
+            project, run_config, plan, node_config=section.node_config, states=states
+        )
+    assert section.app is not None and config.data is not None  # the config validates this
+    factory = resolve(section.app, "client.app")
+    return build_app(factory, site_data(config.data), dict(section.params))
+
+
 def build_site(config: SiteConfig) -> SiteClient:
     """A SiteClient ready to ``run()``."""
-    factory = resolve(config.client.app, "client.app")
-    app = build_app(factory, site_data(config.data), dict(config.client.params))
+    app = site_app(config)
     conn = config.coordinator
     client_cert: tuple[str, str] | None = None
     if conn.insecure:

@@ -65,7 +65,14 @@ def resume_command(config: SimulationConfig) -> str:
 
 
 def client_app_factory(config: SimulationConfig) -> Callable[[], ClientApp]:
-    """Builds the config's ClientApp over its dataset, partitioned as the config says."""
+    """Builds the config's ClientApp over its dataset, partitioned as the config says; or,
+    with ``[flower] app``, returns the Flower project's ClientApp (built once here, so the
+    pool's forked workers share its per-client state directory)."""
+    if config.flower.app is not None:
+        from fedlearn.run.flower import flower_client_app
+
+        app = flower_client_app(config)
+        return lambda: app
     factory = resolve(config.client.app, "client.app")
     data = partition_dataset(
         load_dataset(config.data.dataset),

@@ -146,8 +146,11 @@ def site_app_factory(site_config: SiteConfig) -> Callable[[], ClientApp]:
     """The ClientApp a site config builds, over the data it names (to replay a
     coordinator's run, every client id's data must be readable from it: simulated
     partitions)."""
-    from fedlearn.deploy.launch import site_data
+    from fedlearn.deploy.launch import site_app, site_data
 
+    if site_config.client.app is None or site_config.data is None:
+        app = site_app(site_config)  # a Flower app: one object, its state kept by client id
+        return lambda: app
     factory = resolve(site_config.client.app, "client.app")
     data = site_data(site_config.data)
     return functools.partial(build_app, factory, data, dict(site_config.client.params))
