@@ -12,8 +12,16 @@ import torch
 from clients import mnist, tabular
 from fedlearn.apps.torch_app import TorchClientApp, evaluate_arrays, train_centralized
 from fedlearn.data import ClientData, FederatedDataset, load_dataset, partition_dataset
-from fedlearn.engine.client_app import ClientApp, ClientContext, ProvidesInitialArrays
-from fedlearn.engine.records import Arrays
+from fedlearn.engine.client_app import (
+    ClientApp,
+    ClientContext,
+    EvaluateResult,
+    ProvidesInitialArrays,
+    TrainResult,
+)
+from fedlearn.engine.messages import Stage, Task
+from fedlearn.engine.records import Arrays, Config
+from fedlearn.engine.runtime import ClientRuntime
 from fedlearn.simulation.engine import run_simulation
 from fedlearn.strategy import FedAvg
 
@@ -224,3 +232,24 @@ def test_cnn_backends_match_when_thread_counts_match() -> None:
     ]
     for name in runs[0].arrays:
         assert np.array_equal(runs[0].arrays[name], runs[1].arrays[name]), name
+
+
+def test_each_task_starts_torch_from_its_own_seed() -> None:
+    """The runtime seeds torch's global generator with the task's seed, as
+    ``torch.manual_seed`` would, so an app drawing from it repeats for the same task."""
+
+    class Draws:
+        def train(self, arrays: Arrays, config: Config, ctx: ClientContext) -> TrainResult:
+            return TrainResult({"w": torch.rand(8, dtype=torch.float64).numpy()}, 1, {})
+
+        def evaluate(self, arrays: Arrays, config: Config, ctx: ClientContext) -> EvaluateResult:
+            return EvaluateResult(0.0, 1, {})
+
+    runtime = ClientRuntime(Draws())  # type: ignore[arg-type]
+    glob = {"w": np.zeros(8)}
+    got = [runtime.handle(Task(Stage.TRAIN, 1, 0, seed, {}), glob).arrays for seed in (5, 6, 5)]
+    assert all(g is not None for g in got)
+    expected = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert got[0]["w"].tobytes() == expected.numpy().tobytes()  # type: ignore[index]
+    assert got[2]["w"].tobytes() == got[0]["w"].tobytes()  # type: ignore[index]
+    assert got[1]["w"].tobytes() != got[0]["w"].tobytes()  # type: ignore[index]

@@ -113,6 +113,18 @@ def _count(value: Any) -> int:
 
 
 def _seed_frameworks(seed: int) -> None:
+    """Seed torch's generators for a task (when torch is loaded): the CPU generator, and
+    CUDA's and MPS's where the device exists (CUDA's queued until CUDA starts).
+
+    Not ``torch.manual_seed``: that also queues a seeding for every lazily started backend
+    with a formatted traceback of the caller, about 150 microseconds per task on a
+    CPU-only machine, which was most of what a numpy ClientApp paid once anything had
+    imported torch (BENCHMARKS.md section 8)."""
     torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.manual_seed(seed)
+    if torch is None:
+        return
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(seed)
