@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from fedlearn.errors import ConfigError
@@ -84,13 +85,19 @@ def task_dp(config: Mapping[str, object]) -> TaskDP | None:
     noise = config.get(NOISE, "secure")
     if not isinstance(noise, str):
         raise ConfigError(f"{NOISE} must be a string, got {noise!r}")
-    return TaskDP(
-        mode,  # type: ignore[arg-type]  # checked in __post_init__
+    return _task_dp(
+        mode,
         _number(config, NOISE_MULTIPLIER),
         _number(config, CLIP),
-        noise,  # type: ignore[arg-type]
+        noise,
         _number(config, DELTA, DEFAULT_DELTA),
     )
+
+
+@lru_cache(maxsize=256)
+def _task_dp(mode: str, sigma: float, clip: float, noise: str, delta: float) -> TaskDP:
+    """One checked TaskDP per distinct request (every task of a run asks the same)."""
+    return TaskDP(mode, sigma, clip, noise, delta)  # type: ignore[arg-type]  # checked
 
 
 def _number(config: Mapping[str, object], key: str, default: float | None = None) -> float:

@@ -143,7 +143,10 @@ def privatize(new: Arrays, global_arrays: Arrays, dp: TaskDP, seed: int) -> Arra
             continue
         piece = delta[offset : offset + old.size].reshape(old.shape)
         offset += old.size
-        out[name] = np.add(old, piece, dtype=np.float64).astype(old.dtype, copy=False)
+        if old.dtype == np.float64:
+            out[name] = old + piece
+        else:
+            out[name] = np.add(old, piece, dtype=np.float64).astype(old.dtype)
     return out
 
 
