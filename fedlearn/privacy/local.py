@@ -113,24 +113,19 @@ def privatize(new: Arrays, global_arrays: Arrays, dp: TaskDP, seed: int) -> Arra
     Gaussian noise of std ``dp.noise_multiplier * dp.clip`` to every float coordinate."""
     if list(new) != list(global_arrays):
         raise ValueError("local DP: the app's arrays differ from the global model's names")
-    olds: list[np.ndarray] = []
-    news: list[np.ndarray] = []
+    floats: list[tuple[np.ndarray, np.ndarray]] = []
     for name, old in global_arrays.items():
         if old.dtype.kind != "f":
             continue
         updated = np.asarray(new[name])
         if updated.shape != old.shape:
             raise ValueError(f"local DP: array {name!r} changed shape")
-        olds.append(old.reshape(-1))
-        news.append(updated.reshape(-1))
-    if len(olds) == 1:  # float64 throughout: the subtraction casts exactly
-        delta = np.subtract(news[0], olds[0], dtype=np.float64)
-    else:
-        delta = np.subtract(
-            np.concatenate(news or [np.empty(0)]),
-            np.concatenate(olds or [np.empty(0)]),
-            dtype=np.float64,
-        )
+        floats.append((old.reshape(-1), updated.reshape(-1)))
+    delta = np.empty(sum(old.size for old, _ in floats), np.float64)
+    offset = 0
+    for old, updated in floats:  # exact in float64, straight into one vector
+        np.subtract(updated, old, out=delta[offset : offset + old.size], dtype=np.float64)
+        offset += old.size
     delta = _clip_in_place(delta, dp.clip)
     delta += noise_source(dp.noise, seed, LOCAL_DP_STREAM).normal(
         delta.size, dp.noise_multiplier * dp.clip
@@ -141,12 +136,10 @@ def privatize(new: Arrays, global_arrays: Arrays, dp: TaskDP, seed: int) -> Arra
         if old.dtype.kind != "f":
             out[name] = old.copy()
             continue
-        piece = delta[offset : offset + old.size].reshape(old.shape)
+        piece = delta[offset : offset + old.size]
         offset += old.size
-        if old.dtype == np.float64:
-            out[name] = old + piece
-        else:
-            out[name] = np.add(old, piece, dtype=np.float64).astype(old.dtype)
+        np.add(piece, old.reshape(-1), out=piece)
+        out[name] = piece.reshape(old.shape).astype(old.dtype, copy=False)
     return out
 
 

@@ -11,7 +11,7 @@ Two sources with one interface, :class:`NoiseSource`:
   key, so a seeded run (a test, a replay) is reproducible bit for bit. Chosen explicitly
   (``privacy.noise = "seeded"``); its noise protects nobody from whoever knows the seed.
 
-Both draw standard normals by the Box-Muller transform of uniform doubles made from 53
+Both draw standard normals by the Box-Muller transform of uniform doubles made from 52
 random bits each, so the two differ only in where the bits come from. The transform's
 cosine and sine are torch's (SLEEF, vectorized, within 1 ulp in float64: numpy's scalar
 libm calls cost 4-5 times as much and were most of local DP's cost per update, BENCHMARKS.md
@@ -34,7 +34,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from fedlearn.engine.threads import single_thread
 
 _TWO_PI = 2.0 * np.pi
-_INV_2_53 = 1.0 / float(1 << 53)
+_SHIFT = np.uint64(12)
+_ONE = np.uint64(0x3FF0000000000000)
+"""The bits of 1.0: sign 0, exponent 1023, fraction 0."""
+_ONE_MINUS_HALF_ULP = 1.0 - 2.0**-53
 _BLOCK = 1 << 16
 _ZEROS = memoryview(bytes(_BLOCK))
 NORMAL_BLOCK = 1 << 14
@@ -71,9 +74,17 @@ class _BoxMuller:
         raise NotImplementedError
 
     def uniform(self, size: int) -> np.ndarray:
-        """Doubles ``(k + 0.5) / 2^53`` for 53 random bits ``k``: never 0, never 1."""
-        k = self.bits(size) >> np.uint64(11)
-        return (k.astype(np.float64) + 0.5) * _INV_2_53
+        """Doubles ``(k + 0.5) / 2^52`` for 52 random bits ``k``: never 0, never 1.
+
+        The bits become the fraction of a double in [1, 2) (exponent bits set in place),
+        from which ``1 - 2^-53`` is subtracted exactly: three passes over one buffer.
+        """
+        k = self.bits(size)
+        k >>= _SHIFT
+        k |= _ONE
+        u = k.view(np.float64)
+        u -= _ONE_MINUS_HALF_ULP
+        return u
 
     def normal(self, size: int, std: float = 1.0) -> np.ndarray:
         """Box-Muller: each pair of uniforms gives two independent standard normals."""
@@ -91,17 +102,18 @@ class _BoxMuller:
 
         pairs = (size + 1) // 2
         u = self.uniform(2 * pairs)
-        out = np.empty(2 * pairs, np.float64)
-        radius = out[:pairs]
-        np.log(u[:pairs], out=radius)
+        radius, angle = u[:pairs], u[pairs:]  # each computed in place
+        np.log(radius, out=radius)
         radius *= -2.0
         np.sqrt(radius, out=radius)
-        angle = u[pairs:]
         angle *= _TWO_PI
+        out = np.empty(2 * pairs, np.float64)
         turn = torch.from_numpy(angle)
         with single_thread():  # fork-safe and deterministic (fedlearn.engine.threads)
-            np.multiply(radius, torch.sin(turn).numpy(), out=out[pairs:])
-            radius *= torch.cos(turn).numpy()
+            torch.sin(turn, out=torch.from_numpy(out[pairs:]))
+            turn.cos_()
+        out[pairs:] *= radius
+        np.multiply(radius, angle, out=out[:pairs])
         return out[:size]
 
 
