@@ -128,7 +128,8 @@ def _worker_environment() -> Iterator[None]:
     """While a local Ray starts: its workers import what this process imports (its
     ``sys.path`` first, ahead of site-packages)."""
     saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    paths = (os.path.abspath(p) for p in sys.path if p and os.path.isdir(p))
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     try:
         yield
     finally:
