@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,7 @@ def _same(a: RunResult, b: RunResult) -> None:
 def test_local_ray_lives_in_a_private_temp_dir(ray_session: RaySession) -> None:
     assert ray_session.owned and ray_session.temp_dir is not None
     temp = Path(ray_session.temp_dir)
-    assert temp.parent == Path(tempfile.gettempdir()) and temp.name.startswith("fl-ray-")
+    assert temp.name.startswith("fl-ray-") and len(str(temp)) <= 48  # socket paths < 108
     assert any(p.name.startswith("session_") for p in temp.iterdir())
     assert ray_session.resources()["CPU"] == 2
 

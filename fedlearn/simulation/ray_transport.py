@@ -139,6 +139,13 @@ def _worker_environment() -> Iterator[None]:
             os.environ["PYTHONPATH"] = saved
 
 
+def _short_temp_root() -> str:
+    """The temp root for a private Ray: the usual one if its path is short, else ``/tmp``
+    (Ray's socket paths under it must stay within the 107 bytes a Unix socket allows)."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= 32 or not os.path.isdir("/tmp") else "/tmp"
+
+
 class RaySession:
     """This process's connection to Ray, made by fedlearn or found already made.
 
@@ -167,7 +174,7 @@ class RaySession:
         }
         with _keep_sigterm(), _worker_environment():
             if address is None:
-                self.temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+                self.temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=_short_temp_root())
                 try:
                     self.ray.init(
                         address="local", num_cpus=num_cpus, _temp_dir=self.temp_dir, **options
