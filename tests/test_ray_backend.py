@@ -205,6 +205,31 @@ def test_an_address_where_nothing_listens_is_a_config_error() -> None:
         check_address(f"127.0.0.1:{port}")
 
 
+def test_an_unreachable_address_stops_a_job_before_its_directory_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip(f"the ray extra is not installed ({INSTALL_HINT})")
+    monkeypatch.chdir(ROOT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    config = load_config(
+        None,
+        {
+            "run.out_dir": str(out),
+            "data.dataset": "breast_cancer",
+            "client.app": "clients.tabular:make_app",
+            "backend.kind": "ray",
+            "backend.address": f"127.0.0.1:{port}",
+        },
+    )
+    with pytest.raises(ConfigError, match="no Ray head answers there"):
+        run_job(config)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "backend, message",
     [
