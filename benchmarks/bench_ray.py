@@ -49,7 +49,7 @@ from benchmarks.bench_sim_vs_flower import (  # noqa: E402
 from benchmarks.peer_workload import PeerLogReg, bare_loop  # noqa: E402
 from fedlearn.engine.results import RunResult  # noqa: E402
 from fedlearn.simulation.engine import run_simulation  # noqa: E402
-from fedlearn.simulation.ray_transport import RaySession  # noqa: E402
+from fedlearn.simulation.ray_session import RaySession  # noqa: E402
 from fedlearn.strategy.base import Strategy  # noqa: E402
 
 

@@ -32,14 +32,14 @@ from fedlearn.errors import ConfigError
 from fedlearn.run.job import run_job
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import run_simulation
-from fedlearn.simulation.ray_transport import (
+from fedlearn.simulation.ray_session import (
     INSTALL_HINT,
     RaySession,
-    RayTransport,
     check_address,
     check_ray,
     import_ray,
 )
+from fedlearn.simulation.ray_transport import RayTransport
 from fedlearn.strategy import FedAvg, Strategy
 
 pytestmark = pytest.mark.xdist_group("ray")

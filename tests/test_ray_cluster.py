@@ -24,7 +24,8 @@ import pytest
 
 from benchmarks.peer_workload import PeerLogReg
 from fedlearn.simulation import run_simulation
-from fedlearn.simulation.ray_transport import INSTALL_HINT, RayTransport, use_private_token
+from fedlearn.simulation.ray_session import INSTALL_HINT, use_private_token
+from fedlearn.simulation.ray_transport import RayTransport
 from fedlearn.strategy import Strategy
 
 pytestmark = pytest.mark.xdist_group("ray")

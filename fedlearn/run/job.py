@@ -95,7 +95,7 @@ def run_job(
     strategy = make_strategy(config.strategy)
     strategy.validate(config.run.clients)
     if config.backend.kind == "ray":
-        from fedlearn.simulation.ray_transport import check_ray
+        from fedlearn.simulation.ray_session import check_ray
 
         check_ray(config.backend.address)
     app_factory = client_app_factory(config)
