@@ -58,7 +58,11 @@ from fedlearn.simulation.engine import run_simulation  # noqa: E402
 from fedlearn.strategy.base import Strategy  # noqa: E402
 
 DEFAULT_FLOWER_VENV = REPO / ".peer-venv-flower"
-FLOWER_DIR = REPO.parent / "shared" / "peers" / "flower"
+# the peers sit next to the repository: ../shared, or ../../shared from a worktree in ../wt/
+FLOWER_DIR = next(
+    (d for d in (p / "shared" / "peers" / "flower" for p in REPO.parents) if d.is_dir()),
+    REPO.parent / "shared" / "peers" / "flower",
+)
 
 
 # --------------------------------------------------------------------------- timing

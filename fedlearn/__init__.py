@@ -51,7 +51,12 @@ if _TYPE_CHECKING:
     )
     from fedlearn.registry.builders import model_builder
     from fedlearn.registry.model_registry import Decision, Gate, ModelRegistry, ModelVersion
-    from fedlearn.simulation import InProcessTransport, PoolTransport, run_simulation
+    from fedlearn.simulation import (
+        InProcessTransport,
+        PoolTransport,
+        RayTransport,
+        run_simulation,
+    )
     from fedlearn.strategy import (
         STRATEGIES,
         Bulyan,
@@ -120,6 +125,7 @@ _EXPORTS: dict[str, str] = {
     "PoolTransport": "fedlearn.simulation",
     "ProvidesInitialArrays": "fedlearn.engine.client_app",
     "QFedAvg": "fedlearn.strategy",
+    "RayTransport": "fedlearn.simulation",
     "Reply": "fedlearn.engine.messages",
     "RoundContext": "fedlearn.strategy",
     "RoundFailed": "fedlearn.errors",
@@ -191,6 +197,7 @@ __all__ = [
     "PoolTransport",
     "ProvidesInitialArrays",
     "QFedAvg",
+    "RayTransport",
     "Reply",
     "RoundContext",
     "RoundFailed",

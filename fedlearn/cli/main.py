@@ -107,8 +107,8 @@ def simulate(
     out: Annotated[
         Path | None, typer.Option(help="run directory (default runs/<run.name>)")
     ] = None,
-    backend: Annotated[str | None, typer.Option(help="inprocess | pool")] = None,
-    workers: Annotated[int | None, typer.Option(help="pool worker processes")] = None,
+    backend: Annotated[str | None, typer.Option(help="inprocess | pool | ray")] = None,
+    workers: Annotated[int | None, typer.Option(help="pool worker processes or Ray actors")] = None,
     strategy: Annotated[str | None, typer.Option(help="override strategy.name")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="any field: key.path=value")

@@ -56,10 +56,28 @@ class StrategySection(_Section):
 
 
 class BackendSection(_Section):
-    """[backend]: where simulated clients run."""
+    """[backend]: where simulated clients run.
 
-    kind: Literal["inprocess", "pool"] = "pool"
+    ``workers``: pool processes, or Ray actors (default: one per core; for Ray, as many
+    as the cluster has room for at ``num_cpus`` and ``num_gpus`` each). ``address``
+    (``host:port`` of a Ray head) joins an existing Ray cluster instead of starting a
+    private local one; ``num_cpus`` and ``num_gpus`` are the Ray resources each actor
+    (one ClientApp, serving many clients in turn) reserves.
+    """
+
+    kind: Literal["inprocess", "pool", "ray"] = "pool"
     workers: int | None = Field(None, ge=1)
+    address: str | None = Field(None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> BackendSection:
+        ray_only = {"address": None, "num_cpus": 1.0, "num_gpus": 0.0}
+        changed = [k for k, default in ray_only.items() if getattr(self, k) != default]
+        if self.kind != "ray" and changed:
+            raise ValueError(f"{', '.join(changed)} applies to kind = 'ray' only")
+        return self
 
 
 class SecAggSection(_Section):

@@ -18,7 +18,7 @@ from fedlearn.engine.results import RunResult
 from fedlearn.errors import ConfigError
 from fedlearn.run.builders import make_distributed, make_privacy, make_secure, make_strategy
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
-from fedlearn.simulation import run_simulation
+from fedlearn.simulation import make_transport, run_simulation
 
 if TYPE_CHECKING:  # the registry loads only when a run publishes
     from fedlearn.registry.publish import Published, Publisher
@@ -101,6 +101,10 @@ def run_job(
     """
     strategy = make_strategy(config.strategy)
     strategy.validate(config.run.clients)
+    if config.backend.kind == "ray":
+        from fedlearn.simulation.ray_session import check_ray
+
+        check_ray(config.backend.address)
     app_factory = client_app_factory(config)
     probe = app_factory()
     if not isinstance(probe, ProvidesInitialArrays):
@@ -145,6 +149,7 @@ def run_job(
         lifecycle.account_privacy(privacy)
 
     def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
+        backend = config.backend
         return run_simulation(
             app_factory,
             strategy,
@@ -154,8 +159,15 @@ def run_job(
             initial_state=state,
             start_round=start_round,
             seed=config.run.seed,
-            backend=config.backend.kind,
-            workers=config.backend.workers,
+            backend=make_transport(
+                backend.kind,
+                app_factory,
+                backend.workers,
+                config.run.name,
+                address=backend.address,
+                num_cpus=backend.num_cpus,
+                num_gpus=backend.num_gpus,
+            ),
             evaluate_every=config.run.evaluate_every,
             sink=lifecycle,
             observer=observer,

@@ -15,7 +15,7 @@ from fedlearn.simulation.inprocess import InProcessTransport
 from fedlearn.simulation.pool import PoolTransport
 from fedlearn.strategy.base import Strategy
 
-BackendName = Literal["inprocess", "pool"]
+BackendName = Literal["inprocess", "pool", "ray"]
 
 
 def make_transport(
@@ -23,13 +23,24 @@ def make_transport(
     app_factory: Callable[[], ClientApp],
     workers: int | None = None,
     run_id: str = "",
+    *,
+    address: str | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
 ) -> Transport:
-    """A simulation transport by name."""
+    """A simulation transport by name. ``workers`` counts pool processes or Ray actors;
+    ``address``, ``num_cpus`` and ``num_gpus`` are for Ray (see :class:`RayTransport`)."""
     if backend == "inprocess":
         return InProcessTransport(app_factory, run_id)
     if backend == "pool":
         return PoolTransport(app_factory, workers, run_id)
-    raise ConfigError(f"unknown backend {backend!r}; expected 'inprocess' or 'pool'")
+    if backend == "ray":
+        from fedlearn.simulation.ray_transport import RayTransport
+
+        return RayTransport(
+            app_factory, workers, run_id, address=address, num_cpus=num_cpus, num_gpus=num_gpus
+        )
+    raise ConfigError(f"unknown backend {backend!r}; expected 'inprocess', 'pool' or 'ray'")
 
 
 def run_simulation(
