@@ -19,11 +19,12 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 import flower_apps
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlearn.apps.flower_message import MessageClientApp
 from fedlearn.apps.flower_records import (
     DirectoryStates,
+    array_to_numpy,
     decode_recorddict,
     encode_recorddict,
 )
@@ -197,6 +198,31 @@ def test_state_bytes_round_trip_without_pickle(tmp_path: object) -> None:
     assert dict(store.load(3)["c"]) == dict(back["c"])
     store.save(3, RecordDict())
     assert len(store.load(3)) == 0 and not list(store.directory.iterdir())
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.linspace(0.0, 1.0, 20),
+        np.ones(()),
+        np.arange(12, dtype=">i4").reshape(3, 4),
+        np.array([True, False]),
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        np.arange(25.0).reshape(5, 5)[:, ::2],
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),  # Fortran order: np.load's path
+        np.zeros((0, 3)),
+        np.array(["a", "b"]),
+        np.arange(3) + 1j,
+    ],
+)
+def test_array_to_numpy_equals_flowers_own_decoding(a: np.ndarray) -> None:
+    """The direct read of a Flower Array's .npy bytes gives Array.numpy()'s array: same
+    dtype (byte order included), shape, values, and writable; other layouts fall back."""
+    array = Array(np.asarray(a))
+    got, ref = array_to_numpy(array), array.numpy()
+    assert (got.dtype, got.shape) == (ref.dtype, ref.shape)
+    assert got.tobytes() == ref.tobytes()
+    assert got.flags.writeable and got.flags.c_contiguous == ref.flags.c_contiguous
 
 
 def _sim_bench() -> Path | None:
