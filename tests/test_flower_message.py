@@ -225,6 +225,32 @@ def test_array_to_numpy_equals_flowers_own_decoding(a: np.ndarray) -> None:
     assert got.flags.writeable and got.flags.c_contiguous == ref.flags.c_contiguous
 
 
+def test_sent_arrays_behave_as_flowers_own() -> None:
+    """The global model's Arrays: Flower's class (bytes, dtype, shape equal to Flower's
+    own Array), numpy() a fresh writable copy every call, and a changed ``data`` read
+    from the new bytes, as Flower would."""
+    from fedlearn.apps.flower_records import to_array_record
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    record = to_array_record({"w": a})
+    sent, flowers = record["w"], Array(a)
+    assert isinstance(sent, Array)
+    assert (sent.data, sent.dtype, sent.shape, sent.stype) == (
+        flowers.data,
+        flowers.dtype,
+        flowers.shape,
+        flowers.stype,
+    )
+    a[0, 0] = 99.0  # the caller's array changing later does not reach the record
+    first = sent.numpy()
+    assert first.tobytes() == flowers.numpy().tobytes() and first.flags.writeable
+    first[:] = -1.0  # the app's copy is its own
+    assert sent.numpy().tobytes() == flowers.numpy().tobytes()
+    sent.data = Array(np.ones(2)).data
+    sent.dtype, sent.shape = "<f8", [2]
+    assert sent.numpy().tolist() == [1.0, 1.0]
+
+
 def _sim_bench() -> Path | None:
     root = Path(__file__).resolve().parents[1]
     for shared in (root.parent / "shared", root.parent.parent / "shared"):
