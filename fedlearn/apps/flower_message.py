@@ -56,6 +56,7 @@ used: install it with ``pip install 'fedlearn[flower]'``.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import shutil
 import tempfile
@@ -267,13 +268,14 @@ class MessageClientApp:
 
     def _array_record(self, arrays: Arrays) -> Any:
         """A fresh ``ArrayRecord`` of ``arrays``. A stage's tasks share one broadcast
-        dict, so its Flower ``Array`` objects (immutable bytes) are made once per stage
-        and reused, each message getting its own record around them."""
+        dict, so its Flower ``Array`` objects are made once per stage; each message gets
+        shallow copies (the bytes are immutable and shared), so an app that sets an
+        attribute of one changes nothing another client receives."""
         from flwr.app import ArrayRecord
 
         if self._sent is None or self._sent[0] is not arrays:
             self._sent = (arrays, dict(to_array_record(arrays)))
-        return ArrayRecord(array_dict=dict(self._sent[1]))
+        return ArrayRecord(array_dict={k: copy.copy(v) for k, v in self._sent[1].items()})
 
     def _call(self, message_type: str, content: Any, ctx: ClientContext) -> Any:
         """Run the app on one message in the client's context and keep its state."""
@@ -294,8 +296,10 @@ class MessageClientApp:
         delivered: Any = Message
         message = delivered(content=content, metadata=metadata)
         context = self.context(ctx.client_id)
+        had_state = len(context.state) > 0
         reply = self.app(message, context)
-        self.states.save(ctx.client_id, context.state)
+        if had_state or len(context.state) > 0:  # an app that keeps none costs no I/O
+            self.states.save(ctx.client_id, context.state)
         if not isinstance(reply, Message):
             raise UpdateRejected(
                 f"the Flower app's {message_type} function returned "
