@@ -31,6 +31,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +99,30 @@ def run_fedlearn(sim_bench: ModuleType, clients: int, rounds: int, backend: str)
     return fedlearn.run_simulation(
         lambda: app, strategy, num_clients=clients, rounds=rounds, backend=backend
     )
+
+
+PEER_APP = Path(__file__).resolve().parent / "flower_peer_app"
+
+
+def run_cli(clients: int, rounds: int, backend: str) -> tuple[float, dict[str, np.ndarray]]:
+    """``fedlearn simulate --flower-app benchmarks/flower_peer_app`` as its own process
+    (imports, run store, report and plots included): wall time and final model."""
+    from fedlearn.engine.weights import load_weights
+
+    exe = Path(sys.executable).parent / "fedlearn"
+    with tempfile.TemporaryDirectory(prefix="fl-app-cli-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = [str(exe), "simulate", "--flower-app", str(PEER_APP), "--clients", str(clients)]
+        cmd += ["--run-config", f"num-clients={clients} num-server-rounds={rounds}"]
+        cmd += ["--out", str(out), "--no-check-serving", "--set", f"backend.kind={backend}"]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(
+                f"fedlearn simulate failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        return wall, load_weights(out / "model.safetensors")
 
 
 def median_of(fn: Callable[[], Any], reps: int) -> tuple[float, list[float], Any]:
@@ -183,8 +208,19 @@ def main() -> None:
                 f"eval_acc={res.rounds[-1].eval_metrics['eval_acc']:.5f}",
                 flush=True,
             )
+        cli_times, cli_arrays = [], {}
+        for _ in range(args.reps):
+            wall, cli_arrays = run_cli(n, args.rounds, "pool")
+            cli_times.append(wall)
+        row["cli"] = {"median_s": statistics.median(cli_times), "times_s": cli_times}
+        print(
+            f"clients={n} fedlearn simulate --flower-app (whole process, pool) median "
+            f"{row['cli']['median_s']:.3f}s ({', '.join(f'{t:.3f}' for t in cli_times)})",
+            flush=True,
+        )
         same = all(
             np.array_equal(row["pool"]["arrays"][k], row["inprocess"]["arrays"][k])
+            and np.array_equal(row["pool"]["arrays"][k], cli_arrays[k])
             for k in row["pool"]["arrays"]
         )
         row["backends_bit_identical"] = same
@@ -206,7 +242,7 @@ def main() -> None:
             f"clients={n} flower wall {row['flower_wall_s']:.3f}s "
             f"({', '.join(f'{t:.3f}' for t in row['flower_times_s'])}; run_simulation "
             f"{row['flower_sim_s']}s) max|Δ| fedlearn vs Flower = {row['max_abs_diff']:.3e}; "
-            f"pool == in-process bit for bit: {same}",
+            f"pool == in-process == simulate CLI bit for bit: {same}",
             flush=True,
         )
         rows.append(row)
@@ -235,7 +271,12 @@ def main() -> None:
     for r in rows:
         if "flower_wall_s" in r:
             ratio = r["pool"]["median_s"] / r["flower_wall_s"]
-            print(f"clients={r['clients']} fedlearn/flower = {ratio:.4f} (pool)")
+            cli = r["cli"]["median_s"] / r["flower_wall_s"]
+            print(
+                f"clients={r['clients']} fedlearn/flower = {ratio:.4f} (pool, run_simulation); "
+                f"{cli:.4f} (fedlearn simulate --flower-app, whole process, against Flower's "
+                "whole process)"
+            )
 
 
 if __name__ == "__main__":
