@@ -48,21 +48,12 @@ import numpy as np  # noqa: E402
 
 import fedlearn  # noqa: E402
 from benchmarks.bench_sim_vs_flower import run_in_flower_env  # noqa: E402
+from benchmarks.peers import flower_peer_dir, load  # noqa: E402
 from fedlearn.engine.results import RunResult  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WRAPPER = HERE / "flower_sim_app.py"
 BACKENDS = ("pool", "inprocess")
-
-
-def find_flower_dir() -> Path:
-    """``$FLOWER_PEER_DIR``, else the nearest ``shared/peers/flower`` above this file."""
-    if os.environ.get("FLOWER_PEER_DIR"):
-        return Path(os.environ["FLOWER_PEER_DIR"])
-    for parent in HERE.parents:
-        if (parent / "shared" / "peers" / "flower" / "sim_bench.py").exists():
-            return parent / "shared" / "peers" / "flower"
-    raise SystemExit("shared/peers/flower not found: set FLOWER_PEER_DIR")
 
 
 def find_flower_python() -> Path:
@@ -166,11 +157,6 @@ def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-def load() -> str:
-    """The 1, 5 and 15 minute load averages (as ``uptime`` prints them)."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
 # --------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -182,7 +168,7 @@ def main() -> None:
     p.add_argument("--flower-timeout", type=float, default=900.0)
     args = p.parse_args()
     sizes = args.clients or [10, 100, 1000]
-    flower_dir = find_flower_dir()
+    flower_dir = flower_peer_dir()
     python = args.flower_python or find_flower_python()
     sim_bench = import_sim_bench(flower_dir)
     print(
