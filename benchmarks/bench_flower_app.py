@@ -169,6 +169,8 @@ def main() -> None:
     args = p.parse_args()
     sizes = args.clients or [10, 100, 1000]
     flower_dir = flower_peer_dir()
+    if not (flower_dir / "sim_bench.py").is_file():
+        raise SystemExit(f"{flower_dir / 'sim_bench.py'} not found: set FLOWER_PEER_DIR")
     python = args.flower_python or find_flower_python()
     sim_bench = import_sim_bench(flower_dir)
     print(
