@@ -695,6 +695,15 @@ def main() -> None:
     )
     p.add_argument("--cost-reps", type=int, default=3)
     p.add_argument(
+        "--cost-epsilon",
+        type=float,
+        default=None,
+        help="the epsilon whose sigma the cost runs use (default: the largest of --epsilons); "
+        "a large one keeps the noised model close to the non-private one, so the ratio is the "
+        "mechanism's cost and not what the noise does to the app's own numerics",
+    )
+    p.add_argument("--cost-workloads", default="peer,mnist")
+    p.add_argument(
         "--distributed-api",
         action="store_true",
         help="run distributed DP through the Python API when `fedlearn simulate` refuses it",
@@ -806,12 +815,15 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     if "cost" in parts:
-        top = max(eps_list)
+        top = args.cost_epsilon or max(eps_list)
         results["cost"] = []
-        for name, clients, rounds in (
+        workloads = (
             ("peer", args.cost_clients, args.cost_rounds),
             ("mnist", args.clients, args.cost_mnist_rounds),
-        ):
+        )
+        for name, clients, rounds in workloads:
+            if name not in args.cost_workloads.split(","):
+                continue
             sig = {
                 "central": central_noise_multiplier(top, w.delta, rounds),
                 "local": local_noise_multiplier(top, w.delta, rounds),
