@@ -13,6 +13,7 @@ from fedlearn.config.deployment import SiteConfig, SiteDataSection
 from fedlearn.data import ClientData, load_dataset, partition_dataset
 from fedlearn.deploy.site import Backoff, SiteClient
 from fedlearn.engine.client_app import ClientApp, build_app
+from fedlearn.engine.client_state import open_state_store
 from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError, DataError
 from fedlearn.privacy.local import LocalDPFloor
@@ -131,6 +132,7 @@ def build_site(config: SiteConfig) -> SiteClient:
         client_cert_files=client_cert,
         server_id=conn.server_id,
         local_dp_floor=site_dp_floor(config),
+        states=open_state_store(config.client.state_dir),
     )
 
 
