@@ -85,7 +85,7 @@ class Counter:
         return EvaluateResult(1, 0.0, {"trained": ctx.state.values.get("n", 0)})
 
 
-def test_runtime_saves_after_training_only_and_only_when_used(tmp_path: Path) -> None:
+def test_runtime_saves_after_a_successful_task_only_when_used(tmp_path: Path) -> None:
     store = DirectoryStateStore(tmp_path)
     runtime = ClientRuntime(Counter(), states=store)
     w = {"w": np.zeros(1)}

@@ -38,10 +38,10 @@ class ClientContext:
 
     @cached_property
     def state(self) -> ClientState:
-        """This client's own state, as its last successful training left it (loaded on
-        first use; see :mod:`fedlearn.engine.client_state`). Change it in place in
-        ``train``: the runtime saves it when ``train`` returns. Changes made in
-        ``evaluate`` are not kept."""
+        """This client's own state, as its last successful task left it (loaded on first
+        use; see :mod:`fedlearn.engine.client_state`). Change it in place in ``train`` or
+        ``evaluate``: the runtime saves it when the task succeeds (a failed task's
+        changes are dropped)."""
         return ClientState() if self.load_state is None else self.load_state()
 
     @property

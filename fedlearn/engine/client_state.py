@@ -3,8 +3,8 @@
 Some algorithms keep memory at the client between its rounds (SCAFFOLD's control variate
 ``c_i``, a personalized layer, a Flower app's ``context.state``). A ClientApp reads and
 changes ``ctx.state`` (a :class:`ClientState`: named arrays and JSON values) in
-``train``; the client runtime loads it before the task and saves it after a successful
-training task, in a :class:`ClientStateStore`:
+``train`` (or ``evaluate``); the client runtime loads it before the task and saves it
+after the task succeeds, in a :class:`ClientStateStore`:
 
 * :class:`MemoryStateStore`: this process (the in-process backend's default; a site
   daemon without ``client.state_dir``);
@@ -19,11 +19,13 @@ the version before it too. ``load(client, before=r)`` returns the newest version
 before round ``r``, so a round that runs again after a crash (its tasks ran, the
 coordinator died before committing it) starts every client from the state it had before
 that round, not from the state the lost round left: resume stays bit-identical. Training
-in round ``r`` loads ``before=r``; evaluation after it loads ``before=r + 1``.
+in round ``r`` loads ``before=r``; evaluation after it loads ``before=r + 1``, and saving
+it replaces that round's version.
 
-A state never touched by the app is neither loaded nor saved: apps without state pay
-nothing. The bytes are a JSON frame (round and values) and one
-:func:`~fedlearn.engine.records.encode_arrays` frame (raw arrays), never pickled.
+A state never touched by the app is neither loaded nor saved, and an empty state is not
+written for a client that has none: apps without state pay nothing. The bytes are a JSON
+frame (the values) and one :func:`~fedlearn.engine.records.encode_arrays` frame (raw
+arrays), after the round as 8 bytes; never pickled.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ class MemoryStateStore:
 
     def save(self, client_id: int, round: int, state: ClientState) -> None:
         """Keep a copy; a second save in the same round replaces the first."""
+        if not state and client_id not in self._versions:
+            return
         kept = [(r, s) for r, s in self._versions.get(client_id, []) if r < round]
         self._versions[client_id] = [*kept[-1:], (round, state.copy())]
 
@@ -159,6 +163,8 @@ class DirectoryStateStore:
         the one before (a version of this round is replaced, its predecessor kept)."""
         current, previous = self._paths(client_id)
         saved = _saved_round(current)
+        if saved is None and not state:
+            return  # nothing kept, nothing to keep
         if saved is not None and saved < round:
             os.replace(current, previous)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{current.name}.")

@@ -31,7 +31,8 @@ class ClientRuntime:
     (``dp.mode = "local"``) or ``local_dp_floor`` (a site's own ``[privacy]``) demands it.
 
     Each client's ``ctx.state`` comes from ``states`` (default: in this process) and goes
-    back there after a training task that succeeded and touched it.
+    back there, as its version of the task's round, after a training or evaluation task
+    that succeeded and touched it.
     """
 
     def __init__(
@@ -62,8 +63,8 @@ class ClientRuntime:
                 elif task.stage is Stage.TRAIN:
                     reply = _train_reply(task, self._training.train(arrays, task.config, ctx))
                 else:
-                    return _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
-                if trains and ctx.state_used:
+                    reply = _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
+                if ctx.state_used and (trains or task.stage is Stage.EVALUATE):
                     self.states.save(task.client_id, task.round, ctx.state)
                 return reply
         except Exception as exc:  # user code may raise anything: it becomes this client's failure
