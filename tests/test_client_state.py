@@ -119,3 +119,46 @@ def test_state_follows_each_client_across_rounds_and_workers(backend: str) -> No
         else:
             assert record.metrics["trained"] == trained.get(record.client_id, 0)
     assert len(trained) > 3
+
+
+def test_a_site_keeps_client_state_on_its_disk_across_daemon_restarts(tmp_path: Path) -> None:
+    """``client.state_dir`` of site.toml: a SCAFFOLD c_i written by one daemon is what the
+    next daemon (after a restart) loads."""
+    from fedlearn.config.deployment import SiteConfig
+    from fedlearn.config.loading import load_toml
+    from fedlearn.deploy.launch import build_site
+    from fedlearn.security.keys import generate_site_key, save_private_key
+
+    save_private_key(tmp_path / "site.key", generate_site_key())
+    path = tmp_path / "site.toml"
+    path.write_text(
+        f"""
+[coordinator]
+address = "127.0.0.1:1"
+insecure = true
+server_id = "x"
+
+[site]
+name = "site-0"
+key = "{tmp_path / "site.key"}"
+
+[data]
+num_clients = 2
+seed = 0
+simulated = {{ dataset = "breast_cancer", partitioner = "iid" }}
+
+[client]
+app = "clients.tabular:make_app"
+params = {{ epochs = 1 }}
+state_dir = "{tmp_path / "state"}"
+"""
+    )
+    site = build_site(load_toml(SiteConfig, path))
+    arrays = site.runtime.app.initial_arrays(0)  # type: ignore[attr-defined]
+    broadcast = {**arrays, **{f"scaffold.c/{k}": np.zeros_like(v) for k, v in arrays.items()}}
+    reply = site.runtime.handle(Task(Stage.TRAIN, 1, 0, 3), broadcast)
+    assert reply.ok, reply.error
+    restarted = build_site(load_toml(SiteConfig, path))
+    kept = restarted.runtime.states.load(0, before=2)
+    assert sorted(kept.arrays) == sorted(f"scaffold.c_i/{k}" for k in arrays)
+    assert (tmp_path / "state" / "client-0.state").is_file()
