@@ -79,8 +79,10 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.peers import flower_peer_dir  # noqa: E402
+
 DEFAULT_FLOWER_VENV = REPO / ".peer-venv-flower"
-FLOWER_DIR = REPO.parent / "shared" / "peers" / "flower"
+FLOWER_DIR = flower_peer_dir()
 README_FLOWER_DEPLOY_S = 139.6
 """Flower deployment, 10 clients x 5 rounds, from shared/peers/flower/README.md."""
 MIB = 1 << 20

@@ -67,6 +67,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_sim_vs_flower import run_in_flower_env  # noqa: E402
+from benchmarks.peers import flower_peer_dir  # noqa: E402
 from fedlearn.privacy.calibrate import (  # noqa: E402
     central_noise_multiplier,
     local_noise_multiplier,
@@ -199,16 +200,6 @@ def run_fedlearn(
 
 
 # --------------------------------------------------------------------------- Flower
-def find_flower_dir() -> Path:
-    """``$FLOWER_PEER_DIR``, else the nearest ``shared/peers/flower`` above the repository."""
-    if os.environ.get("FLOWER_PEER_DIR"):
-        return Path(os.environ["FLOWER_PEER_DIR"])
-    for parent in REPO.parents:
-        if (parent / "shared" / "peers" / "flower" / "mnist_bench.py").exists():
-            return parent / "shared" / "peers" / "flower"
-    raise SystemExit("shared/peers/flower not found: set FLOWER_PEER_DIR")
-
-
 def run_flower(
     python: Path, w: Workload, mode: str, sigma: float, clip: float, timeout: float
 ) -> dict[str, Any]:
@@ -238,7 +229,7 @@ def run_flower(
         timeout,
         "flwr-dp-bench-",
         RAY_DEDUP_LOGS="1",
-        FLOWER_PEER_DIR=str(find_flower_dir()),
+        FLOWER_PEER_DIR=str(flower_peer_dir()),
     )
     result: dict[str, Any] = {"mode": mode, "sigma": sigma, "clip": clip, "command": shown}
     result["wall_s"] = wall

@@ -47,6 +47,7 @@ from benchmarks.bench_sim_vs_flower import (  # noqa: E402
     run_flower,
 )
 from benchmarks.peer_workload import PeerLogReg, bare_loop  # noqa: E402
+from benchmarks.peers import load  # noqa: E402
 from fedlearn.engine.results import RunResult  # noqa: E402
 from fedlearn.simulation.engine import run_simulation  # noqa: E402
 from fedlearn.simulation.ray_session import RaySession  # noqa: E402
@@ -65,11 +66,6 @@ def run_fedlearn(clients: int, rounds: int, backend: str) -> tuple[float, RunRes
         backend=backend,  # type: ignore[arg-type]
     )
     return time.perf_counter() - t0, result
-
-
-def load() -> str:
-    """The 1, 5 and 15 minute load averages (the machine is shared)."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:

@@ -53,16 +53,13 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from benchmarks.peer_workload import PeerLogReg, bare_loop  # noqa: E402
+from benchmarks.peers import flower_peer_dir  # noqa: E402
 from fedlearn.engine.results import RunResult  # noqa: E402
 from fedlearn.simulation.engine import run_simulation  # noqa: E402
 from fedlearn.strategy.base import Strategy  # noqa: E402
 
 DEFAULT_FLOWER_VENV = REPO / ".peer-venv-flower"
-# the peers sit next to the repository: ../shared, or ../../shared from a worktree in ../wt/
-FLOWER_DIR = next(
-    (d for d in (p / "shared" / "peers" / "flower" for p in REPO.parents) if d.is_dir()),
-    REPO.parent / "shared" / "peers" / "flower",
-)
+FLOWER_DIR = flower_peer_dir()
 
 
 # --------------------------------------------------------------------------- timing

@@ -10,6 +10,7 @@ import importlib.util
 import os
 from collections import defaultdict
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,10 +19,11 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 import flower_apps
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlearn.apps.flower_message import MessageClientApp
 from fedlearn.apps.flower_records import (
+    array_to_numpy,
     decode_recorddict,
     encode_recorddict,
     recorddict_from_state,
@@ -198,6 +200,69 @@ def test_state_bytes_round_trip_without_pickle(tmp_path: object) -> None:
     assert not recorddict_to_state(RecordDict())
 
 
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.linspace(0.0, 1.0, 20),
+        np.ones(()),
+        np.arange(12, dtype=">i4").reshape(3, 4),
+        np.array([True, False]),
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        np.arange(25.0).reshape(5, 5)[:, ::2],
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),  # Fortran order: np.load's path
+        np.zeros((0, 3)),
+        np.array(["a", "b"]),
+        np.arange(3) + 1j,
+    ],
+)
+def test_array_to_numpy_equals_flowers_own_decoding(a: np.ndarray) -> None:
+    """The direct read of a Flower Array's .npy bytes gives Array.numpy()'s array: same
+    dtype (byte order included), shape, values, and writable; other layouts fall back."""
+    array = Array(np.asarray(a))
+    got, ref = array_to_numpy(array), array.numpy()
+    assert (got.dtype, got.shape) == (ref.dtype, ref.shape)
+    assert got.tobytes() == ref.tobytes()
+    assert got.flags.writeable and got.flags.c_contiguous == ref.flags.c_contiguous
+
+
+def test_sent_arrays_behave_as_flowers_own() -> None:
+    """The global model's Arrays: Flower's class (bytes, dtype, shape equal to Flower's
+    own Array), numpy() a fresh writable copy every call, and a changed ``data`` read
+    from the new bytes, as Flower would."""
+    from fedlearn.apps.flower_records import to_array_record
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    record = to_array_record({"w": a})
+    sent, flowers = record["w"], Array(a)
+    assert isinstance(sent, Array)
+    assert (sent.data, sent.dtype, sent.shape, sent.stype) == (
+        flowers.data,
+        flowers.dtype,
+        flowers.shape,
+        flowers.stype,
+    )
+    a[0, 0] = 99.0  # the caller's array changing later does not reach the record
+    first = sent.numpy()
+    assert first.tobytes() == flowers.numpy().tobytes() and first.flags.writeable
+    first[:] = -1.0  # the app's copy is its own
+    assert sent.numpy().tobytes() == flowers.numpy().tobytes()
+    sent.data = Array(np.ones(2)).data
+    sent.dtype, sent.shape = "<f8", [2]
+    assert sent.numpy().tolist() == [1.0, 1.0]
+
+
+def test_an_app_changing_its_arrays_changes_nothing_another_client_gets() -> None:
+    """One stage's messages share the Arrays' bytes, never the Array objects."""
+    app = _sim_bench_app(_import_sim_bench(), 2) if _sim_bench() else None
+    if app is None:
+        pytest.skip("the Flower peer workload is not checked out")
+    arrays = {"0": np.arange(3.0), "1": np.zeros(1)}
+    first, second = app._array_record(arrays), app._array_record(arrays)
+    first["0"].data = Array(np.ones(3)).data  # one client's app rewrites its copy
+    assert second["0"].numpy().tolist() == [0.0, 1.0, 2.0]
+    assert first["0"].numpy().tolist() == [1.0, 1.0, 1.0]
+
+
 def _sim_bench() -> Path | None:
     root = Path(__file__).resolve().parents[1]
     for shared in (root.parent / "shared", root.parent.parent / "shared"):
@@ -207,22 +272,33 @@ def _sim_bench() -> Path | None:
     return None
 
 
-@pytest.mark.skipif(_sim_bench() is None, reason="the Flower peer workload is not checked out")
-def test_flower_peer_workload_client_app_runs_imported() -> None:
-    """The peer benchmark's own ClientApp (imported from its file, not copied): 10 clients,
-    2 rounds of FedAvg with its ServerApp's settings, on both backends, one model."""
+def _import_sim_bench() -> ModuleType:
+    """sim_bench.py imported from its file (not copied)."""
     path = _sim_bench()
     assert path is not None
     spec = importlib.util.spec_from_file_location("sim_bench_peer", path)
     assert spec is not None and spec.loader is not None
     sim_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sim_bench)
-    app = MessageClientApp(
+    return sim_bench
+
+
+def _sim_bench_app(sim_bench: ModuleType, clients: int) -> MessageClientApp:
+    """sim_bench's ClientApp with what its ServerApp gives Flower's FedAvg."""
+    return MessageClientApp(
         sim_bench.client_app,
-        num_partitions=10,
+        num_partitions=clients,
         initial_arrays={"0": np.zeros(sim_bench.D), "1": np.zeros(1)},
         train_config={"lr": sim_bench.LR},
     )
+
+
+@pytest.mark.skipif(_sim_bench() is None, reason="the Flower peer workload is not checked out")
+def test_flower_peer_workload_client_app_runs_imported() -> None:
+    """The peer benchmark's own ClientApp (imported from its file, not copied): 10 clients,
+    2 rounds of FedAvg with its ServerApp's settings, on both backends, one model."""
+    sim_bench = _import_sim_bench()
+    app = _sim_bench_app(sim_bench, 10)
     strategy = FedAvg(min_train_clients=10, min_evaluate_clients=10)
     a = run_simulation(lambda: app, strategy, num_clients=10, rounds=2)
     b = run_simulation(lambda: app, strategy, num_clients=10, rounds=2, backend="pool", workers=2)
@@ -232,3 +308,30 @@ def test_flower_peer_workload_client_app_runs_imported() -> None:
     last = [c for c in a.clients if c.stage is Stage.EVALUATE and c.round == 2]
     assert sorted(c.metrics["partition-id"] for c in last) == list(range(10))
     assert a.rounds[-1].eval_metrics["eval_acc"] > 0.8
+
+
+@pytest.mark.skipif(_sim_bench() is None, reason="the Flower peer workload is not checked out")
+def test_flower_peer_workload_final_model_equals_fedavg_reference() -> None:
+    """fedlearn's final model for sim_bench's ClientApp is FedAvg's, to 1e-12: a numpy
+    reference loop over sim_bench's own data and local training (imported), aggregated as
+    Flower's FedAvg does (each update scaled by n_k / sum n, then summed). This pins the
+    "same final model as Flower" claim of BENCHMARKS.md without Flower's Ray runtime
+    (``benchmarks/bench_flower_app.py`` compares with Flower's own run)."""
+    sim_bench = _import_sim_bench()
+    clients, rounds = 10, 2
+    app = _sim_bench_app(sim_bench, clients)
+    strategy = FedAvg(min_train_clients=clients, min_evaluate_clients=clients)
+    result = run_simulation(lambda: app, strategy, num_clients=clients, rounds=rounds)
+    w, b = np.zeros(sim_bench.D), np.zeros(1)
+    for _ in range(rounds):
+        updates = []
+        for pid in range(clients):
+            x, y, _, _ = sim_bench.make_data(pid)
+            updates.append((len(y), *sim_bench.local_train(w, b, x, y, lr=sim_bench.LR)))
+        total = sum(n for n, _, _ in updates)
+        w = sum((n / total) * wk for n, wk, _ in updates)
+        b = sum((n / total) * bk for n, _, bk in updates)
+    assert list(result.arrays) == ["0", "1"]
+    np.testing.assert_allclose(result.arrays["0"], w, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.arrays["1"], b, rtol=0, atol=1e-12)
+    assert np.abs(w).max() > 0.1  # the model moved: the comparison is not of zeros

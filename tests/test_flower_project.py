@@ -176,3 +176,51 @@ def test_custom_server_loop_is_refused_with_a_way_out(tmp_path: Path) -> None:
     text = " ".join(result.output.split())
     assert "runs a custom loop" in text and "grid.send_and_receive" in text
     assert "fedlearn Strategy subclass" in text and "strategy.name=module:Class" in text
+
+
+PEER_APP = Path(__file__).resolve().parents[1] / "benchmarks" / "flower_peer_app"
+
+
+def _peer_dir() -> Path | None:
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "peers" / "flower" / "sim_bench.py").is_file():
+            return parent / "shared" / "peers" / "flower"
+    return None
+
+
+@pytest.mark.skipif(_peer_dir() is None, reason="the Flower peer workload is not checked out")
+def test_the_flower_peer_workload_runs_under_fedlearn_simulate(tmp_path: Path) -> None:
+    """sim_bench.py's own ClientApp and ServerApp (benchmarks/flower_peer_app imports
+    them) through ``fedlearn simulate --flower-app``: the final model is FedAvg's, by a
+    numpy loop over sim_bench's own data and training, to 1e-12."""
+    import sys
+
+    out = tmp_path / "run"
+    _simulate(
+        "--flower-app",
+        str(PEER_APP),
+        "--clients",
+        "10",
+        "--run-config",
+        "num-clients=10 num-server-rounds=2",
+        "--out",
+        str(out),
+        "--set",
+        "backend.kind=inprocess",
+    )
+    sim_bench = sys.modules["sim_bench"]
+    w, b = np.zeros(sim_bench.D), np.zeros(1)
+    for _ in range(2):
+        updates = []
+        for pid in range(10):
+            x, y, _, _ = sim_bench.make_data(pid)
+            updates.append((len(y), *sim_bench.local_train(w, b, x, y, lr=sim_bench.LR)))
+        total = sum(n for n, _, _ in updates)
+        w = sum((n / total) * wk for n, wk, _ in updates)
+        b = sum((n / total) * bk for n, _, bk in updates)
+    final = load_weights(out / "model.safetensors")
+    np.testing.assert_allclose(final["0"], w, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(final["1"], b, rtol=0, atol=1e-12)
+    assert np.abs(w).max() > 0.1
+    evaluated = [c for c in _store(out).clients(Stage.EVALUATE) if c.round == 2]
+    assert sorted(c.client_id for c in evaluated) == list(range(10))

@@ -55,6 +55,7 @@ used: install it with ``pip install 'fedlearn[flower]'``.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import time
 from collections.abc import Mapping
@@ -256,13 +257,14 @@ class MessageClientApp:
 
     def _array_record(self, arrays: Arrays) -> Any:
         """A fresh ``ArrayRecord`` of ``arrays``. A stage's tasks share one broadcast
-        dict, so its Flower ``Array`` objects (immutable bytes) are made once per stage
-        and reused, each message getting its own record around them."""
+        dict, so its Flower ``Array`` objects are made once per stage; each message gets
+        shallow copies (the bytes are immutable and shared), so an app that sets an
+        attribute of one changes nothing another client receives."""
         from flwr.app import ArrayRecord
 
         if self._sent is None or self._sent[0] is not arrays:
             self._sent = (arrays, dict(to_array_record(arrays)))
-        return ArrayRecord(array_dict=dict(self._sent[1]))
+        return ArrayRecord(array_dict={k: copy.copy(v) for k, v in self._sent[1].items()})
 
     def _call(self, message_type: str, content: Any, ctx: ClientContext) -> Any:
         """Run the app on one message in the client's context and keep its state."""
@@ -284,6 +286,7 @@ class MessageClientApp:
         message = delivered(content=content, metadata=metadata)
         context = self.context(ctx.client_id, ctx.state)
         reply = self.app(message, context)
+        # kept as the client's state (a store writes nothing for a client that keeps none)
         kept = recorddict_to_state(context.state)
         ctx.state.arrays, ctx.state.values = kept.arrays, kept.values
         if not isinstance(reply, Message):

@@ -169,10 +169,14 @@ def simulate(
         elif run_config:
             raise ConfigError("--run-config overrides a Flower app's config: add --flower-app DIR")
         cfg = _simulation_config(config, overrides, resume)
+        data = (
+            f"Flower app {cfg.flower.app}"
+            if cfg.flower.app
+            else f"{cfg.data.dataset}/{cfg.data.partitioner}"
+        )
         console.print(
             f"[bold]fedlearn simulate[/] {cfg.run.name}: {cfg.run.clients} clients, "
-            f"{cfg.run.rounds} rounds, {cfg.strategy.name}, {cfg.data.dataset}/"
-            f"{cfg.data.partitioner}, backend {cfg.backend.kind}"
+            f"{cfg.run.rounds} rounds, {cfg.strategy.name}, {data}, backend {cfg.backend.kind}"
         )
         _show_run_notes()
         with Progress(

@@ -203,8 +203,9 @@ def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | No
     except ConfigError:
         if section.model_fields_set & {"enabled", "factory", "inputs", "outputs"}:
             raise
+        named = config.flower.app or config.client.app
         return None, (
-            f"publishing skipped: the client app ({config.client.app}) cannot describe its "
+            f"publishing skipped: the client app ({named}) cannot describe its "
             "model for serving (it has no serving_spec()). To publish, set publish.factory, "
             "publish.inputs and publish.outputs in the config."
         )
