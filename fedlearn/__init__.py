@@ -20,6 +20,7 @@ if _TYPE_CHECKING:
         ProvidesInitialArrays,
         TrainResult,
     )
+    from fedlearn.engine.client_state import ClientState
     from fedlearn.engine.coordinator import Coordinator, Transport
     from fedlearn.engine.messages import Reply, Stage, Task
     from fedlearn.engine.records import (
@@ -68,6 +69,7 @@ if _TYPE_CHECKING:
         FedAvg,
         FedAvgM,
         FedMedian,
+        FedNova,
         FedProx,
         FedTrimmedAvg,
         FedYogi,
@@ -76,6 +78,7 @@ if _TYPE_CHECKING:
         MultiKrum,
         QFedAvg,
         RoundContext,
+        Scaffold,
         Strategy,
         WeightedMeanFold,
         build_strategy,
@@ -93,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "Bulyan": "fedlearn.strategy",
     "ClientApp": "fedlearn.engine.client_app",
     "ClientContext": "fedlearn.engine.client_app",
+    "ClientState": "fedlearn.engine.client_state",
     "ClientEvaluation": "fedlearn.strategy",
     "ClientRecord": "fedlearn.engine.results",
     "ClientUpdate": "fedlearn.strategy",
@@ -107,6 +111,7 @@ _EXPORTS: dict[str, str] = {
     "FedAvg": "fedlearn.strategy",
     "FedAvgM": "fedlearn.strategy",
     "FedMedian": "fedlearn.strategy",
+    "FedNova": "fedlearn.strategy",
     "FedProx": "fedlearn.strategy",
     "FedTrimmedAvg": "fedlearn.strategy",
     "FedYogi": "fedlearn.strategy",
@@ -128,6 +133,7 @@ _EXPORTS: dict[str, str] = {
     "RayTransport": "fedlearn.simulation",
     "Reply": "fedlearn.engine.messages",
     "RoundContext": "fedlearn.strategy",
+    "Scaffold": "fedlearn.strategy",
     "RoundFailed": "fedlearn.errors",
     "RunConflict": "fedlearn.errors",
     "RunInterrupted": "fedlearn.errors",
@@ -166,6 +172,7 @@ __all__ = [
     "ClientApp",
     "ClientContext",
     "ClientEvaluation",
+    "ClientState",
     "ClientRecord",
     "ClientUpdate",
     "CollectFold",
@@ -179,6 +186,7 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedMedian",
+    "FedNova",
     "FedProx",
     "FedTrimmedAvg",
     "FedYogi",
@@ -201,6 +209,7 @@ __all__ = [
     "Reply",
     "RoundContext",
     "RoundFailed",
+    "Scaffold",
     "RunConflict",
     "RunInterrupted",
     "RoundRecord",

@@ -2,7 +2,9 @@
 
 Each client's change to the global model is scaled down to at most ``max_norm`` (L2 over
 all arrays) before the weighted mean, which bounds how far one client can pull the
-model. The fold still streams: no list of client models is ever kept.
+model. The fold still streams: no list of client models is ever kept. With
+``max_epochs`` set, each client also trains its own seeded number of epochs per round
+(stragglers), through the per-client config hook.
 
 Run it:  fedlearn simulate simulations/custom_strategy.toml
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedlearn import Arrays, ClientUpdate, RoundContext, Strategy, WeightedMeanFold
+from fedlearn import Arrays, ClientUpdate, Config, RoundContext, Strategy, WeightedMeanFold
 
 
 class ClippedDeltaFold(WeightedMeanFold):
@@ -34,6 +36,13 @@ class ClippedDeltaFold(WeightedMeanFold):
 @dataclass(frozen=True, kw_only=True)
 class ClippedFedAvg(Strategy):
     max_norm: float = 1.0
+    max_epochs: int = 0
 
     def start_fold(self, ctx: RoundContext, global_arrays: Arrays) -> ClippedDeltaFold:
         return ClippedDeltaFold(global_arrays, self.max_norm)
+
+    def client_train_config(self, ctx: RoundContext, client_id: int, config: Config) -> Config:
+        if not self.max_epochs:
+            return config
+        rng = np.random.default_rng([ctx.seed, ctx.round, client_id])
+        return {**config, "epochs": int(rng.integers(1, self.max_epochs + 1))}

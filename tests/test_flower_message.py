@@ -23,12 +23,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlearn.apps.flower_message import MessageClientApp
 from fedlearn.apps.flower_records import (
-    DirectoryStates,
     array_to_numpy,
     decode_recorddict,
     encode_recorddict,
+    recorddict_from_state,
+    recorddict_to_state,
 )
 from fedlearn.engine.client_app import ClientContext
+from fedlearn.engine.client_state import ClientState
 from fedlearn.engine.messages import Stage
 from fedlearn.errors import ConfigError, UpdateRejected
 from fedlearn.simulation import run_simulation
@@ -59,7 +61,7 @@ def _expected(rounds: int) -> float:
 def test_state_persists_per_client_across_rounds(backend: str) -> None:
     """Each client's context.state counts its own calls: round r is its r-th train and
     r-th evaluate call, in one process and in the worker pool, where a client's tasks
-    land in whichever worker is free (the state travels through DirectoryStates)."""
+    land in whichever worker is free (the state travels through the client state store)."""
     app = _app()
     result = run_simulation(
         lambda: app, FedAvg(), num_clients=N, rounds=ROUNDS, backend=backend, workers=2
@@ -193,11 +195,9 @@ def test_state_bytes_round_trip_without_pickle(tmp_path: object) -> None:
     assert dict(back["m"]) == {"i": 1, "f": 1.0, "l": [0.5, 2.0]}
     assert type(back["m"]["i"]) is int and type(back["m"]["f"]) is float
     assert dict(back["c"]) == {"s": "x", "y": b"\x00\xff", "t": True, "li": [1, 2]}
-    store = DirectoryStates(tmp_path)  # type: ignore[arg-type]
-    store.save(3, state)
-    assert dict(store.load(3)["c"]) == dict(back["c"])
-    store.save(3, RecordDict())
-    assert len(store.load(3)) == 0 and not list(store.directory.iterdir())
+    kept = recorddict_to_state(state)  # what a client state store keeps of it
+    assert dict(recorddict_from_state(ClientState.decode(kept.encode()))["c"]) == dict(back["c"])
+    assert not recorddict_to_state(RecordDict())
 
 
 @pytest.mark.parametrize(

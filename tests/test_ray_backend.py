@@ -242,3 +242,33 @@ def test_an_unreachable_address_stops_a_job_before_its_directory_exists(
 def test_bad_ray_settings_are_named(backend: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, {f"backend.{k}": v for k, v in backend.items()})
+
+
+def test_scaffold_client_state_follows_clients_across_actors(
+    ray_session: RaySession, tmp_path: Path
+) -> None:
+    """SCAFFOLD's c_i lives in the clients' state directory that every actor opens: the
+    Ray run ends with the in-process model and server control variate, bit for bit."""
+    from algo_apps import LeastSquares, problems
+
+    from fedlearn.strategy import Scaffold
+
+    data = problems(5, 3, 8, seed=3)
+
+    def run(backend: str, **kw: Any) -> RunResult:
+        return run_simulation(
+            lambda: LeastSquares(data, [1, 2, 3, 2, 4], 0.05),
+            Scaffold(fraction_train=0.6),
+            num_clients=5,
+            rounds=4,
+            seed=4,
+            backend=backend,  # type: ignore[arg-type]
+            workers=2,
+            evaluate_every=0,
+            **kw,
+        )
+
+    ray, inprocess = run("ray", state_dir=tmp_path), run("inprocess")
+    assert ray.arrays["w"].tobytes() == inprocess.arrays["w"].tobytes()
+    assert ray.state["c/w"].tobytes() == inprocess.state["c/w"].tobytes()
+    assert any(p.name.endswith(".state") for p in tmp_path.iterdir())

@@ -534,6 +534,8 @@ NAMES = [
     "fedyogi",
     "fedadagrad",
     "qfedavg",
+    "fednova",
+    "scaffold",
     "krum",
     "multikrum",
     "bulyan",

@@ -24,10 +24,9 @@ What the app receives (the facts are those of Flower 1.42's ``FedAvg`` family):
 * **context**: ``node_config`` ``{"partition-id": client id, "num-partitions": N}`` (as
   Flower's simulation numbers its nodes: 0..N-1), or a fixed ``node_config`` (a site);
   ``run_config`` (a fresh copy per call); ``state``: this client's ``RecordDict``, kept
-  across rounds in a :class:`~fedlearn.apps.flower_records.ClientStates` store. By default
-  that is a temporary directory made when this object is built, so every worker of the
-  process pool forked from it sees the same states (build the app once and pass
-  ``lambda: app``); a site daemon passes :class:`~fedlearn.apps.flower_records.MemoryStates`.
+  across rounds as the client's own fedlearn state (``ctx.state``,
+  :mod:`fedlearn.engine.client_state`): wherever the runtime keeps it (the pool's shared
+  directory, a ``fedlearn simulate`` run's directory, a site's ``client.state_dir``).
 
 What fedlearn takes from the reply:
 
@@ -58,23 +57,21 @@ from __future__ import annotations
 
 import copy
 import numbers
-import shutil
-import tempfile
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import numpy as np
 
 from fedlearn.apps.flower_records import (
-    ClientStates,
-    DirectoryStates,
     from_array_record,
+    recorddict_from_state,
+    recorddict_to_state,
     to_array_record,
 )
 from fedlearn.config.extras import require_extra
 from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.client_state import ClientState
 from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
 from fedlearn.errors import ConfigError, UpdateRejected
 
@@ -116,9 +113,6 @@ class MessageClientApp:
         The ServerApp's fixed ConfigRecords (``strategy.start(train_config=...)``).
     initial_arrays
         The initial global model (the ServerApp's ``initial_arrays``), by name.
-    states
-        Where each client's ``context.state`` lives between tasks (default: a temporary
-        directory, removed when this object is collected in the process that made it).
     weighted_by_key, arrayrecord_key, configrecord_key
         Flower's ``FedAvg`` settings of the same names.
     loss_key
@@ -135,7 +129,6 @@ class MessageClientApp:
         train_config: Mapping[str, Any] | None = None,
         evaluate_config: Mapping[str, Any] | None = None,
         initial_arrays: Arrays | None = None,
-        states: ClientStates | None = None,
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
@@ -165,11 +158,6 @@ class MessageClientApp:
         self.train_config = dict(train_config or {})
         self.evaluate_config = dict(evaluate_config or {})
         self._initial = initial_arrays
-        if states is None:
-            directory = tempfile.mkdtemp(prefix="fedlearn-flower-state-")
-            weakref.finalize(self, _remove_dir, directory, _pid())
-            states = DirectoryStates(directory)
-        self.states = states
         self.weighted_by_key = weighted_by_key
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
@@ -224,8 +212,9 @@ class MessageClientApp:
 
     # ------------------------------------------------------------------ Flower side
 
-    def context(self, client_id: int) -> Any:
-        """The ``Context`` client ``client_id`` runs in now (its state loaded)."""
+    def context(self, client_id: int, state: ClientState | None = None) -> Any:
+        """The ``Context`` client ``client_id`` runs in now, with ``state`` (its fedlearn
+        state; none: empty) as ``context.state``."""
         from flwr.app import Context
 
         node_config: dict[str, Scalar]
@@ -238,7 +227,7 @@ class MessageClientApp:
             run_id=self.run_id,
             node_id=client_id,
             node_config=node_config,
-            state=self.states.load(client_id),
+            state=recorddict_from_state(ClientState() if state is None else state),
             run_config=dict(self.run_config),
         )
 
@@ -295,11 +284,11 @@ class MessageClientApp:
         # A delivered message: content plus the metadata a SuperNode would receive with it.
         delivered: Any = Message
         message = delivered(content=content, metadata=metadata)
-        context = self.context(ctx.client_id)
-        had_state = len(context.state) > 0
+        context = self.context(ctx.client_id, ctx.state)
         reply = self.app(message, context)
-        if had_state or len(context.state) > 0:  # an app that keeps none costs no I/O
-            self.states.save(ctx.client_id, context.state)
+        # kept as the client's state (a store writes nothing for a client that keeps none)
+        kept = recorddict_to_state(context.state)
+        ctx.state.arrays, ctx.state.values = kept.arrays, kept.values
         if not isinstance(reply, Message):
             raise UpdateRejected(
                 f"the Flower app's {message_type} function returned "
@@ -449,15 +438,3 @@ def _type_name(value: Any) -> str:
         inner = {type(v).__name__ for v in value}
         return f"list[{'|'.join(sorted(inner)) or 'empty'}]"
     return type(value).__name__
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
-
-
-def _remove_dir(directory: str, owner: int) -> None:
-    """Remove the state directory, only in the process that made it (not in forks)."""
-    if _pid() == owner:
-        shutil.rmtree(directory, ignore_errors=True)

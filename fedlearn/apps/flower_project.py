@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fedlearn.apps.flower_message import MessageClientApp, load_flower
-from fedlearn.apps.flower_records import ClientStates, from_array_record
+from fedlearn.apps.flower_records import from_array_record
 from fedlearn.engine.records import Arrays, Scalar
 from fedlearn.errors import ConfigError
 
@@ -491,7 +491,6 @@ def make_client_app(
     *,
     num_partitions: int | None = None,
     node_config: Mapping[str, Scalar] | None = None,
-    states: ClientStates | None = None,
 ) -> MessageClientApp:
     """The project's ClientApp as a fedlearn ClientApp, set up as ``plan`` says."""
     app = load_component(project, project.clientapp)
@@ -510,6 +509,5 @@ def make_client_app(
         run_config=run_config,
         num_partitions=num_partitions,
         node_config=node_config,
-        states=states,
         **keys,
     )

@@ -1,23 +1,15 @@
-"""Flower records as bytes without pickle, and a Flower client's ``context.state`` store.
+"""Flower records as bytes without pickle, and a Flower client's ``context.state``.
 
 A Flower ``Context.state`` is a ``RecordDict`` a ClientApp keeps for itself across rounds.
-fedlearn keeps one per client id in a :class:`ClientStates` store:
-
-* :class:`MemoryStates` holds them in this process: the in-process backend and a site
-  daemon (one long-lived process per site).
-* :class:`DirectoryStates` holds them as files in a directory, one per client id
-  (``<client id>.state``): the worker pool, whose workers take any client's task, so a
-  client may train in one worker in round 1 and in another in round 2. Every worker
-  reads the client's state before calling the app and writes it back after; a client
-  has one task at a time and stages run one after another, so no two processes touch
-  the same file at once. An empty state writes nothing (and removes a stale file), so
-  apps that keep no state cost one failed ``open`` per task.
-
-The bytes are :func:`encode_recorddict`'s: a JSON header (record names, kinds, keys and
-the scalar values, with type tags so ``1`` and ``1.0``, ``True`` and ``1`` stay distinct,
-and ``bytes`` as base64) framed with one :func:`~fedlearn.engine.records.encode_arrays`
-payload holding every ``ArrayRecord``'s arrays as raw little-endian bytes. Decoding runs
-no code. Arrays must have a bool, integer or float dtype.
+fedlearn keeps it as the client's own state (``ctx.state``, a
+:class:`~fedlearn.engine.client_state.ClientState`), so it lives wherever the runtime keeps
+client states: in this process, in the directory the pool's workers and Ray's actors
+share, in a ``fedlearn simulate`` run's directory (a resumed run finds it), at a site in
+``client.state_dir``. :func:`recorddict_to_state` and :func:`recorddict_from_state`
+convert: the state's values hold a JSON header (record names, kinds, keys and the scalar
+values, with type tags so ``1`` and ``1.0``, ``True`` and ``1`` stay distinct, and
+``bytes`` as base64) and its arrays every ``ArrayRecord``'s arrays, raw. Decoding runs no
+code. Arrays must have a bool, integer or float dtype.
 
 flwr is imported when a function here first needs it (``pip install 'fedlearn[flower]'``).
 """
@@ -25,34 +17,26 @@ flwr is imported when a function here first needs it (``pip install 'fedlearn[fl
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from fedlearn.engine.messages import frame, unframe
-from fedlearn.engine.records import (
-    Arrays,
-    decode_arrays,
-    decode_json,
-    encode_arrays,
-    encode_json,
-)
+from fedlearn.engine.client_state import ClientState
+from fedlearn.engine.records import Arrays
 from fedlearn.errors import SerializationError
 
 __all__ = [
-    "ClientStates",
-    "DirectoryStates",
-    "MemoryStates",
     "array_to_numpy",
     "decode_recorddict",
     "encode_recorddict",
     "from_array_record",
+    "recorddict_from_state",
+    "recorddict_to_state",
     "to_array_record",
 ]
+
+_STATE_KEY = "flower.recorddict"
+"""The ClientState value holding a RecordDict's header."""
 
 _TAGS: dict[type, str] = {bool: "b", int: "i", float: "f", str: "s", bytes: "y"}
 
@@ -145,8 +129,20 @@ def array_to_numpy(array: Any) -> np.ndarray:
 
 def encode_recorddict(records: Any) -> bytes:
     """A Flower ``RecordDict`` (Array, Metric and Config records) as bytes, no pickle."""
+    return recorddict_to_state(records).encode()
+
+
+def decode_recorddict(data: bytes | memoryview) -> Any:
+    """Bytes made by :func:`encode_recorddict` back to a ``RecordDict`` (writable arrays)."""
+    return recorddict_from_state(ClientState.decode(data))
+
+
+def recorddict_to_state(records: Any) -> ClientState:
+    """A Flower ``RecordDict`` as a client state (an empty one for an empty dict)."""
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
+    if len(records) == 0:
+        return ClientState()
     header: list[list[Any]] = []
     arrays: Arrays = {}
     for index, (name, record) in enumerate(records.items()):
@@ -161,18 +157,17 @@ def encode_recorddict(records: Any) -> bytes:
             header.append([name, kind, items])
         else:
             raise SerializationError(f"record {name!r} of type {type(record).__name__}")
-    return frame([encode_json(header), encode_arrays(arrays)])
+    return ClientState(arrays, {_STATE_KEY: header})
 
 
-def decode_recorddict(data: bytes | memoryview) -> Any:
-    """Bytes made by :func:`encode_recorddict` back to a ``RecordDict`` (writable arrays)."""
+def recorddict_from_state(state: ClientState) -> Any:
+    """A client state made by :func:`recorddict_to_state` back to a ``RecordDict``."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    parts = list(unframe(data))
-    if len(parts) != 2:
-        raise SerializationError("a record dict has two frames")
-    header = decode_json(parts[0])
-    arrays = decode_arrays(parts[1])
+    if not state:
+        return RecordDict()
+    header = state.values.get(_STATE_KEY)
+    arrays = state.arrays
     if not isinstance(header, list):
         raise SerializationError("a record dict header must be a list")
     out = RecordDict()
@@ -212,74 +207,3 @@ def _untagged(tag: str, value: Any) -> Any:
     if type(value) is not kind and not (kind is float and type(value) is int):
         raise SerializationError(f"value {value!r} is not {kind.__name__}")
     return kind(value)
-
-
-class ClientStates(Protocol):
-    """Where each client's ``context.state`` lives between its tasks."""
-
-    def load(self, client_id: int) -> Any:
-        """The client's ``RecordDict`` (an empty one the first time)."""
-        ...
-
-    def save(self, client_id: int, state: Any) -> None:
-        """Keep ``state`` for the client's next task."""
-        ...
-
-
-class MemoryStates:
-    """States held in this process, by client id."""
-
-    def __init__(self) -> None:
-        self._states: dict[int, Any] = {}
-
-    def load(self, client_id: int) -> Any:
-        """The client's state object itself (the app's own, kept as it left it)."""
-        state = self._states.get(client_id)
-        if state is None:
-            from flwr.app import RecordDict
-
-            state = self._states[client_id] = RecordDict()
-        return state
-
-    def save(self, client_id: int, state: Any) -> None:
-        """Hold ``state`` (the app may have replaced ``context.state`` altogether)."""
-        self._states[client_id] = state
-
-
-class DirectoryStates:
-    """States as files ``<client id>.state`` in ``directory`` (made if missing), shared
-    by every process that opens the same directory."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, client_id: int) -> Path:
-        return self.directory / f"{int(client_id)}.state"
-
-    def load(self, client_id: int) -> Any:
-        """The client's last saved state, decoded; an empty one if it has none."""
-        try:
-            data = self._path(client_id).read_bytes()
-        except FileNotFoundError:
-            from flwr.app import RecordDict
-
-            return RecordDict()
-        return decode_recorddict(data)
-
-    def save(self, client_id: int, state: Any) -> None:
-        """Write ``state`` atomically (an empty state removes the file)."""
-        path = self._path(client_id)
-        if len(state) == 0:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(encode_recorddict(state))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise

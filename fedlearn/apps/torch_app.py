@@ -10,7 +10,11 @@ data, for federated-vs-centralized comparisons.
 Config keys a strategy may send with a training task (each overrides the constructor
 value for that task): ``epochs``, ``batch_size``, ``lr``, ``momentum``,
 ``weight_decay`` and ``proximal_mu`` (FedProx: adds ``mu/2 * ||w - w_global||^2`` to
-the loss when positive). With ``dp.mode = "example"`` (and ``dp.clip``,
+the loss when positive). With ``fednova = True`` (FedNova) a reply also reports the
+number of local steps (``fednova.steps``) and the optimizer's ``fednova.a``. A training
+broadcast that carries SCAFFOLD control variates (``scaffold.c/<name>``) makes every
+local step use the gradient corrected by ``c - c_i``, with ``c_i`` kept in the client's
+own state (:mod:`fedlearn.strategy.scaffold`). With ``dp.mode = "example"`` (and ``dp.clip``,
 ``dp.noise_multiplier``, ``dp.noise``, ``dp.delta``) training is example-level DP-SGD
 through Opacus instead (:mod:`fedlearn.privacy.dpsgd`, the ``privacy`` extra).
 """
@@ -34,6 +38,7 @@ from fedlearn.engine.records import Arrays, Config, Scalar
 from fedlearn.errors import ConfigError
 from fedlearn.privacy.keys import task_dp
 from fedlearn.registry.spec import ServingSpec, derive_spec
+from fedlearn.strategy import fednova, scaffold
 
 __all__ = [
     "ClientDataSource",
@@ -180,11 +185,17 @@ class _SGD:
     ``torch._dynamo``, which takes seconds in every fresh worker.
     """
 
-    def __init__(self, params: list[nn.Parameter], settings: TrainSettings) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        settings: TrainSettings,
+        correction: list[torch.Tensor | None] | None = None,
+    ) -> None:
         self.params = params
         self.lr = float(settings.lr)
         self.momentum = float(settings.momentum)
         self.weight_decay = float(settings.weight_decay)
+        self.correction = correction or [None] * len(params)
         self._velocity: list[torch.Tensor | None] = [None] * len(params)
 
     def zero_grad(self) -> None:
@@ -193,7 +204,8 @@ class _SGD:
             p.grad = None
 
     def step(self) -> None:
-        """``g = grad + wd * w``; ``v = momentum * v + g`` (``v = g`` at first); ``w -= lr * v``."""
+        """``g = grad + wd * w (+ correction)``; ``v = momentum * v + g`` (``v = g`` at
+        first); ``w -= lr * v``. The correction is SCAFFOLD's ``c - c_i``."""
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 grad = p.grad
@@ -201,6 +213,9 @@ class _SGD:
                     continue
                 if self.weight_decay:
                     grad = grad.add(p, alpha=self.weight_decay)
+                correction = self.correction[i]
+                if correction is not None:
+                    grad = grad.add(correction)
                 if self.momentum:
                     velocity = self._velocity[i]
                     if velocity is None:
@@ -217,12 +232,14 @@ def fit(
     y: torch.Tensor,
     settings: TrainSettings,
     generator: torch.Generator,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """Train ``model`` in place with minibatch SGD on cross entropy.
 
     Every epoch visits the samples in a fresh order drawn from ``generator``. When
     ``settings.proximal_mu > 0`` the loss gets ``mu/2 * ||w - w_0||^2``, with ``w_0``
-    the parameters ``model`` held on entry (FedProx).
+    the parameters ``model`` held on entry (FedProx). ``correction`` (by parameter name)
+    is added to each parameter's gradient at every step (SCAFFOLD's ``c - c_i``).
 
     Returns the mean cross entropy and the accuracy over the last epoch (measured on
     each minibatch as it was trained, without the proximal term).
@@ -230,10 +247,12 @@ def fit(
     n = int(y.shape[0])
     if n == 0:
         raise ValueError("cannot train on an empty training split")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     mu = float(settings.proximal_mu)
     anchor = [p.detach().clone() for p in params] if mu > 0 else []
-    optimizer = _SGD(params, settings)
+    shifts = None if correction is None else [correction.get(name) for name, _ in named]
+    optimizer = _SGD(params, settings, shifts)
     model.train()
     loss_sum = 0.0
     correct = 0
@@ -371,20 +390,36 @@ class TorchClientApp:
         if data.y_train.shape[0] == 0:
             raise ValueError(f"client {ctx.client_id} has no training samples")
         model = self._placed_model()
-        arrays_to_model(model, arrays)
+        start, c = scaffold.split_controls(arrays)
+        arrays_to_model(model, start)
+        n = int(data.y_train.shape[0])
         dp = task_dp(config)
         if dp is not None and dp.mode == "example":
+            if c:
+                raise ValueError("SCAFFOLD with example-level DP-SGD is not supported")
             from fedlearn.privacy.dpsgd import fit_private
 
-            metrics = fit_private(model, data.x_train, data.y_train, settings, dp, ctx.seed)
-            return TrainResult(model_to_arrays(model), int(data.y_train.shape[0]), metrics)
+            private = fit_private(model, data.x_train, data.y_train, settings, dp, ctx.seed)
+            return TrainResult(model_to_arrays(model), n, private)
+        c_i = scaffold.client_controls(ctx.state, c) if c else {}
+        correction = {
+            name: torch.from_numpy(np.asarray(c[name] - c_i[name])).to(self.device) for name in c
+        }
         generator = torch.Generator().manual_seed(ctx.seed)
-        loss, accuracy = fit(model, data.x_train, data.y_train, settings, generator)
-        return TrainResult(
-            model_to_arrays(model),
-            int(data.y_train.shape[0]),
-            {"train_loss": loss, "train_accuracy": accuracy},
+        loss, accuracy = fit(
+            model, data.x_train, data.y_train, settings, generator, correction or None
         )
+        steps = settings.epochs * math.ceil(n / settings.batch_size)
+        trained = model_to_arrays(model)
+        if c:
+            trained = scaffold.client_reply(
+                ctx.state, c, c_i, start, trained, steps, float(settings.lr)
+            )
+        metrics: dict[str, Scalar] = {"train_loss": loss, "train_accuracy": accuracy}
+        if config.get(fednova.REPORT_KEY) is True:
+            metrics[fednova.STEPS_KEY] = steps
+            metrics[fednova.NORM_KEY] = fednova.momentum_norm(steps, settings.momentum)
+        return TrainResult(trained, n, metrics)
 
     def evaluate(self, arrays: Arrays, config: Config, ctx: ClientContext) -> EvaluateResult:
         """Mean cross entropy and accuracy of ``arrays`` on the client's test split."""

@@ -203,9 +203,11 @@ class SiteAppSection(_Section):
     For a Flower app, ``node_config`` is the node's ``context.node_config`` (what
     ``flower-supernode --node-config`` gives, e.g. ``{"partition-id" = 0,
     "num-partitions" = 2}``), ``run_config`` overrides the project's
-    ``[tool.flwr.app.config]``, and ``state_dir`` keeps ``context.state`` on disk across
-    daemon restarts (default: in the daemon's memory). The app loads its own data, so
-    ``[data]`` is not needed.
+    ``[tool.flwr.app.config]``. The app loads its own data, so ``[data]`` is not needed.
+
+    ``state_dir`` keeps the app's own state on the site's disk across daemon restarts
+    (default: in the daemon's memory): ``ctx.state`` of any ClientApp (SCAFFOLD's control
+    variate, files ``client-<id>.state``) and a Flower app's ``context.state``.
     """
 
     app: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

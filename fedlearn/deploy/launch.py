@@ -13,6 +13,7 @@ from fedlearn.config.deployment import SiteConfig, SiteDataSection
 from fedlearn.data import ClientData, load_dataset, partition_dataset
 from fedlearn.deploy.site import Backoff, SiteClient
 from fedlearn.engine.client_app import ClientApp, build_app
+from fedlearn.engine.client_state import open_state_store
 from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError, DataError
 from fedlearn.privacy.local import LocalDPFloor
@@ -70,7 +71,8 @@ def site_data(section: SiteDataSection) -> Any:
 def site_app(config: SiteConfig) -> ClientApp:
     """The site's ClientApp: ``client.app`` over its data, or the Flower app project of
     ``client.flower_app`` (its ServerApp's fixed train/evaluate configs filled in under
-    what the coordinator sends; ``context.state`` in memory or in ``client.state_dir``)."""
+    what the coordinator sends; its ``context.state`` is the site's client state, in memory
+    or in ``client.state_dir``)."""
     section = config.client
     if section.flower_app is not None:
         from fedlearn.apps.flower_project import (
@@ -79,15 +81,11 @@ def site_app(config: SiteConfig) -> ClientApp:
             plan_server,
             read_project,
         )
-        from fedlearn.apps.flower_records import DirectoryStates, MemoryStates
 
         project = read_project(section.flower_app)
         run_config = fuse_run_config(project.config, section.run_config)
         plan = plan_server(project, run_config, None)
-        states = MemoryStates() if section.state_dir is None else DirectoryStates(section.state_dir)
-        return make_client_app(
-            project, run_config, plan, node_config=section.node_config, states=states
-        )
+        return make_client_app(project, run_config, plan, node_config=section.node_config)
     assert section.app is not None and config.data is not None  # the config validates this
     factory = resolve(section.app, "client.app")
     return build_app(factory, site_data(config.data), dict(section.params))
@@ -131,6 +129,7 @@ def build_site(config: SiteConfig) -> SiteClient:
         client_cert_files=client_cert,
         server_id=conn.server_id,
         local_dp_floor=site_dp_floor(config),
+        states=open_state_store(config.client.state_dir),
     )
 
 

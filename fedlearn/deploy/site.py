@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedlearn.deploy.probe import peer_certificate_sha256, speaks_tls
 from fedlearn.engine.client_app import ClientApp
+from fedlearn.engine.client_state import ClientStateStore
 from fedlearn.engine.records import decode_arrays, encode_arrays_parts
 from fedlearn.engine.runtime import ClientRuntime
 from fedlearn.errors import AuthError, ConfigError, SerializationError
@@ -100,6 +101,7 @@ class SiteClient:
         client_cert_files: tuple[str, str] | None = None,
         server_id: str | None = None,
         local_dp_floor: LocalDPFloor | None = None,
+        states: ClientStateStore | None = None,
     ) -> None:
         self.address = address
         self.client_cert_files = client_cert_files
@@ -111,9 +113,10 @@ class SiteClient:
         """The coordinator's expected server_id (None: whatever it says)."""
         self.server_cert_sha256: bytes | None = None
         """The certificate the coordinator presented to this connection's probe."""
-        self.runtime = ClientRuntime(app, local_dp_floor=local_dp_floor)
+        self.runtime = ClientRuntime(app, local_dp_floor=local_dp_floor, states=states)
         """Runs each task; with ``local_dp_floor`` (``[privacy]`` of site.toml) every update
-        is clipped and noised here at least that much, whatever the coordinator asks."""
+        is clipped and noised here at least that much, whatever the coordinator asks. The
+        app's own state (``ctx.state``) lives in ``states`` (default: this process)."""
         self.key = key
         self.site_name = site_name
         self.root_certificates = root_certificates

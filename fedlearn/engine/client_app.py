@@ -7,29 +7,47 @@ touches sockets or the coordinator's state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from fedlearn.engine.client_state import ClientState
 from fedlearn.engine.records import Arrays, Config, Metrics
 from fedlearn.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class ClientContext:
-    """Where a task runs: which client, which round, and the task's seed."""
+    """Where a task runs: which client, which round, the task's seed, and the client's
+    own state."""
 
     client_id: int
     round: int
     seed: int
     run_id: str = ""
+    load_state: Callable[[], ClientState] | None = field(default=None, repr=False, compare=False)
+    """How :attr:`state` is loaded (the runtime sets it; None: a fresh empty state)."""
 
     @cached_property
     def rng(self) -> np.random.Generator:
         """A numpy generator seeded for this (run, round, client, stage)."""
         return np.random.default_rng(self.seed)
+
+    @cached_property
+    def state(self) -> ClientState:
+        """This client's own state, as its last successful task left it (loaded on first
+        use; see :mod:`fedlearn.engine.client_state`). Change it in place in ``train`` or
+        ``evaluate``: the runtime saves it when the task succeeds (a failed task's
+        changes are dropped)."""
+        return ClientState() if self.load_state is None else self.load_state()
+
+    @property
+    def state_used(self) -> bool:
+        """Whether the app has read or changed :attr:`state` in this task."""
+        return "state" in self.__dict__
 
 
 @dataclass(frozen=True)

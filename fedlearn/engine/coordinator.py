@@ -165,7 +165,14 @@ class Coordinator:
     ) -> tuple[Arrays, Arrays, RoundRecord, list[ClientRecord]]:
         """One round: train, apply if quorum holds, then evaluate the resulting model."""
         t0 = time.perf_counter()
-        ctx = RoundContext(rnd, self.rounds, np.random.default_rng([self.seed, rnd]), state)
+        ctx = RoundContext(
+            rnd,
+            self.rounds,
+            np.random.default_rng([self.seed, rnd]),
+            state,
+            num_clients=len(self.client_ids),
+            seed=self.seed,
+        )
         records: list[ClientRecord] = []
         clients = self._clients()
         selected = self.strategy.select_train(ctx, clients)
@@ -231,16 +238,21 @@ class Coordinator:
         records: list[ClientRecord],
     ) -> tuple[Fold, list[ClientUpdate]]:
         """Plain training stage: validate each update and fold it in as it arrives."""
-        tasks = [self._task(Stage.TRAIN, ctx.round, cid, config) for cid in selected]
-        fold = self.strategy.start_fold(ctx, arrays)
+        strategy = self.strategy
+        tasks = [
+            self._task(Stage.TRAIN, ctx.round, cid, strategy.client_train_config(ctx, cid, config))
+            for cid in selected
+        ]
+        broadcast = strategy.train_arrays(ctx, arrays)
+        fold = strategy.start_fold(ctx, arrays)
         accepted: list[ClientUpdate] = []
-        for reply in self._stage(arrays, tasks):
+        for reply in self._stage(broadcast, tasks):
             try:
                 if not reply.ok:
                     raise UpdateRejected(
                         str(reply.error), client_id=reply.client_id, round=ctx.round
                     )
-                update = check_update(reply, arrays)
+                update = check_update(reply, broadcast)
                 fold.add(update)
             except UpdateRejected as exc:
                 self._note(records, _failed(Stage.TRAIN, reply, exc))

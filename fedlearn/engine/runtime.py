@@ -7,6 +7,7 @@ same in-process, in a worker pool and in a site daemon.
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedlearn.engine.client_app import ClientApp, ClientContext, EvaluateResult, TrainResult
+from fedlearn.engine.client_state import ClientStateStore, MemoryStateStore
 from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, check_scalars
 from fedlearn.engine.threads import single_thread
@@ -27,28 +29,44 @@ class ClientRuntime:
     Training goes through :class:`~fedlearn.privacy.local.PrivateTraining`: an update
     is clipped and noised here, before its reply exists, when the task asks for local DP
     (``dp.mode = "local"``) or ``local_dp_floor`` (a site's own ``[privacy]``) demands it.
+
+    Each client's ``ctx.state`` comes from ``states`` (default: in this process) and goes
+    back there, as its version of the task's round, after a training or evaluation task
+    that succeeded and touched it.
     """
 
     def __init__(
-        self, app: ClientApp, run_id: str = "", local_dp_floor: LocalDPFloor | None = None
+        self,
+        app: ClientApp,
+        run_id: str = "",
+        local_dp_floor: LocalDPFloor | None = None,
+        states: ClientStateStore | None = None,
     ) -> None:
         self.app = app
         self.run_id = run_id
         self.local_dp_floor = local_dp_floor
+        self.states: ClientStateStore = MemoryStateStore() if states is None else states
         self._training = PrivateTraining(app, local_dp_floor)
         self._secure: Any = None
 
     def handle(self, task: Task, arrays: Arrays) -> Reply:
         """Run ``task`` on ``arrays``; any exception becomes a failed Reply."""
-        ctx = ClientContext(task.client_id, task.round, task.seed, self.run_id)
+        trains = task.stage in (Stage.TRAIN, Stage.SECAGG_SETUP)
+        before = task.round if trains else task.round + 1
+        load = functools.partial(self.states.load, task.client_id, before)
+        ctx = ClientContext(task.client_id, task.round, task.seed, self.run_id, load)
         _seed_frameworks(task.seed)
         try:
             with single_thread():
                 if task.stage.secure:
-                    return self._secure_reply(task, arrays, ctx)
-                if task.stage is Stage.TRAIN:
-                    return _train_reply(task, self._training.train(arrays, task.config, ctx))
-                return _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
+                    reply = self._secure_reply(task, arrays, ctx)
+                elif task.stage is Stage.TRAIN:
+                    reply = _train_reply(task, self._training.train(arrays, task.config, ctx))
+                else:
+                    reply = _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
+                if ctx.state_used and (trains or task.stage is Stage.EVALUATE):
+                    self.states.save(task.client_id, task.round, ctx.state)
+                return reply
         except Exception as exc:  # user code may raise anything: it becomes this client's failure
             return Reply(task.stage, task.round, task.client_id, error=describe(exc))
 

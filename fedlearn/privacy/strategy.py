@@ -70,6 +70,14 @@ class PrivacyWrapper(Strategy):
         """As ``inner``."""
         return self.inner.evaluate_config(ctx)
 
+    def client_train_config(self, ctx: RoundContext, client_id: int, config: Config) -> Config:
+        """As ``inner``."""
+        return self.inner.client_train_config(ctx, client_id, config)
+
+    def train_arrays(self, ctx: RoundContext, global_arrays: Arrays) -> Arrays:
+        """As ``inner``."""
+        return self.inner.train_arrays(ctx, global_arrays)
+
     def init_state(self, global_arrays: Arrays) -> Arrays:
         """As ``inner``."""
         return self.inner.init_state(global_arrays)

@@ -47,6 +47,10 @@ class JobResult:
         return self.outcome.published
 
 
+CLIENT_STATE_DIR = "client-state"
+"""Where a run keeps its clients' own states (``ctx.state``), inside its directory."""
+
+
 def run_dir(config: SimulationConfig) -> Path:
     """Where a run writes its outputs: ``run.out_dir``, else ``runs/<run.name>``."""
     return Path(config.run.out_dir or Path("runs") / config.run.name)
@@ -167,6 +171,7 @@ def run_job(
                 address=backend.address,
                 num_cpus=backend.num_cpus,
                 num_gpus=backend.num_gpus,
+                state_dir=directory / CLIENT_STATE_DIR,
             ),
             evaluate_every=config.run.evaluate_every,
             sink=lifecycle,

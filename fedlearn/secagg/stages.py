@@ -115,7 +115,13 @@ class SecureAggregation:
 
     def check(self, strategy: Strategy, clients_per_round: int) -> None:
         """ConfigError unless ``strategy`` aggregates by a plain weighted mean."""
-        plain_fold = type(strategy).start_fold is Strategy.start_fold
+        base = strategy
+        while isinstance(getattr(base, "inner", None), Strategy):  # a privacy wrapper
+            base = base.inner  # type: ignore[attr-defined]
+        plain_fold = type(strategy).start_fold is Strategy.start_fold and all(
+            getattr(type(base), hook) is getattr(Strategy, hook)
+            for hook in ("train_arrays", "client_train_config")
+        )
         if not strategy.linear or not plain_fold:
             raise ConfigError(
                 f"secure aggregation needs a linear weighted-mean strategy (FedAvg, FedProx, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays
@@ -27,18 +28,27 @@ def make_transport(
     address: str | None = None,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    state_dir: str | Path | None = None,
 ) -> Transport:
     """A simulation transport by name. ``workers`` counts pool processes or Ray actors;
-    ``address``, ``num_cpus`` and ``num_gpus`` are for Ray (see :class:`RayTransport`)."""
+    ``address``, ``num_cpus`` and ``num_gpus`` are for Ray (see :class:`RayTransport`).
+    ``state_dir`` keeps the clients' own states (``ctx.state``) on disk (default: in
+    memory in-process, a temporary directory for the pool and Ray)."""
     if backend == "inprocess":
-        return InProcessTransport(app_factory, run_id)
+        return InProcessTransport(app_factory, run_id, state_dir)
     if backend == "pool":
-        return PoolTransport(app_factory, workers, run_id)
+        return PoolTransport(app_factory, workers, run_id, state_dir=state_dir)
     if backend == "ray":
         from fedlearn.simulation.ray_transport import RayTransport
 
         return RayTransport(
-            app_factory, workers, run_id, address=address, num_cpus=num_cpus, num_gpus=num_gpus
+            app_factory,
+            workers,
+            run_id,
+            address=address,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            state_dir=state_dir,
         )
     raise ConfigError(f"unknown backend {backend!r}; expected 'inprocess', 'pool' or 'ray'")
 
@@ -61,6 +71,7 @@ def run_simulation(
     run_id: str = "",
     secure: SecureAggregation | None = None,
     stop_before: Callable[[int], str | None] | None = None,
+    state_dir: str | Path | None = None,
 ) -> RunResult:
     """Simulate ``rounds`` rounds of federated training over ``num_clients`` clients.
 
@@ -69,7 +80,9 @@ def run_simulation(
     With the same ``seed`` the result is bit-identical, whichever backend runs it.
     ``initial_state`` and ``start_round`` continue a run from a checkpoint. With
     ``secure``, training rounds use secure aggregation (SecAgg+). ``stop_before`` is asked
-    before each round and may end the run there (see :class:`Coordinator`).
+    before each round and may end the run there (see :class:`Coordinator`). ``state_dir``
+    keeps the clients' own states (``ctx.state``, e.g. SCAFFOLD's control variates) on
+    disk, for a run that continues later (with ``start_round``) in another process.
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -81,7 +94,7 @@ def run_simulation(
             )
         initial_arrays = app.initial_arrays(seed)
     transport = (
-        make_transport(backend, app_factory, workers, run_id)
+        make_transport(backend, app_factory, workers, run_id, state_dir=state_dir)
         if isinstance(backend, str)
         else backend
     )

@@ -11,13 +11,17 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from fedlearn.engine.client_app import ClientApp
+from fedlearn.engine.client_state import DirectoryStateStore
 from fedlearn.engine.messages import (
     Reply,
     Task,
@@ -42,6 +46,7 @@ def _serve(
     conn: Connection,
     factory: Callable[[], ClientApp],
     run_id: str,
+    states: DirectoryStateStore,
     inherited: list[Connection],
 ) -> None:
     """Worker main loop. It first closes the parent's ends of every pipe it inherited
@@ -56,7 +61,7 @@ def _serve(
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
-    runtime = ClientRuntime(factory(), run_id)
+    runtime = ClientRuntime(factory(), run_id, states=states)
     broadcast: Arrays = {}
     while True:
         try:
@@ -83,12 +88,13 @@ class _Worker:
         ctx: Any,
         factory: Callable[[], ClientApp],
         run_id: str,
+        states: DirectoryStateStore,
         siblings: list[_Worker],
     ) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
         inherited = [self.conn, *(w.conn for w in siblings)]
         self.process = ctx.Process(
-            target=_serve, args=(child, factory, run_id, inherited), daemon=True
+            target=_serve, args=(child, factory, run_id, states, inherited), daemon=True
         )
         self.process.start()
         child.close()
@@ -96,7 +102,12 @@ class _Worker:
 
 
 class PoolTransport:
-    """Runs tasks on ``workers`` forked processes (default: one per core)."""
+    """Runs tasks on ``workers`` forked processes (default: one per core).
+
+    Clients' own states (``ctx.state``) live in files under ``state_dir``, which every
+    worker shares (a client may train in a different worker each round); without one, in
+    a temporary directory removed on :meth:`close`.
+    """
 
     def __init__(
         self,
@@ -104,6 +115,7 @@ class PoolTransport:
         workers: int | None = None,
         run_id: str = "",
         chunk_size: int | None = None,
+        state_dir: str | Path | None = None,
     ) -> None:
         if "fork" not in mp.get_all_start_methods():
             raise ConfigError("the pool backend needs the 'fork' start method (Linux, macOS)")
@@ -116,10 +128,17 @@ class PoolTransport:
         self._ctx = mp.get_context("fork")
         self._workers: list[_Worker] = []
         self._payload = b""
+        self._own_state_dir = state_dir is None
+        if state_dir is None:
+            state_dir = tempfile.mkdtemp(prefix="fedlearn-client-state-")
+        self.states = DirectoryStateStore(state_dir)
 
     def _start(self) -> None:
+        self.states.directory.mkdir(parents=True, exist_ok=True)
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx, self._factory, self._run_id, self._workers))
+            self._workers.append(
+                _Worker(self._ctx, self._factory, self._run_id, self.states, self._workers)
+            )
 
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
         """Send the broadcast to every worker, then stream chunks; yield replies as they come.
@@ -200,7 +219,7 @@ class PoolTransport:
         w.pending.clear()
         w.conn.close()
         others = [o for j, o in enumerate(self._workers) if j != i]
-        fresh = _Worker(self._ctx, self._factory, self._run_id, others)
+        fresh = _Worker(self._ctx, self._factory, self._run_id, self.states, others)
         with contextlib.suppress(OSError):
             fresh.conn.send_bytes(self._payload)
         self._workers[i] = fresh
@@ -220,3 +239,5 @@ class PoolTransport:
                 w.process.kill()
             w.conn.close()
         self._workers.clear()
+        if self._own_state_dir:
+            shutil.rmtree(self.states.directory, ignore_errors=True)

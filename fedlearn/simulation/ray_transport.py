@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedlearn.engine.client_app import ClientApp
+from fedlearn.engine.client_state import DirectoryStateStore
 from fedlearn.engine.messages import (
     Reply,
     Task,
@@ -53,11 +57,11 @@ class ClientActor:
     it once per stage) and a chunk of encoded tasks; it returns the encoded replies.
     """
 
-    def __init__(self, factory: Callable[[], ClientApp], run_id: str) -> None:
+    def __init__(self, factory: Callable[[], ClientApp], run_id: str, state_dir: str) -> None:
         torch = sys.modules.get("torch")
         if torch is not None:
             torch.set_num_threads(1)
-        self._runtime = ClientRuntime(factory(), run_id)
+        self._runtime = ClientRuntime(factory(), run_id, states=DirectoryStateStore(state_dir))
         self._stage = -1
         self._broadcast: Arrays = {}
 
@@ -105,7 +109,11 @@ class _Plan:
 
 class RayTransport:
     """Runs tasks on Ray actors (default: as many as the cluster's CPUs allow at
-    ``num_cpus`` each, and its GPUs at ``num_gpus`` each)."""
+    ``num_cpus`` each, and its GPUs at ``num_gpus`` each).
+
+    Clients' own states (``ctx.state``) live in files under ``state_dir`` that every actor
+    opens (default: a temporary directory, removed on :meth:`close`): on a cluster of
+    several machines it must be a shared file system."""
 
     def __init__(
         self,
@@ -117,6 +125,7 @@ class RayTransport:
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         chunk_size: int | None = None,
+        state_dir: str | Path | None = None,
     ) -> None:
         if num_cpus <= 0 or num_gpus < 0:
             raise ConfigError(
@@ -137,6 +146,10 @@ class RayTransport:
         except BaseException:
             self.session.close()
             raise
+        self._own_state_dir = state_dir is None
+        if state_dir is None:
+            state_dir = tempfile.mkdtemp(prefix="fedlearn-client-state-")
+        self.state_dir = Path(state_dir).resolve()
         self._actors: list[Any] = []
         self._actor_class: Any = None
         self._factory_ref: Any = None
@@ -164,7 +177,8 @@ class RayTransport:
             self._actor_class = self.ray.remote(
                 num_cpus=self._num_cpus, num_gpus=self._num_gpus, max_restarts=0
             )(ClientActor)
-        return self._actor_class.remote(self._factory_ref, self._run_id)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return self._actor_class.remote(self._factory_ref, self._run_id, str(self.state_dir))
 
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
         """Put the broadcast in the object store once, stream chunks to the actors (up
@@ -223,6 +237,8 @@ class RayTransport:
         self._actors.clear()
         self._actor_class = self._factory_ref = None
         self.session.close()
+        if self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def _failed(chunk: list[Task], exc: BaseException) -> list[Reply]:

@@ -22,6 +22,7 @@ from fedlearn.strategy.base import (
     weighted_means,
 )
 from fedlearn.strategy.fedavg import FedAvg, FedProx, field_types, type_problem
+from fedlearn.strategy.fednova import FedNova, FedNovaFold
 from fedlearn.strategy.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from fedlearn.strategy.qfedavg import QFedAvg, QFedAvgFold
 from fedlearn.strategy.robust import (
@@ -32,6 +33,7 @@ from fedlearn.strategy.robust import (
     MultiKrum,
     RobustStrategy,
 )
+from fedlearn.strategy.scaffold import Scaffold, ScaffoldFold
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -41,6 +43,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "qfedavg": QFedAvg,
+    "fednova": FedNova,
+    "scaffold": Scaffold,
     "krum": Krum,
     "multikrum": MultiKrum,
     "bulyan": Bulyan,
@@ -109,6 +113,8 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedMedian",
+    "FedNova",
+    "FedNovaFold",
     "FedOpt",
     "FedProx",
     "FedTrimmedAvg",
@@ -120,6 +126,8 @@ __all__ = [
     "QFedAvgFold",
     "RobustStrategy",
     "RoundContext",
+    "Scaffold",
+    "ScaffoldFold",
     "Strategy",
     "WeightedMeanFold",
     "build_strategy",

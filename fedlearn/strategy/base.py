@@ -35,6 +35,10 @@ class RoundContext:
     state: Arrays = field(default_factory=dict, compare=False, repr=False)
     """The strategy state at the start of the round (as :meth:`Strategy.init_state` or the
     last :meth:`Strategy.server_update` left it): read it, never change it."""
+    num_clients: int = 0
+    """How many clients the run has (SCAFFOLD scales its control variate by it)."""
+    seed: int = 0
+    """The run's seed: per-client draws derive from it (:meth:`Strategy.client_train_config`)."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,21 @@ class Strategy:
     def evaluate_config(self, ctx: RoundContext) -> Config:
         """Config sent with every evaluation task this round."""
         return {}
+
+    def client_train_config(self, ctx: RoundContext, client_id: int, config: Config) -> Config:
+        """The config of one client's training task: ``config`` (this round's
+        :meth:`train_config`) plus anything for this client alone, such as its own number
+        of local epochs (FedNova's heterogeneous clients). Default: ``config`` unchanged.
+        Called once per selected client, in client order; a draw must come from a
+        generator seeded by ``(ctx.seed, ctx.round, client_id)``, never ``ctx.rng``."""
+        return config
+
+    def train_arrays(self, ctx: RoundContext, global_arrays: Arrays) -> Arrays:
+        """What the training stage broadcasts: the global model (default), plus any server
+        state every client needs (SCAFFOLD's control variate). A training reply must carry
+        arrays of exactly these names, shapes and dtypes; the evaluation stage broadcasts
+        the global model alone."""
+        return global_arrays
 
     def init_state(self, global_arrays: Arrays) -> Arrays:
         """Server-side state carried between rounds (empty unless the strategy has some)."""
