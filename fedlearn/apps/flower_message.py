@@ -264,7 +264,10 @@ class MessageClientApp:
 
         if self._sent is None or self._sent[0] is not arrays:
             self._sent = (arrays, dict(to_array_record(arrays)))
-        return ArrayRecord(array_dict={k: copy.copy(v) for k, v in self._sent[1].items()})
+        record = ArrayRecord()  # not ArrayRecord(dict): it would rebuild plain Arrays
+        for key, array in self._sent[1].items():
+            record[key] = copy.copy(array)
+        return record
 
     def _call(self, message_type: str, content: Any, ctx: ClientContext) -> Any:
         """Run the app on one message in the client's context and keep its state."""

@@ -52,7 +52,10 @@ def to_array_record(arrays: Arrays) -> Any:
     """
     from flwr.app import ArrayRecord
 
-    return ArrayRecord({name: _known_array(np.asarray(a)) for name, a in arrays.items()})
+    record = ArrayRecord()  # ArrayRecord(dict) would rebuild each Array as a plain one
+    for name, a in arrays.items():
+        record[name] = _known_array(np.asarray(a))
+    return record
 
 
 _KNOWN = "_fedlearn_ndarray"
