@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,24 +120,33 @@ def part_cpu(args: argparse.Namespace) -> None:
     print(f"dp+secagg / secagg CPU (mnist) = {dp / plain:.3f} (target <= 1.1)")
 
 
-def part_peer(args: argparse.Namespace) -> None:
-    base = SecureAggregation(clip=0.1, max_weight=2048, neighbours=4, threshold=3)
+def _cpu_medians(
+    reps: int, factory: Callable[[], Any], clients: int, rounds: int, base: Any, **kw: Any
+) -> tuple[float, float]:
+    """Medians of the CPU seconds of whole in-process runs with ``base`` (SecAgg+ alone)
+    and with distributed DP added to it, the two alternating."""
     noised = base.with_noise(DistributedNoise(SIGMA), clip=1.0)
 
     def run(dp: bool) -> float:
         t0 = time.process_time()
         run_simulation(
-            lambda: PeerApp(args.params),
+            factory,
             FedAvg(),
-            num_clients=args.clients,
-            rounds=2,
+            num_clients=clients,
+            rounds=rounds,
             backend="inprocess",
-            evaluate_every=0,
             secure=noised if dp else base,
+            **kw,
         )
         return time.process_time() - t0
 
-    plain, dp = _alternate(args.reps, run)
+    return _alternate(reps, run)
+
+
+def part_peer(args: argparse.Namespace) -> None:
+    base = SecureAggregation(clip=0.1, max_weight=2048, neighbours=4, threshold=3)
+    factory = lambda: PeerApp(args.params)  # noqa: E731
+    plain, dp = _cpu_medians(args.reps, factory, args.clients, 2, base, evaluate_every=0)
     print(
         f"peer workload {args.clients} clients x {args.params:,} params x 2 rounds in one "
         f"process: CPU {plain:.2f} s with SecAgg+, {dp:.2f} s with distributed DP (medians "
@@ -149,21 +159,7 @@ def part_logreg(args: argparse.Namespace) -> None:
     from benchmarks.peer_workload import PeerLogReg
 
     base = SecureAggregation(clip=10.0, max_weight=4096)
-    noised = base.with_noise(DistributedNoise(SIGMA), clip=1.0)
-
-    def run(dp: bool) -> float:
-        t0 = time.process_time()
-        run_simulation(
-            PeerLogReg,
-            FedAvg(),
-            num_clients=args.clients,
-            rounds=5,
-            backend="inprocess",
-            secure=noised if dp else base,
-        )
-        return time.process_time() - t0
-
-    plain, dp = _alternate(args.reps, run)
+    plain, dp = _cpu_medians(args.reps, PeerLogReg, args.clients, 5, base)
     print(
         f"Flower peer workload (logistic regression), {args.clients} clients x 5 rounds in "
         f"one process: CPU {plain:.2f} s with SecAgg+, {dp:.2f} s with distributed DP "
