@@ -8,12 +8,10 @@ cross the pipe as framed bytes (JSON headers + raw array bytes), never pickled.
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing as mp
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
@@ -26,15 +24,19 @@ from fedlearn.engine.messages import (
     Reply,
     Task,
     decode_reply,
-    decode_task,
-    encode_reply,
-    encode_task,
     frame,
     unframe,
 )
 from fedlearn.engine.records import Arrays, decode_arrays, encode_arrays
 from fedlearn.engine.runtime import ClientRuntime, describe
 from fedlearn.errors import ConfigError, SerializationError
+from fedlearn.simulation.chunks import (
+    chunk_size,
+    encoded_chunks,
+    one_torch_thread,
+    run_chunk,
+    worker_groups,
+)
 from fedlearn.simulation.inprocess import read_only
 
 _BROADCAST, _TASKS, _QUIT = b"B", b"T", b"Q"
@@ -58,9 +60,7 @@ def _serve(
     # parent had installed when it forked.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
+    one_torch_thread()
     runtime = ClientRuntime(factory(), run_id, states=states)
     broadcast: Arrays = {}
     while True:
@@ -75,11 +75,7 @@ def _serve(
         if kind == _BROADCAST:
             broadcast = read_only(decode_arrays(parts[1]))
         elif kind == _TASKS:
-            replies = []
-            for part in parts[1:]:
-                task = decode_task(part)
-                replies.append(encode_reply(runtime.handle(task, broadcast)))
-            conn.send_bytes(frame(replies))
+            conn.send_bytes(run_chunk(runtime, broadcast, parts[1:]))
 
 
 class _Worker:
@@ -188,19 +184,9 @@ class PoolTransport:
     def _plan(self, tasks: Sequence[Task]) -> list[list[tuple[list[Task], bytes]]]:
         """Per worker, the encoded chunks it will run (popped from the end)."""
         n = len(self._workers)
-        size = self._chunk_size or max(1, min(64, math.ceil(len(tasks) / (4 * n))))
-
-        def chunks(ts: Sequence[Task]) -> list[tuple[list[Task], bytes]]:
-            out = []
-            for j in range(0, len(ts), size):
-                chunk = list(ts[j : j + size])
-                out.append((chunk, frame([_TASKS, *(encode_task(t) for t in chunk)])))
-            return out[::-1]
-
-        if tasks[0].stage.secure:
-            return [chunks([t for t in tasks if t.client_id % n == i]) for i in range(n)]
-        shared = chunks(tasks)
-        return [shared] * n
+        size = chunk_size(len(tasks), n, self._chunk_size)
+        queues = [encoded_chunks(g, size, [_TASKS])[::-1] for g in worker_groups(tasks, n)]
+        return queues if len(queues) == n else queues * n  # one shared queue
 
     def _send(self, w: _Worker, chunk: list[Task], message: bytes) -> None:
         """Queue ``chunk`` on ``w``; if its pipe is already broken the chunk stays pending

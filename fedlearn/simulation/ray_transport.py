@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -33,15 +32,13 @@ from fedlearn.engine.messages import (
     Reply,
     Task,
     decode_reply,
-    decode_task,
-    encode_reply,
-    encode_task,
-    frame,
     unframe,
 )
 from fedlearn.engine.records import Arrays, decode_arrays, encode_arrays
 from fedlearn.engine.runtime import ClientRuntime, describe
 from fedlearn.errors import ConfigError, SerializationError
+from fedlearn.simulation.chunks import chunk_size as chunk_size_for
+from fedlearn.simulation.chunks import encoded_chunks, one_torch_thread, run_chunk, worker_groups
 from fedlearn.simulation.inprocess import read_only
 from fedlearn.simulation.ray_session import RaySession
 
@@ -58,9 +55,7 @@ class ClientActor:
     """
 
     def __init__(self, factory: Callable[[], ClientApp], run_id: str, state_dir: str) -> None:
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            torch.set_num_threads(1)
+        one_torch_thread()
         self._runtime = ClientRuntime(factory(), run_id, states=DirectoryStateStore(state_dir))
         self._stage = -1
         self._broadcast: Arrays = {}
@@ -73,11 +68,7 @@ class ClientActor:
             payload = np.asarray(ray.get(broadcast[0]))
             self._broadcast = read_only(decode_arrays(payload.data))
             self._stage = stage
-        replies = []
-        for part in unframe(tasks):
-            task = decode_task(part)
-            replies.append(encode_reply(self._runtime.handle(task, self._broadcast)))
-        return frame(replies)
+        return run_chunk(self._runtime, self._broadcast, unframe(tasks))
 
 
 class _Plan:
@@ -86,20 +77,9 @@ class _Plan:
     that holds the client's protocol state from the previous stage)."""
 
     def __init__(self, tasks: Sequence[Task], actors: int, chunk_size: int | None) -> None:
-        size = chunk_size or max(1, min(64, math.ceil(len(tasks) / (4 * actors))))
+        size = chunk_size_for(len(tasks), actors, chunk_size)
         self._sticky = tasks[0].stage.secure
-        groups = (
-            [[t for t in tasks if t.client_id % actors == i] for i in range(actors)]
-            if self._sticky
-            else [list(tasks)]
-        )
-        self._queues = [
-            deque(
-                (g[j : j + size], frame([encode_task(t) for t in g[j : j + size]]))
-                for j in range(0, len(g), size)
-            )
-            for g in groups
-        ]
+        self._queues = [deque(encoded_chunks(g, size)) for g in worker_groups(tasks, actors)]
 
     def next_for(self, actor: int) -> tuple[list[Task], bytes] | None:
         """The next chunk for ``actor`` and its message, or None when it has none left."""
