@@ -40,6 +40,7 @@ import numpy as np
 from fedlearn.engine.records import Arrays, Metrics
 from fedlearn.errors import ConfigError
 from fedlearn.privacy.noise import NoiseSource, noise_source
+from fedlearn.privacy.norms import sum_of_squares
 from fedlearn.privacy.strategy import PrivacyWrapper
 from fedlearn.strategy.base import ClientUpdate, Fold, RoundContext, Strategy
 
@@ -119,8 +120,7 @@ class CentralFold:
         delta, flat = self._delta, self._flat
         for name, start, stop in self._layout:
             np.subtract(np.ravel(update.arrays[name]), flat[start:stop], out=delta[start:stop])
-        np.square(delta, out=self._squares)
-        norm = math.sqrt(float(self._squares.sum()))  # pairwise, as norms.sum_of_squares
+        norm = math.sqrt(sum_of_squares(delta, self._squares))
         if norm > self.clip:
             delta *= self.clip / norm
         self._sum += delta

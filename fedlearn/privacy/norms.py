@@ -13,10 +13,12 @@ import math
 import numpy as np
 
 
-def sum_of_squares(x: np.ndarray) -> float:
-    """``sum(x**2)`` of ``x`` (any shape), in float64, by pairwise summation."""
+def sum_of_squares(x: np.ndarray, scratch: np.ndarray | None = None) -> float:
+    """``sum(x**2)`` of ``x`` (any shape), in float64, by pairwise summation; the squares
+    go to ``scratch`` (float64, ``x``'s size) when given, so a caller that takes many norms
+    of one size allocates nothing."""
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
-    return float(np.square(flat).sum())
+    return float(np.square(flat, out=scratch).sum())
 
 
 def l2_norm(x: np.ndarray) -> float:
