@@ -58,12 +58,17 @@ def _alternate(reps: int, run: Callable[[bool], float]) -> tuple[float, float]:
     return statistics.median(times[False]), statistics.median(times[True])
 
 
-def part_mnist(args: argparse.Namespace) -> None:
+def _mnist_factory() -> Callable[[], Any]:
+    """The MNIST CNN example on 20 clients (Dirichlet 0.5)."""
     from clients.mnist import make_app
     from fedlearn.data import load_dataset, partition_dataset
 
     data = partition_dataset(load_dataset("mnist5k"), "dirichlet", 20, 0, alpha=0.5)
-    factory = lambda: make_app(data, epochs=1, batch_size=32, lr=0.05)  # noqa: E731
+    return lambda: make_app(data, epochs=1, batch_size=32, lr=0.05)
+
+
+def part_mnist(args: argparse.Namespace) -> None:
+    factory = _mnist_factory()
     base = SecureAggregation(clip=1.0, max_weight=4096)
     noised = base.with_noise(DistributedNoise(SIGMA), clip=1.0)
 
@@ -90,29 +95,9 @@ def part_mnist(args: argparse.Namespace) -> None:
 def part_cpu(args: argparse.Namespace) -> None:
     import torch
 
-    from clients.mnist import make_app
-    from fedlearn.data import load_dataset, partition_dataset
-
     torch.set_num_threads(1)
-    data = partition_dataset(load_dataset("mnist5k"), "dirichlet", 20, 0, alpha=0.5)
-    factory = lambda: make_app(data, epochs=1, batch_size=32, lr=0.05)  # noqa: E731
     base = SecureAggregation(clip=1.0, max_weight=4096)
-    noised = base.with_noise(DistributedNoise(SIGMA), clip=1.0)
-
-    def run(dp: bool) -> float:
-        t0 = time.process_time()
-        run_simulation(
-            factory,
-            FedAvg(),
-            num_clients=20,
-            rounds=2,
-            backend="inprocess",
-            evaluate_every=0,
-            secure=noised if dp else base,
-        )
-        return time.process_time() - t0
-
-    plain, dp = _alternate(args.reps, run)
+    plain, dp = _cpu_medians(args.reps, _mnist_factory(), 20, 2, base, evaluate_every=0)
     print(
         f"MNIST CNN, 20 clients, 2 rounds in one process (1 torch thread): CPU {plain:.3f} s "
         f"with SecAgg+, {dp:.3f} s with distributed DP (medians of {args.reps})"
