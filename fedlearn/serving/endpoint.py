@@ -1,5 +1,7 @@
 """``fedlearn serve``: one repository, served over OIP v2 REST and gRPC side by side.
 
+Requests for a model's name follow its traffic policy (A/B split, shadow, canary; see
+:mod:`fedlearn.serving.traffic`), read from the registry like the ``production`` alias.
 Plaintext is allowed on loopback only; any other address needs a certificate and key
 (TLS on both protocols) or an explicit ``insecure``. Prometheus metrics are at REST
 ``/metrics``.
@@ -27,6 +29,7 @@ from fedlearn.serving.rest import (
     create_app,
     serve_rest,
 )
+from fedlearn.serving.traffic import DEFAULT_SHADOW_QUEUE, TrafficRouter
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,11 @@ class EndpointSettings:
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     """Inference calls answered or queued at once, per protocol; more get 503 with
     Retry-After (REST) or RESOURCE_EXHAUSTED (gRPC) instead of a thread or a queue slot."""
+    #: mirrored requests waiting for the shadow worker; more are dropped (and counted)
+    shadow_queue: int = DEFAULT_SHADOW_QUEUE
+    #: whether this endpoint takes canary decisions (one of several sharing a registry
+    #: may leave them to another)
+    canary_decisions: bool = True
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -91,6 +99,7 @@ class ServingEndpoint:
     rest: RestServer
     grpc_server: grpc.Server
     grpc_port: int
+    traffic: TrafficRouter | None = None
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -111,6 +120,8 @@ class ServingEndpoint:
         self._closed = True
         self.grpc_server.stop(grace=2).wait()
         self.rest.stop()
+        if self.traffic is not None:
+            self.traffic.close()
         self.repository.close()
 
     def __enter__(self) -> ServingEndpoint:
@@ -138,7 +149,17 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
     repository.start()
     limit = settings.max_request_mb << 20
     rest: RestServer | None = None
+    traffic: TrafficRouter | None = None
     try:
+        traffic = TrafficRouter(
+            settings.registry,
+            repository,
+            metrics.registry,
+            poll_interval_s=settings.poll_interval_s,
+            shadow_queue=settings.shadow_queue,
+            decide=settings.canary_decisions,
+        )
+        traffic.start()
         rest = serve_rest(
             create_app(
                 repository,
@@ -146,6 +167,7 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
                 max_body_bytes=limit,
                 body_timeout_s=settings.body_timeout_s,
                 max_inflight=settings.max_inflight,
+                traffic=traffic,
             ),
             settings.host,
             settings.http_port,
@@ -166,14 +188,17 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
             credentials=credentials,
             workers=settings.grpc_workers,
             max_inflight=settings.max_inflight,
+            traffic=traffic,
         )
     except BaseException:
         if rest is not None:
             rest.stop()
+        if traffic is not None:
+            traffic.close()
         repository.close()
         raise
     log.info("serving %s: REST %s, gRPC port %d", settings.registry, rest.url, port)
-    return ServingEndpoint(settings, repository, metrics, rest, server, port)
+    return ServingEndpoint(settings, repository, metrics, rest, server, port, traffic)
 
 
 def _loopback(host: str) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -34,6 +34,9 @@ from fedlearn.serving.oip import grpc_predict_v2_pb2 as pb
 from fedlearn.serving.repository import ModelRepository
 from fedlearn.serving.tensors import TensorSpec, array_from_bytes, numpy_dtype
 
+if TYPE_CHECKING:
+    from fedlearn.serving.traffic import TrafficRouter
+
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
@@ -41,6 +44,8 @@ SERVER_NAME = "fedlearn"
 #: Optional OIP extensions this endpoint implements over gRPC (none).
 EXTENSIONS: tuple[str, ...] = ()
 PROTOCOL = "grpc"
+#: Invocation metadata key making a traffic split sticky (as REST's header).
+ROUTE_KEY = "x-fedlearn-route-key"
 
 #: OIP datatype -> the InferTensorContents field that carries it in typed form. FP16 has
 #: no typed field and must travel as raw bytes.
@@ -201,9 +206,15 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
 class InferenceServicer:
     """The six OIP v2 RPCs over a :class:`ModelRepository`, counted in ServingMetrics."""
 
-    def __init__(self, repository: ModelRepository, metrics: ServingMetrics) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: ServingMetrics,
+        traffic: TrafficRouter | None = None,
+    ) -> None:
         self.repository = repository
         self.metrics = metrics
+        self.traffic = traffic
 
     def server_live(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         """Always live while the process answers."""
@@ -238,16 +249,27 @@ class InferenceServicer:
             outputs=[_tensor_metadata(s) for s in model.signature.outputs],
         )
 
-    def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """One inference (module docstring)."""
+    def model_infer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext | None = None
+    ) -> pb.ModelInferResponse:
+        """One inference (module docstring); under the model's traffic policy when the
+        request names no version."""
         # Resolve the model first, so the metrics are labelled by real model names only
         # and a flood of made-up names cannot grow their label sets.
-        model = self.repository.get(
-            request.model_name, model_version(request.model_name, request.model_version)
-        )
+        version = model_version(request.model_name, request.model_version)
+        model = self.repository.get(request.model_name, version)
         with self.metrics.infer(PROTOCOL, model.name):
             inputs = decode_inputs(request)
-            outputs = model.infer(inputs, requested_outputs(request))
+            if self.traffic is not None and version is None:
+                key = None
+                for item in (context.invocation_metadata() or ()) if context else ():
+                    if item.key == ROUTE_KEY:
+                        key = str(item.value)
+                model, outputs = self.traffic.infer(
+                    model, inputs, requested_outputs(request) or None, key
+                )
+            else:
+                outputs = model.infer(inputs, requested_outputs(request))
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
@@ -256,7 +278,7 @@ class InferenceServicer:
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The gRPC handler of ``inference.GRPCInferenceService``."""
-        methods: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+        methods: dict[str, tuple[Any, Callable[..., Any]]] = {
             "ServerLive": (pb.ServerLiveRequest, self.server_live),
             "ServerReady": (pb.ServerReadyRequest, self.server_ready),
             "ModelReady": (pb.ModelReadyRequest, self.model_ready),
@@ -277,7 +299,7 @@ class InferenceServicer:
         )
 
     def _guarded(
-        self, method: str, request_type: Any, call: Callable[[Any], Any]
+        self, method: str, request_type: Any, call: Callable[..., Any]
     ) -> Callable[[bytes, grpc.ServicerContext], Any]:
         """``call`` on the parsed request, every failure turned into a status code."""
 
@@ -289,6 +311,8 @@ class InferenceServicer:
                     raise InvalidInput(
                         f"the request is not a valid {request_type.DESCRIPTOR.full_name}"
                     ) from None
+                if method == "ModelInfer":  # the route key travels in its metadata
+                    return call(request, context)
                 return call(request)
             except ModelNotFound as exc:
                 code, message = grpc.StatusCode.NOT_FOUND, str(exc)
@@ -319,6 +343,7 @@ def start_grpc_server(
     credentials: grpc.ServerCredentials | None = None,
     workers: int = 8,
     max_inflight: int = 256,
+    traffic: TrafficRouter | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve OIP v2 gRPC on ``address`` (TLS with ``credentials``); returns the started
     server and its bound port. Stop it with ``server.stop(grace)``.
@@ -339,7 +364,7 @@ def start_grpc_server(
         ],
         maximum_concurrent_rpcs=max_inflight,
     )
-    server.add_generic_rpc_handlers((InferenceServicer(repository, metrics).handler(),))
+    server.add_generic_rpc_handlers((InferenceServicer(repository, metrics, traffic).handler(),))
     try:
         if credentials is None:
             port = server.add_insecure_port(address)

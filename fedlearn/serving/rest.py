@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -70,6 +70,9 @@ from fedlearn.serving.models import ServedModel
 from fedlearn.serving.repository import ModelRepository
 from fedlearn.serving.tensors import array_from_bytes, array_from_list
 
+if TYPE_CHECKING:
+    from fedlearn.serving.traffic import TrafficRouter
+
 log = logging.getLogger(__name__)
 
 PROTOCOL = "rest"
@@ -82,6 +85,8 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 DEFAULT_MAX_INFLIGHT = 256
 """Inference requests answered or queued at once; more get 503 (REST) / RESOURCE_EXHAUSTED."""
 RETRY_AFTER_S = 1
+#: The header making a traffic split sticky (``fedlearn.serving.traffic.ROUTE_HEADER``).
+ROUTE_HEADER = "x-fedlearn-route-key"
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _INTERNAL = "internal server error"
 
@@ -279,13 +284,16 @@ def create_app(
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
     server_name: str = "fedlearn",
     server_version: str | None = None,
+    traffic: TrafficRouter | None = None,
 ) -> Starlette:
     """The OIP v2 REST app over ``repository`` (routes and status codes: module docstring).
 
     At most ``max_inflight`` inference requests are in flight at once: read, queued for a
     worker thread or running there. One more is answered 503 with ``Retry-After`` before
     its body is read, so a burst costs neither threads nor memory for bodies. ``server_version``
-    defaults to the installed fedlearn distribution's version.
+    defaults to the installed fedlearn distribution's version. ``traffic`` applies the
+    registry's traffic policies to requests for a model's name (header
+    ``x-fedlearn-route-key`` makes a split sticky); its state shows in the model's metadata.
     """
     if max_body_bytes < 1:
         raise ConfigError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
@@ -380,14 +388,17 @@ def create_app(
         name = request.path_params["name"]
         model = await run_in_threadpool(repository.get, name, version_of(request))
         versions = await run_in_threadpool(repository.versions, name)
-        return _json(
-            {
-                "name": model.name,
-                "versions": [str(v) for v in versions],
-                "platform": model.platform,
-                **model.signature.as_dict(),
-            }
-        )
+        meta = {
+            "name": model.name,
+            "versions": [str(v) for v in versions],
+            "platform": model.platform,
+            **model.signature.as_dict(),
+        }
+        if traffic is not None and version_of(request) is None:
+            routing = traffic.metadata(model.name)
+            if routing is not None:
+                meta["traffic"] = routing
+        return _json(meta)
 
     async def model_ready(request: Request) -> Response:
         name = request.path_params["name"]
@@ -395,14 +406,21 @@ def create_app(
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
     def run_infer(
-        name: str, version: str | None, body: bytes, header_length: str | None
+        name: str,
+        version: str | None,
+        body: bytes,
+        header_length: str | None,
+        route_key: str | None = None,
     ) -> Response:
         # one thread-pool hop per request: look the model up, then parse, infer, encode
         model = repository.get(name, version)
         with metrics.infer(PROTOCOL, model.name):
             request = parse_infer_request(body, header_length)
             wanted = [output for output, _ in request.outputs] or None
-            results = model.infer(request.inputs, wanted)
+            if traffic is not None and version is None:
+                model, results = traffic.infer(model, request.inputs, wanted, route_key)
+            else:
+                results = model.infer(request.inputs, wanted)
             return encode_infer_response(model, request, results)
 
     inflight = [0]  # touched only on the event loop's thread
@@ -424,6 +442,7 @@ def create_app(
                 version_of(request),
                 body,
                 request.headers.get(HEADER_LENGTH),
+                request.headers.get(ROUTE_HEADER),
             )
         finally:
             inflight[0] -= 1

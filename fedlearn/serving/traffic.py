@@ -1,0 +1,780 @@
+"""Traffic policies applied by the serving endpoint: A/B split, shadow and canary.
+
+A :class:`TrafficRouter` sits between a request for a model's *name* and the model that
+answers it (requests for an explicit version are never routed). It reads the registry's
+traffic policies (:mod:`fedlearn.registry.traffic`) in its own thread, as the repository
+reads the ``production`` alias, and swaps a model's routing state with one assignment, so
+a policy set, changed or cleared while requests run fails none of them.
+
+* **Split**: each request picks a version by weight; with a route key (REST header
+  ``x-fedlearn-route-key``, gRPC metadata of the same name) the pick is a hash of the
+  model name and key (blake2b, so the same key gets the same version in every process),
+  otherwise a draw of the router's RNG.
+* **Shadow**: the serving alias answers; the request's inputs and the answer go to a
+  bounded queue, and one worker thread (at a lower CPU priority where the OS allows it)
+  runs the candidate on them and compares the two: a row disagrees when the argmax
+  differs (a float output of shape ``[batch, classes]``) or, for any other output, when
+  the largest absolute difference exceeds the policy's tolerance; a non-finite candidate
+  value always disagrees. A full queue drops the mirror and counts it: the caller never
+  waits for the shadow.
+* **Canary**: the candidate answers its step's share of the requests (by route key or RNG
+  as for a split). After each poll the router checks the candidate's live metrics in the
+  current step against the policy's :class:`~fedlearn.registry.traffic.LiveGate` and
+  steps up, promotes (``production`` moves through the registry, recorded) or rolls back
+  (the policy ends, recorded); the registry applies each decision only if the policy is
+  still the one judged, so endpoints sharing a registry, or an operator changing the
+  policy meanwhile, cannot race.
+
+A routed version that fails a request (an exception, or a non-finite output where the
+serving alias's answer is finite) does not fail the caller: the serving alias answers it
+instead, and the failure counts against the routed version (``..._fallbacks``, and a
+canary's error rate). A request that the serving alias cannot answer either (the caller's
+input does not fit) gets the serving alias's error, as without a policy.
+
+Prometheus metrics (on the endpoint's collector registry, so at ``/metrics``):
+``fedlearn_serving_traffic_requests_total{model,version,policy}``,
+``fedlearn_serving_traffic_fallbacks_total{model,version}``,
+``fedlearn_serving_traffic_decisions_total{model,action}``,
+``fedlearn_serving_canary_share{model,candidate}``,
+``fedlearn_serving_shadow_requests_total``, ``..._shadow_rows_total``,
+``..._shadow_disagreements_total``, ``..._shadow_errors_total`` and the gauge
+``..._shadow_disagreement_ratio`` (each ``{model,primary,candidate}``),
+``fedlearn_serving_shadow_dropped_total{model}`` and the histogram
+``fedlearn_serving_shadow_seconds{model,primary,candidate,side}`` (inference latency of
+the primary and of the candidate on the mirrored requests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fedlearn.errors import ConfigError, FedlearnError
+from fedlearn.registry.model_registry import (
+    CANARY_PROMOTE,
+    CANARY_ROLLBACK,
+    CANARY_STEP,
+    PRODUCTION,
+    ROUTE_CLEAR,
+    ModelRegistry,
+    StoredPolicy,
+)
+from fedlearn.registry.traffic import Canary, Policy, Shadow, Split, policy_to_dict
+from fedlearn.serving.models import ServedModel
+from fedlearn.serving.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+#: The request header (REST) and metadata key (gRPC) whose value makes a split sticky.
+ROUTE_HEADER = "x-fedlearn-route-key"
+DEFAULT_SHADOW_QUEUE = 64
+#: Latencies kept per version and step for a canary's p95 (the most recent ones).
+LATENCY_WINDOW = 4096
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+Outputs = dict[str, np.ndarray]
+
+
+def route_point(name: str, key: str) -> float:
+    """Where ``key`` falls in [0, 1) for model ``name``: the same in every process."""
+    digest = hashlib.blake2b(f"{name}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def compare_outputs(
+    primary: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], tolerance: float
+) -> tuple[int, int, float]:
+    """``(rows, disagreeing rows, largest absolute difference)`` of two answers to one
+    request (module docstring: argmax for ``[batch, classes]`` floats, max-abs over
+    ``tolerance`` otherwise, non-finite candidate values always disagree; outputs of
+    different shapes disagree on every row)."""
+    rows = 0
+    for array in primary.values():
+        rows = max(rows, int(array.shape[0]) if array.ndim else 1)
+    if rows == 0:
+        return 0, 0, 0.0
+    disagree = np.zeros(rows, dtype=bool)
+    largest = 0.0
+    for name, a in primary.items():
+        b = candidate.get(name)
+        if b is None or b.shape != a.shape:
+            return rows, rows, math.inf
+        a2 = a.reshape(rows, -1) if a.ndim else a.reshape(1, 1)
+        b2 = b.reshape(rows, -1) if b.ndim else b.reshape(1, 1)
+        if a2.dtype.kind in "fc" or b2.dtype.kind in "fc":
+            af, bf = a2.astype(np.float64), b2.astype(np.float64)
+            bad = ~np.isfinite(bf).all(axis=1)
+            diff = np.abs(af - bf)
+            finite = diff[np.isfinite(diff)]
+            if finite.size:
+                largest = max(largest, float(finite.max()))
+            if bad.any():
+                largest = math.inf
+            if a.ndim == 2 and a.shape[1] > 1 and a.dtype.kind == "f":
+                row_bad = np.argmax(af, axis=1) != np.argmax(bf, axis=1)
+            else:
+                row_bad = ~(np.nan_to_num(diff, nan=np.inf) <= tolerance).all(axis=1)
+            disagree |= row_bad | bad
+        else:
+            row_bad = (a2 != b2).any(axis=1)
+            if row_bad.any():
+                largest = max(largest, float(np.abs(a2.astype(np.float64) - b2).max()))
+            disagree |= row_bad
+    return rows, int(disagree.sum()), largest
+
+
+def finite(outputs: Mapping[str, np.ndarray]) -> bool:
+    """Whether every float value of ``outputs`` is finite."""
+    return all(a.dtype.kind not in "fc" or bool(np.isfinite(a).all()) for a in outputs.values())
+
+
+class TrafficMetrics:
+    """The router's Prometheus metrics (names: module docstring) on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        pair = ["model", "primary", "candidate"]
+        self.routed = Counter(
+            "fedlearn_serving_traffic_requests",
+            "Requests for a model name answered under a traffic policy, by answering version.",
+            ["model", "version", "policy"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "fedlearn_serving_traffic_fallbacks",
+            "Requests a routed version failed (error or non-finite output) and the serving "
+            "alias answered instead, by routed version.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "fedlearn_serving_traffic_decisions",
+            "Canary decisions taken by this endpoint (canary-step, canary-promote, "
+            "canary-rollback, route-clear).",
+            ["model", "action"],
+            registry=registry,
+        )
+        self.canary_share = Gauge(
+            "fedlearn_serving_canary_share",
+            "The share of a model's requests its canary candidate answers now.",
+            ["model", "candidate"],
+            registry=registry,
+        )
+        self.shadow_requests = Counter(
+            "fedlearn_serving_shadow_requests",
+            "Requests mirrored to a shadow candidate and compared.",
+            pair,
+            registry=registry,
+        )
+        self.shadow_rows = Counter(
+            "fedlearn_serving_shadow_rows",
+            "Rows (batch entries) compared between primary and shadow candidate.",
+            pair,
+            registry=registry,
+        )
+        self.shadow_disagreements = Counter(
+            "fedlearn_serving_shadow_disagreements",
+            "Rows on which the shadow candidate disagreed with the primary.",
+            pair,
+            registry=registry,
+        )
+        self.shadow_ratio = Gauge(
+            "fedlearn_serving_shadow_disagreement_ratio",
+            "Disagreeing rows / compared rows of a (primary, candidate) pair since start.",
+            pair,
+            registry=registry,
+        )
+        self.shadow_errors = Counter(
+            "fedlearn_serving_shadow_errors",
+            "Mirrored requests the shadow candidate failed on.",
+            pair,
+            registry=registry,
+        )
+        self.shadow_dropped = Counter(
+            "fedlearn_serving_shadow_dropped",
+            "Mirrors dropped because the shadow queue was full.",
+            ["model"],
+            registry=registry,
+        )
+        self.shadow_latency = Histogram(
+            "fedlearn_serving_shadow_seconds",
+            "Inference latency of the primary and the shadow candidate on mirrored requests.",
+            [*pair, "side"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+
+@dataclass
+class PairStats:
+    """What the shadow comparisons of one (primary, candidate) pair found."""
+
+    requests: int = 0
+    rows: int = 0
+    disagreements: int = 0
+    errors: int = 0
+    largest_difference: float = 0.0
+    primary_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    candidate_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    @property
+    def rate(self) -> float | None:
+        return None if self.rows == 0 else self.disagreements / self.rows
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "rows": self.rows,
+            "disagreements": self.disagreements,
+            "disagreement_rate": self.rate,
+            "errors": self.errors,
+            "max_abs_difference": None
+            if self.requests == 0 or math.isinf(self.largest_difference)
+            else self.largest_difference,
+            "primary_p50_ms": _percentile(self.primary_ms, 50),
+            "candidate_p50_ms": _percentile(self.candidate_ms, 50),
+            "candidate_p95_ms": _percentile(self.candidate_ms, 95),
+        }
+
+
+@dataclass
+class CanaryWindow:
+    """A canary's live metrics in its current step (shadow counts: over the canary)."""
+
+    requests: int = 0
+    failures: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    baseline_requests: int = 0
+    baseline_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    shadow: PairStats = field(default_factory=PairStats)
+    baseline_p95_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return 0.0 if self.requests == 0 else self.failures / self.requests
+
+    def p95(self) -> float | None:
+        return _percentile(self.latencies_ms, 95)
+
+    def base_p95(self) -> float | None:
+        return _percentile(self.baseline_ms, 95) or self.baseline_p95_ms
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "failures": self.failures,
+            "error_rate": self.error_rate,
+            "p95_ms": self.p95(),
+            "baseline_requests": self.baseline_requests,
+            "baseline_p95_ms": self.base_p95(),
+            "disagreement_rate": self.shadow.rate,
+            "shadow_rows": self.shadow.rows,
+        }
+
+
+def _percentile(values: Sequence[float] | deque[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.fromiter(values, dtype=np.float64), q))
+
+
+class _State:
+    """One model's routing state for one policy revision."""
+
+    def __init__(self, stored: StoredPolicy) -> None:
+        self.stored = stored
+        self.policy: Policy = stored.policy
+        self.lock = threading.Lock()
+        self.window = CanaryWindow()
+        self.cumulative: list[tuple[float, int]] = []
+        if isinstance(self.policy, Split):
+            total = 0.0
+            for version, share in self.policy.shares().items():
+                if share > 0:
+                    total += share
+                    self.cumulative.append((total, version))
+
+    def pick(self, point: float) -> int:
+        """The version a request at ``point`` in [0, 1) goes to."""
+        policy = self.policy
+        if isinstance(policy, Canary):
+            return policy.candidate if point < policy.share else policy.baseline
+        for bound, version in self.cumulative:
+            if point < bound:
+                return version
+        return self.cumulative[-1][1]  # rounding: the sum may fall just short of 1
+
+
+@dataclass(frozen=True)
+class _Mirror:
+    name: str
+    primary: int
+    candidate: int
+    tolerance: float
+    inputs: Mapping[str, np.ndarray]
+    outputs: Sequence[str] | None
+    answer: Outputs
+    stats: tuple[PairStats, ...]
+
+
+class TrafficRouter:
+    """Applies the registry's traffic policies to requests (module docstring).
+
+    ``rng`` draws the un-keyed picks (default: a ``random.Random`` seeded from the OS;
+    picking a version needs no cryptographic strength, only independence). ``decide``:
+    whether this endpoint takes canary decisions (one endpoint of several sharing a
+    registry may leave them to another). ``shadow_nice``: how much lower the shadow
+    worker's CPU priority is (Linux: per thread; 0 leaves it).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        repository: ModelRepository,
+        collectors: CollectorRegistry,
+        *,
+        poll_interval_s: float = 0.5,
+        shadow_queue: int = DEFAULT_SHADOW_QUEUE,
+        rng: random.Random | None = None,
+        decide: bool = True,
+        shadow_nice: int = 10,
+    ) -> None:
+        if not poll_interval_s > 0:
+            raise ConfigError(f"traffic poll interval must be > 0, got {poll_interval_s}")
+        if shadow_queue < 1:
+            raise ConfigError(f"shadow queue must hold >= 1 request, got {shadow_queue}")
+        self.repository = repository
+        self.metrics = TrafficMetrics(collectors)
+        self.poll_interval_s = poll_interval_s
+        self.decide = decide
+        self.shadow_nice = shadow_nice
+        self._registry = ModelRegistry(root)
+        self._rng = rng or random.Random()
+        self._states: dict[str, _State] = {}
+        self._pairs: dict[tuple[str, int, int], PairStats] = {}
+        self._pairs_lock = threading.Lock()
+        self._queue: queue.Queue[_Mirror | None] = queue.Queue(maxsize=shadow_queue)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the policies now, then watch them and run the shadow worker in threads."""
+        self.refresh()
+        for target, name in ((self._watch, "poll"), (self._shadow_worker, "shadow")):
+            thread = threading.Thread(target=target, name=f"fedlearn-traffic-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        """Stop both threads (mirrors still queued are dropped) and close the registry."""
+        self._stop.set()
+        with contextlib.suppress(queue.Full):  # else the worker sees the flag after one
+            self._queue.put_nowait(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._registry.close()
+
+    def __enter__(self) -> TrafficRouter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the request path ---------------------------------------------------------------
+
+    def infer(
+        self,
+        default: ServedModel,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        route_key: str | None = None,
+    ) -> tuple[ServedModel, Outputs]:
+        """Answer a request for ``default.name`` (``default``: the serving alias's model)
+        under the model's policy; returns the model that answered and its outputs."""
+        state = self._states.get(default.name)
+        if state is None:
+            return default, default.infer(inputs, outputs)
+        policy = state.policy
+        if isinstance(policy, Shadow):
+            start = time.perf_counter()
+            answer = default.infer(inputs, outputs)
+            elapsed = time.perf_counter() - start
+            self.metrics.routed.labels(default.name, str(default.version), policy.kind).inc()
+            if policy.sample >= 1.0 or self._rng.random() < policy.sample:
+                self._mirror(default, policy.candidate, policy.tolerance, inputs, outputs, answer)
+                self.metrics.shadow_latency.labels(
+                    default.name, str(default.version), str(policy.candidate), "primary"
+                ).observe(elapsed)
+            return default, answer
+        point = self._rng.random() if route_key is None else route_point(default.name, route_key)
+        version = state.pick(point)
+        canary = policy if isinstance(policy, Canary) else None
+        if version == default.version:
+            start = time.perf_counter()
+            answer = default.infer(inputs, outputs)
+            if canary is not None:
+                elapsed_ms = (time.perf_counter() - start) * 1e3
+                with state.lock:
+                    state.window.baseline_requests += 1
+                    state.window.baseline_ms.append(elapsed_ms)
+                if canary.mirrors:
+                    self._mirror(
+                        default,
+                        canary.candidate,
+                        canary.tolerance,
+                        inputs,
+                        outputs,
+                        answer,
+                        state.window.shadow,
+                    )
+            self.metrics.routed.labels(default.name, str(default.version), policy.kind).inc()
+            return default, answer
+        model, routed, elapsed_ms = self._try(default.name, version, inputs, outputs)
+        if model is not None and routed is not None and finite(routed):
+            if canary is not None:
+                with state.lock:
+                    state.window.requests += 1
+                    state.window.latencies_ms.append(elapsed_ms)
+            self.metrics.routed.labels(default.name, str(version), policy.kind).inc()
+            return model, routed
+        # the routed version failed: the serving alias answers; its error is the caller's
+        fallback = default.infer(inputs, outputs)
+        if model is not None and routed is not None and not finite(fallback):
+            # both non-finite: the input's doing, not the routed version's
+            self.metrics.routed.labels(default.name, str(version), policy.kind).inc()
+            return model, routed
+        self.metrics.fallbacks.labels(default.name, str(version)).inc()
+        self.metrics.routed.labels(default.name, str(default.version), policy.kind).inc()
+        if canary is not None:
+            with state.lock:
+                state.window.requests += 1
+                state.window.failures += 1
+                state.window.latencies_ms.append(elapsed_ms)
+        return default, fallback
+
+    def _try(
+        self,
+        name: str,
+        version: int,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+    ) -> tuple[ServedModel | None, Outputs | None, float]:
+        """``version``'s answer, or ``(model or None, None, ms)`` if it failed."""
+        try:
+            model = self.repository.get(name, version)
+        except FedlearnError as exc:  # not found, or could not be loaded: logged there
+            log.debug("%s v%d cannot answer routed requests: %s", name, version, exc)
+            return None, None, 0.0
+        start = time.perf_counter()
+        try:
+            answer = model.infer(inputs, outputs)
+        except Exception as exc:  # any failure of the routed version falls back
+            log.debug("%s v%d failed a routed request: %s", name, version, exc)
+            return model, None, (time.perf_counter() - start) * 1e3
+        return model, answer, (time.perf_counter() - start) * 1e3
+
+    def _mirror(
+        self,
+        primary: ServedModel,
+        candidate: int,
+        tolerance: float,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        answer: Outputs,
+        *extra: PairStats,
+    ) -> None:
+        mirror = _Mirror(
+            primary.name,
+            primary.version,
+            candidate,
+            tolerance,
+            inputs,
+            outputs,
+            answer,
+            (self._pair(primary.name, primary.version, candidate), *extra),
+        )
+        try:
+            self._queue.put_nowait(mirror)
+        except queue.Full:
+            self.metrics.shadow_dropped.labels(primary.name).inc()
+
+    def _pair(self, name: str, primary: int, candidate: int) -> PairStats:
+        key = (name, primary, candidate)
+        stats = self._pairs.get(key)
+        if stats is None:
+            with self._pairs_lock:
+                stats = self._pairs.setdefault(key, PairStats())
+        return stats
+
+    # -- shadow -------------------------------------------------------------------------
+
+    def _shadow_worker(self) -> None:
+        if self.shadow_nice and hasattr(os, "setpriority"):
+            # Linux: the nice value is per thread, so this one alone yields the CPU
+            with contextlib.suppress(OSError):
+                tid = threading.get_native_id()
+                nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.shadow_nice)
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        while True:
+            mirror = self._queue.get()
+            try:
+                if mirror is None or self._stop.is_set():
+                    return
+                self.run_mirror(mirror)
+            except Exception:  # the worker outlives any one mirror
+                log.exception("shadow comparison failed")
+            finally:
+                self._queue.task_done()
+
+    def run_mirror(self, mirror: _Mirror) -> None:
+        """Run the candidate on one mirrored request and record the comparison."""
+        labels = (mirror.name, str(mirror.primary), str(mirror.candidate))
+        try:
+            model = self.repository.get(mirror.name, mirror.candidate)
+            start = time.perf_counter()
+            answer = model.infer(mirror.inputs, mirror.outputs)
+            elapsed = time.perf_counter() - start
+        except Exception as exc:
+            log.debug("shadow %s v%d failed: %s", mirror.name, mirror.candidate, exc)
+            self.metrics.shadow_errors.labels(*labels).inc()
+            for stats in mirror.stats:
+                stats.errors += 1
+            return
+        rows, disagreements, largest = compare_outputs(mirror.answer, answer, mirror.tolerance)
+        self.metrics.shadow_requests.labels(*labels).inc()
+        self.metrics.shadow_rows.labels(*labels).inc(rows)
+        self.metrics.shadow_disagreements.labels(*labels).inc(disagreements)
+        self.metrics.shadow_latency.labels(*labels, "candidate").observe(elapsed)
+        for stats in mirror.stats:
+            stats.requests += 1
+            stats.rows += rows
+            stats.disagreements += disagreements
+            stats.largest_difference = max(stats.largest_difference, largest)
+            stats.candidate_ms.append(elapsed * 1e3)
+        pair = mirror.stats[0]
+        if pair.rate is not None:
+            self.metrics.shadow_ratio.labels(*labels).set(pair.rate)
+
+    def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until every queued mirror has been compared (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the shadow queue did not drain")
+            time.sleep(0.005)
+
+    # -- policies -----------------------------------------------------------------------
+
+    def policy(self, name: str) -> Policy | None:
+        """The policy being applied to ``name`` (None: none)."""
+        state = self._states.get(name)
+        return None if state is None else state.policy
+
+    def refresh(self) -> None:
+        """Pick up changed policies, then judge every canary (called by the watcher)."""
+        stored = self._registry.traffic_all()
+        states = dict(self._states)
+        for name in list(states):
+            if name not in stored:
+                del states[name]
+                log.info("%s: traffic policy cleared", name)
+        for name, policy in stored.items():
+            old = states.get(name)
+            if old is not None and old.stored.revision == policy.revision:
+                continue
+            state = _State(policy)
+            self._carry_over(old, state)
+            self._preload(name, policy.policy)
+            states[name] = state
+            log.info("%s: traffic policy r%d: %s", name, policy.revision, policy.policy.describe())
+        self._states = states  # one assignment: a request sees the old or the new state
+        self._publish_shares()
+        if self.decide:
+            for name, state in list(states.items()):
+                if isinstance(state.policy, Canary):
+                    self._judge(name, state)
+
+    def _carry_over(self, old: _State | None, new: _State) -> None:
+        """A canary stepping up keeps its shadow counts and baseline latency."""
+        if old is None or not isinstance(old.policy, Canary):
+            return
+        if not isinstance(new.policy, Canary):
+            return
+        if (old.policy.candidate, old.policy.baseline) != (
+            new.policy.candidate,
+            new.policy.baseline,
+        ):
+            return
+        new.window.shadow = old.window.shadow
+        new.window.baseline_p95_ms = old.window.base_p95()
+
+    def _preload(self, name: str, policy: Policy) -> None:
+        for version in policy.versions:
+            try:
+                self.repository.get(name, version)
+            except FedlearnError as exc:
+                log.warning("%s v%d named by the traffic policy: %s", name, version, exc)
+
+    def _publish_shares(self) -> None:
+        for name, state in self._states.items():
+            if isinstance(state.policy, Canary):
+                self.metrics.canary_share.labels(name, str(state.policy.candidate)).set(
+                    state.policy.share
+                )
+
+    def _judge(self, name: str, state: _State) -> None:
+        policy = state.policy
+        assert isinstance(policy, Canary)
+        revision = state.stored.revision
+        production = self._registry.aliases(name).get(PRODUCTION)
+        if production != policy.baseline:
+            reason = (
+                f"canary v{policy.candidate} ended: production moved to "
+                f"{'nothing' if production is None else f'v{production}'}, away from its "
+                f"baseline v{policy.baseline}"
+            )
+            self._end(name, state, ROUTE_CLEAR, reason, None)
+            return
+        gate = policy.gate
+        with state.lock:
+            window = state.window
+            n = window.requests
+            error_rate = window.error_rate
+            p95 = window.p95()
+            base_p95 = window.base_p95()
+            summary = window.summary()
+        disagreement = window.shadow.rate
+        measured = (
+            f"{n} requests, error rate {error_rate:.2%}"
+            + ("" if p95 is None else f", p95 {p95:.2f} ms")
+            + ("" if base_p95 is None else f" (baseline {base_p95:.2f} ms)")
+            + ("" if disagreement is None else f", disagreement {disagreement:.2%}")
+        )
+        where = f"step {policy.step + 1}/{len(policy.steps)} ({policy.share:.0%})"
+        if n >= gate.min_requests:
+            broken = None
+            if error_rate > gate.max_error_rate:
+                broken = f"error rate {error_rate:.2%} > {gate.max_error_rate:.2%}"
+            elif gate.max_p95_ms is not None and p95 is not None and p95 > gate.max_p95_ms:
+                broken = f"p95 {p95:.2f} ms > {gate.max_p95_ms:g} ms"
+            elif (
+                gate.p95_tolerance_ms is not None
+                and p95 is not None
+                and base_p95 is not None
+                and p95 > base_p95 + gate.p95_tolerance_ms
+            ):
+                broken = (
+                    f"p95 {p95:.2f} ms > baseline {base_p95:.2f} ms + {gate.p95_tolerance_ms:g} ms"
+                )
+            elif (
+                gate.max_disagreement is not None
+                and disagreement is not None
+                and window.shadow.rows >= gate.min_requests
+                and disagreement > gate.max_disagreement
+            ):
+                broken = f"disagreement {disagreement:.2%} > {gate.max_disagreement:.2%}"
+            if broken is not None:
+                reason = (
+                    f"canary v{policy.candidate} rolled back at {where}: {broken} "
+                    f"({measured}); production stays v{policy.baseline}"
+                )
+                self._end(name, state, CANARY_ROLLBACK, reason, None)
+                return
+        done = (
+            n >= gate.min_requests
+            and (policy.step_requests is None or n >= policy.step_requests)
+            and (
+                policy.step_seconds is None
+                or time.time() - policy.step_started >= policy.step_seconds
+            )
+        )
+        if not done:
+            return
+        if policy.last_step:
+            reason = (
+                f"canary v{policy.candidate} promoted after {where}: {measured}, within the "
+                f"live gate"
+            )
+            self._end(name, state, CANARY_PROMOTE, reason, policy.candidate)
+            return
+        nxt = policy.advanced(time.time())
+        reason = f"canary v{policy.candidate} steps up to {nxt.share:.0%} after {where}: {measured}"
+        stored = self._registry.advance_traffic(name, revision, nxt, CANARY_STEP, reason)
+        if stored is not None:
+            log.info("%s: %s", name, reason)
+            self.metrics.decisions.labels(name, CANARY_STEP).inc()
+            log.debug("%s: step window %s", name, summary)
+            self.refresh_one(name, stored, state)
+
+    def refresh_one(self, name: str, stored: StoredPolicy, old: _State) -> None:
+        """Apply a policy this router itself just stored."""
+        state = _State(stored)
+        self._carry_over(old, state)
+        states = dict(self._states)
+        states[name] = state
+        self._states = states
+        self._publish_shares()
+
+    def _end(self, name: str, state: _State, action: str, reason: str, promote: int | None) -> None:
+        decision = self._registry.end_traffic(
+            name, state.stored.revision, action, reason, promote=promote
+        )
+        if decision is None:  # changed meanwhile: the next refresh sees what it is now
+            return
+        log.info("%s: %s", name, reason)
+        self.metrics.decisions.labels(name, action).inc()
+        assert isinstance(state.policy, Canary)
+        self.metrics.canary_share.labels(name, str(state.policy.candidate)).set(
+            1.0 if promote is not None else 0.0
+        )
+        states = dict(self._states)
+        states.pop(name, None)
+        self._states = states
+        if promote is not None:
+            self.repository.refresh()  # serve the new production now, not at the next poll
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.refresh()
+            except Exception:  # the watcher must outlive a bad registry state
+                log.exception("traffic policy refresh failed")
+
+    # -- metadata -----------------------------------------------------------------------
+
+    def metadata(self, name: str) -> dict[str, Any] | None:
+        """The policy of ``name`` and what it measured, for ``/v2/models/{name}``."""
+        state = self._states.get(name)
+        pairs = {
+            f"v{primary}->v{candidate}": stats.summary()
+            for (model, primary, candidate), stats in list(self._pairs.items())
+            if model == name
+        }
+        if state is None and not pairs:
+            return None
+        out: dict[str, Any] = {"policy": None}
+        if state is not None:
+            out["policy"] = policy_to_dict(state.policy)
+            out["revision"] = state.stored.revision
+            if isinstance(state.policy, Canary):
+                with state.lock:
+                    out["canary"] = {"share": state.policy.share, **state.window.summary()}
+        if pairs:
+            out["shadow"] = pairs
+        return out
