@@ -1,10 +1,12 @@
-"""``fedlearn models``: list, show, promote and roll back published model versions."""
+"""``fedlearn models``: list, show, promote and roll back published model versions, and
+route their traffic (A/B split, shadow, canary)."""
 
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich import box
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
 PRODUCTION = "production"  # fedlearn.registry.model_registry.PRODUCTION, without importing it here
 
 models_app = typer.Typer(
-    help="Published model versions: list, show, promote, roll back.", no_args_is_help=True
+    help="Published model versions: list, show, promote, roll back, route traffic.",
+    no_args_is_help=True,
 )
 console = Console()
 
@@ -277,3 +280,190 @@ def export_mlflow(
         f"  artifacts {escape(result.source)}",
         soft_wrap=True,
     )
+
+
+@models_app.command()
+def route(
+    name: Annotated[str, typer.Argument(help="model name")],
+    split: Annotated[
+        str | None,
+        typer.Option(help="A/B split: VERSION=WEIGHT,... e.g. 1=90,2=10 (sticky per route key)"),
+    ] = None,
+    shadow: Annotated[
+        int | None, typer.Option(help="mirror requests to this version; production answers")
+    ] = None,
+    canary: Annotated[
+        int | None,
+        typer.Option(
+            help="roll this version out in steps; promoted or rolled back on live metrics"
+        ),
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="end the model's policy")] = False,
+    sample: Annotated[
+        float | None, typer.Option(help="shadow: fraction of requests mirrored (default 1)")
+    ] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(help="shadow/canary: max-abs difference still agreeing (non-class outputs)"),
+    ] = None,
+    steps: Annotated[
+        str | None, typer.Option(help="canary: percent of traffic per step (default 5,25,50,100)")
+    ] = None,
+    step_requests: Annotated[
+        int | None, typer.Option(help="canary: candidate requests per step (default 200)")
+    ] = None,
+    step_seconds: Annotated[
+        float | None, typer.Option(help="canary: seconds per step (also)")
+    ] = None,
+    max_error_rate: Annotated[
+        float | None, typer.Option(help="canary: roll back above this error rate (default 0.01)")
+    ] = None,
+    max_p95_ms: Annotated[
+        float | None, typer.Option(help="canary: roll back above this p95 latency")
+    ] = None,
+    p95_tolerance_ms: Annotated[
+        float | None,
+        typer.Option(help="canary: roll back when p95 exceeds production's by more than this"),
+    ] = None,
+    max_disagreement: Annotated[
+        float | None,
+        typer.Option(help="canary: roll back above this shadow disagreement (mirrors requests)"),
+    ] = None,
+    min_requests: Annotated[
+        int | None, typer.Option(help="canary: requests in a step before any verdict (default 50)")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="note recorded with the decision")] = None,
+    registry: RegistryOption = DEFAULT_REGISTRY,
+) -> None:
+    """Show, set or clear the traffic policy of a model (A/B split, shadow, canary).
+
+    With no policy option, shows the current policy. `fedlearn serve` picks a change up
+    at its next poll, without failing a request; every change is in the decision log."""
+    from fedlearn.registry.traffic import (
+        DEFAULT_STEPS,
+        DEFAULT_TOLERANCE,
+        Canary,
+        LiveGate,
+        Shadow,
+        parse_steps,
+        parse_weights,
+    )
+
+    chosen = [
+        flag
+        for flag, given in (
+            ("--split", split is not None),
+            ("--shadow", shadow is not None),
+            ("--canary", canary is not None),
+            ("--clear", clear),
+        )
+        if given
+    ]
+    if len(chosen) > 1:
+        _fail(f"give one of {', '.join(chosen)}, not several")
+    kind = chosen[0] if chosen else None
+    allowed = {
+        None: set(),
+        "--clear": set(),
+        "--split": set(),
+        "--shadow": {"--sample", "--tolerance"},
+        "--canary": {
+            "--tolerance",
+            "--steps",
+            "--step-requests",
+            "--step-seconds",
+            "--max-error-rate",
+            "--max-p95-ms",
+            "--p95-tolerance-ms",
+            "--max-disagreement",
+            "--min-requests",
+        },
+    }[kind]
+    extras = {
+        "--sample": sample,
+        "--tolerance": tolerance,
+        "--steps": steps,
+        "--step-requests": step_requests,
+        "--step-seconds": step_seconds,
+        "--max-error-rate": max_error_rate,
+        "--max-p95-ms": max_p95_ms,
+        "--p95-tolerance-ms": p95_tolerance_ms,
+        "--max-disagreement": max_disagreement,
+        "--min-requests": min_requests,
+    }
+    stray = sorted(flag for flag, value in extras.items() if value is not None)
+    stray = [flag for flag in stray if flag not in allowed]
+    if stray:
+        what = f"with {kind}" if kind else "without --split, --shadow or --canary"
+        _fail(f"{', '.join(stray)} cannot be used {what}")
+    with _open(registry) as reg:
+        _require(reg, name)
+        try:
+            if kind is None:
+                _show_route(reg, name)
+                return
+            if kind == "--clear":
+                if not reg.clear_traffic(name, reason):
+                    _fail(f"model {name!r} has no traffic policy")
+                console.print(f"{escape(name)}: traffic policy cleared")
+                return
+            if split is not None:
+                policy: Any = parse_weights(split)
+            elif shadow is not None:
+                policy = Shadow(
+                    shadow,
+                    1.0 if sample is None else sample,
+                    DEFAULT_TOLERANCE if tolerance is None else tolerance,
+                )
+            else:
+                assert canary is not None
+                production = reg.aliases(name).get(PRODUCTION)
+                if production is None:
+                    _fail(f"model {name!r} has no production version for a canary to start from")
+                defaults = LiveGate()
+                gate = LiveGate(
+                    defaults.max_error_rate if max_error_rate is None else max_error_rate,
+                    max_p95_ms,
+                    p95_tolerance_ms,
+                    max_disagreement,
+                    defaults.min_requests if min_requests is None else min_requests,
+                )
+                policy = Canary(
+                    canary,
+                    production,
+                    DEFAULT_STEPS if steps is None else parse_steps(steps),
+                    200 if step_requests is None and step_seconds is None else step_requests,
+                    step_seconds,
+                    gate,
+                    DEFAULT_TOLERANCE if tolerance is None else tolerance,
+                )
+            stored = reg.set_traffic(name, policy, reason)
+        except FedlearnError as exc:
+            _fail(str(exc))
+    console.print(
+        f"{escape(name)}: {escape(stored.policy.describe())} (revision {stored.revision})",
+        soft_wrap=True,
+    )
+
+
+def _show_route(reg: ModelRegistry, name: str) -> None:
+    from fedlearn.registry.traffic import Canary, policy_to_dict
+
+    stored = reg.traffic(name)
+    production = reg.aliases(name).get(PRODUCTION)
+    serving = "none" if production is None else f"v{production}"
+    if stored is None:
+        console.print(f"{escape(name)}: no traffic policy; requests go to production ({serving})")
+        return
+    policy = stored.policy
+    table = Table(title=f"{name}: traffic policy (revision {stored.revision})", show_header=False)
+    table.add_row("policy", escape(policy.describe()))
+    table.add_row("production", serving)
+    table.add_row("set", _when(stored.updated))
+    for key, value in policy_to_dict(policy).items():
+        if key in ("kind", "step_started"):
+            continue
+        table.add_row(key, escape(json.dumps(value)))
+    if isinstance(policy, Canary):
+        table.add_row("step started", _when(policy.step_started))
+    console.print(table)
