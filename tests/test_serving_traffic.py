@@ -563,3 +563,18 @@ def test_policies_change_live_with_no_failed_request(tmp_path: Path) -> None:
     assert failures == []
     assert {"1", "2", "3"} <= set(seen), seen
     assert seen["grpc:3"] > 0 and sticky >= 0  # the last split sends every key to v3
+
+
+def test_shadow_charges_a_failing_candidate_with_exactly_its_failures(served: Served) -> None:
+    """v4 refuses batches over 4 rows: stacked mirrors fail, then run one by one, so the
+    errors are the 8-row requests and everything else is compared."""
+    served.registry.set_traffic(tm.NAME, Shadow(4))
+    served.router.start()
+    xs = [tm.rows(8 if i % 4 == 0 else 1, seed=i) for i in range(200)]
+    answers = post_many(served.app, [encode(x) for x in xs])
+    served.router.drain()
+    assert all(status == 200 and a["model_version"] == "2" for status, a in answers)
+    pair = (("candidate", "4"), ("model", tm.NAME), ("primary", "2"))
+    assert samples(served.app, "fedlearn_serving_shadow_errors_total")[pair] == 50
+    assert samples(served.app, "fedlearn_serving_shadow_requests_total")[pair] == 150
+    assert samples(served.app, "fedlearn_serving_shadow_rows_total")[pair] == 150

@@ -11,12 +11,16 @@ a policy set, changed or cleared while requests run fails none of them.
   model name and key (blake2b, so the same key gets the same version in every process),
   otherwise a draw of the router's RNG.
 * **Shadow**: the serving alias answers; the request's inputs and the answer go to a
-  bounded queue, and one worker thread (at a lower CPU priority where the OS allows it)
-  runs the candidate on them and compares the two: a row disagrees when the argmax
-  differs (a float output of shape ``[batch, classes]``) or, for any other output, when
-  the largest absolute difference exceeds the policy's tolerance; a non-finite candidate
-  value always disagrees. A full queue drops the mirror and counts it: the caller never
-  waits for the shadow.
+  bounded queue, and one worker thread runs the candidate on them and compares the two:
+  a row disagrees when the argmax differs (a float output of shape ``[batch, classes]``)
+  or, for any other output, when the largest absolute difference exceeds the policy's
+  tolerance; a non-finite candidate value always disagrees. A full queue drops the mirror
+  and counts it: the caller never waits for the shadow. The worker takes the mirrors that
+  arrive within ``shadow_linger_s`` (20 ms) of each other and runs the candidate once on
+  their stacked inputs (one call's Python overhead for all of them: the endpoint is one
+  process, and a second model call per request would hold the GIL the request path
+  needs); a stacked call that fails is retried request by request, so a candidate that
+  fails on some requests is charged with exactly those.
 * **Canary**: the candidate answers its step's share of the requests (by route key or RNG
   as for a split). After each poll the router checks the candidate's live metrics in the
   current step against the policy's :class:`~fedlearn.registry.traffic.LiveGate` and
@@ -136,6 +140,27 @@ def compare_outputs(
                 largest = max(largest, float(np.abs(a2.astype(np.float64) - b2).max()))
             disagree |= row_bad
     return rows, int(disagree.sum()), largest
+
+
+def _rows(arrays: Mapping[str, np.ndarray]) -> int:
+    return max((int(a.shape[0]) if a.ndim else 1 for a in arrays.values()), default=1)
+
+
+def _group_key(mirror: _Mirror) -> tuple[Any, ...]:
+    """Mirrors with equal keys can run stacked: same pair, outputs, tolerance, statistics,
+    and tensors that differ at most in their first dimension (none a scalar)."""
+    if any(a.ndim == 0 for a in (*mirror.inputs.values(), *mirror.answer.values())):
+        return (id(mirror),)
+    return (
+        mirror.name,
+        mirror.primary,
+        mirror.candidate,
+        mirror.tolerance,
+        None if mirror.outputs is None else tuple(mirror.outputs),
+        tuple(id(s) for s in mirror.stats),
+        tuple((k, a.dtype.str, a.shape[1:]) for k, a in mirror.inputs.items()),
+        tuple((k, a.dtype.str, a.shape[1:]) for k, a in mirror.answer.items()),
+    )
 
 
 def finite(outputs: Mapping[str, np.ndarray]) -> bool:
@@ -338,7 +363,8 @@ class TrafficRouter:
     picking a version needs no cryptographic strength, only independence). ``decide``:
     whether this endpoint takes canary decisions (one endpoint of several sharing a
     registry may leave them to another). ``shadow_nice``: how much lower the shadow
-    worker's CPU priority is (Linux: per thread; 0 leaves it).
+    worker's CPU priority is (Linux: per thread). It is 0 by default: a thread that can be
+    preempted for long while it holds the GIL would stall the request path instead.
     """
 
     def __init__(
@@ -351,7 +377,9 @@ class TrafficRouter:
         shadow_queue: int = DEFAULT_SHADOW_QUEUE,
         rng: random.Random | None = None,
         decide: bool = True,
-        shadow_nice: int = 10,
+        shadow_nice: int = 0,
+        shadow_linger_s: float = 0.02,
+        shadow_batch_rows: int = 256,
     ) -> None:
         if not poll_interval_s > 0:
             raise ConfigError(f"traffic poll interval must be > 0, got {poll_interval_s}")
@@ -362,6 +390,8 @@ class TrafficRouter:
         self.poll_interval_s = poll_interval_s
         self.decide = decide
         self.shadow_nice = shadow_nice
+        self.shadow_linger_s = shadow_linger_s
+        self.shadow_batch_rows = shadow_batch_rows
         self._registry = ModelRegistry(root)
         self._rng = rng or random.Random()
         self._states: dict[str, _State] = {}
@@ -532,19 +562,74 @@ class TrafficRouter:
                 nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.shadow_nice)
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
         while True:
-            mirror = self._queue.get()
+            batch = self._collect()
             try:
-                if mirror is None or self._stop.is_set():
-                    return
-                self.run_mirror(mirror)
-            except Exception:  # the worker outlives any one mirror
+                mirrors = [m for m in batch if m is not None]
+                if mirrors and not self._stop.is_set():
+                    self.run_mirrors(mirrors)
+            except Exception:  # the worker outlives any one batch
                 log.exception("shadow comparison failed")
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if None in batch or self._stop.is_set():
+                return
+
+    def _collect(self) -> list[_Mirror | None]:
+        """The next mirror, and those arriving within ``shadow_linger_s`` after it (up to
+        ``shadow_batch_rows`` rows): the candidate runs on them as one batch."""
+        first = self._queue.get()
+        batch = [first]
+        if first is None:
+            return batch
+        rows = _rows(first.inputs)
+        deadline = time.monotonic() + self.shadow_linger_s
+        while rows < self.shadow_batch_rows:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            batch.append(item)
+            if item is None:
+                break
+            rows += _rows(item.inputs)
+        return batch
+
+    def run_mirrors(self, mirrors: Sequence[_Mirror]) -> None:
+        """Run the candidate on mirrored requests and record the comparisons: requests of
+        one pair whose tensors stack along the batch axis run as one batch (the Python
+        cost of a call paid once for all of them), the others one by one."""
+        groups: dict[tuple[Any, ...], list[_Mirror]] = {}
+        for mirror in mirrors:
+            groups.setdefault(_group_key(mirror), []).append(mirror)
+        for group in groups.values():
+            if len(group) == 1 or not self._run_stacked(group):
+                for mirror in group:
+                    self.run_mirror(mirror)
+
+    def _run_stacked(self, group: list[_Mirror]) -> bool:
+        """One candidate call on the stacked inputs of ``group``; False (nothing recorded)
+        if it fails, so that each request is tried alone."""
+        first = group[0]
+        try:
+            model = self.repository.get(first.name, first.candidate)
+            inputs = {k: np.concatenate([m.inputs[k] for m in group]) for k in first.inputs}
+            primary = {k: np.concatenate([m.answer[k] for m in group]) for k in first.answer}
+            start = time.perf_counter()
+            answer = model.infer(inputs, first.outputs)
+            elapsed = time.perf_counter() - start
+        except Exception as exc:  # e.g. a candidate limited to smaller batches
+            log.debug("shadow %s v%d: stacked batch failed: %s", first.name, first.candidate, exc)
+            return False
+        rows, disagreements, largest = compare_outputs(primary, answer, first.tolerance)
+        self._record(first, len(group), rows, disagreements, largest, elapsed)
+        return True
 
     def run_mirror(self, mirror: _Mirror) -> None:
         """Run the candidate on one mirrored request and record the comparison."""
-        labels = (mirror.name, str(mirror.primary), str(mirror.candidate))
         try:
             model = self.repository.get(mirror.name, mirror.candidate)
             start = time.perf_counter()
@@ -552,21 +637,38 @@ class TrafficRouter:
             elapsed = time.perf_counter() - start
         except Exception as exc:
             log.debug("shadow %s v%d failed: %s", mirror.name, mirror.candidate, exc)
+            labels = (mirror.name, str(mirror.primary), str(mirror.candidate))
             self.metrics.shadow_errors.labels(*labels).inc()
             for stats in mirror.stats:
                 stats.errors += 1
             return
         rows, disagreements, largest = compare_outputs(mirror.answer, answer, mirror.tolerance)
-        self.metrics.shadow_requests.labels(*labels).inc()
+        self._record(mirror, 1, rows, disagreements, largest, elapsed)
+
+    def _record(
+        self,
+        mirror: _Mirror,
+        requests: int,
+        rows: int,
+        disagreements: int,
+        largest: float,
+        elapsed: float,
+    ) -> None:
+        """Count ``requests`` compared requests of ``mirror``'s pair (``elapsed``: the
+        candidate's time to answer them, each)."""
+        labels = (mirror.name, str(mirror.primary), str(mirror.candidate))
+        self.metrics.shadow_requests.labels(*labels).inc(requests)
         self.metrics.shadow_rows.labels(*labels).inc(rows)
         self.metrics.shadow_disagreements.labels(*labels).inc(disagreements)
-        self.metrics.shadow_latency.labels(*labels, "candidate").observe(elapsed)
+        latency = self.metrics.shadow_latency.labels(*labels, "candidate")
+        for _ in range(requests):
+            latency.observe(elapsed)
         for stats in mirror.stats:
-            stats.requests += 1
+            stats.requests += requests
             stats.rows += rows
             stats.disagreements += disagreements
             stats.largest_difference = max(stats.largest_difference, largest)
-            stats.candidate_ms.append(elapsed * 1e3)
+            stats.candidate_ms.extend([elapsed * 1e3] * requests)
         pair = mirror.stats[0]
         if pair.rate is not None:
             self.metrics.shadow_ratio.labels(*labels).set(pair.rate)
