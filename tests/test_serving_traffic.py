@@ -475,7 +475,8 @@ def test_a_healthy_canary_steps_up_and_is_promoted(served: Served) -> None:
     ]
     assert "disagreement" in served.registry.decisions(tm.NAME)[-2].reason
     assert served.registry.aliases(tm.NAME)["production"] == 3
-    # the endpoint serves the new production at once
+    # the endpoint serves the new production from the repository's next look
+    served.repository.refresh()
     answer = post_many(served.app, [encode(xs[0])])[0][1]
     assert answer["model_version"] == "3"
     np.testing.assert_array_equal(logits(answer), tm.predict(served.modules[2], xs[0]))

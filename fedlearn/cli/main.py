@@ -571,10 +571,19 @@ def serve_(
     torch_threads: Annotated[
         int, typer.Option(help="torch threads per request (requests already run side by side)")
     ] = 1,
+    shadow_queue: Annotated[
+        int,
+        typer.Option(help="mirrored requests waiting for a shadow candidate; more are dropped"),
+    ] = 64,
+    canary_decisions: Annotated[
+        bool,
+        typer.Option(help="step up, promote and roll back canaries from this endpoint's metrics"),
+    ] = True,
     verbose: Annotated[bool, typer.Option(help="log swaps and errors")] = True,
 ) -> None:
     """Serve the registry's models over the Open Inference Protocol v2 (REST and gRPC),
-    hot-swapping each model when its alias moves."""
+    hot-swapping each model when its alias moves and applying its traffic policy
+    (`fedlearn models route`)."""
     from fedlearn.config.extras import extra_message, has_extra
 
     if not has_extra("serve"):
@@ -606,6 +615,8 @@ def serve_(
             cert=cert,
             key=key,
             insecure=insecure,
+            shadow_queue=shadow_queue,
+            canary_decisions=canary_decisions,
         )
         endpoint = start_endpoint(settings)
     except FedlearnError as exc:

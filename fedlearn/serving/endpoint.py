@@ -78,6 +78,10 @@ class EndpointSettings:
             raise ConfigError(
                 f"serve: max request size must be >= 1 MiB, got {self.max_request_mb}"
             )
+        if self.shadow_queue < 1:
+            raise ConfigError(
+                f"serve: --shadow-queue must be >= 1 request, got {self.shadow_queue}"
+            )
         if self.max_inflight < 1:
             raise ConfigError(
                 f"serve: --max-inflight must be >= 1 request, got {self.max_inflight}"

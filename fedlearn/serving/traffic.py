@@ -27,7 +27,9 @@ a policy set, changed or cleared while requests run fails none of them.
   steps up, promotes (``production`` moves through the registry, recorded) or rolls back
   (the policy ends, recorded); the registry applies each decision only if the policy is
   still the one judged, so endpoints sharing a registry, or an operator changing the
-  policy meanwhile, cannot race.
+  policy meanwhile, cannot race. Once promoted, the candidate answers as the new
+  ``production`` from the repository's next poll; until then the previous production
+  does (nothing fails either way).
 
 A routed version that fails a request (an exception, or a non-finite output where the
 serving alias's answer is finite) does not fail the caller: the serving alias answers it
@@ -397,6 +399,7 @@ class TrafficRouter:
         self._states: dict[str, _State] = {}
         self._pairs: dict[tuple[str, int, int], PairStats] = {}
         self._pairs_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._queue: queue.Queue[_Mirror | None] = queue.Queue(maxsize=shadow_queue)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -690,6 +693,10 @@ class TrafficRouter:
 
     def refresh(self) -> None:
         """Pick up changed policies, then judge every canary (called by the watcher)."""
+        with self._refresh_lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         stored = self._registry.traffic_all()
         states = dict(self._states)
         for name in list(states):
@@ -848,8 +855,6 @@ class TrafficRouter:
         states = dict(self._states)
         states.pop(name, None)
         self._states = states
-        if promote is not None:
-            self.repository.refresh()  # serve the new production now, not at the next poll
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
