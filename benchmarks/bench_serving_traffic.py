@@ -133,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="OMP_NUM_THREADS (0: torch's default)"
     )
+    parser.add_argument(
+        "--shadow-nice", type=int, default=0, help="fedlearn serve --shadow-nice (Linux)"
+    )
+    parser.add_argument(
+        "--shadow-queue", type=int, default=64, help="fedlearn serve --shadow-queue"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     args = parser.parse_args(argv)
     if args.torch_threads > 0:
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"rest": f"http://127.0.0.1:{ports['rest']}", "grpc": f"127.0.0.1:{ports['grpc']}"}
         serve = [sys.executable, "-m", "fedlearn.cli.main", "serve", "--registry", str(registry)]
         serve += ["--path", str(ROOT), "--poll", str(args.poll)]
+        serve += ["--shadow-nice", str(args.shadow_nice), "--shadow-queue", str(args.shadow_queue)]
         serve += ["--http-port", str(ports["rest"]), "--grpc-port", str(ports["grpc"])]
         proc = bs.start(serve, tmp / "serve.log")
         reg = ModelRegistry(registry)

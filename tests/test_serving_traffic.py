@@ -22,9 +22,11 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import torch
 import traffic_models as tm
 from prometheus_client.parser import text_string_to_metric_families
 
+from fedlearn.apps.torch_app import model_to_arrays
 from fedlearn.errors import ConfigError
 from fedlearn.registry.model_registry import SCHEMA, ModelRegistry
 from fedlearn.registry.traffic import (
@@ -579,3 +581,46 @@ def test_shadow_charges_a_failing_candidate_with_exactly_its_failures(served: Se
     assert samples(served.app, "fedlearn_serving_shadow_errors_total")[pair] == 50
     assert samples(served.app, "fedlearn_serving_shadow_requests_total")[pair] == 150
     assert samples(served.app, "fedlearn_serving_shadow_rows_total")[pair] == 150
+
+
+def test_a_canary_answering_nan_falls_back_and_is_rolled_back(served: Served) -> None:
+    broken = tm.seeded(5)
+    last_layer = list(broken.children())[-1]
+    assert isinstance(last_layer, torch.nn.Linear)
+    with torch.no_grad():
+        last_layer.bias.fill_(float("nan"))
+    with ModelRegistry(served.root) as registry:
+        registry.publish(
+            tm.NAME,
+            model_to_arrays(broken),
+            run="traffic",
+            round=5,
+            metrics={"accuracy": 0.5},
+            client_summary=None,
+            factory=tm.FACTORY,
+            factory_params=tm.PARAMS,
+            signature=tm.SIGNATURE,
+        )
+    served.registry.set_traffic(
+        tm.NAME, Canary(5, 2, steps=(0.5, 1.0), step_requests=100, gate=LiveGate(min_requests=10))
+    )
+    served.router.refresh()
+    xs = [tm.rows(2, seed=i) for i in range(400)]
+    answers = run_until_decided(served, [encode(x) for x in xs])
+    assert served.router.policy(tm.NAME) is None
+    for x, (status, answer) in zip(xs, answers, strict=False):
+        assert status == 200 and answer["model_version"] == "2"
+        np.testing.assert_array_equal(logits(answer), tm.predict(served.modules[1], x))
+    last = served.registry.decisions(tm.NAME)[-1]
+    assert last.action == "canary-rollback" and "error rate 100.00%" in last.reason
+
+
+def test_a_canary_slower_than_its_p95_bound_is_rolled_back(served: Served) -> None:
+    gate = LiveGate(max_p95_ms=1e-6, min_requests=10)
+    served.registry.set_traffic(tm.NAME, Canary(3, 2, steps=(0.5, 1.0), gate=gate))
+    served.router.refresh()
+    answers = run_until_decided(served, [encode(tm.rows(1, seed=i)) for i in range(400)])
+    assert all(status == 200 for status, _ in answers)
+    last = served.registry.decisions(tm.NAME)[-1]
+    assert last.action == "canary-rollback" and "p95" in last.reason and "> 1e-06 ms" in last.reason
+    assert served.registry.aliases(tm.NAME)["production"] == 2

@@ -575,6 +575,10 @@ def serve_(
         int,
         typer.Option(help="mirrored requests waiting for a shadow candidate; more are dropped"),
     ] = 64,
+    shadow_nice: Annotated[
+        int,
+        typer.Option(help="lower CPU priority (nice, 0-19) of the shadow worker (Linux)"),
+    ] = 0,
     canary_decisions: Annotated[
         bool,
         typer.Option(help="step up, promote and roll back canaries from this endpoint's metrics"),
@@ -616,6 +620,7 @@ def serve_(
             key=key,
             insecure=insecure,
             shadow_queue=shadow_queue,
+            shadow_nice=shadow_nice,
             canary_decisions=canary_decisions,
         )
         endpoint = start_endpoint(settings)

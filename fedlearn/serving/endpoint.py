@@ -63,6 +63,9 @@ class EndpointSettings:
     #: whether this endpoint takes canary decisions (one of several sharing a registry
     #: may leave them to another)
     canary_decisions: bool = True
+    #: how much lower the shadow worker's CPU priority (nice value) is than the request
+    #: path's (Linux: per thread; 0: the same)
+    shadow_nice: int = 0
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -82,6 +85,8 @@ class EndpointSettings:
             raise ConfigError(
                 f"serve: --shadow-queue must be >= 1 request, got {self.shadow_queue}"
             )
+        if not 0 <= self.shadow_nice <= 19:
+            raise ConfigError(f"serve: --shadow-nice must be in 0..19, got {self.shadow_nice}")
         if self.max_inflight < 1:
             raise ConfigError(
                 f"serve: --max-inflight must be >= 1 request, got {self.max_inflight}"
@@ -162,6 +167,7 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
             poll_interval_s=settings.poll_interval_s,
             shadow_queue=settings.shadow_queue,
             decide=settings.canary_decisions,
+            shadow_nice=settings.shadow_nice,
         )
         traffic.start()
         rest = serve_rest(
