@@ -575,6 +575,10 @@ def serve_(
         int,
         typer.Option(help="mirrored requests waiting for a shadow candidate; more are dropped"),
     ] = 64,
+    shadow_max_cpu: Annotated[
+        float,
+        typer.Option(help="share of one core a shadow candidate may use; mirrors beyond drop"),
+    ] = 0.25,
     shadow_nice: Annotated[
         int,
         typer.Option(help="lower CPU priority (nice, 0-19) of the shadow worker (Linux)"),
@@ -621,6 +625,7 @@ def serve_(
             insecure=insecure,
             shadow_queue=shadow_queue,
             shadow_nice=shadow_nice,
+            shadow_max_cpu=shadow_max_cpu,
             canary_decisions=canary_decisions,
         )
         endpoint = start_endpoint(settings)

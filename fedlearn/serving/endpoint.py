@@ -66,6 +66,8 @@ class EndpointSettings:
     #: how much lower the shadow worker's CPU priority (nice value) is than the request
     #: path's (Linux: per thread; 0: the same)
     shadow_nice: int = 0
+    #: the share of one core the shadow worker may keep busy; mirrors beyond are dropped
+    shadow_max_cpu: float = 0.25
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -84,6 +86,10 @@ class EndpointSettings:
         if self.shadow_queue < 1:
             raise ConfigError(
                 f"serve: --shadow-queue must be >= 1 request, got {self.shadow_queue}"
+            )
+        if not 0 < self.shadow_max_cpu <= 1:
+            raise ConfigError(
+                f"serve: --shadow-max-cpu must be in (0, 1], got {self.shadow_max_cpu}"
             )
         if not 0 <= self.shadow_nice <= 19:
             raise ConfigError(f"serve: --shadow-nice must be in 0..19, got {self.shadow_nice}")
@@ -168,6 +174,7 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
             shadow_queue=settings.shadow_queue,
             decide=settings.canary_decisions,
             shadow_nice=settings.shadow_nice,
+            shadow_max_cpu=settings.shadow_max_cpu,
         )
         traffic.start()
         rest = serve_rest(

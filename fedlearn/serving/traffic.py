@@ -20,7 +20,8 @@ a policy set, changed or cleared while requests run fails none of them.
   their stacked inputs (one call's Python overhead for all of them: the endpoint is one
   process, and a second model call per request would hold the GIL the request path
   needs); a stacked call that fails is retried request by request, so a candidate that
-  fails on some requests is charged with exactly those.
+  fails on some requests is charged with exactly those. The worker keeps within
+  ``shadow_max_cpu`` of one core (25 %): after each batch it rests in proportion.
 * **Canary**: the candidate answers its step's share of the requests (by route key or RNG
   as for a split). After each poll the router checks the candidate's live metrics in the
   current step against the policy's :class:`~fedlearn.registry.traffic.LiveGate` and
@@ -367,6 +368,10 @@ class TrafficRouter:
     registry may leave them to another). ``shadow_nice``: how much lower the shadow
     worker's CPU priority is (Linux: per thread). It is 0 by default: a thread that can be
     preempted for long while it holds the GIL would stall the request path instead.
+    ``shadow_max_cpu``: the share of one core the shadow worker may keep busy (after each
+    batch it rests in proportion); mirrors beyond what that share can compare are dropped
+    from the full queue and counted, so a shadow costs the request path a bounded amount
+    under any load.
     """
 
     def __init__(
@@ -382,9 +387,12 @@ class TrafficRouter:
         shadow_nice: int = 0,
         shadow_linger_s: float = 0.02,
         shadow_batch_rows: int = 256,
+        shadow_max_cpu: float = 0.25,
     ) -> None:
         if not poll_interval_s > 0:
             raise ConfigError(f"traffic poll interval must be > 0, got {poll_interval_s}")
+        if not 0 < shadow_max_cpu <= 1:
+            raise ConfigError(f"shadow max CPU must be in (0, 1], got {shadow_max_cpu}")
         if shadow_queue < 1:
             raise ConfigError(f"shadow queue must hold >= 1 request, got {shadow_queue}")
         self.repository = repository
@@ -394,6 +402,7 @@ class TrafficRouter:
         self.shadow_nice = shadow_nice
         self.shadow_linger_s = shadow_linger_s
         self.shadow_batch_rows = shadow_batch_rows
+        self.shadow_max_cpu = shadow_max_cpu
         self._registry = ModelRegistry(root)
         self._rng = rng or random.Random()
         self._states: dict[str, _State] = {}
@@ -566,6 +575,7 @@ class TrafficRouter:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
         while True:
             batch = self._collect()
+            start = time.perf_counter()
             try:
                 mirrors = [m for m in batch if m is not None]
                 if mirrors and not self._stop.is_set():
@@ -576,6 +586,12 @@ class TrafficRouter:
                 for _ in batch:
                     self._queue.task_done()
             if None in batch or self._stop.is_set():
+                return
+            # rest in proportion, so that the shadow keeps within its share of a core
+            busy = time.perf_counter() - start
+            if self.shadow_max_cpu < 1.0 and self._stop.wait(
+                busy * (1.0 - self.shadow_max_cpu) / self.shadow_max_cpu
+            ):
                 return
 
     def _collect(self) -> list[_Mirror | None]:
