@@ -12,7 +12,9 @@ What runs (all on 127.0.0.1; the endpoint process is stopped by its pid):
   mirrored to v1 off the request path, compared, never answered). The policy is set and
   cleared through the registry while the endpoint runs, as an operator would (``fedlearn
   models route``); each measurement starts once ``/v2/models/mnist`` shows the policy (or
-  its absence). The order of the two alternates between repetitions.
+  its absence). The order of the two alternates between repetitions, and the windows are
+  short (0.75 s) and many (15 pairs), so that each ratio compares two neighbouring
+  windows: the machine is shared, and its load moves on a scale of seconds.
 * Per repetition: ``shadow req/s / plain req/s`` (goal >= 0.9) and the p50 ratio; the
   medians over ``--reps`` are printed. Also the shadow's coverage in the measured window:
   mirrors compared / requests answered, and mirrors dropped because the shadow queue was
@@ -21,7 +23,7 @@ What runs (all on 127.0.0.1; the endpoint process is stopped by its pid):
 
 Usage (from the repo root)::
 
-    python benchmarks/bench_serving_traffic.py --torch-threads 1          # ~2 min
+    python benchmarks/bench_serving_traffic.py --torch-threads 1          # ~2.5 min
     python benchmarks/bench_serving_traffic.py --reps 3 --cells rest:1:1
 """
 
@@ -68,11 +70,18 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return total
 
 
-def shadow_counts(url: str) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads; Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def shadow_counts(url: str, pid: int) -> dict[str, float]:
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=10).text
     return {
+        "cpu_s": cpu_seconds(pid),
         "compared": metric(text, "fedlearn_serving_shadow_requests_total"),
         "dropped": metric(text, "fedlearn_serving_shadow_dropped_total"),
         "answered": metric(text, "fedlearn_serving_requests_total", 'outcome="ok"'),
@@ -126,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cells", default="rest:1:1,rest:1:8,rest:32:1,grpc:1:8", help="mode:batch:clients,..."
     )
-    parser.add_argument("--duration", type=float, default=2.0, help="seconds measured per run")
-    parser.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions (medians reported)")
+    parser.add_argument("--duration", type=float, default=0.75, help="seconds measured per run")
+    parser.add_argument("--warmup", type=float, default=0.25, help="seconds before measuring")
+    parser.add_argument("--reps", type=int, default=15, help="repetitions (medians reported)")
     parser.add_argument("--poll", type=float, default=0.05, help="endpoint registry poll (s)")
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="OMP_NUM_THREADS (0: torch's default)"
@@ -189,20 +198,23 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             reg.clear_traffic(MODEL, "bench_serving_traffic")
                             wait_for_policy(urls["rest"], None)
-                        before = shadow_counts(urls["rest"])
+                        before = shadow_counts(urls["rest"], proc.pid)
                         stats = measure(mode, batch, clients, x, urls, args)
-                        after = shadow_counts(urls["rest"])
+                        after = shadow_counts(urls["rest"], proc.pid)
                         delta = {k: after[k] - before[k] for k in after}
+                        delta["cpu_ms"] = 1e3 * delta["cpu_s"] / max(delta["answered"], 1.0)
                         run = {**stats.__dict__, **delta}
                         runs[target].append(run)
                         print(
                             f"{mode} b={batch} C={clients} rep {rep + 1} {target}: "
                             f"{stats.rps:.0f} req/s p50 {stats.p50_ms:.2f} ms errors "
                             f"{stats.errors} mirrors {delta['compared']:.0f} compared "
-                            f"{delta['dropped']:.0f} dropped of {delta['answered']:.0f}"
+                            f"{delta['dropped']:.0f} dropped of {delta['answered']:.0f}; "
+                            f"endpoint CPU {delta['cpu_ms']:.2f} ms/request"
                         )
                 plain, shadow = runs["plain"], runs["shadow"]
-                reps = range(args.reps)
+                # a window with no answer at all (the machine stalled) has no ratio
+                reps = [i for i in range(args.reps) if plain[i]["rps"] and shadow[i]["rps"]]
                 rows.append(
                     {
                         "cell": f"{mode} b={batch} C={clients}",
@@ -215,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
                         ),
                         "p50_ratio": statistics.median(
                             shadow[i]["p50_ms"] / plain[i]["p50_ms"] for i in reps
+                        ),
+                        "plain_cpu_ms": statistics.median(r["cpu_ms"] for r in plain),
+                        "shadow_cpu_ms": statistics.median(r["cpu_ms"] for r in shadow),
+                        "cpu_ratio": statistics.median(
+                            plain[i]["cpu_ms"] / shadow[i]["cpu_ms"]
+                            for i in range(args.reps)
+                            if shadow[i]["cpu_ms"] > 0
                         ),
                         "coverage": statistics.median(
                             r["compared"] / max(r["answered"], 1.0) for r in shadow
@@ -233,18 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     head = (
         f"{'cell':<18}{'plain req/s':>12}{'p50':>7}{'shadow req/s':>13}{'p50':>7}"
-        f"{'req/s ratio':>12}{'p50 ratio':>10}{'mirrored':>9}{'dropped':>8}{'err':>5}"
+        f"{'req/s ratio':>12}{'p50 ratio':>10}{'CPU ms/req':>11}{'shadow':>7}{'ratio':>6}"
+        f"{'mirrored':>9}{'dropped':>8}{'err':>5}"
     )
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         print(
             f"{r['cell']:<18}{r['plain_rps']:>12.0f}{r['plain_p50']:>7.2f}{r['shadow_rps']:>13.0f}"
             f"{r['shadow_p50']:>7.2f}{r['rps_ratio']:>12.2f}{r['p50_ratio']:>10.2f}"
+            f"{r['plain_cpu_ms']:>11.2f}{r['shadow_cpu_ms']:>7.2f}{r['cpu_ratio']:>6.2f}"
             f"{r['coverage']:>9.0%}{r['dropped']:>8.0%}{r['errors']:>5d}"
         )
     print(
         f"\nmedians over {args.reps} repetitions (ratios per repetition: shadow / plain, "
         f"same endpoint, same run); mirrored / dropped: share of the answered requests.\n"
+        f"CPU ms/req: the endpoint process's CPU time (all threads) per answered request; "
+        f"its ratio is plain / shadow, the throughput ratio of a CPU-bound endpoint.\n"
         f"load average at the start {info['loadavg_start']}, at the end {load}; "
         f"shadowed answers not v2's: {wrong}"
     )
