@@ -10,18 +10,18 @@ a policy set, changed or cleared while requests run fails none of them.
   ``x-fedlearn-route-key``, gRPC metadata of the same name) the pick is a hash of the
   model name and key (blake2b, so the same key gets the same version in every process),
   otherwise a draw of the router's RNG.
-* **Shadow**: the serving alias answers; the request's inputs and the answer go to a
-  bounded queue, and one worker thread runs the candidate on them and compares the two:
-  a row disagrees when the argmax differs (a float output of shape ``[batch, classes]``)
-  or, for any other output, when the largest absolute difference exceeds the policy's
-  tolerance; a non-finite candidate value always disagrees. A full queue drops the mirror
-  and counts it: the caller never waits for the shadow. The worker takes the mirrors that
-  arrive within ``shadow_linger_s`` (20 ms) of each other and runs the candidate once on
-  their stacked inputs (one call's Python overhead for all of them: the endpoint is one
-  process, and a second model call per request would hold the GIL the request path
-  needs); a stacked call that fails is retried request by request, so a candidate that
-  fails on some requests is charged with exactly those. The worker keeps within
-  ``shadow_max_cpu`` of one core (25 %): after each batch it rests in proportion.
+* **Shadow**: the serving alias answers; the request's inputs and the answer join a
+  bounded queue (a full one drops the mirror and counts it: the caller never waits for
+  the shadow, and wakes nobody). One worker thread wakes every ``shadow_linger_s``
+  (20 ms), runs the candidate once on the stacked inputs of the mirrors waiting (one
+  call's Python overhead for all of them: the endpoint is one process, and a model call
+  per mirror would hold the GIL the request path needs; a stacked call that fails is
+  retried mirror by mirror, so a candidate failing some requests is charged with exactly
+  those) and compares: a row disagrees when the argmax differs (a float output of shape
+  ``[batch, classes]``) or, for any other output, when the largest absolute difference
+  exceeds the policy's tolerance; a non-finite candidate value always disagrees. The
+  worker keeps within ``shadow_max_cpu`` of one core (25 %): after each batch it rests
+  in proportion, and what it cannot compare meanwhile is dropped from the full queue.
 * **Canary**: the candidate answers its step's share of the requests (by route key or RNG
   as for a split). After each poll the router checks the candidate's live metrics in the
   current step against the policy's :class:`~fedlearn.registry.traffic.LiveGate` and
@@ -58,7 +58,6 @@ import hashlib
 import logging
 import math
 import os
-import queue
 import random
 import threading
 import time
@@ -409,7 +408,11 @@ class TrafficRouter:
         self._pairs: dict[tuple[str, int, int], PairStats] = {}
         self._pairs_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
-        self._queue: queue.Queue[_Mirror | None] = queue.Queue(maxsize=shadow_queue)
+        # mirrors waiting for the worker: appended by request threads, taken in batches
+        # by the worker when it wakes (every shadow_linger_s), so a request wakes nobody
+        self._mirrors: deque[_Mirror] = deque()
+        self._shadow_capacity = shadow_queue
+        self._comparing = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -426,8 +429,6 @@ class TrafficRouter:
     def close(self) -> None:
         """Stop both threads (mirrors still queued are dropped) and close the registry."""
         self._stop.set()
-        with contextlib.suppress(queue.Full):  # else the worker sees the flag after one
-            self._queue.put_nowait(None)
         for thread in self._threads:
             thread.join(timeout=10)
         self._registry.close()
@@ -551,10 +552,10 @@ class TrafficRouter:
             answer,
             (self._pair(primary.name, primary.version, candidate), *extra),
         )
-        try:
-            self._queue.put_nowait(mirror)
-        except queue.Full:
+        if len(self._mirrors) >= self._shadow_capacity:
             self.metrics.shadow_dropped.labels(primary.name).inc()
+            return
+        self._mirrors.append(mirror)  # deque appends are atomic: no lock on the request path
 
     def _pair(self, name: str, primary: int, candidate: int) -> PairStats:
         key = (name, primary, candidate)
@@ -573,48 +574,32 @@ class TrafficRouter:
                 tid = threading.get_native_id()
                 nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.shadow_nice)
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
-        while True:
-            batch = self._collect()
-            start = time.perf_counter()
-            try:
-                mirrors = [m for m in batch if m is not None]
-                if mirrors and not self._stop.is_set():
-                    self.run_mirrors(mirrors)
-            except Exception:  # the worker outlives any one batch
-                log.exception("shadow comparison failed")
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-            if None in batch or self._stop.is_set():
-                return
-            # rest in proportion, so that the shadow keeps within its share of a core
-            busy = time.perf_counter() - start
-            if self.shadow_max_cpu < 1.0 and self._stop.wait(
-                busy * (1.0 - self.shadow_max_cpu) / self.shadow_max_cpu
-            ):
-                return
+        rest = self.shadow_linger_s
+        while not self._stop.wait(rest):
+            rest = self.shadow_linger_s
+            while self._mirrors and not self._stop.is_set():
+                self._comparing = True
+                start = time.perf_counter()
+                try:
+                    self.run_mirrors(self._take())
+                except Exception:  # the worker outlives any one batch
+                    log.exception("shadow comparison failed")
+                finally:
+                    self._comparing = False
+                # rest in proportion, so that the shadow keeps within its share of a core
+                busy = time.perf_counter() - start
+                if self.shadow_max_cpu < 1.0:
+                    rest = busy * (1.0 - self.shadow_max_cpu) / self.shadow_max_cpu
+                    break
 
-    def _collect(self) -> list[_Mirror | None]:
-        """The next mirror, and those arriving within ``shadow_linger_s`` after it (up to
-        ``shadow_batch_rows`` rows): the candidate runs on them as one batch."""
-        first = self._queue.get()
-        batch = [first]
-        if first is None:
-            return batch
-        rows = _rows(first.inputs)
-        deadline = time.monotonic() + self.shadow_linger_s
-        while rows < self.shadow_batch_rows:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            batch.append(item)
-            if item is None:
-                break
-            rows += _rows(item.inputs)
+    def _take(self) -> list[_Mirror]:
+        """The oldest waiting mirrors, up to ``shadow_batch_rows`` rows (at least one)."""
+        batch: list[_Mirror] = []
+        rows = 0
+        while self._mirrors and (not batch or rows < self.shadow_batch_rows):
+            mirror = self._mirrors.popleft()
+            batch.append(mirror)
+            rows += _rows(mirror.inputs)
         return batch
 
     def run_mirrors(self, mirrors: Sequence[_Mirror]) -> None:
@@ -695,7 +680,7 @@ class TrafficRouter:
     def drain(self, timeout_s: float = 10.0) -> None:
         """Wait until every queued mirror has been compared (tests, benchmarks)."""
         deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
+        while self._mirrors or self._comparing:
             if time.monotonic() > deadline:
                 raise TimeoutError("the shadow queue did not drain")
             time.sleep(0.005)
