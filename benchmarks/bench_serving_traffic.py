@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shadow-nice", type=int, default=0, help="fedlearn serve --shadow-nice (Linux)"
     )
     parser.add_argument(
-        "--shadow-max-cpu", type=float, default=0.25, help="fedlearn serve --shadow-max-cpu"
+        "--shadow-budget", type=float, default=0.1, help="fedlearn serve --shadow-budget"
     )
     parser.add_argument(
         "--shadow-queue", type=int, default=64, help="fedlearn serve --shadow-queue"
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"rest": f"http://127.0.0.1:{ports['rest']}", "grpc": f"127.0.0.1:{ports['grpc']}"}
         serve = [sys.executable, "-m", "fedlearn.cli.main", "serve", "--registry", str(registry)]
         serve += ["--path", str(ROOT), "--poll", str(args.poll)]
-        serve += ["--shadow-max-cpu", str(args.shadow_max_cpu)]
+        serve += ["--shadow-budget", str(args.shadow_budget)]
         serve += ["--shadow-nice", str(args.shadow_nice), "--shadow-queue", str(args.shadow_queue)]
         serve += ["--http-port", str(ports["rest"]), "--grpc-port", str(ports["grpc"])]
         proc = bs.start(serve, tmp / "serve.log")

@@ -575,10 +575,13 @@ def serve_(
         int,
         typer.Option(help="mirrored requests waiting for a shadow candidate; more are dropped"),
     ] = 64,
-    shadow_max_cpu: Annotated[
+    shadow_budget: Annotated[
         float,
-        typer.Option(help="share of one core a shadow candidate may use; mirrors beyond drop"),
-    ] = 0.25,
+        typer.Option(
+            help="CPU a shadow candidate may use, as a share of the endpoint's own; "
+            "mirrors beyond wait or drop"
+        ),
+    ] = 0.1,
     shadow_nice: Annotated[
         int,
         typer.Option(help="lower CPU priority (nice, 0-19) of the shadow worker (Linux)"),
@@ -625,7 +628,7 @@ def serve_(
             insecure=insecure,
             shadow_queue=shadow_queue,
             shadow_nice=shadow_nice,
-            shadow_max_cpu=shadow_max_cpu,
+            shadow_budget=shadow_budget,
             canary_decisions=canary_decisions,
         )
         endpoint = start_endpoint(settings)

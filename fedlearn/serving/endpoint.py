@@ -29,7 +29,7 @@ from fedlearn.serving.rest import (
     create_app,
     serve_rest,
 )
-from fedlearn.serving.traffic import DEFAULT_SHADOW_QUEUE, TrafficRouter
+from fedlearn.serving.traffic import DEFAULT_SHADOW_BUDGET, DEFAULT_SHADOW_QUEUE, TrafficRouter
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ class EndpointSettings:
     #: how much lower the shadow worker's CPU priority (nice value) is than the request
     #: path's (Linux: per thread; 0: the same)
     shadow_nice: int = 0
-    #: the share of one core the shadow worker may keep busy; mirrors beyond are dropped
-    shadow_max_cpu: float = 0.25
+    #: CPU the shadow worker may use, as a share of the rest of the endpoint's; mirrors
+    #: beyond wait, and are dropped when the queue is full
+    shadow_budget: float = DEFAULT_SHADOW_BUDGET
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -87,9 +88,9 @@ class EndpointSettings:
             raise ConfigError(
                 f"serve: --shadow-queue must be >= 1 request, got {self.shadow_queue}"
             )
-        if not 0 < self.shadow_max_cpu <= 1:
+        if not 0 < self.shadow_budget <= 10:
             raise ConfigError(
-                f"serve: --shadow-max-cpu must be in (0, 1], got {self.shadow_max_cpu}"
+                f"serve: --shadow-budget must be in (0, 10], got {self.shadow_budget}"
             )
         if not 0 <= self.shadow_nice <= 19:
             raise ConfigError(f"serve: --shadow-nice must be in 0..19, got {self.shadow_nice}")
@@ -174,7 +175,7 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
             shadow_queue=settings.shadow_queue,
             decide=settings.canary_decisions,
             shadow_nice=settings.shadow_nice,
-            shadow_max_cpu=settings.shadow_max_cpu,
+            shadow_budget=settings.shadow_budget,
         )
         traffic.start()
         rest = serve_rest(

@@ -20,8 +20,10 @@ a policy set, changed or cleared while requests run fails none of them.
   those) and compares: a row disagrees when the argmax differs (a float output of shape
   ``[batch, classes]``) or, for any other output, when the largest absolute difference
   exceeds the policy's tolerance; a non-finite candidate value always disagrees. The
-  worker keeps within ``shadow_max_cpu`` of one core (25 %): after each batch it rests
-  in proportion, and what it cannot compare meanwhile is dropped from the full queue.
+  worker spends at most ``shadow_budget`` (10 %) of the CPU time the rest of the
+  endpoint spends (measured per thread and process, ``time.thread_time`` and
+  ``time.process_time``); what that cannot compare waits, and is dropped once the queue
+  is full.
 * **Canary**: the candidate answers its step's share of the requests (by route key or RNG
   as for a split). After each poll the router checks the candidate's live metrics in the
   current step against the policy's :class:`~fedlearn.registry.traffic.LiveGate` and
@@ -89,6 +91,12 @@ log = logging.getLogger(__name__)
 #: The request header (REST) and metadata key (gRPC) whose value makes a split sticky.
 ROUTE_HEADER = "x-fedlearn-route-key"
 DEFAULT_SHADOW_QUEUE = 64
+#: CPU the shadow worker may use, as a share of the rest of the endpoint's.
+DEFAULT_SHADOW_BUDGET = 0.1
+#: CPU the shadow worker may use in any case, as a share of one core (seconds per second).
+SHADOW_FLOOR = 0.01
+#: Most CPU seconds the shadow worker may save up while it has nothing to compare.
+SHADOW_MAX_CREDIT = 0.05
 #: Latencies kept per version and step for a canary's p95 (the most recent ones).
 LATENCY_WINDOW = 4096
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -358,6 +366,37 @@ class _Mirror:
     stats: tuple[PairStats, ...]
 
 
+class _CpuBudget:
+    """The shadow worker's CPU allowance (called from the worker thread only): ``earn``
+    adds ``share`` of the CPU time the rest of the process used since the last look (and
+    the floor), ``spend`` deducts what this thread used."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.credit = SHADOW_MAX_CREDIT
+        self.process = time.process_time()
+        self.thread = time.thread_time()
+        self.wall = time.monotonic()
+        self.mine = 0.0
+
+    def earn(self) -> None:
+        process, wall = time.process_time(), time.monotonic()
+        others = max(0.0, process - self.process - self.mine)
+        gained = self.share * others + SHADOW_FLOOR * (wall - self.wall)
+        self.credit = min(SHADOW_MAX_CREDIT, self.credit + gained)
+        self.process, self.wall, self.mine = process, wall, 0.0
+
+    def left(self) -> bool:
+        return self.credit > 0
+
+    def spend(self) -> None:
+        now = time.thread_time()
+        used = now - self.thread
+        self.thread = now
+        self.credit -= used
+        self.mine += used
+
+
 class TrafficRouter:
     """Applies the registry's traffic policies to requests (module docstring).
 
@@ -367,10 +406,11 @@ class TrafficRouter:
     registry may leave them to another). ``shadow_nice``: how much lower the shadow
     worker's CPU priority is (Linux: per thread). It is 0 by default: a thread that can be
     preempted for long while it holds the GIL would stall the request path instead.
-    ``shadow_max_cpu``: the share of one core the shadow worker may keep busy (after each
-    batch it rests in proportion); mirrors beyond what that share can compare are dropped
-    from the full queue and counted, so a shadow costs the request path a bounded amount
-    under any load.
+    ``shadow_budget``: the CPU time the shadow worker may use, as a share of the CPU time
+    the rest of the endpoint process uses (plus 1 % of a core, so that a quiet endpoint
+    compares everything); mirrors beyond what it buys wait in the queue, and are dropped
+    when it is full (counted), so a shadow costs a CPU-bound endpoint about that share of
+    its throughput and no more, under any load.
     """
 
     def __init__(
@@ -386,12 +426,12 @@ class TrafficRouter:
         shadow_nice: int = 0,
         shadow_linger_s: float = 0.02,
         shadow_batch_rows: int = 256,
-        shadow_max_cpu: float = 0.25,
+        shadow_budget: float = DEFAULT_SHADOW_BUDGET,
     ) -> None:
         if not poll_interval_s > 0:
             raise ConfigError(f"traffic poll interval must be > 0, got {poll_interval_s}")
-        if not 0 < shadow_max_cpu <= 1:
-            raise ConfigError(f"shadow max CPU must be in (0, 1], got {shadow_max_cpu}")
+        if not 0 < shadow_budget <= 10:
+            raise ConfigError(f"shadow CPU budget must be in (0, 10], got {shadow_budget}")
         if shadow_queue < 1:
             raise ConfigError(f"shadow queue must hold >= 1 request, got {shadow_queue}")
         self.repository = repository
@@ -401,7 +441,7 @@ class TrafficRouter:
         self.shadow_nice = shadow_nice
         self.shadow_linger_s = shadow_linger_s
         self.shadow_batch_rows = shadow_batch_rows
-        self.shadow_max_cpu = shadow_max_cpu
+        self.shadow_budget = shadow_budget
         self._registry = ModelRegistry(root)
         self._rng = rng or random.Random()
         self._states: dict[str, _State] = {}
@@ -574,23 +614,18 @@ class TrafficRouter:
                 tid = threading.get_native_id()
                 nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.shadow_nice)
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
-        rest = self.shadow_linger_s
-        while not self._stop.wait(rest):
-            rest = self.shadow_linger_s
-            while self._mirrors and not self._stop.is_set():
+        budget = _CpuBudget(self.shadow_budget)
+        while not self._stop.wait(self.shadow_linger_s):
+            budget.earn()
+            while self._mirrors and budget.left() and not self._stop.is_set():
                 self._comparing = True
-                start = time.perf_counter()
                 try:
                     self.run_mirrors(self._take())
                 except Exception:  # the worker outlives any one batch
                     log.exception("shadow comparison failed")
                 finally:
                     self._comparing = False
-                # rest in proportion, so that the shadow keeps within its share of a core
-                busy = time.perf_counter() - start
-                if self.shadow_max_cpu < 1.0:
-                    rest = busy * (1.0 - self.shadow_max_cpu) / self.shadow_max_cpu
-                    break
+                    budget.spend()
 
     def _take(self) -> list[_Mirror]:
         """The oldest waiting mirrors, up to ``shadow_batch_rows`` rows (at least one)."""
