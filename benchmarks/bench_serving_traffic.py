@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shadow-nice", type=int, default=0, help="fedlearn serve --shadow-nice (Linux)"
     )
     parser.add_argument(
-        "--shadow-budget", type=float, default=0.1, help="fedlearn serve --shadow-budget"
+        "--shadow-budget", type=float, default=0.05, help="fedlearn serve --shadow-budget"
     )
     parser.add_argument(
         "--shadow-queue", type=int, default=64, help="fedlearn serve --shadow-queue"

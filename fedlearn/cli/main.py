@@ -581,7 +581,7 @@ def serve_(
             help="CPU a shadow candidate may use, as a share of the endpoint's own; "
             "mirrors beyond wait or drop"
         ),
-    ] = 0.1,
+    ] = 0.05,
     shadow_nice: Annotated[
         int,
         typer.Option(help="lower CPU priority (nice, 0-19) of the shadow worker (Linux)"),

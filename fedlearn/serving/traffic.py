@@ -20,7 +20,7 @@ a policy set, changed or cleared while requests run fails none of them.
   those) and compares: a row disagrees when the argmax differs (a float output of shape
   ``[batch, classes]``) or, for any other output, when the largest absolute difference
   exceeds the policy's tolerance; a non-finite candidate value always disagrees. The
-  worker spends at most ``shadow_budget`` (10 %) of the CPU time the rest of the
+  worker spends at most ``shadow_budget`` (5 %) of the CPU time the rest of the
   endpoint spends (measured per thread and process, ``time.thread_time`` and
   ``time.process_time``); what that cannot compare waits, and is dropped once the queue
   is full.
@@ -92,7 +92,7 @@ log = logging.getLogger(__name__)
 ROUTE_HEADER = "x-fedlearn-route-key"
 DEFAULT_SHADOW_QUEUE = 64
 #: CPU the shadow worker may use, as a share of the rest of the endpoint's.
-DEFAULT_SHADOW_BUDGET = 0.1
+DEFAULT_SHADOW_BUDGET = 0.05
 #: CPU the shadow worker may use in any case, as a share of one core (seconds per second).
 SHADOW_FLOOR = 0.01
 #: Most CPU seconds the shadow worker may save up while it has nothing to compare.
