@@ -52,6 +52,7 @@ if _TYPE_CHECKING:
     )
     from fedlearn.registry.builders import model_builder
     from fedlearn.registry.model_registry import Decision, Gate, ModelRegistry, ModelVersion
+    from fedlearn.registry.traffic import Canary, LiveGate, Shadow, Split
     from fedlearn.simulation import (
         InProcessTransport,
         PoolTransport,
@@ -91,6 +92,10 @@ _EXPORTS: dict[str, str] = {
     "Gate": "fedlearn.registry.model_registry",
     "ModelRegistry": "fedlearn.registry.model_registry",
     "ModelVersion": "fedlearn.registry.model_registry",
+    "Canary": "fedlearn.registry.traffic",
+    "LiveGate": "fedlearn.registry.traffic",
+    "Shadow": "fedlearn.registry.traffic",
+    "Split": "fedlearn.registry.traffic",
     "Arrays": "fedlearn.engine.records",
     "AuthError": "fedlearn.errors",
     "Bulyan": "fedlearn.strategy",
@@ -165,6 +170,10 @@ __all__ = [
     "Gate",
     "ModelRegistry",
     "ModelVersion",
+    "Canary",
+    "LiveGate",
+    "Shadow",
+    "Split",
     "STRATEGIES",
     "Arrays",
     "AuthError",
