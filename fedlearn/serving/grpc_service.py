@@ -15,6 +15,10 @@ running or queued for the ``workers`` threads -> RESOURCE_EXHAUSTED (by gRPC its
 any handler runs, so it is not counted in the metrics); anything else -> INTERNAL with a
 generic message, the detail going to the log. Requests are parsed by the handlers, not by
 gRPC, so bytes that are no valid message get INVALID_ARGUMENT rather than gRPC's INTERNAL.
+
+A ``ModelInfer`` naming no version follows the model's traffic policy
+(:mod:`fedlearn.serving.traffic`); invocation metadata ``x-fedlearn-route-key`` makes a
+split sticky, as the REST header of that name does.
 """
 
 from __future__ import annotations
