@@ -40,6 +40,7 @@ from fedlearn.registry.traffic import (
     policy_to_json,
 )
 from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
+from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.oip import grpc_predict_v2_pb2 as pb
 from fedlearn.serving.oip.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
@@ -330,6 +331,10 @@ def test_split_is_sticky_by_route_key(served: Served) -> None:
         assert status == 200
         seen.setdefault(str(key), set()).add(answer["model_version"])
     assert all(len(v) == 1 for v in seen.values()), "a key moved between versions"
+    # and it is the version the key's point falls on: [0, .25) v1, [.25, .5) v2, [.5, 1) v3
+    for key, versions in seen.items():
+        point = route_point(tm.NAME, key)
+        assert versions == {"1" if point < 0.25 else "2" if point < 0.5 else "3"}
     per_version = Counter(next(iter(v)) for v in seen.values())
     assert set(per_version) == {"1", "2", "3"} and per_version["3"] > per_version["1"]
     # an explicit version is never routed
@@ -624,3 +629,34 @@ def test_a_canary_slower_than_its_p95_bound_is_rolled_back(served: Served) -> No
     last = served.registry.decisions(tm.NAME)[-1]
     assert last.action == "canary-rollback" and "p95" in last.reason and "> 1e-06 ms" in last.reason
     assert served.registry.aliases(tm.NAME)["production"] == 2
+
+
+def test_grpc_route_key_metadata_makes_a_split_sticky(served: Served) -> None:
+    served.registry.set_traffic(tm.NAME, Split({1: 1, 3: 1}))
+    served.router.refresh()
+    server, port = start_grpc_server(
+        served.repository, served.metrics, "127.0.0.1:0", traffic=served.router
+    )
+    x = tm.rows(2, seed=3)
+    request = pb.ModelInferRequest(model_name=tm.NAME)
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            answered = set()
+            for key in (f"device-{i}" for i in range(30)):
+                expected = "1" if route_point(tm.NAME, key) < 0.5 else "3"
+                answered.add(expected)
+                for _ in range(3):
+                    response = stub.ModelInfer(request, timeout=10, metadata=((ROUTE_HEADER, key),))
+                    assert response.model_version == expected
+                    got = np.frombuffer(response.raw_output_contents[0], dtype="<f4")
+                    want = tm.predict(served.modules[int(expected) - 1], x)
+                    np.testing.assert_array_equal(got.reshape(want.shape), want)
+            assert answered == {"1", "3"}
+            # an explicit version is not routed
+            request.model_version = "2"
+            assert stub.ModelInfer(request, timeout=10).model_version == "2"
+    finally:
+        server.stop(grace=1).wait()
