@@ -164,7 +164,10 @@ def show(
     if decisions:
         log = Table("time", "action", "version", "outcome", "reason", title="decisions")
         for d in decisions:
-            outcome = "[green]yes[/]" if d.promoted else "[yellow]no[/]"
+            if d.action in ("promote", "rollback", "canary-promote"):
+                outcome = "[green]yes[/]" if d.promoted else "[yellow]no[/]"
+            else:  # a traffic policy's change: nothing was promoted or refused
+                outcome = "-"
             log.add_row(_when(d.time), d.action, str(d.version), outcome, escape(d.reason))
         console.print(log)
 
