@@ -67,6 +67,9 @@ class ServerSection(TlsSection):
     hold_replies_mb: int = Field(1024, ge=0)
     """Memory for replies that arrive before their turn; beyond it they wait on disk."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    ui_port: int | None = Field(None, ge=0, le=65535)
+    """The live run page (``fedlearn.ui``) on ``http://127.0.0.1:<port>/``, loopback
+    only like ``/metrics`` (needs the serve extra); None: no page, and no events built."""
 
     field_hints: ClassVar[dict[str, str]] = {
         "ca": "the coordinator's own certificate is server.cert and server.key; to require "

@@ -36,6 +36,7 @@ from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.security.auth import Authenticator
 from fedlearn.security.certs import leaf_sha256, load_pem, load_server_pem
 from fedlearn.security.keys import load_allowlist
+from fedlearn.ui.events import EventBus
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedlearn.server")
@@ -103,6 +104,7 @@ def run_coordinator(
     stop: threading.Event | None = None,
     on_ready: Callable[[int], None] | None = None,
     observer: Observer | None = None,
+    events: EventBus | None = None,
     new_run: bool = False,
     resume_command: str = "the same fedlearn server command",
 ) -> RunOutcome:
@@ -112,7 +114,9 @@ def run_coordinator(
     of :mod:`fedlearn.run.lifecycle` (``new_run`` moves a previous run aside instead).
     Setting ``stop`` (or SIGTERM / Ctrl-C in the main thread) stops before the next round
     with :class:`RunInterrupted`. The allowlist is re-read when its file changes (and on
-    SIGHUP in the main thread): see :mod:`fedlearn.deploy.enrollment`.
+    SIGHUP in the main thread): see :mod:`fedlearn.deploy.enrollment`. ``events`` receives
+    the run's events; with ``[server] ui_port`` the live page follows them (a bus is made
+    if none is given).
     """
     allowlist = load_allowlist(config.server.allowlist)
     authenticator = Authenticator(
@@ -152,6 +156,9 @@ def run_coordinator(
     lifecycle = open_run(spec, Start.NEW if new_run else Start.AUTO, new_run)
     if privacy is not None:
         lifecycle.account_privacy(privacy)
+    if events is None and config.server.ui_port is not None:
+        events = EventBus()
+    lifecycle.events = events
     if config.publish.enabled:  # imported only then: the registry and its dependencies
         from fedlearn.registry.publish import Publisher, serving_spec
 
@@ -169,6 +176,10 @@ def run_coordinator(
         lifecycle.close()
         raise
     registry = ClientRegistry()
+    if events is not None:
+        bus = events
+        registry.on_join = lambda s: bus.site_connected(s.client_id, s.site)
+        registry.on_leave = lambda s, why: bus.site_disconnected(s.client_id, s.site, why)
     enrollment.on_revoke = lambda name, client_id, reason: registry.revoke(client_id, reason)
     plaintext = config.server.insecure
     transport = GrpcTransport(
@@ -209,10 +220,16 @@ def run_coordinator(
     log.info("coordinator listening on port %d", port)
     enrollment.watch(config.server.allowlist_poll_s)
     restore_sighup = _reload_on_sighup(enrollment)
+    page = None
     try:
         if config.server.metrics_port is not None:
             metrics_port = metrics.serve(config.server.metrics_port)
             log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
+        if config.server.ui_port is not None:
+            from fedlearn.ui.app import start_live_page
+
+            page = start_live_page(state_dir, config.run.name, events, port=config.server.ui_port)
+            log.info("live page on %s", page.url)
         if on_ready is not None:
             on_ready(port)
 
@@ -234,7 +251,7 @@ def run_coordinator(
                 seed=config.run.seed,
                 evaluate_every=config.run.evaluate_every,
                 sink=lifecycle,
-                observer=Observers(metrics, observer),
+                observer=Observers(metrics, observer, events),
                 available=registry.available,
                 before_round=before_round,
                 secure=secure,
@@ -252,6 +269,8 @@ def run_coordinator(
         enrollment.close()
         server.stop(grace=2).wait()
         metrics.close()
+        if page is not None:
+            page.stop()
 
 
 def _reload_on_sighup(enrollment: Enrollment) -> Callable[[], None]:

@@ -48,6 +48,7 @@ from fedlearn.run.identity import FieldChange, as_stored, differences, stored_as
 if TYPE_CHECKING:
     from fedlearn.privacy.tracker import PrivacyTracker
     from fedlearn.registry.publish import Published, Publisher
+    from fedlearn.ui.events import EventBus
 
 log = logging.getLogger("fedlearn.run")
 
@@ -134,6 +135,8 @@ class RunLifecycle:
         self.publish_every = 0
         self.published: list[Published] = []
         self.privacy: PrivacyTracker | None = None
+        self.events: EventBus | None = None
+        """Where the run's start, ε, published versions and end are emitted (a live page)."""
 
     def account_privacy(self, tracker: PrivacyTracker) -> None:
         """Account each round's DP with ``tracker``, which first takes the committed
@@ -165,6 +168,8 @@ class RunLifecycle:
         try:
             checkpoint = self.store.last_checkpoint() if self.start_round > 1 else None
             arrays, state = (initial(), None) if checkpoint is None else checkpoint[1:]
+            if self.events is not None:
+                self.events.run_started(self.spec.name, self.spec.rounds, self.start_round)
             with _signals_as_interrupts() as received:
                 try:
                     return self._finish(run(arrays, state, self.start_round))
@@ -208,6 +213,8 @@ class RunLifecycle:
         with _deferred_signals():
             row = None if self.privacy is None else self.privacy.record(round, clients)
             self.store.record_round(round, clients, arrays, state, row)
+        if self.events is not None and row is not None:
+            self.events.privacy(row.round, row.epsilon, row.delta)
         if (
             self.publisher is not None
             and self.publish_every
@@ -259,6 +266,8 @@ class RunLifecycle:
             return
         self.store.set_status(status)
         self.store.add_event(status.value, self.store.committed_round(), detail)
+        if self.events is not None:
+            self.events.status(status.value, self.store.committed_round(), detail)
         try:
             from fedlearn.report.files import write_report
 
@@ -275,6 +284,8 @@ class RunLifecycle:
         self.published.append(published)
         v, d = published.version, published.decision
         self.store.add_publication(Publication(number, v.name, v.version, d.promoted, d.reason))
+        if self.events is not None:
+            self.events.published(number, v.name, v.version, d.promoted, d.reason)
 
 
 def open_run(spec: RunSpec, start: Start, new_run: bool = False) -> RunLifecycle:

@@ -1,0 +1,102 @@
+"""The run's event bus and the live page's state, without a browser (real runs, real HTTP)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlearn.config.simulation import load_config
+from fedlearn.engine.messages import Stage
+from fedlearn.engine.results import ClientRecord, RoundRecord
+from fedlearn.run.job import run_job
+from fedlearn.ui.events import Event, EventBus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_bus_without_subscribers_builds_nothing() -> None:
+    bus = EventBus()
+
+    class Exploding(ClientRecord):
+        @property
+        def stage(self) -> Stage:  # type: ignore[override]
+            raise AssertionError("a payload was built with nobody listening")
+
+    record = Exploding.__new__(Exploding)
+    bus.reply_received(record)
+    bus.round_finished(RoundRecord(1, True, 2, 2))
+    bus.stage_started(1, Stage.TRAIN, 2)
+    assert not bus.active
+
+
+def test_subscribers_get_every_event_in_order_and_a_round_start() -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    unsubscribe = bus.subscribe(seen.append)
+    bus.stage_started(1, Stage.TRAIN, 2)
+    bus.reply_received(ClientRecord(1, Stage.TRAIN, 0, False, error="boom"))
+    bus.stage_started(1, Stage.EVALUATE, 2)
+    bus.reply_received(ClientRecord(1, Stage.EVALUATE, 1, True, 5, float("nan"), {"a": 1.0}))
+    bus.round_finished(RoundRecord(1, True, 2, 1))
+    bus.published(1, "m", 3, False, "worse than v2")
+    unsubscribe()
+    bus.status("finished", 1)
+    kinds = [e.kind for e in seen]
+    assert kinds == ["round_started", "stage", "client", "stage", "client", "round_ended", "published"]
+    assert [e.seq for e in seen] == list(range(1, 8))
+    assert seen[2].data["error"] == "boom" and seen[2].data["ok"] is False
+    assert seen[4].data["loss"] is None  # NaN has no JSON
+    json.dumps([e.data for e in seen], allow_nan=False)
+
+
+def test_a_failing_subscriber_does_not_reach_the_run() -> None:
+    bus = EventBus()
+    seen: list[str] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("watcher bug")
+
+    bus.subscribe(broken)
+    bus.subscribe(lambda e: seen.append(e.kind))
+    bus.status("finished", 3)
+    assert seen == ["status"]
+
+
+def test_a_simulation_emits_its_rounds_clients_failures_and_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    config = load_config(
+        None,
+        {
+            "run.rounds": 2,
+            "run.clients": 3,
+            "run.out_dir": str(tmp_path / "run"),
+            "data.dataset": "breast_cancer",
+            "data.partitioner": "iid",
+            "client.app": "ui_apps:make_app",
+            "client.params": {"fail_client": 2, "sleep_s": 0.0},
+            "strategy.params.min_train_clients": 1,
+            "backend.kind": "inprocess",
+            "publish.model": "bc",
+        },
+    )
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    job = run_job(config, events=bus)
+    assert job.outcome.status == "finished"
+    kinds = [e.kind for e in seen]
+    assert kinds[0] == "run" and kinds[-1] == "status"
+    assert kinds.count("round_started") == 2 and kinds.count("round_ended") == 2
+    failures = [e.data for e in seen if e.kind == "client" and not e.data["ok"]]
+    assert {(f["round"], f["stage"], f["client"]) for f in failures} == {
+        (1, "train", 2),
+        (2, "train", 2),
+    }
+    assert all("client 2 refuses to train" in f["error"] for f in failures)
+    [published] = [e.data for e in seen if e.kind == "published"]
+    assert (published["model"], published["version"], published["round"]) == ("bc", 1, 2)
+    assert seen[-1].data["status"] == "finished"
