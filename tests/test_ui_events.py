@@ -44,7 +44,15 @@ def test_subscribers_get_every_event_in_order_and_a_round_start() -> None:
     unsubscribe()
     bus.status("finished", 1)
     kinds = [e.kind for e in seen]
-    assert kinds == ["round_started", "stage", "client", "stage", "client", "round_ended", "published"]
+    assert kinds == [
+        "round_started",
+        "stage",
+        "client",
+        "stage",
+        "client",
+        "round_ended",
+        "published",
+    ]
     assert [e.seq for e in seen] == list(range(1, 8))
     assert seen[2].data["error"] == "boom" and seen[2].data["ok"] is False
     assert seen[4].data["loss"] is None  # NaN has no JSON
