@@ -205,3 +205,43 @@ def test_a_finished_run_is_shown_from_its_store_at_phone_width(
         assert width <= 390, f"the page is {width} px wide at phone width"
         shot(page, "finished-from-store-390")
         page.close()
+
+
+def test_the_page_shows_a_killed_site_as_disconnected(browser: Any, tmp_path: Path) -> None:
+    """A coordinator with three gRPC sites (two in threads, one a process); the process
+    is killed in the middle of round 3's training and its row says so."""
+    from deployment import FAULT_APP, FAULT_PARAMS, Deployment, free_port, in_process_coordinator
+
+    d = Deployment(tmp_path, num_sites=3, rounds=3, app=FAULT_APP, params=dict(FAULT_PARAMS))
+    d.write_site_config(2, sleep_round=3, sleep_s=60)  # busy in round 3 until killed
+    port = free_port()
+    proc = None
+    with in_process_coordinator(d, {"server.ui_port": port}) as c:
+        try:
+            c.start_site(0)
+            c.start_site(1)
+            proc = d.start_site(2)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"http://127.0.0.1:{port}/")
+            for site in ("site-0", "site-1", "site-2"):
+                row = page.locator("#clients-table tbody tr", has_text=site)
+                row.locator(".conn-yes").wait_for(timeout=30_000)
+            page.wait_for_function("() => +document.body.dataset.rounds >= 2", timeout=60_000)
+            row = page.locator("#clients-table tbody tr", has_text="site-2")
+            assert row.locator(".conn-yes").count() == 1
+            time.sleep(0.5)  # inside round 3's training (site-2 sleeps there)
+            proc.kill()
+            proc.wait(10)
+            row.locator(".conn-no").wait_for(timeout=10_000)
+            assert "disconnected (stream ended)" in row.inner_text()
+            shot(page, "coordinator-site-killed-1280x800")
+            c.wait(60)
+            page.wait_for_selector("body[data-status=finished]", timeout=10_000)
+            failures = page.inner_text("#failures-list")
+            expected = "round 3, client 2, train: site 'site-2' disconnected during the task"
+            assert expected in failures
+            page.close()
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

@@ -108,3 +108,70 @@ def test_a_simulation_emits_its_rounds_clients_failures_and_versions(
     [published] = [e.data for e in seen if e.kind == "published"]
     assert (published["model"], published["version"], published["round"]) == ("bc", 1, 2)
     assert seen[-1].data["status"] == "finished"
+
+
+def test_simulate_ui_serves_the_page_and_a_snapshot_that_matches_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starlette.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from fedlearn.cli.main import app
+    from fedlearn.engine.store import RunStore
+    from fedlearn.report.summary import summarize
+    from fedlearn.ui.app import build_app
+    from fedlearn.ui.state import LiveState
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    args = [
+        "simulate",
+        "--out",
+        str(out),
+        "--rounds",
+        "2",
+        "--clients",
+        "3",
+        "--backend",
+        "inprocess",
+        "--set",
+        "data.dataset=breast_cancer",
+        "--set",
+        "client.app=ui_apps:make_app",
+        "--set",
+        "client.params.fail_client=1",
+        "--set",
+        "strategy.params.min_train_clients=1",
+        "--no-check-serving",
+        "--ui",
+        "--ui-port",
+        "0",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "live page: http://127.0.0.1:" in result.output
+    # the finished run, from its store, over real HTTP (Starlette's TestClient)
+    with TestClient(build_app(LiveState(out / "run.db", None))) as http:
+        page = http.get("/")
+        assert (
+            page.status_code == 200
+            and "default-src 'self'" in page.headers["content-security-policy"]
+        )
+        assert '<script src="/static/app.js"' in page.text
+        assert http.get("/static/app.js").status_code == 200
+        snap = http.get("/api/snapshot").json()
+        assert http.get("/api/events").text.startswith("event: end")
+    store = RunStore(out / "run.db", read_only=True)
+    store.run_id = store.run_ids()[0]
+    report = summarize(store)
+    store.close()
+    assert snap["live"] is False and snap["run"]["status"] == "finished"
+    assert [r["round"] for r in snap["rounds"]] == [1, 2]
+    for shown, expected in zip(snap["rounds"], report.rounds, strict=True):
+        acc = expected.metrics["accuracy"]
+        assert shown["metrics"]["accuracy"]["mean"] == pytest.approx(acc.mean)
+        assert shown["metrics"]["accuracy"]["worst_client"] == acc.worst_client
+        assert shown["metrics"]["accuracy"]["p10"] == pytest.approx(acc.p10)
+        assert sorted(d["client"] for d in shown["dots"]) == [0, 1, 2]
+    assert {(f["round"], f["client"]) for f in snap["failures"]} == {(1, 1), (2, 1)}
+    assert [p["version"] for p in snap["publications"]] == [1]

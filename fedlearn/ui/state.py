@@ -77,7 +77,9 @@ class LiveState:
             record = _record(data)
             self.pending[(record.round, record.stage.value, record.client_id)] = record
             site = self.sites.setdefault(record.client_id, {"client": record.client_id})
-            site.update(last_seen=event.at, stage=data["stage"], round=data["round"], ok=data["ok"])
+            site.update(stage=data["stage"], round=data["round"], ok=data["ok"])
+            if data["ok"]:  # a failure may be the coordinator's verdict, not a reply
+                site["last_seen"] = event.at
             for stage in reversed(self.stages):
                 if stage["stage"] == data["stage"]:
                     stage["ok" if data["ok"] else "failed"] += 1
@@ -85,6 +87,8 @@ class LiveState:
         elif kind == "site":
             site = self.sites.setdefault(data["client"], {"client": data["client"]})
             site.update(site=data["site"], connected=data["connected"], since=event.at)
+            if data["connected"]:
+                site["last_seen"] = event.at
             site["reason"] = data.get("reason")
         elif kind == "privacy":
             self.epsilon[data["round"]] = (data["epsilon"], data["delta"])

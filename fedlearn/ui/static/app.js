@@ -63,14 +63,15 @@ function apply(ev) {
     case "round_started": S.round = d.round; S.stages = []; break;
     case "stage": S.stages.push({ stage: d.stage, tasks: d.tasks, ok: 0, failed: 0 }); break;
     case "client": {
-      Object.assign(client(d.client), { last_seen: ev.at, stage: d.stage, round: d.round, ok: d.ok });
+      // a reply seen from the client; a failure may be the coordinator's own verdict
+      Object.assign(client(d.client), { stage: d.stage, round: d.round, ok: d.ok }, d.ok ? { last_seen: ev.at } : {});
       const st = [...S.stages].reverse().find((x) => x.stage === d.stage);
       if (st) st[d.ok ? "ok" : "failed"] += 1;
       if (!d.ok) S.failures.set(fkey(d), { round: d.round, stage: d.stage, client: d.client, error: d.error || "unknown error" });
       break;
     }
     case "site":
-      Object.assign(client(d.client), { site: d.site, connected: d.connected, reason: d.reason, since: ev.at });
+      Object.assign(client(d.client), { site: d.site, connected: d.connected, reason: d.reason, since: ev.at }, d.connected ? { last_seen: ev.at } : {});
       break;
     case "privacy": S.epsilon = d.epsilon; S.delta = d.delta; break;
     case "round_ended": S.rounds.set(d.round, d); break;
