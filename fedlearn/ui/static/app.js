@@ -79,25 +79,45 @@ function apply(ev) {
   }
 }
 
+// What each kind of event changes: a client's reply redraws its row and the stage bars,
+// not the charts (a round's end does).
+const PARTS = {
+  client: ["overview", "clients", "secagg", "failures"],
+  site: ["clients"],
+  stage: ["overview", "secagg"],
+  round_started: ["overview", "secagg"],
+  privacy: ["overview"],
+  published: ["versions"],
+};
+const dirty = new Set();
 let pending = false;
-function schedule() {
+function schedule(kind) {
+  for (const part of PARTS[kind] || ["all"]) dirty.add(part);
   if (pending) return;
   pending = true;
-  setTimeout(() => { pending = false; render(); }, 30);
+  setTimeout(() => {
+    pending = false;
+    const parts = new Set(dirty);
+    dirty.clear();
+    render(parts.has("all") ? null : parts);
+  }, 100);
 }
 
 // ------------------------------------------------------------------ rendering
 
-function render() {
-  renderOverview();
-  renderMetricChoice();
-  renderRoundsChart();
-  renderRoundChoice();
-  renderClientsChart();
-  renderClients();
-  renderSecagg();
-  renderVersions();
-  renderFailures();
+function render(parts) {
+  const want = (part) => !parts || parts.has(part);
+  if (want("overview")) renderOverview();
+  if (want("charts")) {
+    renderMetricChoice();
+    renderRoundsChart();
+    renderRoundChoice();
+    renderClientsChart();
+  }
+  if (want("clients")) renderClients();
+  if (want("secagg")) renderSecagg();
+  if (want("versions")) renderVersions();
+  if (want("failures")) renderFailures();
   // what the page shows so far, for scripts that watch it (the browser tests)
   document.body.dataset.rounds = String(committed());
   document.body.dataset.status = S.run.status || "unknown";
@@ -330,16 +350,16 @@ function renderFailures() {
 
 function listen() {
   const es = new EventSource(`/api/events?after=${S.seq}`);
-  es.onmessage = (msg) => { apply(JSON.parse(msg.data)); S.stream = "live"; schedule(); };
-  es.addEventListener("end", () => { es.close(); S.stream = "the run's process has stopped sending events"; schedule(); });
-  es.onerror = () => { S.stream = "connection lost; reconnecting…"; schedule(); };
-  es.onopen = () => { S.stream = "live"; schedule(); };
+  es.onmessage = (msg) => { const ev = JSON.parse(msg.data); apply(ev); S.stream = "live"; schedule(ev.kind); };
+  es.addEventListener("end", () => { es.close(); S.stream = "the run's process has stopped sending events"; schedule("all"); });
+  es.onerror = () => { S.stream = "connection lost; reconnecting…"; schedule("all"); };
+  es.onopen = () => { S.stream = "live"; schedule("overview"); };
 }
 
 async function start() {
   $("metric").addEventListener("change", (e) => { S.metric = e.target.value; render(); });
   $("round-select").addEventListener("change", (e) => { S.selected = e.target.value; render(); });
-  window.addEventListener("resize", schedule);
+  window.addEventListener("resize", () => schedule("all"));
   try {
     const res = await fetch("/api/snapshot", { cache: "no-store" });
     load(await res.json());
