@@ -144,6 +144,9 @@ def test_the_page_follows_a_running_simulation(browser: Any, simulation: dict[st
     watch: Watch = simulation["watch"]
     watch.wait("round_started", round=1)
     page = browser.new_page(viewport={"width": 1280, "height": 800})
+    problems: list[str] = []  # script errors and content-policy violations
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
     page.goto(simulation["url"])
     # loads while the run runs, and lists every client
     page.wait_for_selector("body[data-status=running]", timeout=10_000)
@@ -179,6 +182,7 @@ def test_the_page_follows_a_running_simulation(browser: Any, simulation: dict[st
     assert page.evaluate("document.activeElement.id") == "round-select"
     page.select_option("#round-select", "1")
     assert page.inner_text("#dots-desc").startswith("round 1,")
+    assert problems == []
     page.close()
     simulation["thread"].join(60)
     assert "error" not in simulation["result"], simulation["result"].get("error")
