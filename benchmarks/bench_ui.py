@@ -113,6 +113,33 @@ class SseViewer:
         self.close()
 
 
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's descendants that still run (the
+    Playwright driver and Chromium's processes), from /proc (0 where there is none)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return 0.0
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+    me, total = os.getpid(), 0
+    for pid in ticks:
+        p = parents.get(pid, 0)
+        while p > 1 and p != me:
+            p = parents.get(p, 0)
+        if p == me:
+            total += ticks[pid]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class Alternate:
     """An Observer that opens and closes the page between rounds, and records which
     rounds ran with it open."""
@@ -125,7 +152,10 @@ class Alternate:
         self.open = False
         self.rounds: dict[int, tuple[bool, float, float]] = {}
         """round -> (page open, wall seconds, this process's CPU seconds)"""
+        self.browser: dict[int, float] = {}
+        """round -> the browser's CPU seconds during it"""
         self._cpu = time.process_time()
+        self._children = children_cpu()
 
     def want_open(self, rnd: int) -> bool:
         """Blocks after the warm-up: closed, open, open, closed, closed, open, ..."""
@@ -141,8 +171,9 @@ class Alternate:
         pass
 
     def round_finished(self, record: RoundRecord) -> None:
-        cpu = time.process_time()
+        cpu, children = time.process_time(), children_cpu()
         self.rounds[record.round] = (self.open, record.duration_s, cpu - self._cpu)
+        self.browser[record.round] = children - self._children
         wanted = self.want_open(record.round + 1)
         if wanted and not self.open:
             self.viewer.open()
@@ -152,12 +183,81 @@ class Alternate:
             while self.page.state.listeners and time.monotonic() < deadline:
                 time.sleep(0.01)
         self.open = wanted
-        self._cpu = time.process_time()
+        self._cpu, self._children = time.process_time(), children_cpu()
 
     def measured(self, rnd: int) -> bool:
         """Past the warm-up and not the first round after the page opened or closed
         (that one pays for the page's load, or for its last drawing)."""
         return rnd > self.warmup + 1 and self.want_open(rnd) == self.want_open(rnd - 1)
+
+
+def event_costs(n: int = 20_000) -> tuple[float, float, float]:
+    """CPU seconds per client event (one reply) through the bus: with no subscriber;
+    into the page's state with no page connected; and with one page connected (handed to an
+    event loop in another thread, which writes it as server-sent-event text)."""
+    import asyncio
+
+    from fedlearn.ui.app import sse
+    from fedlearn.ui.state import LiveState
+
+    record = ClientRecord(1, Stage.EVALUATE, 3, True, 50, 0.31, {"accuracy": 0.9})
+
+    def per_event(bus: EventBus, drained: threading.Event | None = None) -> float:
+        t0 = time.process_time()
+        for _ in range(n):
+            bus.reply_received(record)
+        if drained is not None:
+            drained.wait(60)
+        return (time.process_time() - t0) / n
+
+    nobody = per_event(EventBus())
+    bus = EventBus()
+    state = LiveState(Path("/nonexistent/run.db"), None, bus)
+    closed = per_event(bus)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    drained = threading.Event()
+
+    async def consume(queue: asyncio.Queue[Any]) -> None:
+        count = 0
+        while (event := await queue.get()) is not None:
+            sse(event)
+            count += 1
+            if count == n:
+                drained.set()
+
+    async def attach() -> asyncio.Task[None]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        state.listen(loop, queue, state.snapshot()["seq"])
+        return loop.create_task(consume(queue))
+
+    consumer = asyncio.run_coroutine_threadsafe(attach(), loop).result(10)
+    opened = per_event(bus, drained)
+    state.close()
+    asyncio.run_coroutine_threadsafe(asyncio.wait_for(consumer, 10), loop).result(15)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    return nobody, closed, opened
+
+
+def round_end_cost(clients: int, reps: int = 200) -> float:
+    """CPU seconds the page's state spends on a round's end (its per-client statistics
+    and dots, from ``clients`` evaluations)."""
+    from fedlearn.ui.state import LiveState
+
+    bus = EventBus()
+    state = LiveState(Path("/nonexistent/run.db"), None, bus)
+    total = 0.0
+    for rnd in range(1, reps + 1):
+        for cid in range(clients):
+            metrics = {"accuracy": 0.9 - cid / 1000}
+            bus.reply_received(ClientRecord(rnd, Stage.EVALUATE, cid, True, 50, 0.3, metrics))
+        t0 = time.process_time()
+        bus.round_finished(RoundRecord(rnd, True, clients, clients, clients, clients))
+        total += time.process_time() - t0
+    state.close()
+    return total / reps
 
 
 def chromium() -> str | None:
@@ -238,6 +338,22 @@ def main() -> None:
         f"(this process's CPU {cpu_closed * 1000:.1f} ms)"
     )
     print(f"CPU per round open/closed = {cpu_open / cpu_closed:.3f}")
+    if args.client == "browser":
+        spent = [alternate.browser[r] for r, v in kept.items() if v[0]]
+        print(
+            f"the browser's own CPU per open round: median {statistics.median(spent) * 1e3:.0f}"
+            " ms (Playwright's driver and Chromium's processes)"
+        )
+    nobody, state_only, with_page = event_costs()
+    ending = round_end_cost(args.clients)
+    events = 2 * args.clients + 4  # a reply per task, 2 stages, a round's start and end
+    cost = events * with_page + ending
+    print(
+        f"CPU per client event: {nobody * 1e9:.0f} ns with no subscriber, "
+        f"{state_only * 1e6:.1f} µs with the page served and closed, {with_page * 1e6:.1f} µs "
+        f"with it open; a round's end {ending * 1e3:.2f} ms; a round ({events} events) "
+        f"{cost * 1e3:.2f} ms = {cost / m_closed * 100:.2f} % of a closed round"
+    )
     print(f"open/closed = {m_open / m_closed:.3f}")
 
 

@@ -89,18 +89,23 @@ const PARTS = {
   privacy: ["overview"],
   published: ["versions"],
 };
+// Replies are drawn at most every 250 ms (a round of many clients sends many); anything
+// else (a round's end) within 30 ms.
 const dirty = new Set();
-let pending = false;
+let timer = null, due = Infinity;
 function schedule(kind) {
   for (const part of PARTS[kind] || ["all"]) dirty.add(part);
-  if (pending) return;
-  pending = true;
-  setTimeout(() => {
-    pending = false;
+  const at = performance.now() + (PARTS[kind] && kind !== "published" ? 250 : 30);
+  if (timer !== null && due <= at) return;
+  clearTimeout(timer);
+  due = at;
+  timer = setTimeout(() => {
+    timer = null;
+    due = Infinity;
     const parts = new Set(dirty);
     dirty.clear();
     render(parts.has("all") ? null : parts);
-  }, 100);
+  }, Math.max(at - performance.now(), 0));
 }
 
 // ------------------------------------------------------------------ rendering
