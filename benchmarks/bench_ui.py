@@ -2,9 +2,9 @@
 
 One simulation runs with the live page served (``fedlearn simulate --ui`` does the same).
 Its rounds alternate, in blocks, between the page *open* (a real headless Chromium showing
-it, through Playwright, or with ``--client sse`` a plain server-sent-events client that
-reads and parses every event) and *closed* (nobody connected); blocks go closed, open,
-open, closed, ... so that drift in the machine's load falls on both sides. The page is
+it, through Playwright, or with ``--client sse`` a plain server-sent-events client in its
+own process that reads and parses every event) and *closed* (nobody connected); blocks go
+closed, open, open, closed, ... so that drift in the machine's load falls on both sides. The page is
 opened and closed between rounds, outside the measured time. A round's time is the
 coordinator's own ``duration_s`` (training and evaluation); the first round after each
 switch is left out on both sides (it pays for the page's load, or its last drawing), and
@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -71,43 +72,39 @@ class BrowserViewer:
         self._pw.stop()
 
 
+SSE_READER = """
+import json, sys, httpx
+url = sys.argv[1]
+httpx.get(url + "api/snapshot").json()
+with httpx.Client(timeout=None) as http, http.stream("GET", url + "api/events") as response:
+    print("connected", flush=True)
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            json.loads(line[6:])
+"""
+
+
 class SseViewer:
-    """A server-sent-events client in a thread: reads and parses every event."""
+    """A server-sent-events client in its own process (as a page is): it loads the
+    snapshot, then reads and parses every event until it is stopped."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.events = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.proc: subprocess.Popen[str] | None = None
 
     def open(self) -> None:
-        import json
-
-        import httpx
-
-        self._stop.clear()
-        connected = threading.Event()
-
-        def read() -> None:
-            with (
-                httpx.Client(timeout=None) as http,
-                http.stream("GET", self.url + "api/events") as response,
-            ):
-                connected.set()
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        json.loads(line[6:])
-                        self.events += 1
-                    if self._stop.is_set():
-                        return
-
-        httpx.get(self.url + "api/snapshot").json()
-        self._thread = threading.Thread(target=read, daemon=True)
-        self._thread.start()
-        connected.wait(10)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SSE_READER, self.url], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "connected":
+            raise SystemExit("the SSE client could not connect")
 
     def close(self) -> None:
-        self._stop.set()  # the reader returns at its next event
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
 
     def shutdown(self) -> None:
         self.close()
@@ -153,7 +150,7 @@ class Alternate:
         self.rounds: dict[int, tuple[bool, float, float]] = {}
         """round -> (page open, wall seconds, this process's CPU seconds)"""
         self.browser: dict[int, float] = {}
-        """round -> the browser's CPU seconds during it"""
+        """round -> the viewer's CPU seconds during it (its own processes)"""
         self._cpu = time.process_time()
         self._children = children_cpu()
 
@@ -198,7 +195,7 @@ def event_costs(n: int = 20_000) -> tuple[float, float, float]:
     import asyncio
 
     from fedlearn.ui.app import sse
-    from fedlearn.ui.state import LiveState
+    from fedlearn.ui.state import Listener, LiveState
 
     record = ClientRecord(1, Stage.EVALUATE, 3, True, 50, 0.31, {"accuracy": 0.9})
 
@@ -219,18 +216,21 @@ def event_costs(n: int = 20_000) -> tuple[float, float, float]:
     thread.start()
     drained = threading.Event()
 
-    async def consume(queue: asyncio.Queue[Any]) -> None:
+    async def consume(listener: Listener) -> None:
         count = 0
-        while (event := await queue.get()) is not None:
-            sse(event)
-            count += 1
+        while True:
+            await listener.ready.wait()
+            for event in listener.take():
+                if event is None:
+                    return
+                sse(event)
+                count += 1
             if count == n:
                 drained.set()
 
     async def attach() -> asyncio.Task[None]:
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        state.listen(loop, queue, state.snapshot()["seq"])
-        return loop.create_task(consume(queue))
+        listener, _ = state.listen(loop, state.snapshot()["seq"])
+        return loop.create_task(consume(listener))
 
     consumer = asyncio.run_coroutine_threadsafe(attach(), loop).result(10)
     opened = per_event(bus, drained)
@@ -277,7 +277,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--client", choices=["browser", "sse"], default="browser")
     parser.add_argument("--screenshot", type=Path, help="a screenshot of the open page")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch's threads (1: no spinning threads blur the CPU times on a shared machine)",
+    )
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
 
     os.chdir(REPO)
     out = Path(tempfile.mkdtemp(prefix="bench-ui-")) / "run"
@@ -327,7 +336,7 @@ def main() -> None:
     how = "in headless Chromium" if args.client == "browser" else "as an SSE client"
     print(
         f"{args.clients} clients, {args.rounds} rounds ({args.warmup} warm-up), blocks of "
-        f"{args.block}, page {how}, {wall:.0f} s"
+        f"{args.block}, {args.torch_threads} torch thread(s), page {how}, {wall:.0f} s"
     )
     print(
         f"page open:   {len(opened)} rounds, median {m_open * 1000:.1f} ms "
@@ -338,12 +347,12 @@ def main() -> None:
         f"(this process's CPU {cpu_closed * 1000:.1f} ms)"
     )
     print(f"CPU per round open/closed = {cpu_open / cpu_closed:.3f}")
-    if args.client == "browser":
-        spent = [alternate.browser[r] for r, v in kept.items() if v[0]]
-        print(
-            f"the browser's own CPU per open round: median {statistics.median(spent) * 1e3:.0f}"
-            " ms (Playwright's driver and Chromium's processes)"
-        )
+    spent = [alternate.browser[r] for r, v in kept.items() if v[0]]
+    viewer_is = "Playwright's driver and Chromium" if args.client == "browser" else "the client"
+    print(
+        f"the viewer's own CPU per open round: median {statistics.median(spent) * 1e3:.0f} ms "
+        f"({viewer_is}, other processes)"
+    )
     nobody, state_only, with_page = event_costs()
     ending = round_end_cost(args.clients)
     events = 2 * args.clients + 4  # a reply per task, 2 stages, a round's start and end

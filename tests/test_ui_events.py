@@ -175,3 +175,35 @@ def test_simulate_ui_serves_the_page_and_a_snapshot_that_matches_the_report(
         assert sorted(d["client"] for d in shown["dots"]) == [0, 1, 2]
     assert {(f["round"], f["client"]) for f in snap["failures"]} == {(1, 1), (2, 1)}
     assert [p["version"] for p in snap["publications"]] == [1]
+
+
+def test_a_page_gets_the_events_it_missed_then_the_new_ones_then_the_end(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from fedlearn.ui.state import LiveState
+
+    bus = EventBus()
+    state = LiveState(tmp_path / "run.db", None, bus, clients=range(2))
+    bus.run_started("r", 2, 1)
+    bus.stage_started(1, Stage.TRAIN, 2)  # events 2 (round_started) and 3 (stage)
+
+    async def page() -> tuple[list[int], list[int | None], dict[str, object]]:
+        listener, missed = state.listen(asyncio.get_running_loop(), after=1)
+        bus.reply_received(ClientRecord(1, Stage.TRAIN, 0, True, 5))  # from the run's thread
+        await asyncio.to_thread(bus.reply_received, ClientRecord(1, Stage.TRAIN, 1, False))
+        await asyncio.wait_for(listener.ready.wait(), 5)
+        got: list[int | None] = [e.seq for e in listener.take() if e is not None]
+        snapshot = state.snapshot()
+        state.close()
+        await asyncio.wait_for(listener.ready.wait(), 5)
+        got += [None if e is None else e.seq for e in listener.take()]
+        return [e.seq for e in missed], got, snapshot
+
+    missed, got, snapshot = asyncio.run(page())
+    assert missed == [2, 3] and got == [4, 5, None]
+    assert snapshot["seq"] == 5 and snapshot["round"] == 1
+    assert snapshot["stages"] == [{"stage": "train", "tasks": 2, "ok": 1, "failed": 1}]
+    assert [f["client"] for f in snapshot["failures"]] == [1]  # not committed yet: live
+    assert state.listeners == 0

@@ -45,6 +45,8 @@ log = logging.getLogger("fedlearn.ui")
 
 STATIC = Path(__file__).with_name("static")
 KEEPALIVE_S = 15.0
+BATCH_S = 0.05
+"""How long a page's stream gathers events before it writes them (one write per burst)."""
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
     "X-Content-Type-Options": "nosniff",
@@ -89,29 +91,31 @@ def build_app(state: LiveState) -> Starlette:
             after = int(raw)
         except ValueError:
             return JSONResponse({"error": f"after: not a number: {raw[:40]!r}"}, 400)
-        queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        missed = state.listen(asyncio.get_running_loop(), queue, after)
+        listener, missed = state.listen(asyncio.get_running_loop(), after)
 
         async def stream() -> AsyncIterator[str]:
             try:
-                yield "retry: 1000\n\n"
-                for old in missed:
-                    yield sse(old)
+                yield "retry: 1000\n\n" + "".join(sse(e) for e in missed)
                 while True:
                     try:
-                        new = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                        await asyncio.wait_for(listener.ready.wait(), KEEPALIVE_S)
                     except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
-                    if new is None:
-                        yield "event: end\ndata: {}\n\n"
+                    # a round's replies come in bursts: one write for what arrives meanwhile
+                    await asyncio.sleep(BATCH_S)
+                    batch = listener.take()
+                    text = "".join(sse(e) for e in batch if e is not None)
+                    if None in batch:
+                        yield text + "event: end\ndata: {}\n\n"
                         return
-                    yield sse(new)
+                    if text:
+                        yield text
             finally:
-                state.unlisten(queue)
+                state.unlisten(listener)
 
         if not state.live:
-            state.unlisten(queue)
+            state.unlisten(listener)
             return Response("event: end\ndata: {}\n\n", media_type="text/event-stream")
         return StreamingResponse(
             stream(),

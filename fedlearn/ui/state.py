@@ -20,7 +20,36 @@ from fedlearn.ui.views import failure_json, round_view, store_view
 BACKLOG = 4096
 """Events kept for pages that connect (or reconnect) after them."""
 
-_Listener = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[Event | None]"]
+
+class Listener:
+    """One page's event stream: events wait in a deque, and the page's event loop is
+    woken once for however many arrive before it looks (not once per event)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: deque[Event | None] = deque()
+        """Events not sent yet; None ends the stream."""
+        self.ready = asyncio.Event()  # set in the loop's thread only
+        self._woken = False
+
+    def put(self, event: Event | None) -> None:
+        """Queue ``event`` (any thread; the caller holds the state's lock)."""
+        self.pending.append(event)
+        if not self._woken and not self.loop.is_closed():
+            self._woken = True
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._woken = False
+        self.ready.set()
+
+    def take(self) -> list[Event | None]:
+        """Everything queued so far (in the loop's thread)."""
+        self.ready.clear()
+        out: list[Event | None] = []
+        while self.pending:
+            out.append(self.pending.popleft())
+        return out
 
 
 class LiveState:
@@ -40,7 +69,7 @@ class LiveState:
         self._lock = threading.Lock()
         self._backlog: deque[Event] = deque(maxlen=BACKLOG)
         self._seq = 0
-        self._listeners: list[_Listener] = []
+        self._listeners: list[Listener] = []
         self._closed = False
         self.run: dict[str, Any] = {"started_at": time.time()}
         self.stages: list[dict[str, Any]] = []
@@ -58,8 +87,8 @@ class LiveState:
             event = self._apply(event)
             self._seq = event.seq
             self._backlog.append(event)
-            for loop, queue in self._listeners:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+            for listener in self._listeners:
+                listener.put(event)
 
     def _apply(self, event: Event) -> Event:
         data, kind = event.data, event.kind
@@ -104,23 +133,22 @@ class LiveState:
 
     # ------------------------------------------------------------------ pages
 
-    def listen(
-        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event | None], after: int
-    ) -> list[Event]:
-        """Send every event from now on to ``queue`` (through ``loop``); returns the kept
-        events after ``after`` (those the page missed). A closed state ends at once."""
+    def listen(self, loop: asyncio.AbstractEventLoop, after: int) -> tuple[Listener, list[Event]]:
+        """A new listener (its events reach it through ``loop``), and the kept events
+        after ``after`` (those the page missed). A closed state's listener ends at once."""
+        listener = Listener(loop)
         with self._lock:
             missed = [e for e in self._backlog if e.seq > after]
             if self._closed:
-                queue.put_nowait(None)
+                listener.put(None)
             else:
-                self._listeners.append((loop, queue))
-        return missed
+                self._listeners.append(listener)
+        return listener, missed
 
-    def unlisten(self, queue: asyncio.Queue[Event | None]) -> None:
-        """Stop sending to ``queue``."""
+    def unlisten(self, listener: Listener) -> None:
+        """Stop sending to ``listener``."""
         with self._lock:
-            self._listeners = [(lp, q) for lp, q in self._listeners if q is not queue]
+            self._listeners = [x for x in self._listeners if x is not listener]
 
     @property
     def listeners(self) -> int:
@@ -133,9 +161,8 @@ class LiveState:
             self._unsubscribe()
         with self._lock:
             self._closed = True
-            for loop, queue in self._listeners:
-                if not loop.is_closed():
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
+            for listener in self._listeners:
+                listener.put(None)
             self._listeners = []
 
     # ------------------------------------------------------------------ the state so far
