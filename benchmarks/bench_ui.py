@@ -8,8 +8,9 @@ closed, open, open, closed, ... so that drift in the machine's load falls on bot
 opened and closed between rounds, outside the measured time. A round's time is the
 coordinator's own ``duration_s`` (training and evaluation); the first round after each
 switch is left out on both sides (it pays for the page's load, or its last drawing), and
-so is the warm-up. Prints the median round time of each side (and of this process's CPU
-time per round, which other work on the machine disturbs less) and ``open/closed = X``
+so is the warm-up. Prints the median round time of each side (with the CPU time per round
+of the run's thread, which other work on the machine disturbs less, and of the page's
+server thread), the CPU cost of one event on its way to a page, and ``open/closed = X``
 (goal: at most 1.02).
 
 Usage (from the repo root)::
@@ -137,6 +138,19 @@ def children_cpu() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def page_thread_cpu() -> float:
+    """CPU seconds used so far by the live page's server thread (``fedlearn-ui``)."""
+    for thread in threading.enumerate():
+        if thread.name == "fedlearn-ui" and thread.native_id is not None:
+            try:
+                raw = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+            except OSError:
+                return 0.0
+            fields = raw.rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 class Alternate:
     """An Observer that opens and closes the page between rounds, and records which
     rounds ran with it open."""
@@ -148,11 +162,13 @@ class Alternate:
         self.warmup = warmup
         self.open = False
         self.rounds: dict[int, tuple[bool, float, float]] = {}
-        """round -> (page open, wall seconds, this process's CPU seconds)"""
+        """round -> (page open, wall seconds, CPU seconds of the run's thread)"""
+        self.server: dict[int, float] = {}
+        """round -> CPU seconds of the page's server thread"""
         self.browser: dict[int, float] = {}
         """round -> the viewer's CPU seconds during it (its own processes)"""
-        self._cpu = time.process_time()
-        self._children = children_cpu()
+        self._cpu, self._children = time.thread_time(), children_cpu()
+        self._server = page_thread_cpu()
 
     def want_open(self, rnd: int) -> bool:
         """Blocks after the warm-up: closed, open, open, closed, closed, open, ..."""
@@ -168,8 +184,9 @@ class Alternate:
         pass
 
     def round_finished(self, record: RoundRecord) -> None:
-        cpu, children = time.process_time(), children_cpu()
+        cpu, children, server = time.thread_time(), children_cpu(), page_thread_cpu()
         self.rounds[record.round] = (self.open, record.duration_s, cpu - self._cpu)
+        self.server[record.round] = server - self._server
         self.browser[record.round] = children - self._children
         wanted = self.want_open(record.round + 1)
         if wanted and not self.open:
@@ -180,7 +197,8 @@ class Alternate:
             while self.page.state.listeners and time.monotonic() < deadline:
                 time.sleep(0.01)
         self.open = wanted
-        self._cpu, self._children = time.process_time(), children_cpu()
+        self._cpu, self._children = time.thread_time(), children_cpu()
+        self._server = page_thread_cpu()
 
     def measured(self, rnd: int) -> bool:
         """Past the warm-up and not the first round after the page opened or closed
@@ -340,13 +358,21 @@ def main() -> None:
     )
     print(
         f"page open:   {len(opened)} rounds, median {m_open * 1000:.1f} ms "
-        f"(this process's CPU {cpu_open * 1000:.1f} ms)"
+        f"(the run's thread: CPU {cpu_open * 1000:.1f} ms)"
     )
     print(
         f"page closed: {len(closed)} rounds, median {m_closed * 1000:.1f} ms "
-        f"(this process's CPU {cpu_closed * 1000:.1f} ms)"
+        f"(the run's thread: CPU {cpu_closed * 1000:.1f} ms)"
     )
-    print(f"CPU per round open/closed = {cpu_open / cpu_closed:.3f}")
+    print(f"the run's thread's CPU per round open/closed = {cpu_open / cpu_closed:.3f}")
+    served = [
+        statistics.mean(alternate.server[r] for r, v in kept.items() if v[0] is o)
+        for o in (True, False)
+    ]
+    print(
+        f"the page's server thread, CPU per round (mean): {served[0] * 1e3:.1f} ms open, "
+        f"{served[1] * 1e3:.1f} ms closed"
+    )
     spent = [alternate.browser[r] for r, v in kept.items() if v[0]]
     viewer_is = "Playwright's driver and Chromium" if args.client == "browser" else "the client"
     print(
