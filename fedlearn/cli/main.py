@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -20,6 +18,7 @@ from rich.text import Text
 
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
+from fedlearn.cli.ui import UI_HELP, UI_PORT, UI_PORT_HELP, serve_run_page, watching
 from fedlearn.config.loading import parse_assignment, set_dotted, validate
 from fedlearn.config.simulation import SimulationConfig, load_config
 from fedlearn.errors import ConfigError, FedlearnError, RunInterrupted
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from fedlearn.registry.publish import Published
     from fedlearn.run.job import JobResult
     from fedlearn.run.lifecycle import RunOutcome
-    from fedlearn.ui.events import EventBus
 
 app = typer.Typer(
     help="fedlearn: federated learning simulations and deployments.",
@@ -41,8 +39,6 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 console = Console()
-UI_PORT = 8050
-"""The live page's default port (loopback)."""
 
 
 class ProgressObserver:
@@ -150,10 +146,8 @@ def simulate(
         list[str] | None,
         typer.Option(help="with --flower-app: override its [tool.flwr.app.config], 'k=v k2=v2'"),
     ] = None,
-    ui: Annotated[
-        bool, typer.Option(help="watch the run in a browser: a live page on 127.0.0.1")
-    ] = False,
-    ui_port: Annotated[int, typer.Option(help="the live page's port (0: any free)")] = UI_PORT,
+    ui: Annotated[bool, typer.Option(help=UI_HELP)] = False,
+    ui_port: Annotated[int, typer.Option(help=UI_PORT_HELP)] = UI_PORT,
 ) -> None:
     """Run a federated simulation, write its run directory (model, run store, report),
     publish the model to the registry and query it through the serving endpoint."""
@@ -188,18 +182,17 @@ def simulate(
             f"{cfg.run.rounds} rounds, {cfg.strategy.name}, {data}, backend {cfg.backend.kind}"
         )
         _show_run_notes()
-        with contextlib.ExitStack() as stack:
-            events = stack.enter_context(_live_page(cfg, ui_port)) if ui else None
-            progress = stack.enter_context(
-                Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                    console=console,
-                    transient=True,
-                )
-            )
+        with (
+            watching(ui, cfg, ui_port, console) as events,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as progress,
+        ):
             observer = ProgressObserver(progress, cfg.run.rounds)
             job = run_job(cfg, observer, resume, new_run, events=events)
     except RunInterrupted as exc:
@@ -223,20 +216,6 @@ def simulate(
             _serve_published(job, registry_dir(cfg), serve)
         except FedlearnError as exc:
             _fail(str(exc))
-
-
-@contextlib.contextmanager
-def _live_page(cfg: SimulationConfig, port: int) -> Iterator[EventBus]:
-    """The live page of the simulation ``cfg`` runs, while it runs; yields its bus."""
-    from fedlearn.run.job import run_dir
-    from fedlearn.ui.app import start_live_page
-    from fedlearn.ui.events import EventBus
-
-    bus = EventBus()
-    clients = range(cfg.run.clients)
-    with start_live_page(run_dir(cfg), cfg.run.name, bus, port=port, clients=clients) as page:
-        console.print(f"live page: {page.url} (while the run runs)", soft_wrap=True)
-        yield bus
 
 
 def _flower_overrides(
@@ -379,10 +358,8 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run or coordinator state directory")],
     write: Annotated[bool, typer.Option(help="also (re)write JSON, CSV and PNG files")] = True,
     run: Annotated[str | None, typer.Option(help="run id, if the store holds several")] = None,
-    ui: Annotated[
-        bool, typer.Option(help="then serve the run's page on 127.0.0.1 until Ctrl-C")
-    ] = False,
-    ui_port: Annotated[int, typer.Option(help="the page's port (0: any free)")] = UI_PORT,
+    ui: Annotated[bool, typer.Option(help="then serve its page on 127.0.0.1 until Ctrl-C")] = False,
+    ui_port: Annotated[int, typer.Option(help=UI_PORT_HELP)] = UI_PORT,
 ) -> None:
     """Print per-round and per-client summaries of a run; write JSON, CSV and plots."""
     from fedlearn.engine.store import RunStore
@@ -413,16 +390,11 @@ def report(
             print_report(summarize(store), console)
     finally:
         store.close()
-    if ui:
-        from fedlearn.ui.app import start_live_page
-
-        try:
-            page = start_live_page(run_dir, run, port=ui_port)
-        except FedlearnError as exc:
-            _fail(str(exc))
-        with page:
-            console.print(f"run page: {page.url} (until Ctrl-C)", soft_wrap=True)
-            _wait_for_signal()
+    try:
+        if ui:
+            serve_run_page(run_dir, run, ui_port, console, _wait_for_signal)
+    except FedlearnError as exc:
+        _fail(str(exc))
 
 
 @app.command()
