@@ -62,7 +62,9 @@ class BackendSection(_Section):
     as the cluster has room for at ``num_cpus`` and ``num_gpus`` each). ``address``
     (``host:port`` of a Ray head) joins an existing Ray cluster instead of starting a
     private local one; ``num_cpus`` and ``num_gpus`` are the Ray resources each actor
-    (one ClientApp, serving many clients in turn) reserves.
+    (one ClientApp, serving many clients in turn) reserves. ``start_method``: how the
+    pool starts its workers (``auto``: ``forkserver`` with a CUDA build of torch, else
+    ``fork``; see :mod:`fedlearn.simulation.pool`).
     """
 
     kind: Literal["inprocess", "pool", "ray"] = "pool"
@@ -70,6 +72,7 @@ class BackendSection(_Section):
     address: str | None = Field(None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    start_method: Literal["auto", "fork", "forkserver", "spawn"] = "auto"
 
     @model_validator(mode="after")
     def _ray_only(self) -> BackendSection:
@@ -77,6 +80,8 @@ class BackendSection(_Section):
         changed = [k for k, default in ray_only.items() if getattr(self, k) != default]
         if self.kind != "ray" and changed:
             raise ValueError(f"{', '.join(changed)} applies to kind = 'ray' only")
+        if self.kind != "pool" and self.start_method != "auto":
+            raise ValueError("start_method applies to kind = 'pool' only")
         return self
 
 
