@@ -77,13 +77,12 @@ def resolve_start_method(requested: StartMethod = "auto") -> str:
 
 def _cuda_build() -> bool:
     """Whether torch is a CUDA build (without initializing CUDA)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
+    if "torch" not in sys.modules:
         try:
-            import torch
+            import torch  # noqa: F401
         except ImportError:
             return False
-    return getattr(torch.version, "cuda", None) is not None
+    return getattr(sys.modules["torch"].version, "cuda", None) is not None
 
 
 PIPELINE_BYTES = 16 * 1024
