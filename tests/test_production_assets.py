@@ -562,6 +562,7 @@ def test_compose_file_follows_the_compose_spec_and_runs_real_commands() -> None:
     assert errors == []
     services = doc["services"]
     built = {s["image"]: s["build"] for s in services.values() if "build" in s}
+    assert set(built) == {f"fedlearn-{n}:demo" for n in ("coordinator", "site", "endpoint")}
     for build in built.values():
         assert (COMPOSE.parent / build["context"]).resolve() == ROOT
         dockerfiles = {p.resolve() for p in DOCKERFILES.values()}
@@ -572,8 +573,8 @@ def test_compose_file_follows_the_compose_spec_and_runs_real_commands() -> None:
     assert fedlearn_services == {"init", "coordinator", "site-0", "site-1", "site-2", "endpoint"}
     for name in fedlearn_services:
         service = services[name]
-        assert service["image"] in built, f"{name}: an image not built from deploy/docker"
-        dockerfile_of = ROOT / built[service["image"]]["dockerfile"]
+        assert "build" in service, f"{name}: an image not built from deploy/docker"
+        dockerfile_of = ROOT / service["build"]["dockerfile"]
         if name == "init":
             calls = fedlearn_calls(service["command"][0])
             assert [c[:2] for c in calls][:2] == [["certs", "dev"], ["keys", "generate"]]
@@ -611,6 +612,10 @@ def test_compose_configs_are_valid_and_everything_they_name_is_mounted() -> None
             assert config.site.name == name
             assert config.site.key in generated  # the key init wrote for it
             assert config.coordinator.address == "coordinator:7443"
+            # the demo's bundled data set needs scikit-learn, which the image has only so
+            extras = service["build"]["args"]["FEDLEARN_EXTRAS"].split(",")
+            assert config.data is not None and config.data.simulated is not None
+            assert extras == ["site", "datasets"]
         else:
             assert config.server.address.endswith(":7443")
     prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
@@ -681,6 +686,10 @@ def test_kubernetes_workloads_run_real_commands_with_their_configs_mounted(
             for option in ("--registry", "--cert", "--key"):
                 assert under(args[args.index(option) + 1], list(mounts)), option
             assert args[args.index("--path") + 1] == WORKDIR
+            # it waits for the registry the coordinator creates (serve refuses a missing one)
+            (wait,) = pod["initContainers"]
+            registry = args[args.index("--registry") + 1]
+            assert f"[ -f {registry}/registry.db ]" in wait["command"][-1]
             continue
         config_path = args[args.index("--config") + 1]
         config_map = volumes[mounts[config_path]["name"]]["configMap"]["name"]
@@ -700,6 +709,8 @@ def test_kubernetes_workloads_run_real_commands_with_their_configs_mounted(
             key_dir = str(Path(config.site.key).parent)
             assert "secret" in volumes[mounts[key_dir]["name"]]  # the key is in a Secret
             assert config.coordinator.address == "fedlearn-coordinator:7443"
+            # its own files: the slim image (no scikit-learn) reads them
+            assert config.data is not None and under(str(config.data.path), ["/data"])
     assert seen == set(images)
     services = {d["metadata"]["name"] for _, d in k8s_docs() if d["kind"] == "Service"}
     assert {"fedlearn-coordinator", "fedlearn-endpoint"} <= services
