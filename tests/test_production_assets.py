@@ -193,6 +193,11 @@ def map_args(args: list[str], root: Path, ports: dict[str, int]) -> list[str]:
     return out
 
 
+def replace_once(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f"{old!r} is not in the config once: update the test"
+    return text.replace(old, new)
+
+
 def spawn(args: list[str], processes: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [str(FEDLEARN), *args],
@@ -336,14 +341,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     grpc_port, metrics_port = free_port(), free_port()
     coordinator_toml = root / "etc/fedlearn/coordinator.toml"
     text = map_paths((DEPLOY / "compose" / "coordinator.toml").read_text(), root)
-    text = text.replace('"0.0.0.0:7443"', f'"127.0.0.1:{grpc_port}"')
-    text = text.replace('metrics_address = "0.0.0.0"', 'metrics_address = "127.0.0.1"')
-    coordinator_toml.write_text(
-        text.replace("metrics_port = 9464", f"metrics_port = {metrics_port}")
-    )
+    text = replace_once(text, '"0.0.0.0:7443"', f'"127.0.0.1:{grpc_port}"')
+    text = replace_once(text, 'metrics_address = "0.0.0.0"', 'metrics_address = "127.0.0.1"')
+    text = replace_once(text, "metrics_port = 9464", f"metrics_port = {metrics_port}")
+    coordinator_toml.write_text(text)
     site_toml = root / "etc/fedlearn/site.toml"
     text = map_paths((DEPLOY / "compose" / "site-0.toml").read_text(), root)
-    site_toml.write_text(text.replace('"coordinator:7443"', f'"127.0.0.1:{grpc_port}"'))
+    site_toml.write_text(replace_once(text, '"coordinator:7443"', f'"127.0.0.1:{grpc_port}"'))
 
     # what the coordinator would have published, for the endpoint to load
     registry = root / "var/lib/fedlearn/registry"
@@ -351,7 +355,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         params = {"in_features": 30, "num_classes": 2, "hidden": 32}
         version = models.publish(
             "breast-cancer",
-            model_to_arrays(build_model(**params)),  # type: ignore[arg-type]
+            model_to_arrays(build_model(**params)),
             run="breast-cancer",
             round=5,
             metrics={"accuracy": 0.9},
@@ -367,6 +371,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
     processes: list[subprocess.Popen[str]] = []
     site_stop = threading.Event()
+    site_thread: threading.Thread | None = None
     try:
         http_port = free_port()
         endpoint_args = map_args(
@@ -409,6 +414,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+        if site_thread is not None:
+            site_thread.join(timeout=10)
 
 
 # ------------------------------------------------------------------ dashboards and alerts
@@ -457,8 +464,33 @@ def test_endpoint_dashboard_reserves_a_row_for_traffic_split_and_drift() -> None
     start = dashboard["panels"].index(reserved[0])
     after = dashboard["panels"][start + 1 :]
     assert after and all(p["type"] == "text" and not p.get("targets") for p in after)
-    ids = [p["id"] for p in dashboard["panels"]]
-    assert len(ids) == len(set(ids))
+
+
+def test_dashboards_are_well_formed() -> None:
+    """Unique ids and uids, panels inside the 24-column grid and not on top of each other,
+    every query on the dashboard's data source variable."""
+    uids = set()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        uids.add(dashboard["uid"])
+        panels = dashboard["panels"]
+        assert len({p["id"] for p in panels}) == len(panels), path.name
+        cells: set[tuple[int, int]] = set()
+        for panel in panels:
+            grid = panel["gridPos"]
+            assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, (path.name, panel["title"])
+            mine = {
+                (x, y)
+                for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])
+            }
+            assert not mine & cells, f"{path.name}: {panel['title']} overlaps another panel"
+            cells |= mine
+            for target in panel.get("targets", []):
+                assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["datasource"]["query"] == "prometheus"
+    assert len(uids) == len(DASHBOARDS)
 
 
 def test_alert_rules_are_complete_and_name_the_scrape_jobs() -> None:
