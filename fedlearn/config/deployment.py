@@ -67,6 +67,10 @@ class ServerSection(TlsSection):
     hold_replies_mb: int = Field(1024, ge=0)
     """Memory for replies that arrive before their turn; beyond it they wait on disk."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Prometheus ``/metrics`` on this port (0: any free one); none without it."""
+    metrics_address: str | None = Field(None, min_length=1)
+    """Where ``/metrics`` listens (default ``127.0.0.1``: loopback only); ``0.0.0.0`` in a
+    container, so that Prometheus can scrape it from outside."""
 
     field_hints: ClassVar[dict[str, str]] = {
         "ca": "the coordinator's own certificate is server.cert and server.key; to require "

@@ -211,8 +211,9 @@ def run_coordinator(
     restore_sighup = _reload_on_sighup(enrollment)
     try:
         if config.server.metrics_port is not None:
-            metrics_port = metrics.serve(config.server.metrics_port)
-            log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
+            metrics_address = config.server.metrics_address or "127.0.0.1"
+            metrics_port = metrics.serve(config.server.metrics_port, metrics_address)
+            log.info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
         if on_ready is not None:
             on_ready(port)
 
