@@ -18,6 +18,7 @@ from rich.text import Text
 
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
+from fedlearn.cli.sites import evaluate_sites
 from fedlearn.config.loading import parse_assignment, set_dotted, validate
 from fedlearn.config.simulation import SimulationConfig, load_config
 from fedlearn.errors import ConfigError, FedlearnError, RunInterrupted
@@ -37,6 +38,7 @@ app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
+app.command("evaluate-sites")(evaluate_sites)
 console = Console()
 
 

@@ -176,6 +176,13 @@ def promote(
     min_worst_client: Annotated[
         float | None, typer.Option(help="bound on the worst client's value of the metric")
     ] = None,
+    max_site_regression: Annotated[
+        float | None,
+        typer.Option(
+            help="no site worse than production by more than this (needs a cross-site "
+            "evaluation of both: fedlearn evaluate-sites)"
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="skip the gate (still recorded)")] = False,
 ) -> None:
     """Make a version production if it passes the gate; the decision is recorded."""
@@ -188,7 +195,13 @@ def promote(
             gate = (
                 None
                 if force
-                else Gate(metric, not lower_is_better(metric), tolerance, min_worst_client)
+                else Gate(
+                    metric,
+                    not lower_is_better(metric),
+                    tolerance,
+                    min_worst_client,
+                    max_site_regression=max_site_regression,
+                )
             )
             decision = reg.promote(name, version, gate)
         except FedlearnError as exc:

@@ -165,7 +165,9 @@ class GateSection(_Section):
     ``tolerance`` is the regression allowed versus the current production, in the
     metric's units (0.005 = half a point of accuracy); ``min_worst_client`` bounds the
     worst client's value. ``higher_is_better`` defaults from the metric's name (loss and
-    error are lower-is-better).
+    error are lower-is-better). ``max_site_regression`` bounds how much worse than
+    production the metric may be at any one site, when a cross-site evaluation
+    (``fedlearn evaluate-sites``) holds both versions.
     """
 
     metric: str = Field("accuracy", min_length=1)
@@ -173,6 +175,7 @@ class GateSection(_Section):
     tolerance: float = Field(0.005, ge=0)
     min_worst_client: float | None = None
     max_epsilon: float | None = Field(None, gt=0)
+    max_site_regression: float | None = Field(None, ge=0)
 
 
 class PublishSection(_Section):

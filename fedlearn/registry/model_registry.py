@@ -75,6 +75,25 @@ CREATE TABLE IF NOT EXISTS decisions (
     reason TEXT NOT NULL,
     action TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS site_results (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    evaluation TEXT NOT NULL,
+    client_id INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (name, version, evaluation, client_id)
+);
+CREATE TABLE IF NOT EXISTS version_metadata (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (name, version, key)
+);
 """
 
 PRODUCTION = "production"
@@ -121,7 +140,11 @@ class Gate:
     must be at least that value (at most, when lower is better) -- also for the first
     version, which otherwise always passes. When ``max_epsilon`` is set, the candidate's
     differential-privacy guarantee (``metrics["dp.epsilon"]``) must be at most that: a
-    version without one is refused.
+    version without one is refused. When ``max_site_regression`` is set and a cross-site
+    evaluation (:mod:`fedlearn.crosssite`) evaluated both the candidate and the current
+    production on the same sites, no site's ``metric`` may be worse than production's at
+    that site by more than it (in the metric's units); without such an evaluation the
+    rule does not apply, and the decision's reason says so.
     """
 
     metric: str
@@ -129,6 +152,7 @@ class Gate:
     tolerance: float = 0.0
     min_worst_client: float | None = None
     max_epsilon: float | None = None
+    max_site_regression: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.metric, str) or not self.metric:
@@ -138,6 +162,13 @@ class Gate:
         if self.min_worst_client is not None and not _finite(self.min_worst_client):
             raise ConfigError(
                 f"gate: min_worst_client must be a finite number, got {self.min_worst_client!r}"
+            )
+        if self.max_site_regression is not None and not (
+            _finite(self.max_site_regression) and self.max_site_regression >= 0
+        ):
+            raise ConfigError(
+                "gate: max_site_regression must be finite and >= 0, got "
+                f"{self.max_site_regression!r}"
             )
 
     @property
@@ -152,6 +183,20 @@ class Decision:
 
     promoted: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """How one version did at one site in one cross-site evaluation: ``metrics`` holds
+    every numeric metric the site reported, ``loss`` included."""
+
+    name: str
+    version: int
+    evaluation: str
+    client_id: int
+    site: str
+    num_examples: int
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -366,6 +411,8 @@ class ModelRegistry:
             else:
                 previous = None if current is None else self.get(name, current)
                 decision = _judge(candidate, previous, gate)
+                if decision.promoted and previous is not None and gate is not None:
+                    decision = self._judge_sites(candidate, previous, gate, decision)
             if decision.promoted:
                 self._db.execute(
                     "INSERT OR REPLACE INTO aliases VALUES (?, ?, ?)", (name, PRODUCTION, version)
@@ -408,6 +455,92 @@ class ModelRegistry:
             (name,),
         )
         return [DecisionRecord(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
+
+    # -- cross-site results and metadata -----------------------------------------------
+
+    def record_site_results(self, evaluation: str, results: list[SiteResult]) -> None:
+        """Attach one cross-site evaluation's results to the versions it evaluated (one
+        transaction; ``evaluation`` names it and must be new for each version)."""
+        if not isinstance(evaluation, str) or not evaluation:
+            raise ConfigError("a cross-site evaluation needs a non-empty name")
+        rows = []
+        for r in results:
+            self.get(r.name, r.version)
+            rows.append(
+                (
+                    r.name,
+                    r.version,
+                    evaluation,
+                    r.client_id,
+                    r.site,
+                    r.num_examples,
+                    json.dumps(_numbers(r.metrics, "site metrics")),
+                    time.time(),
+                )
+            )
+        try:
+            with self._transaction():
+                self._db.executemany("INSERT INTO site_results VALUES (?,?,?,?,?,?,?,?)", rows)
+        except sqlite3.IntegrityError as exc:
+            raise ConfigError(
+                f"cross-site evaluation {evaluation!r} is already attached to these versions"
+            ) from exc
+
+    def site_results(self, name: str, version: int) -> dict[str, list[SiteResult]]:
+        """Every cross-site evaluation of a version: evaluation name -> its site results
+        (client order), oldest evaluation first."""
+        rows = self._db.execute(
+            "SELECT name, version, evaluation, client_id, site, num_examples, metrics"
+            " FROM site_results WHERE name = ? AND version = ? ORDER BY rowid",
+            (name, version),
+        )
+        out: dict[str, list[SiteResult]] = {}
+        for r in rows:
+            result = SiteResult(r[0], int(r[1]), r[2], int(r[3]), r[4], int(r[5]), json.loads(r[6]))
+            out.setdefault(result.evaluation, []).append(result)
+        for results in out.values():
+            results.sort(key=lambda x: x.client_id)
+        return out
+
+    def set_metadata(self, name: str, version: int, key: str, value: str) -> None:
+        """Set a text ``key`` of a version's metadata (an MLflow run id, ...); set again,
+        it is replaced."""
+        self.get(name, version)
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise ConfigError(f"metadata: {key!r} must map a name to text, got {value!r}")
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO version_metadata VALUES (?,?,?,?,?)",
+                (name, version, key, value, time.time()),
+            )
+
+    def metadata(self, name: str, version: int) -> dict[str, str]:
+        """A version's metadata (empty when none was set)."""
+        rows = self._db.execute(
+            "SELECT key, value FROM version_metadata WHERE name = ? AND version = ? ORDER BY key",
+            (name, version),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def _judge_sites(
+        self, candidate: ModelVersion, production: ModelVersion, gate: Gate, passed: Decision
+    ) -> Decision:
+        """``max_site_regression`` on the newest evaluation holding both versions."""
+        if gate.max_site_regression is None:
+            return passed
+        mine = self.site_results(candidate.name, candidate.version)
+        theirs = self.site_results(production.name, production.version)
+        shared = [e for e in mine if e in theirs]
+        if not shared:
+            return Decision(
+                True,
+                f"{passed.reason}; max_site_regression not applied: no cross-site evaluation "
+                f"holds both v{candidate.version} and production v{production.version}",
+            )
+        evaluation = shared[-1]
+        return _judge_sites(
+            candidate, production, gate, evaluation, mine[evaluation], theirs[evaluation], passed
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -545,6 +678,63 @@ def _judge(candidate: ModelVersion, production: ModelVersion | None, gate: Gate 
     if passed:
         return Decision(True, f"{v} promoted: {comparison}")
     return Decision(False, f"{v} not promoted: {comparison}")
+
+
+def _judge_sites(
+    candidate: ModelVersion,
+    production: ModelVersion,
+    gate: Gate,
+    evaluation: str,
+    mine: list[SiteResult],
+    theirs: list[SiteResult],
+    passed: Decision,
+) -> Decision:
+    """Refuse ``candidate`` when a site's ``gate.metric`` regressed from production's at
+    that site by more than ``gate.max_site_regression`` (the worst such site is named)."""
+    limit = gate.max_site_regression
+    assert limit is not None
+    v, p = f"v{candidate.version}", f"production v{production.version}"
+    at = {r.client_id: r for r in mine}
+    regressions: list[tuple[float, SiteResult, float, float]] = []
+    compared = 0
+    for base in theirs:
+        before = base.metrics.get(gate.metric)
+        if before is None:
+            continue
+        result = at.get(base.client_id)
+        now = None if result is None else result.metrics.get(gate.metric)
+        if result is None or now is None:
+            return Decision(
+                False,
+                f"{v} not promoted: site {base.site} has no {gate.metric} for {v} in "
+                f"cross-site evaluation {evaluation} ({p} has {before:g})",
+            )
+        compared += 1
+        drop = before - now if gate.higher_is_better else now - before
+        if drop > limit:
+            regressions.append((drop, result, now, before))
+    if not compared:
+        return Decision(
+            True,
+            f"{passed.reason}; max_site_regression not applied: cross-site evaluation "
+            f"{evaluation} has no {gate.metric} for {p}",
+        )
+    if regressions:
+        regressions.sort(key=lambda x: (-x[0], x[1].client_id))
+        drop, site, now, before = regressions[0]
+        more = len(regressions) - 1
+        others = f" (and {more} more site{'s' * (more > 1)})" if more else ""
+        return Decision(
+            False,
+            f"{v} not promoted: at site {site.site} {gate.metric}={now:g} vs {p} "
+            f"{before:g}, a regression of {drop:g} beyond max_site_regression {limit:g}"
+            f"{others} (cross-site evaluation {evaluation})",
+        )
+    return Decision(
+        True,
+        f"{passed.reason}; every one of {compared} sites within max_site_regression "
+        f"{limit:g} of {p} (cross-site evaluation {evaluation})",
+    )
 
 
 def _parse_factory(ref: str) -> tuple[str, str]:
