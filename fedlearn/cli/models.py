@@ -17,6 +17,7 @@ from fedlearn.errors import FedlearnError
 
 if TYPE_CHECKING:
     from fedlearn.registry.model_registry import ModelRegistry, ModelVersion
+    from fedlearn.registry.site_results import SiteResult
 
 PRODUCTION = "production"  # fedlearn.registry.model_registry.PRODUCTION, without importing it here
 
@@ -135,6 +136,8 @@ def show(
             _fail(str(exc))
         aliases = reg.aliases(name)
         decisions = reg.decisions(name)
+        sites = reg.site_results(name, v.version)
+        metadata = reg.metadata(name, v.version)
     rows = [
         ("version", f"{v.version} ({_labels(v, aliases) or 'no alias'})"),
         ("run / round", f"{v.run} / {v.round}"),
@@ -154,6 +157,9 @@ def show(
         ("parent", "-" if v.parent is None else str(v.parent)),
         ("file", str(v.path)),
     ]
+    if sites:
+        rows.append(("cross-site", _cross_site(sites)))
+    rows += [(f"metadata {key}", value) for key, value in metadata.items()]
     table = Table(title=f"{name} v{v.version}", show_header=False)
     for key, value in rows:
         table.add_row(key, escape(value))
@@ -164,6 +170,20 @@ def show(
             outcome = "[green]yes[/]" if d.promoted else "[yellow]no[/]"
             log.add_row(_when(d.time), d.action, str(d.version), outcome, escape(d.reason))
         console.print(log)
+
+
+def _cross_site(sites: dict[str, list[SiteResult]]) -> str:
+    """The newest cross-site evaluation of a version, in one line per metric."""
+    from fedlearn.report.summary import lower_is_better
+
+    evaluation, results = list(sites.items())[-1]
+    lines = [f"{len(sites)} evaluation(s); newest {evaluation}, {len(results)} sites"]
+    for metric in sorted({m for r in results for m in r.metrics}):
+        values = [(r.metrics[metric], r.site) for r in results if metric in r.metrics]
+        worst = max(values) if lower_is_better(metric) else min(values)
+        mean = sum(v for v, _ in values) / len(values)
+        lines.append(f"{metric}: mean {mean:.4g}, worst site {worst[1]} {worst[0]:.4g}")
+    return "\n".join(lines)
 
 
 @models_app.command()

@@ -253,7 +253,8 @@ def write_files(
 def attach_to_registry(registry_root: Path, matrix: SiteMatrix) -> int:
     """Attach each registry version's successful cells to it; returns how many versions."""
     from fedlearn.crosssite.matrix import cell_values
-    from fedlearn.registry.model_registry import ModelRegistry, SiteResult
+    from fedlearn.registry.model_registry import ModelRegistry
+    from fedlearn.registry.site_results import SiteResult
 
     results = []
     versions = set()

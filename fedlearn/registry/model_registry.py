@@ -27,7 +27,7 @@ import math
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,8 @@ from typing import Any
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.weights import load_verified, save_weights_atomically
 from fedlearn.errors import ConfigError
+from fedlearn.registry import site_results
+from fedlearn.registry.site_results import SiteResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -74,25 +76,6 @@ CREATE TABLE IF NOT EXISTS decisions (
     promoted INTEGER NOT NULL,
     reason TEXT NOT NULL,
     action TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS site_results (
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    evaluation TEXT NOT NULL,
-    client_id INTEGER NOT NULL,
-    site TEXT NOT NULL,
-    num_examples INTEGER NOT NULL,
-    metrics TEXT NOT NULL,
-    time REAL NOT NULL,
-    PRIMARY KEY (name, version, evaluation, client_id)
-);
-CREATE TABLE IF NOT EXISTS version_metadata (
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    time REAL NOT NULL,
-    PRIMARY KEY (name, version, key)
 );
 """
 
@@ -186,20 +169,6 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class SiteResult:
-    """How one version did at one site in one cross-site evaluation: ``metrics`` holds
-    every numeric metric the site reported, ``loss`` included."""
-
-    name: str
-    version: int
-    evaluation: str
-    client_id: int
-    site: str
-    num_examples: int
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
 class DecisionRecord:
     """One row of the decision log (``action`` is ``"promote"`` or ``"rollback"``)."""
 
@@ -243,7 +212,7 @@ class ModelRegistry:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA + site_results.SCHEMA)
 
     # -- publishing and reading -------------------------------------------------------
 
@@ -456,91 +425,48 @@ class ModelRegistry:
         )
         return [DecisionRecord(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
 
-    # -- cross-site results and metadata -----------------------------------------------
+    # -- cross-site results and metadata (fedlearn.registry.site_results) ---------------
 
-    def record_site_results(self, evaluation: str, results: list[SiteResult]) -> None:
+    def record_site_results(self, evaluation: str, results: Sequence[SiteResult]) -> None:
         """Attach one cross-site evaluation's results to the versions it evaluated (one
         transaction; ``evaluation`` names it and must be new for each version)."""
-        if not isinstance(evaluation, str) or not evaluation:
-            raise ConfigError("a cross-site evaluation needs a non-empty name")
-        rows = []
         for r in results:
             self.get(r.name, r.version)
-            rows.append(
-                (
-                    r.name,
-                    r.version,
-                    evaluation,
-                    r.client_id,
-                    r.site,
-                    r.num_examples,
-                    json.dumps(_numbers(r.metrics, "site metrics")),
-                    time.time(),
-                )
-            )
-        try:
-            with self._transaction():
-                self._db.executemany("INSERT INTO site_results VALUES (?,?,?,?,?,?,?,?)", rows)
-        except sqlite3.IntegrityError as exc:
-            raise ConfigError(
-                f"cross-site evaluation {evaluation!r} is already attached to these versions"
-            ) from exc
+        with self._transaction():
+            site_results.record(self._db, evaluation, results)
 
     def site_results(self, name: str, version: int) -> dict[str, list[SiteResult]]:
         """Every cross-site evaluation of a version: evaluation name -> its site results
         (client order), oldest evaluation first."""
-        rows = self._db.execute(
-            "SELECT name, version, evaluation, client_id, site, num_examples, metrics"
-            " FROM site_results WHERE name = ? AND version = ? ORDER BY rowid",
-            (name, version),
-        )
-        out: dict[str, list[SiteResult]] = {}
-        for r in rows:
-            result = SiteResult(r[0], int(r[1]), r[2], int(r[3]), r[4], int(r[5]), json.loads(r[6]))
-            out.setdefault(result.evaluation, []).append(result)
-        for results in out.values():
-            results.sort(key=lambda x: x.client_id)
-        return out
+        return site_results.read(self._db, name, version)
 
     def set_metadata(self, name: str, version: int, key: str, value: str) -> None:
         """Set a text ``key`` of a version's metadata (an MLflow run id, ...); set again,
         it is replaced."""
         self.get(name, version)
-        if not isinstance(key, str) or not key or not isinstance(value, str):
-            raise ConfigError(f"metadata: {key!r} must map a name to text, got {value!r}")
         with self._transaction():
-            self._db.execute(
-                "INSERT OR REPLACE INTO version_metadata VALUES (?,?,?,?,?)",
-                (name, version, key, value, time.time()),
-            )
+            site_results.set_metadata(self._db, name, version, key, value)
 
     def metadata(self, name: str, version: int) -> dict[str, str]:
         """A version's metadata (empty when none was set)."""
-        rows = self._db.execute(
-            "SELECT key, value FROM version_metadata WHERE name = ? AND version = ? ORDER BY key",
-            (name, version),
-        )
-        return {r[0]: r[1] for r in rows}
+        return site_results.metadata(self._db, name, version)
 
     def _judge_sites(
         self, candidate: ModelVersion, production: ModelVersion, gate: Gate, passed: Decision
     ) -> Decision:
-        """``max_site_regression`` on the newest evaluation holding both versions."""
         if gate.max_site_regression is None:
             return passed
-        mine = self.site_results(candidate.name, candidate.version)
-        theirs = self.site_results(production.name, production.version)
-        shared = [e for e in mine if e in theirs]
-        if not shared:
-            return Decision(
-                True,
-                f"{passed.reason}; max_site_regression not applied: no cross-site evaluation "
-                f"holds both v{candidate.version} and production v{production.version}",
-            )
-        evaluation = shared[-1]
-        return _judge_sites(
-            candidate, production, gate, evaluation, mine[evaluation], theirs[evaluation], passed
+        promoted, reason = site_results.judge(
+            candidate.version,
+            production.version,
+            gate.metric,
+            gate.higher_is_better,
+            gate.max_site_regression,
+            self.site_results(candidate.name, candidate.version),
+            self.site_results(production.name, production.version),
+            passed.reason,
         )
+        return Decision(promoted, reason)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -678,63 +604,6 @@ def _judge(candidate: ModelVersion, production: ModelVersion | None, gate: Gate 
     if passed:
         return Decision(True, f"{v} promoted: {comparison}")
     return Decision(False, f"{v} not promoted: {comparison}")
-
-
-def _judge_sites(
-    candidate: ModelVersion,
-    production: ModelVersion,
-    gate: Gate,
-    evaluation: str,
-    mine: list[SiteResult],
-    theirs: list[SiteResult],
-    passed: Decision,
-) -> Decision:
-    """Refuse ``candidate`` when a site's ``gate.metric`` regressed from production's at
-    that site by more than ``gate.max_site_regression`` (the worst such site is named)."""
-    limit = gate.max_site_regression
-    assert limit is not None
-    v, p = f"v{candidate.version}", f"production v{production.version}"
-    at = {r.client_id: r for r in mine}
-    regressions: list[tuple[float, SiteResult, float, float]] = []
-    compared = 0
-    for base in theirs:
-        before = base.metrics.get(gate.metric)
-        if before is None:
-            continue
-        result = at.get(base.client_id)
-        now = None if result is None else result.metrics.get(gate.metric)
-        if result is None or now is None:
-            return Decision(
-                False,
-                f"{v} not promoted: site {base.site} has no {gate.metric} for {v} in "
-                f"cross-site evaluation {evaluation} ({p} has {before:g})",
-            )
-        compared += 1
-        drop = before - now if gate.higher_is_better else now - before
-        if drop > limit:
-            regressions.append((drop, result, now, before))
-    if not compared:
-        return Decision(
-            True,
-            f"{passed.reason}; max_site_regression not applied: cross-site evaluation "
-            f"{evaluation} has no {gate.metric} for {p}",
-        )
-    if regressions:
-        regressions.sort(key=lambda x: (-x[0], x[1].client_id))
-        drop, site, now, before = regressions[0]
-        more = len(regressions) - 1
-        others = f" (and {more} more site{'s' * (more > 1)})" if more else ""
-        return Decision(
-            False,
-            f"{v} not promoted: at site {site.site} {gate.metric}={now:g} vs {p} "
-            f"{before:g}, a regression of {drop:g} beyond max_site_regression {limit:g}"
-            f"{others} (cross-site evaluation {evaluation})",
-        )
-    return Decision(
-        True,
-        f"{passed.reason}; every one of {compared} sites within max_site_regression "
-        f"{limit:g} of {p} (cross-site evaluation {evaluation})",
-    )
 
 
 def _parse_factory(ref: str) -> tuple[str, str]:
