@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlearn.config.loading import load_toml, validate
+from fedlearn.config.tracking import TrackingSection
 
 Scalar = bool | int | float | str
 
@@ -219,6 +220,7 @@ class SimulationConfig(_Section):
     privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: PublishSection = Field(default_factory=PublishSection)  # type: ignore[arg-type]
     flower: FlowerSection = Field(default_factory=FlowerSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _privacy(self) -> SimulationConfig:
