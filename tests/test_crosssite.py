@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,85 @@ def test_local_models_are_each_sites_own_training(
         assert len(store.site_evaluations()) == 4 * 3
     finally:
         store.close()
+
+
+def test_deployed_sites_evaluate_through_the_coordinator(tmp_path: Path) -> None:
+    from deployment import APP, PARAMS, Deployment, simulated_data
+    from fedlearn.config.deployment import CoordinatorConfig, SiteConfig
+    from fedlearn.config.loading import load_toml
+    from fedlearn.crosssite.deployed import evaluate_deployed
+    from fedlearn.deploy.launch import build_site
+    from fedlearn.engine.references import resolve
+
+    d = Deployment(tmp_path, num_sites=3, rounds=1)
+    registry_root = tmp_path / "registry"
+    rng = np.random.default_rng(1)
+    versions = [
+        d.initial,
+        {k: v + rng.normal(0, 0.5, v.shape).astype(v.dtype) for k, v in d.initial.items()},
+    ]
+    with ModelRegistry(registry_root) as registry:
+        for arrays in versions:
+            registry.publish(
+                "bc",
+                arrays,
+                run="run",
+                round=1,
+                metrics={"accuracy": 0.5},
+                client_summary=None,
+                factory="clients.tabular:build_model",
+                factory_params={"in_features": 30, "num_classes": 2, "hidden": 32},
+                signature={
+                    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}],
+                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}],
+                },
+            )
+    config = load_toml(CoordinatorConfig, d.root / "coordinator.toml")
+    ready = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def evaluate() -> None:
+        try:
+            outcome["result"] = evaluate_deployed(
+                config,
+                registry=registry_root,
+                out=tmp_path / "sites",
+                model="bc",
+                evaluation="deployed",
+                on_ready=lambda port: ready.set(),
+            )
+        except BaseException as exc:
+            outcome["error"] = exc
+            ready.set()
+
+    coordinator = threading.Thread(target=evaluate, daemon=True)
+    coordinator.start()
+    assert ready.wait(30)
+    stops, threads = [], []
+    for i in range(3):
+        site = build_site(load_toml(SiteConfig, d.root / f"site-{i}.toml"))
+        stop = threading.Event()
+        thread = threading.Thread(target=site.run, args=(stop,), daemon=True)
+        thread.start()
+        stops.append(stop)
+        threads.append(thread)
+    coordinator.join(120)
+    for stop in stops:
+        stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert "error" not in outcome, outcome.get("error")
+    matrix = outcome["result"].matrix
+    assert [e.label for e in matrix.entries] == ["bc v1", "bc v2"]
+    assert sorted(matrix.sites.values()) == ["site-0", "site-1", "site-2"]
+    # each cell is the site app's own evaluation of that version on its data
+    app = resolve(APP, "client.app")(simulated_data(3, d.seed), **PARAMS)
+    for label, arrays in zip(("bc v1", "bc v2"), versions, strict=True):
+        for cid in matrix.sites:
+            expected = app.evaluate(arrays, {}, ClientContext(cid, 0, 0))
+            cell = matrix.cell(label, cid)
+            assert cell is not None and cell.ok
+            assert (cell.loss, cell.metrics) == (expected.loss, expected.metrics)
+    assert read_matrix(tmp_path / "sites" / "run.db", "deployed").cells == matrix.cells
+    with ModelRegistry(registry_root) as registry:
+        assert list(registry.site_results("bc", 2)) == ["deployed"]

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from fedlearn.errors import FedlearnError
+from fedlearn.errors import ConfigError, FedlearnError
 
 if TYPE_CHECKING:
     from fedlearn.crosssite.evaluate import CrossSiteResult
@@ -67,6 +67,20 @@ def evaluate_sites(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="any config field: key.path=value")
     ] = None,
+    coordinator: Annotated[
+        Path | None,
+        typer.Option(
+            help="coordinator.toml: evaluate on the deployed sites instead, through the "
+            "coordinator (its address, TLS and allowlist; no CONFIG)"
+        ),
+    ] = None,
+    sites: Annotated[
+        int | None,
+        typer.Option(help="with --coordinator: sites to wait for (default: every enrolled one)"),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="with --coordinator: plaintext gRPC (TLS is on by default)")
+    ] = False,
 ) -> None:
     """Evaluate registry versions on every site's evaluation data (an evaluate-only run: the
     simulation's clients evaluate, nothing trains) and write the version x site matrix:
@@ -79,6 +93,27 @@ def evaluate_sites(
 
     try:
         overrides: dict[str, Any] = dict(parse_assignment(text) for text in set_ or [])
+        if coordinator is not None:
+            if config is not None or local:
+                raise ConfigError(
+                    "--coordinator evaluates on the deployed sites: give no simulation "
+                    "CONFIG, and no --local (a site's local model would need it to train)"
+                )
+            result = _deployed(
+                coordinator,
+                overrides | ({"server.insecure": True} if insecure else {}),
+                refs=version or [],
+                model=model,
+                registry=registry,
+                out=out,
+                sites=sites,
+                baseline=baseline,
+                evaluation=name,
+                attach=attach,
+                plot_metric=metric,
+            )
+            _print(result, metric)
+            return
         cfg = load_config(config, overrides)
         root = registry or registry_dir(cfg)
         target = out or Path("runs") / f"{cfg.run.name}.sites"
@@ -105,6 +140,39 @@ def evaluate_sites(
         console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     _print(result, metric)
+
+
+def _deployed(
+    path: Path,
+    overrides: dict[str, Any],
+    *,
+    registry: Path | None,
+    out: Path | None,
+    **options: Any,
+) -> CrossSiteResult:
+    """The evaluate-only run on a coordinator's enrolled sites."""
+    import logging
+
+    from fedlearn.config.deployment import CoordinatorConfig
+    from fedlearn.config.loading import load_toml
+    from fedlearn.crosssite.deployed import evaluate_deployed
+
+    cfg = load_toml(CoordinatorConfig, path, overrides or None)
+    root = registry or Path(cfg.publish.registry or Path(cfg.server.state_dir) / "registry")
+    target = out or Path("runs") / f"{cfg.run.name}.sites"
+    logging.basicConfig(level=logging.INFO)
+    console.print(
+        f"[bold]fedlearn evaluate-sites[/] on the sites of {escape(str(path))} "
+        f"({escape(cfg.server.address)}), registry {escape(str(root))}",
+        soft_wrap=True,
+    )
+    return evaluate_deployed(
+        cfg,
+        registry=root,
+        out=target,
+        progress=lambda text: console.print(escape(text)),
+        **options,
+    )
 
 
 def _print(result: CrossSiteResult, metric: str) -> None:

@@ -26,6 +26,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -140,12 +141,12 @@ def evaluate_sites(
     say = progress or (lambda text: None)
     name = model or config.publish.model or config.run.name
     entries, weights = resolve_entries(registry, refs, name)
-    base_label = _baseline_label(entries, baseline, name)
+    base_label = baseline_label(entries, baseline, name)
     app_factory = _app_factory(config)
     probe = app_factory()
     initial = _initial(config, probe)
     for entry in entries:
-        _check_fits(entry.label, weights[entry.label], initial)
+        check_fits(entry.label, weights[entry.label], initial)
     clients = list(range(config.run.clients))
     sites = {cid: str(cid) for cid in clients}
     local_rounds = config.run.rounds if local_rounds is None else local_rounds
@@ -154,46 +155,92 @@ def evaluate_sites(
             raise ConfigError(f"local rounds must be >= 1, got {local_rounds}")
         entries += [Entry(f"{LOCAL_PREFIX}{cid}", local_site=cid) for cid in clients]
     evaluation = evaluation or new_evaluation_id()
+    coordinator = Coordinator(
+        every_client(make_strategy(config.strategy)),
+        _transport(config, app_factory, evaluation),
+        clients,
+        rounds=len(entries),
+        seed=config.run.seed,
+        observer=observer,
+    )
+
+    def models(entry: Entry) -> Arrays:
+        if entry.local_site is None:
+            return weights[entry.label]
+        say(f"training {entry.label} alone for {local_rounds} rounds")
+        return train_locally(
+            probe, initial, entry.local_site, local_rounds, config.run.seed, evaluation
+        )
+
+    settings = {
+        "registry": str(registry),
+        "local_rounds": local_rounds if local else None,
+        "simulation": as_stored(config),
+    }
+    try:
+        return run_evaluation(
+            coordinator,
+            models,
+            Evaluation(evaluation, entries, sites, base_label, config.run.seed, settings),
+            registry=registry,
+            out=out,
+            attach=attach,
+            plot_metric=plot_metric,
+            say=say,
+        )
+    finally:
+        coordinator.transport.close()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluate-only run evaluates, where, and how it is described in its store."""
+
+    name: str
+    entries: list[Entry]
+    sites: dict[int, str]
+    baseline: str
+    seed: int
+    settings: dict[str, Any]
+    """The source of the models and sites (a simulation config, a coordinator config)."""
+
+
+def run_evaluation(
+    coordinator: Coordinator,
+    models: Callable[[Entry], Arrays],
+    evaluation: Evaluation,
+    *,
+    registry: Path,
+    out: Path,
+    attach: bool,
+    plot_metric: str | None,
+    say: Callable[[str], None],
+) -> CrossSiteResult:
+    """The evaluate-only run: each entry's model (``models(entry)``) through
+    ``coordinator``'s evaluation stage alone, its row of cells committed to the run store
+    as it is done; then the files and the registry attachment."""
     out.mkdir(parents=True, exist_ok=True)
-    store = RunStore(out / "run.db", run_id=evaluation)
+    store = RunStore(out / "run.db", run_id=evaluation.name)
+    entries, sites = evaluation.entries, evaluation.sites
     try:
         store.start_run(
-            config.run.seed,
+            evaluation.seed,
             {
                 "kind": "cross-site evaluation",
-                "registry": str(registry),
                 "entries": entries_json(entries),
                 "sites": [{"client_id": c, "site": s} for c, s in sites.items()],
-                "local_rounds": local_rounds if local else None,
-                "simulation": as_stored(config),
+                **evaluation.settings,
             },
         )
-        matrix = SiteMatrix(evaluation, entries, sites)
-        coordinator = Coordinator(
-            _every_client(make_strategy(config.strategy)),
-            _transport(config, app_factory, evaluation),
-            clients,
-            rounds=len(entries),
-            seed=config.run.seed,
-            observer=observer,
-        )
-        try:
-            for number, entry in enumerate(entries, start=1):
-                if entry.local_site is None:
-                    arrays = weights[entry.label]
-                else:
-                    say(f"training {entry.label} alone for {local_rounds} rounds")
-                    arrays = train_locally(
-                        probe, initial, entry.local_site, local_rounds, config.run.seed, evaluation
-                    )
-                say(f"evaluating {entry.label} on {len(clients)} sites")
-                _, records = coordinator.evaluate_only(number, arrays)
-                cells = [_cell(entry, r, sites) for r in records]
-                store.record_site_evaluations(cells)
-                store.add_event("evaluated", number, entry.label)
-                matrix.add(cells)
-        finally:
-            coordinator.transport.close()
+        matrix = SiteMatrix(evaluation.name, entries, sites)
+        for number, entry in enumerate(entries, start=1):
+            arrays = models(entry)
+            say(f"evaluating {entry.label} on {len(sites)} sites")
+            _, records = coordinator.evaluate_only(number, arrays)
+            cells = [_cell(entry, r, sites) for r in records]
+            store.record_site_evaluations(cells)
+            store.add_event("evaluated", number, entry.label)
+            matrix.add(cells)
         store.set_status("finished")
         store.add_event("finished", len(entries))
     except BaseException as exc:
@@ -203,10 +250,10 @@ def evaluate_sites(
         raise
     finally:
         store.close()
-    directory = out / evaluation
-    files, notes = write_files(matrix, directory, base_label, plot_metric)
+    directory = out / evaluation.name
+    files, notes = write_files(matrix, directory, evaluation.baseline, plot_metric)
     attached = attach_to_registry(registry, matrix) if attach else 0
-    return CrossSiteResult(matrix, base_label, directory, files, notes, attached)
+    return CrossSiteResult(matrix, evaluation.baseline, directory, files, notes, attached)
 
 
 def train_locally(
@@ -318,14 +365,14 @@ def _initial(config: SimulationConfig, app: ClientApp) -> Arrays:
     return app.initial_arrays(config.run.seed)
 
 
-def _every_client(strategy: Strategy) -> Strategy:
+def every_client(strategy: Strategy) -> Strategy:
     """The run's strategy (its evaluation config), asking every client to evaluate."""
     if dataclasses.is_dataclass(strategy) and hasattr(strategy, "fraction_evaluate"):
         return dataclasses.replace(strategy, fraction_evaluate=1.0, min_evaluate_clients=1)
     return strategy
 
 
-def _check_fits(label: str, arrays: Arrays, initial: Arrays) -> None:
+def check_fits(label: str, arrays: Arrays, initial: Arrays) -> None:
     """ConfigError when a version's arrays are not the client app's model."""
     if list(arrays) != list(initial):
         raise ConfigError(
@@ -340,7 +387,7 @@ def _check_fits(label: str, arrays: Arrays, initial: Arrays) -> None:
             )
 
 
-def _baseline_label(entries: list[Entry], baseline: str | None, model: str) -> str:
+def baseline_label(entries: list[Entry], baseline: str | None, model: str) -> str:
     if baseline is None:
         for entry in entries:
             if "production" in entry.aliases:
