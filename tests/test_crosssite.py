@@ -358,3 +358,11 @@ def test_deployed_sites_evaluate_through_the_coordinator(tmp_path: Path) -> None
     assert read_matrix(tmp_path / "sites" / "run.db", "deployed").cells == matrix.cells
     with ModelRegistry(registry_root) as registry:
         assert list(registry.site_results("bc", 2)) == ["deployed"]
+
+
+def test_evaluate_sites_refuses_a_config_and_a_coordinator_together(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["evaluate-sites", "x.toml", "--coordinator", str(tmp_path / "c.toml")]
+    )
+    assert result.exit_code == 2
+    assert "--coordinator evaluates on the deployed sites" in " ".join(result.output.split())

@@ -23,6 +23,7 @@ from fedlearn.engine.store import RunStore
 from fedlearn.registry.model_registry import ModelRegistry
 from fedlearn.run.identity import as_stored, flatten
 from fedlearn.run.job import run_job
+from fedlearn.tracking import Tracking
 from fedlearn.tracking.mlflow_run import MlflowRun, public_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,11 +244,24 @@ def test_a_tracking_store_that_cannot_open_leaves_the_run_alone(
     assert "MLflow tracking failed (start)" in caplog.text
 
 
-def test_public_uri_drops_credentials() -> None:
-    assert public_uri("https://alice:s3cret@mlflow.example:5000/x") == (
-        "https://mlflow.example:5000/x"
-    )
+def test_no_password_reaches_a_log_or_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = "https://alice:s3cret@mlflow.example:5000/x"
+    assert public_uri(uri) == "https://mlflow.example:5000/x"
     assert public_uri("sqlite:///tmp/mlflow.db") == "sqlite:///tmp/mlflow.db"
+
+    def unreachable() -> MlflowRun:
+        raise ConnectionError(f"cannot reach {uri}/api/2.0/mlflow/runs/create")
+
+    store = RunStore(tmp_path / "run.db", run_id="r")
+    store.start_run(0, {})
+    with caplog.at_level(logging.WARNING, logger="fedlearn.tracking"):
+        tracking = Tracking(store, unreachable, uri)
+    assert not tracking.active and tracking.error is not None
+    assert "s3cret" not in caplog.text and "mlflow.example:5000" in caplog.text
+    assert all("s3cret" not in (e.detail or "") for e in store.events())
+    store.close()
 
 
 def test_the_coordinator_is_tracked(tmp_path: Path, tracking: dict[str, Any]) -> None:
@@ -278,3 +292,33 @@ def test_the_coordinator_is_tracked(tmp_path: Path, tracking: dict[str, Any]) ->
     assert run.data.tags["fedlearn.registry.version"] == "1"
     with ModelRegistry(d.state_dir / "registry") as registry:
         assert registry.metadata("bc", 1)["mlflow.run_id"] == run.info.run_id
+
+
+def test_simulate_takes_the_tracking_store_from_a_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_uri: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedlearn.cli.main import app
+
+    monkeypatch.chdir(ROOT)
+    args = ["simulate", "--rounds", "1", "--clients", "2", "--out", str(tmp_path / "run")]
+    args += ["--no-check-serving", "--mlflow-uri", store_uri]
+    for key, value in {
+        "run.name": "flagged",
+        "data.dataset": "breast_cancer",
+        "data.partitioner": "iid",
+        "client.app": "clients.tabular:make_app",
+        "client.params": "{epochs = 1, hidden = 0}",
+        "backend.kind": "inprocess",
+        "publish.enabled": "false",
+        "tracking.experiment": "flagged",
+        "tracking.artifact_location": json.dumps((tmp_path / "artifacts").as_uri()),
+    }.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=store_uri)
+    run = _only_run(client, {"tracking.experiment": "flagged"})
+    assert run.info.status == "FINISHED" and run.data.params["tracking.mlflow_uri"] == store_uri
+    assert [step for step, _ in _history(client, run.info.run_id, "accuracy")] == [1]

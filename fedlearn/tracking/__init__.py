@@ -30,8 +30,11 @@ log = logging.getLogger("fedlearn.tracking")
 class Tracking:
     """A run's tracking sink, guarded: no error gets out of it (see the module doc)."""
 
-    def __init__(self, store: RunStore, make: Callable[[], MlflowRun]) -> None:
+    def __init__(
+        self, store: RunStore, make: Callable[[], MlflowRun], uri: str | None = None
+    ) -> None:
         self.store = store
+        self.uri = uri
         self.error: str | None = None
         self.sink: MlflowRun | None = None
         self._call("start", lambda: self._start(make))
@@ -73,7 +76,12 @@ class Tracking:
         try:
             action()
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            if self.uri:  # the store's address without its password, if it has one
+                from fedlearn.tracking.mlflow_run import public_uri
+
+                error = error.replace(self.uri, public_uri(self.uri))
+            self.error = error
             self.sink = None
             log.warning(
                 "MLflow tracking failed (%s): %s; tracking is off for the rest of this "
@@ -99,7 +107,7 @@ def start_tracking(
 
         return MlflowRun(section, name, directory)
 
-    return Tracking(store, make)
+    return Tracking(store, make, section.mlflow_uri)
 
 
 __all__ = ["Tracking", "start_tracking"]

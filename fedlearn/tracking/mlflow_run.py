@@ -280,6 +280,8 @@ def _flat_params(config: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in flatten(config).items():
         text = value if isinstance(value, str) else json.dumps(value)
+        if key == "tracking.mlflow_uri" and isinstance(value, str):
+            text = public_uri(value)  # never a password into the tracking store
         out[key] = text[:_MAX_PARAM]
     return out
 
