@@ -15,6 +15,7 @@ from fedlearn.config.simulation import (
     StrategySection,
     check_privacy,
 )
+from fedlearn.config.tracking import TrackingSection
 
 
 class _Section(BaseModel):
@@ -138,6 +139,7 @@ class CoordinatorConfig(_Section):
     secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
     privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: CoordinatorPublishSection = Field(default_factory=CoordinatorPublishSection)  # type: ignore[arg-type]
+    tracking: TrackingSection = Field(default_factory=TrackingSection)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _privacy(self) -> CoordinatorConfig:

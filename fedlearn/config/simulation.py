@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlearn.config.loading import load_toml, validate
+from fedlearn.config.tracking import TrackingSection
 
 Scalar = bool | int | float | str
 
@@ -170,7 +171,9 @@ class GateSection(_Section):
     ``tolerance`` is the regression allowed versus the current production, in the
     metric's units (0.005 = half a point of accuracy); ``min_worst_client`` bounds the
     worst client's value. ``higher_is_better`` defaults from the metric's name (loss and
-    error are lower-is-better).
+    error are lower-is-better). ``max_site_regression`` bounds how much worse than
+    production the metric may be at any one site, when a cross-site evaluation
+    (``fedlearn evaluate-sites``) holds both versions.
     """
 
     metric: str = Field("accuracy", min_length=1)
@@ -178,6 +181,7 @@ class GateSection(_Section):
     tolerance: float = Field(0.005, ge=0)
     min_worst_client: float | None = None
     max_epsilon: float | None = Field(None, gt=0)
+    max_site_regression: float | None = Field(None, ge=0)
 
 
 class PublishSection(_Section):
@@ -221,6 +225,7 @@ class SimulationConfig(_Section):
     privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: PublishSection = Field(default_factory=PublishSection)  # type: ignore[arg-type]
     flower: FlowerSection = Field(default_factory=FlowerSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _privacy(self) -> SimulationConfig:
