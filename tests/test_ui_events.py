@@ -207,3 +207,58 @@ def test_a_page_gets_the_events_it_missed_then_the_new_ones_then_the_end(
     assert snapshot["stages"] == [{"stage": "train", "tasks": 2, "ok": 1, "failed": 1}]
     assert [f["client"] for f in snapshot["failures"]] == [1]  # not committed yet: live
     assert state.listeners == 0
+
+
+def test_secure_aggregation_stages_dropouts_and_epsilon_reach_the_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Distributed DP under SecAgg+: the stages' progress, a client that drops out of
+    the setup stage, and each round's ε, in the events and in the page's state."""
+    from fedlearn.engine.store import RunStore
+    from fedlearn.ui.state import LiveState
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    config = load_config(
+        None,
+        {
+            "run.out_dir": str(out),
+            "run.rounds": 2,
+            "run.clients": 6,
+            "data.dataset": "breast_cancer",
+            "data.partitioner": "iid",
+            "client.app": "fault_apps:make_app",
+            "client.params": {"fail_rounds": "2", "fail_client": 3},
+            "strategy.params.min_train_clients": 4,
+            "backend.kind": "inprocess",
+            "publish.enabled": False,
+            "secagg.enabled": True,
+            "privacy.mode": "distributed",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.clip": 1.0,
+            "privacy.delta": 1e-3,
+            "privacy.noise": "seeded",
+        },
+    )
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    state = LiveState(out / "run.db", None, bus)
+    assert run_job(config, events=bus).outcome.status == "finished"
+    stages = [e.data["stage"] for e in seen if e.kind == "stage" and e.data["round"] == 2]
+    assert stages[:4] == ["secagg-setup", "secagg-keys", "secagg-shares", "secagg-unmask"]
+    [dropout] = [e.data for e in seen if e.kind == "client" and not e.data["ok"]]
+    assert (dropout["round"], dropout["stage"], dropout["client"]) == (2, "secagg-setup", 3)
+    assert "injected training failure" in dropout["error"]
+    store = RunStore(out / "run.db", read_only=True)
+    store.run_id = store.run_ids()[0]
+    expected = [row.epsilon for row in store.privacy_rows()]
+    store.close()
+    emitted = [e.data["epsilon"] for e in seen if e.kind == "privacy"]
+    assert emitted == expected and len(expected) == 2 and expected[0] < expected[1]
+    snapshot = state.snapshot()
+    assert snapshot["epsilon"] == expected[-1] and snapshot["delta"] == 1e-3
+    assert [r["epsilon"] for r in snapshot["rounds"]] == expected
+    setup = next(s for s in snapshot["stages"] if s["stage"] == "secagg-setup")
+    assert (setup["ok"], setup["failed"]) == (5, 1)
+    state.close()

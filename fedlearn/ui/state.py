@@ -109,10 +109,9 @@ class LiveState:
             site.update(stage=data["stage"], round=data["round"], ok=data["ok"])
             if data["ok"]:  # a failure may be the coordinator's verdict, not a reply
                 site["last_seen"] = event.at
-            for stage in reversed(self.stages):
-                if stage["stage"] == data["stage"]:
-                    stage["ok" if data["ok"] else "failed"] += 1
-                    break
+            stage = _stage_of(self.stages, data["stage"])
+            if stage is not None:
+                stage["ok" if data["ok"] else "failed"] += 1
         elif kind == "site":
             site = self.sites.setdefault(data["client"], {"client": data["client"]})
             site.update(site=data["site"], connected=data["connected"], since=event.at)
@@ -212,6 +211,17 @@ class LiveState:
             "epsilon": epsilon[last_eps][0] if last_eps else (eps_rows[-1] if eps_rows else None),
             "delta": epsilon[last_eps][1] if last_eps else view["delta"],
         }
+
+
+def _stage_of(stages: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The stage of the round a client row counts for: its own, or for a training row
+    while the round is secure, the secure setup stage (where training happens; the later
+    secure stages record only their dropouts)."""
+    own = [s for s in stages if s["stage"] == name]
+    if own:
+        return own[-1]
+    setup = [s for s in stages if s["stage"] == Stage.SECAGG_SETUP.value]
+    return setup[0] if setup and name == Stage.TRAIN.value else None
 
 
 def _record(data: dict[str, Any]) -> ClientRecord:

@@ -65,7 +65,10 @@ function apply(ev) {
     case "client": {
       // a reply seen from the client; a failure may be the coordinator's own verdict
       Object.assign(client(d.client), { stage: d.stage, round: d.round, ok: d.ok }, d.ok ? { last_seen: ev.at } : {});
-      const st = [...S.stages].reverse().find((x) => x.stage === d.stage);
+      // a secure round trains in its setup stage (recorded as training); its later stages
+      // record only their dropouts
+      const st = [...S.stages].reverse().find((x) => x.stage === d.stage)
+        || (d.stage === "train" ? S.stages.find((x) => x.stage === "secagg-setup") : undefined);
       if (st) st[d.ok ? "ok" : "failed"] += 1;
       if (!d.ok) S.failures.set(fkey(d), { round: d.round, stage: d.stage, client: d.client, error: d.error || "unknown error" });
       break;
@@ -176,8 +179,11 @@ function stageBar(st) {
     el.style.width = `${st.tasks ? (100 * n) / st.tasks : 0}%`;
     return el;
   };
+  const quiet = /^secagg-(keys|shares|unmask)$/.test(st.stage);  // dropouts only
+  const text = quiet ? `${st.stage}: ${st.tasks} tasks, ${st.failed} dropped`
+    : `${st.stage}: ${st.ok + st.failed} of ${st.tasks}${st.failed ? ` (${st.failed} failed)` : ""}`;
   return h("div", { class: "stage" },
-    h("div", {}, `${st.stage}: ${st.ok + st.failed} of ${st.tasks}${st.failed ? ` (${st.failed} failed)` : ""}`),
+    h("div", {}, text),
     h("div", { class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": st.tasks,
       "aria-valuenow": st.ok + st.failed, "aria-label": st.stage },
       part("ok", st.ok), part("failed", st.failed)));
