@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from fedlearn.config.simulation import load_config
+from fedlearn.engine.store import RunStore
 from fedlearn.run.job import JobResult, run_job
 from fedlearn.ui.events import Event, EventBus
 
@@ -249,3 +250,48 @@ def test_the_page_shows_a_killed_site_as_disconnected(browser: Any, tmp_path: Pa
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_a_secure_private_run_shows_its_epsilon_and_dropouts(
+    browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Distributed DP under SecAgg+ (client 3 drops out of round 2's setup), from its store."""
+    from fedlearn.ui.app import start_live_page
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    config = load_config(
+        None,
+        {
+            "run.out_dir": str(out),
+            "run.rounds": 2,
+            "run.clients": 6,
+            "data.dataset": "breast_cancer",
+            "client.app": "fault_apps:make_app",
+            "client.params": {"fail_rounds": "2", "fail_client": 3},
+            "strategy.params.min_train_clients": 4,
+            "backend.kind": "inprocess",
+            "publish.enabled": False,
+            "secagg.enabled": True,
+            "privacy.mode": "distributed",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.clip": 1.0,
+            "privacy.delta": 1e-3,
+            "privacy.noise": "seeded",
+        },
+    )
+    assert run_job(config).outcome.status == "finished"
+    store = RunStore(out / "run.db", read_only=True)
+    store.run_id = store.run_ids()[0]
+    epsilon = store.privacy_rows()[-1].epsilon
+    store.close()
+    with start_live_page(out, None) as served:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(served.url)
+        page.wait_for_selector("body[data-status=finished]", timeout=10_000)
+        assert page.locator("#privacy").is_visible()
+        assert page.inner_text("#epsilon") == f"{epsilon:.4g} at δ=0.001"
+        assert page.locator("#secagg").is_visible()
+        assert "round 2: 3 (secagg-setup)" in page.inner_text("#dropouts")
+        shot(page, "secure-private-run")
+        page.close()
