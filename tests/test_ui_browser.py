@@ -102,7 +102,8 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     published every round) with its live page, started but not waited for."""
     from fedlearn.ui.app import start_live_page
 
-    os.chdir(ROOT)
+    cwd = Path.cwd()
+    os.chdir(ROOT)  # the client app is named by module (tests/ui_apps.py)
     out = tmp_path_factory.mktemp("ui") / "run"
     config = load_config(
         None,
@@ -139,6 +140,7 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     finally:
         thread.join(120)
         page.stop()
+        os.chdir(cwd)
 
 
 def test_the_page_follows_a_running_simulation(browser: Any, simulation: dict[str, Any]) -> None:
