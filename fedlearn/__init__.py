@@ -21,6 +21,7 @@ if _TYPE_CHECKING:
         TrainResult,
     )
     from fedlearn.engine.client_state import ClientState
+    from fedlearn.engine.clock import Latency
     from fedlearn.engine.coordinator import Coordinator, Transport
     from fedlearn.engine.messages import Reply, Stage, Task
     from fedlearn.engine.records import (
@@ -68,6 +69,7 @@ if _TYPE_CHECKING:
         FedAdam,
         FedAvg,
         FedAvgM,
+        FedBuff,
         FedMedian,
         FedNova,
         FedProx,
@@ -111,6 +113,7 @@ _EXPORTS: dict[str, str] = {
     "FedAvg": "fedlearn.strategy",
     "FedAvgM": "fedlearn.strategy",
     "FedMedian": "fedlearn.strategy",
+    "FedBuff": "fedlearn.strategy",
     "FedNova": "fedlearn.strategy",
     "FedProx": "fedlearn.strategy",
     "FedTrimmedAvg": "fedlearn.strategy",
@@ -123,6 +126,7 @@ _EXPORTS: dict[str, str] = {
     "InferenceError": "fedlearn.errors",
     "InvalidInput": "fedlearn.errors",
     "Krum": "fedlearn.strategy",
+    "Latency": "fedlearn.engine.clock",
     "Metrics": "fedlearn.engine.records",
     "ModelNotFound": "fedlearn.errors",
     "ModelNotReady": "fedlearn.errors",
@@ -185,6 +189,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedMedian",
     "FedNova",
     "FedProx",
@@ -200,6 +205,7 @@ __all__ = [
     "Fold",
     "InProcessTransport",
     "Krum",
+    "Latency",
     "Metrics",
     "MultiKrum",
     "PoolTransport",

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from fedlearn.engine.asynchronous import OWN_PREFIX, AsyncRounds, split_own
+from fedlearn.engine.clock import SYNC, Latency, check_asynchrony
 from fedlearn.engine.messages import Reply, Stage, Task, seed_for
 from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
 from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult, accepted_train
@@ -28,6 +30,10 @@ from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, Fold, RoundCo
 
 if TYPE_CHECKING:
     from fedlearn.secagg.stages import SecureAggregation
+
+
+_CLOCK = OWN_PREFIX + "clock"
+"""Checkpoint state entry: a synchronous run's virtual time (with a latency model)."""
 
 
 class Transport(Protocol):
@@ -114,6 +120,11 @@ class Coordinator:
     hold_bytes: int | None = None
     """Memory for replies that arrive before their turn (they are folded in task order);
     beyond it early replies wait in temporary files. None: no limit."""
+    latency: Latency | None = None
+    """Simulated client latencies (:mod:`fedlearn.engine.clock`): the virtual clock that
+    orders an asynchronous strategy's arrivals (constant if None) and, when set, the
+    virtual time recorded with every round (a synchronous round lasts as long as its
+    slowest selected client)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -123,6 +134,20 @@ class Coordinator:
         if len(set(self.client_ids)) != len(self.client_ids):
             raise ConfigError("client ids must be unique")
         self.strategy.validate(len(self.client_ids))
+        self._clock = 0.0
+        asynchrony = self.strategy.asynchrony(len(self.client_ids))
+        if asynchrony is not None:
+            check_asynchrony(asynchrony.concurrency, asynchrony.buffer_size, len(self.client_ids))
+            if self.secure is not None:
+                raise ConfigError(
+                    f"{type(self.strategy).__name__} aggregates asynchronously, one client "
+                    "at a time: it cannot run under secure aggregation"
+                )
+            if self.available is not None:
+                raise ConfigError(
+                    f"{type(self.strategy).__name__} is asynchronous: it runs in simulation "
+                    "(on the virtual clock); asynchronous rounds over gRPC are not supported yet"
+                )
         if self.secure is not None:
             self.secure.check(
                 self.strategy, self.strategy.train_clients_per_round(len(self.client_ids))
@@ -142,23 +167,37 @@ class Coordinator:
         them again) and no second copy of the model is made.
         """
         arrays = {k: np.array(v) if copy else np.asarray(v) for k, v in initial_arrays.items()}
+        own: Arrays = {}
+        if state is not None:
+            state, own = split_own(state)
         state = self.strategy.init_state(arrays) if state is None else state
+        asynchrony = self.strategy.asynchrony(len(self.client_ids))
+        if asynchrony is not None:
+            return AsyncRounds(self, asynchrony).run(arrays, state, own, start_round)
+        clock = own.get(_CLOCK)
+        self._clock = 0.0 if clock is None else float(clock.reshape(-1)[0])
         rounds: list[RoundRecord] = []
         clients: list[ClientRecord] = []
         for rnd in range(start_round, self.rounds + 1):
             stopped = None if self.stop_before is None else self.stop_before(rnd)
             if stopped is not None:
-                return RunResult(arrays, state, rounds, clients, stopped=stopped)
+                return RunResult(arrays, self._own(state), rounds, clients, stopped=stopped)
             if self.before_round is not None:
                 self.before_round(rnd)
             arrays, state, record, records = self.run_round(rnd, arrays, state)
             rounds.append(record)
             clients.extend(records)
             if self.sink is not None:
-                self.sink.record_round(record, records, arrays, state)
+                self.sink.record_round(record, records, arrays, self._own(state))
             if self.observer is not None:
                 self.observer.round_finished(record)
-        return RunResult(arrays, state, rounds, clients)
+        return RunResult(arrays, self._own(state), rounds, clients)
+
+    def _own(self, state: Arrays) -> Arrays:
+        """``state`` plus the coordinator's own entries (the virtual clock, if any)."""
+        if self.latency is None:
+            return state
+        return {**state, _CLOCK: np.array([self._clock], np.float64)}
 
     def run_round(
         self, rnd: int, arrays: Arrays, state: Arrays
@@ -176,6 +215,12 @@ class Coordinator:
         records: list[ClientRecord] = []
         clients = self._clients()
         selected = self.strategy.select_train(ctx, clients)
+        virtual_time = None
+        if self.latency is not None:
+            self._clock += max(
+                (self.latency.draw(self.seed, cid, SYNC, rnd) for cid in selected), default=0.0
+            )
+            virtual_time = self._clock
         error: str | None = None
         train_metrics: Metrics = {}
         try:
@@ -201,6 +246,7 @@ class Coordinator:
             duration_s=time.perf_counter() - t0,
             error=error,
             candidates=None if self.available is None else tuple(clients),
+            virtual_time=virtual_time,
         )
         return arrays, state, record, records
 
