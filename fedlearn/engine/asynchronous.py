@@ -31,21 +31,67 @@ bit-identical to one that was never interrupted.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from fedlearn.engine.clock import AsyncSchedule, Job, Latency, job_seed
-from fedlearn.engine.messages import Stage, Task
+from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, Metrics, Scalar
 from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult
-from fedlearn.engine.validation import check_update
+from fedlearn.engine.validation import check_model, check_update
 from fedlearn.errors import FedlearnError, RoundFailed, UpdateRejected
-from fedlearn.strategy.base import Asynchrony, ClientUpdate, RoundContext
+from fedlearn.strategy.base import Asynchrony, ClientUpdate, RoundContext, Strategy
 
-if TYPE_CHECKING:
-    from fedlearn.engine.coordinator import Coordinator
+
+class _Sink(Protocol):
+    def record_round(
+        self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
+    ) -> None: ...
+
+
+class _Observer(Protocol):
+    def round_finished(self, record: RoundRecord) -> None: ...
+
+
+class Host(Protocol):
+    """What the asynchronous rounds use of their coordinator
+    (:class:`~fedlearn.engine.coordinator.Coordinator`): its settings and stage helpers."""
+
+    @property
+    def strategy(self) -> Strategy: ...
+    @property
+    def client_ids(self) -> Sequence[int]: ...
+    @property
+    def rounds(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def evaluate_every(self) -> int: ...
+    @property
+    def sink(self) -> _Sink | None: ...
+    @property
+    def observer(self) -> _Observer | None: ...
+    @property
+    def before_round(self) -> Callable[[int], None] | None: ...
+    @property
+    def stop_before(self) -> Callable[[int], str | None] | None: ...
+    @property
+    def latency(self) -> Latency | None: ...
+
+    def _stage(self, arrays: Arrays, tasks: list[Task]) -> Iterator[Reply]: ...
+
+    def _note(self, records: list[ClientRecord], record: ClientRecord) -> None: ...
+
+    def _check_quorum(self, ctx: RoundContext, accepted: int, selected: int) -> None: ...
+
+    def _clients(self) -> list[int]: ...
+
+    def _evaluate(
+        self, ctx: RoundContext, arrays: Arrays, records: list[ClientRecord], clients: list[int]
+    ) -> tuple[int, int, Metrics]: ...
+
 
 OWN_PREFIX = "coordinator/"
 """State entries the coordinator keeps for itself in a checkpoint (never shown to the
@@ -96,7 +142,7 @@ class _Trained:
 class AsyncRounds:
     """Runs an asynchronous strategy's rounds for ``coordinator`` (see the module)."""
 
-    def __init__(self, coordinator: Coordinator, asynchrony: Asynchrony) -> None:
+    def __init__(self, coordinator: Host, asynchrony: Asynchrony) -> None:
         self.c = coordinator
         self.asynchrony = asynchrony
 
@@ -238,8 +284,6 @@ class AsyncRounds:
         records: list[ClientRecord],
     ) -> tuple[Arrays, Arrays, Metrics]:
         """Fold the round's arrivals in arrival order and apply the server update."""
-        from fedlearn.engine.coordinator import _check_model
-
         c = self.c
         strategy = c.strategy
         accepted: list[ClientUpdate] = []
@@ -288,7 +332,7 @@ class AsyncRounds:
             c._check_quorum(ctx, len(accepted), len(arrivals))
             aggregate = fold.result()
             new_arrays, new_state = strategy.server_update(ctx, arrays, aggregate, state)
-            new_arrays = _check_model(new_arrays, arrays)
+            new_arrays = check_model(new_arrays, arrays)
         except (FedlearnError, ArithmeticError, ValueError) as exc:
             if isinstance(exc, RoundFailed):
                 raise

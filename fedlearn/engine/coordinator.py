@@ -23,7 +23,7 @@ from fedlearn.engine.clock import SYNC, Latency, check_asynchrony
 from fedlearn.engine.messages import Reply, Stage, Task, seed_for
 from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
 from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult, accepted_train
-from fedlearn.engine.validation import all_finite, check_evaluation, check_update
+from fedlearn.engine.validation import check_evaluation, check_model, check_update
 from fedlearn.engine.weights import load_weights, save_weights
 from fedlearn.errors import ConfigError, FedlearnError, RoundFailed, UpdateRejected
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, Fold, RoundContext, Strategy
@@ -266,7 +266,7 @@ class Coordinator:
                 fold, accepted = self._fold(ctx, arrays, selected, config, records)
                 aggregate = fold.result()
             new_arrays, new_state = self.strategy.server_update(ctx, arrays, aggregate, state)
-            new_arrays = _check_model(new_arrays, arrays)
+            new_arrays = check_model(new_arrays, arrays)
         except (FedlearnError, ArithmeticError, ValueError) as exc:
             if isinstance(exc, RoundFailed):
                 raise
@@ -490,21 +490,3 @@ def _failed(stage: Stage, reply: Reply, exc: UpdateRejected) -> ClientRecord:
     return ClientRecord(
         reply.round, stage, reply.client_id, False, reply.num_examples, error=exc.reason
     )
-
-
-def _check_model(new: Arrays, old: Arrays) -> Arrays:
-    """The new global model in the old one's dtypes, after checking names, shapes, finiteness."""
-    if list(new) != list(old):
-        raise ValueError("the server update changed the model's array names")
-    out: Arrays = {}
-    for name, a in new.items():
-        a = np.asarray(a)
-        if a.shape != old[name].shape:
-            raise ValueError(f"the server update changed the shape of {name!r}")
-        if a.dtype.kind == "f" and not all_finite(a):
-            raise ValueError(f"the new global array {name!r} contains NaN or Inf")
-        if a.dtype != old[name].dtype:
-            a = np.rint(a) if old[name].dtype.kind in "iub" else a
-            a = a.astype(old[name].dtype)
-        out[name] = a
-    return out

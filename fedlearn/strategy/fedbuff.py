@@ -78,15 +78,15 @@ class FedBuffFold:
 class FedBuff(FedAvg):
     """FedBuff: asynchronous buffered aggregation with staleness weighting (see the module).
 
-    Fields: ``buffer_size`` (K, default 10, >= 1), ``concurrency`` (M, default 20, >= K;
+    Fields: ``buffer_size`` (K, default 5, >= 1), ``concurrency`` (M, default 10, >= K;
     the run needs ``M + K - 1`` clients), ``server_learning_rate`` (eta_g, default 1.0,
     > 0), ``staleness`` (``"polynomial"`` or ``"constant"``), ``staleness_exponent``
     (a >= 0, default 0.5). ``min_train_clients`` is the quorum of accepted replies per
     aggregation; ``fraction_train`` is not used (dispatches take an idle client at random).
     """
 
-    buffer_size: int = 10
-    concurrency: int = 20
+    buffer_size: int = 5
+    concurrency: int = 10
     server_learning_rate: float = 1.0
     staleness: str = "polynomial"
     staleness_exponent: float = 0.5
