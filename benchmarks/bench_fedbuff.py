@@ -126,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigma", type=float, default=1.0, help="log-normal latency sigma")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--target", type=float, default=0.90)
-    parser.add_argument("--sync-fraction", type=float, default=0.4, help="FedAvg's sample")
+    parser.add_argument(
+        "--sync-fractions",
+        type=float,
+        nargs="+",
+        default=[0.4, 1.0],
+        help="FedAvg's share of clients per round, one row each (the first is the baseline)",
+    )
     parser.add_argument("--buffer-size", type=int, default=10, help="FedBuff's K")
     parser.add_argument("--concurrency", type=int, default=20, help="FedBuff's M")
     parser.add_argument("--server-lr", type=float, default=1.0, help="FedBuff's eta_g")
@@ -140,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     latency = Latency("lognormal", median=1.0, sigma=args.sigma)
-    per_round = max(int(args.sync_fraction * args.clients), 1)
     runs: list[tuple[str, Strategy, int]] = [
         (
-            f"FedAvg, {per_round} clients a round (synchronous)",
-            build_strategy("fedavg", {"fraction_train": args.sync_fraction}),
+            f"FedAvg, {max(int(f * args.clients), 1)} clients a round (synchronous)",
+            build_strategy("fedavg", {"fraction_train": f}),
             args.max_rounds,
-        ),
+        )
+        for f in args.sync_fractions
+    ]
+    runs.append(
         (
             f"FedBuff, K = {args.buffer_size}, M = {args.concurrency}, eta_g = {args.server_lr:g}",
             build_strategy(
@@ -158,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 },
             ),
             args.max_aggregations,
-        ),
-    ]
+        )
+    )
     print(
         f"MNIST-5k, {args.clients} clients, Dirichlet alpha={args.alpha}, {args.epochs} local "
         f"epochs, lr {args.lr}, batch {args.batch_size}; log-normal latency (median 1, "
