@@ -61,6 +61,7 @@ if _TYPE_CHECKING:
     )
     from fedlearn.strategy import (
         STRATEGIES,
+        Asynchrony,
         Bulyan,
         ClientEvaluation,
         ClientUpdate,
@@ -95,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "ModelVersion": "fedlearn.registry.model_registry",
     "Arrays": "fedlearn.engine.records",
     "AuthError": "fedlearn.errors",
+    "Asynchrony": "fedlearn.strategy",
     "Bulyan": "fedlearn.strategy",
     "ClientApp": "fedlearn.engine.client_app",
     "ClientContext": "fedlearn.engine.client_app",
@@ -165,6 +167,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "Asynchrony",
     "Decision",
     "Gate",
     "ModelRegistry",

@@ -315,3 +315,28 @@ def test_per_client_evaluation_and_the_report(tmp_path: Path) -> None:
     assert losses[-1] < losses[0]
     header = (job.out_dir / "rounds.csv").read_text().splitlines()[0].split(",")
     assert "virtual_time" in header
+
+
+def test_the_example_config_selects_fedbuff_and_its_clock() -> None:
+    config = load_config(ROOT / "simulations" / "mnist_fedbuff.toml")
+    strategy = build_strategy(config.strategy.name, config.strategy.params)
+    assert isinstance(strategy, FedBuff)
+    assert (strategy.buffer_size, strategy.concurrency) == (5, 10)
+    strategy.validate(config.run.clients)
+    assert make_latency(config) == Latency("lognormal", median=1.0, sigma=1.0)
+
+
+def test_the_coordinator_daemon_refuses_it_before_opening_a_run(tmp_path: Path) -> None:
+    from fedlearn.config.deployment import CoordinatorConfig
+    from fedlearn.deploy.server import run_coordinator
+
+    config = CoordinatorConfig.model_validate(
+        {
+            "server": {"state_dir": str(tmp_path / "state"), "insecure": True},
+            "model": {"factory": "m:f"},
+            "strategy": {"name": "fedbuff", "params": {"buffer_size": 1, "concurrency": 2}},
+        }
+    )
+    with pytest.raises(ConfigError, match="over gRPC are not supported"):
+        run_coordinator(config)
+    assert not (tmp_path / "state").exists()
