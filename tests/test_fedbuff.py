@@ -31,7 +31,7 @@ from fedlearn.run.builders import make_privacy
 from fedlearn.run.job import make_latency, run_job
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import run_simulation
-from fedlearn.strategy import FedBuff, RoundContext, build_strategy
+from fedlearn.strategy import FedAvg, FedBuff, RoundContext, build_strategy
 from fedlearn.strategy.base import ClientUpdate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,3 +340,50 @@ def test_the_coordinator_daemon_refuses_it_before_opening_a_run(tmp_path: Path) 
     with pytest.raises(ConfigError, match="over gRPC are not supported"):
         run_coordinator(config)
     assert not (tmp_path / "state").exists()
+
+
+def test_a_synchronous_round_lasts_as_long_as_its_slowest_client() -> None:
+    data = [(np.ones((1, 1)), np.array([4.0])), (np.ones((1, 1)), np.array([8.0]))] * 2
+    clock = _PerClient(times=(1.0, 2.5, 0.5, 4.0))
+
+    def run(rounds: int, **kw: Any) -> Any:
+        return run_simulation(
+            lambda: LeastSquares(data, [1] * 4, 0.5),
+            FedAvg(fraction_train=0.5, min_train_clients=2),
+            num_clients=4,
+            rounds=rounds,
+            seed=3,
+            evaluate_every=0,
+            latency=clock,
+            **kw,
+        )
+
+    whole = run(4)
+    expected, total = [], 0.0
+    for rnd in range(1, 5):
+        picked = [c.client_id for c in whole.clients if c.round == rnd]
+        assert len(picked) == 2
+        total += max(clock.times[c] for c in picked)
+        expected.append(total)
+    assert [r.virtual_time for r in whole.rounds] == expected
+    assert (
+        len({tuple(c.client_id for c in whole.clients if c.round == r) for r in (1, 2, 3, 4)}) > 1
+    )
+    # the clock is part of the checkpointed state: a continued run goes on from it
+    first = run(2)
+    rest = run(4, initial_arrays=first.arrays, initial_state=first.state, start_round=3)
+    assert [r.virtual_time for r in rest.rounds] == expected[2:]
+    assert rest.arrays["w"].tobytes() == whole.arrays["w"].tobytes()
+
+
+def test_latency_draws_per_task_or_per_client() -> None:
+    task = Latency("lognormal", median=2.0, sigma=0.5)
+    client = Latency("lognormal", median=2.0, sigma=0.5, per="client")
+    assert task.draw(1, 3, 1, 7) == task.draw(1, 3, 1, 7)  # seeded
+    assert task.draw(1, 3, 1, 7) != task.draw(1, 3, 1, 8) != task.draw(2, 3, 1, 8)
+    assert client.draw(1, 3, 1, 7) == client.draw(1, 3, 0, 2) != client.draw(1, 4, 1, 7)
+    draws = np.array([task.draw(0, c, 1, k) for c in range(40) for k in range(50)])
+    assert abs(np.median(draws) - 2.0) < 0.1 and abs(np.std(np.log(draws)) - 0.5) < 0.03
+    uniform = [Latency("uniform", low=1.0, high=3.0).draw(0, c, 0, 1) for c in range(500)]
+    assert 1.0 <= min(uniform) < 1.1 and 2.9 < max(uniform) <= 3.0
+    assert Latency("constant", value=0.25).draw(5, 1, 1, 1) == 0.25
