@@ -326,20 +326,52 @@ def test_the_example_config_selects_fedbuff_and_its_clock() -> None:
     assert make_latency(config) == Latency("lognormal", median=1.0, sigma=1.0)
 
 
-def test_the_coordinator_daemon_refuses_it_before_opening_a_run(tmp_path: Path) -> None:
-    from fedlearn.config.deployment import CoordinatorConfig
+def test_over_grpc_sites_reply_at_their_own_pace(tmp_path: Path) -> None:
+    """Four site daemons on loopback: site 0 takes 1 s a task, the others 0.2 s. With M = 3
+    and K = 1 the coordinator aggregates each reply as it comes, so the fast sites carry
+    the rounds on and the slow site's replies arrive several aggregations stale; the one
+    site not training evaluates each new model."""
+    import threading
+
+    from deployment import Deployment
+    from fedlearn.config.deployment import CoordinatorConfig, SiteConfig
+    from fedlearn.config.loading import load_toml
+    from fedlearn.deploy.launch import build_site
     from fedlearn.deploy.server import run_coordinator
 
-    config = CoordinatorConfig.model_validate(
-        {
-            "server": {"state_dir": str(tmp_path / "state"), "insecure": True},
-            "model": {"factory": "m:f"},
-            "strategy": {"name": "fedbuff", "params": {"buffer_size": 1, "concurrency": 2}},
-        }
+    d = Deployment(
+        tmp_path,
+        num_sites=4,
+        rounds=16,
+        strategy="fedbuff",
+        strategy_params={"buffer_size": 1, "concurrency": 3},
+        app="fault_apps:make_app",
+        params={},
     )
-    with pytest.raises(ConfigError, match="over gRPC are not supported"):
-        run_coordinator(config)
-    assert not (tmp_path / "state").exists()
+    for i in range(4):
+        d.write_site_config(i, pace_s=1.0 if i == 0 else 0.2)
+    sites = [build_site(load_toml(SiteConfig, d.root / f"site-{i}.toml")) for i in range(4)]
+    threads = [threading.Thread(target=s.run, daemon=True) for s in sites]
+    for t in threads:
+        t.start()
+    result = run_coordinator(load_toml(CoordinatorConfig, d.root / "coordinator.toml"))
+    for t in threads:
+        t.join(timeout=30)
+    assert result.result is not None
+    rounds = result.result.rounds
+    assert [r.round for r in rounds] == list(range(1, 17)) and all(r.ok for r in rounds)
+    assert all(r.train_selected == r.train_ok == 1 for r in rounds)
+    trained = [c for c in result.result.clients if c.stage is Stage.TRAIN]
+    slow = [int(c.metrics["staleness"]) for c in trained if c.client_id == sites[0].client_id]
+    fast = [int(c.metrics["staleness"]) for c in trained if c.client_id != sites[0].client_id]
+    print("staleness: slow site", slow, "fast sites", fast)
+    assert slow and min(slow) >= 2  # the fast sites aggregated while it trained
+    assert sum(fast) / len(fast) < min(slow)
+    # each round was evaluated by the one site that was not training
+    assert all(r.eval_selected == r.eval_ok == 1 for r in rounds)
+    assert all(np.isfinite(r.eval_metrics["loss"]) for r in rounds)
+    # a round did not wait for the slow site
+    assert sorted(r.duration_s for r in rounds)[8] < 0.9
 
 
 def test_a_synchronous_round_lasts_as_long_as_its_slowest_client() -> None:

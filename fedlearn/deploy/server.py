@@ -114,11 +114,6 @@ def run_coordinator(
     with :class:`RunInterrupted`. The allowlist is re-read when its file changes (and on
     SIGHUP in the main thread): see :mod:`fedlearn.deploy.enrollment`.
     """
-    if make_strategy(config.strategy).asynchrony(1) is not None:
-        raise ConfigError(
-            f"strategy {config.strategy.name!r} is asynchronous: it runs in simulation (on "
-            "the virtual clock); asynchronous rounds over gRPC are not supported yet"
-        )
     allowlist = load_allowlist(config.server.allowlist)
     authenticator = Authenticator(
         allowlist, config.server.server_id, server_cert_sha256=certificate_sha256(config.server)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -195,9 +196,16 @@ class AsyncRounds:
             error: str | None = None
             train_metrics: Metrics = {}
             try:
-                arrays, state, train_metrics = self._aggregate(
-                    ctx, arrays, state, plan.arrivals, pending, versions, records
-                )
+                arrivals = [
+                    Arrival(
+                        j.client_id,
+                        current - j.version,
+                        versions[j.version][0],
+                        pending.pop(j.id),
+                    )
+                    for j in plan.arrivals
+                ]
+                arrays, state, train_metrics = aggregate(c, ctx, arrays, state, arrivals, records)
             except RoundFailed as exc:
                 error = str(exc)
             live = {j.version for j in schedule.in_flight.values()}
@@ -273,70 +281,77 @@ class AsyncRounds:
             out.append((job, _Trained(update, reply.metrics, reply.num_examples, None)))
         return out
 
-    def _aggregate(
-        self,
-        ctx: RoundContext,
-        arrays: Arrays,
-        state: Arrays,
-        arrivals: list[Job],
-        pending: dict[int, _Trained],
-        versions: dict[int, Version],
-        records: list[ClientRecord],
-    ) -> tuple[Arrays, Arrays, Metrics]:
-        """Fold the round's arrivals in arrival order and apply the server update."""
-        c = self.c
-        strategy = c.strategy
-        accepted: list[ClientUpdate] = []
-        try:
-            fold = strategy.start_fold(ctx, arrays)
-            for job, trained in [(j, pending.pop(j.id)) for j in arrivals]:
-                staleness = ctx.round - 1 - job.version
-                metrics = {**trained.metrics, "staleness": staleness}
-                try:
-                    if trained.update is None:
-                        raise UpdateRejected(str(trained.error), client_id=job.client_id)
-                    u = trained.update
-                    update = ClientUpdate(
+
+@dataclass(frozen=True)
+class Arrival:
+    """A reply as it joins the buffer: who, how stale, the model it trained from."""
+
+    client_id: int
+    staleness: int
+    origin: Arrays
+    trained: _Trained
+
+
+def aggregate(
+    c: Host,
+    ctx: RoundContext,
+    arrays: Arrays,
+    state: Arrays,
+    arrivals: list[Arrival],
+    records: list[ClientRecord],
+) -> tuple[Arrays, Arrays, Metrics]:
+    """Fold a round's arrivals in arrival order and apply the server update (the global
+    model is unchanged and RoundFailed raised if that fails or the quorum is not met)."""
+    strategy = c.strategy
+    accepted: list[ClientUpdate] = []
+    try:
+        fold = strategy.start_fold(ctx, arrays)
+        for arrival in arrivals:
+            trained, staleness = arrival.trained, arrival.staleness
+            metrics = {**trained.metrics, "staleness": staleness}
+            try:
+                if trained.update is None:
+                    raise UpdateRejected(str(trained.error), client_id=arrival.client_id)
+                u = trained.update
+                fold.add(
+                    ClientUpdate(
                         u.client_id,
                         u.arrays,
                         u.num_examples,
                         u.metrics,
                         staleness=staleness,
-                        origin=versions[job.version][0],
+                        origin=arrival.origin,
                     )
-                    fold.add(update)
-                except UpdateRejected as exc:
-                    c._note(
-                        records,
-                        ClientRecord(
-                            ctx.round,
-                            Stage.TRAIN,
-                            job.client_id,
-                            False,
-                            trained.examples,
-                            None,
-                            metrics,
-                            exc.reason,
-                        ),
-                    )
-                    continue
-                accepted.append(
-                    ClientUpdate(u.client_id, {}, u.num_examples, u.metrics, staleness=staleness)
                 )
-                c._note(
-                    records,
-                    ClientRecord(
-                        ctx.round, Stage.TRAIN, job.client_id, True, u.num_examples, None, metrics
-                    ),
+            except UpdateRejected as exc:
+                failed = ClientRecord(
+                    ctx.round,
+                    Stage.TRAIN,
+                    arrival.client_id,
+                    False,
+                    trained.examples,
+                    None,
+                    metrics,
+                    exc.reason,
                 )
-            c._check_quorum(ctx, len(accepted), len(arrivals))
-            aggregate = fold.result()
-            new_arrays, new_state = strategy.server_update(ctx, arrays, aggregate, state)
-            new_arrays = check_model(new_arrays, arrays)
-        except (FedlearnError, ArithmeticError, ValueError) as exc:
-            if isinstance(exc, RoundFailed):
-                raise
-            raise RoundFailed(
-                f"round {ctx.round}: aggregation failed ({exc}); the global model is unchanged"
-            ) from exc
-        return new_arrays, new_state, strategy.summarize_train(ctx, accepted)
+                c._note(records, failed)
+                continue
+            accepted.append(
+                ClientUpdate(u.client_id, {}, u.num_examples, u.metrics, staleness=staleness)
+            )
+            c._note(
+                records,
+                ClientRecord(
+                    ctx.round, Stage.TRAIN, arrival.client_id, True, u.num_examples, None, metrics
+                ),
+            )
+        c._check_quorum(ctx, len(accepted), len(arrivals))
+        new_arrays, new_state = strategy.server_update(ctx, arrays, fold.result(), state)
+        new_arrays = check_model(new_arrays, arrays)
+    except (FedlearnError, ArithmeticError, ValueError) as exc:
+        if isinstance(exc, RoundFailed):
+            raise
+        raise RoundFailed(
+            f"round {ctx.round}: aggregation failed ({exc}); the global model is unchanged"
+        ) from exc
+    return new_arrays, new_state, strategy.summarize_train(ctx, accepted)

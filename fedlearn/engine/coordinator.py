@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from fedlearn.engine.asynchronous import OWN_PREFIX, AsyncRounds, split_own
+from fedlearn.engine.asynchronous_live import LiveRounds, LiveTransport
 from fedlearn.engine.clock import SYNC, Latency, check_asynchrony
 from fedlearn.engine.messages import Reply, Stage, Task, seed_for
 from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
@@ -122,7 +123,9 @@ class Coordinator:
     beyond it early replies wait in temporary files. None: no limit."""
     latency: Latency | None = None
     """Simulated client latencies (:mod:`fedlearn.engine.clock`): the virtual clock that
-    orders an asynchronous strategy's arrivals (constant if None) and, when set, the
+    orders an asynchronous strategy's arrivals in simulation (constant if None; with
+    ``available`` set, live clients reply at their own pace instead,
+    :mod:`fedlearn.engine.asynchronous_live`) and, when set, the
     virtual time recorded with every round (a synchronous round lasts as long as its
     slowest selected client)."""
 
@@ -143,10 +146,10 @@ class Coordinator:
                     f"{type(self.strategy).__name__} aggregates asynchronously, one client "
                     "at a time: it cannot run under secure aggregation"
                 )
-            if self.available is not None:
+            if self.available is not None and not isinstance(self.transport, LiveTransport):
                 raise ConfigError(
-                    f"{type(self.strategy).__name__} is asynchronous: it runs in simulation "
-                    "(on the virtual clock); asynchronous rounds over gRPC are not supported yet"
+                    f"{type(self.strategy).__name__} is asynchronous: with live clients its "
+                    "transport must send tasks one at a time (the gRPC transport does)"
                 )
         if self.secure is not None:
             self.secure.check(
@@ -172,6 +175,9 @@ class Coordinator:
             state, own = split_own(state)
         state = self.strategy.init_state(arrays) if state is None else state
         asynchrony = self.strategy.asynchrony(len(self.client_ids))
+        if asynchrony is not None and self.available is not None:
+            assert isinstance(self.transport, LiveTransport)
+            return LiveRounds(self, self.transport, asynchrony).run(arrays, state, start_round)
         if asynchrony is not None:
             return AsyncRounds(self, asynchrony).run(arrays, state, own, start_round)
         clock = own.get(_CLOCK)
