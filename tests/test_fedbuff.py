@@ -326,11 +326,30 @@ def test_the_example_config_selects_fedbuff_and_its_clock() -> None:
     assert make_latency(config) == Latency("lognormal", median=1.0, sigma=1.0)
 
 
-def test_over_grpc_sites_reply_at_their_own_pace(tmp_path: Path) -> None:
-    """Four site daemons on loopback: site 0 takes 1 s a task, the others 0.2 s. With M = 3
+class _StopAfter:
+    """An observer that asks the coordinator to stop once round ``round`` is committed."""
+
+    def __init__(self, round: int, stop: Any) -> None:
+        self.round, self.stop = round, stop
+
+    def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+        pass
+
+    def reply_received(self, record: Any) -> None:
+        pass
+
+    def round_finished(self, record: Any) -> None:
+        if record.round == self.round:
+            self.stop.set()
+
+
+def test_over_grpc_sites_reply_at_their_own_pace_and_the_run_resumes(tmp_path: Path) -> None:
+    """Four site daemons on loopback: site 0 takes 0.9 s a task, the others 0.15 s. With M = 3
     and K = 1 the coordinator aggregates each reply as it comes, so the fast sites carry
     the rounds on and the slow site's replies arrive several aggregations stale; the one
-    site not training evaluates each new model."""
+    site not training evaluates each new model. The coordinator stops after round 3 with
+    tasks in flight (cancelled at the sites); a new coordinator continues from round 4 with
+    the committed model."""
     import threading
 
     from deployment import Deployment
@@ -338,40 +357,59 @@ def test_over_grpc_sites_reply_at_their_own_pace(tmp_path: Path) -> None:
     from fedlearn.config.loading import load_toml
     from fedlearn.deploy.launch import build_site
     from fedlearn.deploy.server import run_coordinator
+    from fedlearn.errors import RunInterrupted
 
     d = Deployment(
         tmp_path,
         num_sites=4,
-        rounds=16,
+        rounds=24,
         strategy="fedbuff",
         strategy_params={"buffer_size": 1, "concurrency": 3},
         app="fault_apps:make_app",
         params={},
     )
     for i in range(4):
-        d.write_site_config(i, pace_s=1.0 if i == 0 else 0.2)
+        d.write_site_config(i, pace_s=0.9 if i == 0 else 0.15)
     sites = [build_site(load_toml(SiteConfig, d.root / f"site-{i}.toml")) for i in range(4)]
     threads = [threading.Thread(target=s.run, daemon=True) for s in sites]
     for t in threads:
         t.start()
-    result = run_coordinator(load_toml(CoordinatorConfig, d.root / "coordinator.toml"))
+    config = load_toml(CoordinatorConfig, d.root / "coordinator.toml")
+    stop = threading.Event()
+    with pytest.raises(RunInterrupted):
+        run_coordinator(config, stop=stop, observer=_StopAfter(3, stop))
+    store = RunStore(d.state_dir / "run.db", run_id=config.run.name, read_only=True)
+    try:
+        checkpoint = store.last_checkpoint()
+        assert store.committed_round() == 3 and checkpoint is not None and checkpoint[0] == 3
+        assert not [k for k in checkpoint[2] if k.startswith("coordinator/")]
+    finally:
+        store.close()
+    resumed = run_coordinator(config)
     for t in threads:
         t.join(timeout=30)
-    assert result.result is not None
-    rounds = result.result.rounds
-    assert [r.round for r in rounds] == list(range(1, 17)) and all(r.ok for r in rounds)
+    assert resumed.result is not None
+    assert [r.round for r in resumed.result.rounds] == list(range(4, 25))
+    rounds = resumed.rounds
+    assert [r.round for r in rounds] == list(range(1, 25)) and all(r.ok for r in rounds)
     assert all(r.train_selected == r.train_ok == 1 for r in rounds)
-    trained = [c for c in result.result.clients if c.stage is Stage.TRAIN]
+    store = RunStore(d.state_dir / "run.db", run_id=config.run.name, read_only=True)
+    try:
+        trained = store.clients(Stage.TRAIN)
+    finally:
+        store.close()
     slow = [int(c.metrics["staleness"]) for c in trained if c.client_id == sites[0].client_id]
     fast = [int(c.metrics["staleness"]) for c in trained if c.client_id != sites[0].client_id]
     print("staleness: slow site", slow, "fast sites", fast)
-    assert slow and min(slow) >= 2  # the fast sites aggregated while it trained
-    assert sum(fast) / len(fast) < min(slow)
+    assert slow and min(slow) >= 1  # the fast sites aggregated while it trained
+    assert sum(fast) / len(fast) < sum(slow) / len(slow)
     # each round was evaluated by the one site that was not training
     assert all(r.eval_selected == r.eval_ok == 1 for r in rounds)
     assert all(np.isfinite(r.eval_metrics["loss"]) for r in rounds)
     # a round did not wait for the slow site
-    assert sorted(r.duration_s for r in rounds)[8] < 0.9
+    assert sorted(r.duration_s for r in rounds)[12] < 0.9
+    final = load_weights(d.state_dir / "model.safetensors")
+    assert final["w"].tobytes() != checkpoint[1]["w"].tobytes()
 
 
 def test_a_synchronous_round_lasts_as_long_as_its_slowest_client() -> None:
