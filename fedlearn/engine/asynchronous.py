@@ -26,6 +26,10 @@ kept in the checkpoint's state under ``coordinator/model/<v>/`` and
 ``coordinator/state/<v>/``; the schedule is replayed from the seed. A resumed run trains
 its in-flight jobs again from those models, with their own task seeds, so it ends
 bit-identical to one that was never interrupted.
+
+With live clients (a coordinator daemon over gRPC) replies come at the sites' own pace
+instead: :mod:`fedlearn.engine.asynchronous_live` runs those rounds, with the same
+:func:`aggregate`.
 """
 
 from __future__ import annotations
