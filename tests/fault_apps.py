@@ -12,7 +12,9 @@ source (anything with ``client(cid) -> ClientData``), and the params set in one 
 * ``unsendable_round = r``: training round ``r`` returns an array no wire can carry.
 
 ``pad = n`` adds a float64 array of ``n`` zeros to the model (trained as a no-op), for
-tests that need larger payloads.
+tests that need larger payloads. Under SCAFFOLD (control variates in the broadcast) each
+step's gradient takes the correction ``c - c_i`` and the reply carries ``c_i``'s change
+(:mod:`fedlearn.strategy.scaffold`, ``c_i`` in the client's own state).
 
 The model is a logistic regression (``w``, ``b`` in float64) trained by a few full-batch
 gradient steps; it needs no torch, so a site starts fast.
@@ -29,7 +31,7 @@ import numpy as np
 
 from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.engine.records import Arrays, Config
-from fedlearn.strategy import FedAvg
+from fedlearn.strategy import FedAvg, scaffold
 from fedlearn.strategy.base import RoundContext
 
 
@@ -95,14 +97,22 @@ class FaultyLogReg:
         if ctx.round in self.fail_rounds and failing:
             raise RuntimeError(f"injected training failure in round {ctx.round}")
         x, y = self._xy(ctx.client_id, "train")
-        w, b = arrays["w"].copy(), arrays["b"].copy()
+        model, c = scaffold.split_controls(arrays)
+        c_i = scaffold.client_controls(ctx.state, c) if c else {}
+        w, b = model["w"].copy(), model["b"].copy()
         for _ in range(self.steps):
             err = 1.0 / (1.0 + np.exp(-(x @ w + b))) - y
-            w -= self.lr * (x.T @ err / len(y) + ctx.rng.normal(scale=1e-3, size=w.shape))
-            b -= self.lr * err.mean()
+            gw = x.T @ err / len(y) + ctx.rng.normal(scale=1e-3, size=w.shape)
+            gb = err.mean()
+            if c:
+                gw, gb = gw + c["w"] - c_i["w"], gb + c["b"] - c_i["b"]
+            w -= self.lr * gw
+            b -= self.lr * gb
         if ctx.round == self.unsendable_round:
             w = w.astype(object)  # encode_arrays refuses object arrays
-        out = {"w": w, "b": b} | ({"pad": np.array(arrays["pad"])} if "pad" in arrays else {})
+        out = {"w": w, "b": b} | ({"pad": np.array(model["pad"])} if "pad" in model else {})
+        if c:
+            out = scaffold.client_reply(ctx.state, c, c_i, model, out, self.steps, self.lr)
         return TrainResult(out, len(y), {"train_mse": float(np.mean(err**2))})
 
     def evaluate(self, arrays: Arrays, config: Config, ctx: ClientContext) -> EvaluateResult:

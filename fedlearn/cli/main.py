@@ -18,6 +18,7 @@ from rich.text import Text
 
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
+from fedlearn.cli.sites import evaluate_sites
 from fedlearn.config.loading import parse_assignment, set_dotted, validate
 from fedlearn.config.simulation import SimulationConfig, load_config
 from fedlearn.errors import ConfigError, FedlearnError, RunInterrupted
@@ -37,6 +38,7 @@ app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
+app.command("evaluate-sites")(evaluate_sites)
 console = Console()
 
 
@@ -147,6 +149,12 @@ def simulate(
         list[str] | None,
         typer.Option(help="with --flower-app: override its [tool.flwr.app.config], 'k=v k2=v2'"),
     ] = None,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="track the run in MLflow (tracking.mlflow_uri), e.g. sqlite:///mlflow.db"
+        ),
+    ] = None,
 ) -> None:
     """Run a federated simulation, write its run directory (model, run store, report),
     publish the model to the registry and query it through the serving endpoint."""
@@ -161,6 +169,7 @@ def simulate(
         ("backend.kind", backend),
         ("backend.workers", workers),
         ("strategy.name", strategy),
+        ("tracking.mlflow_uri", mlflow_uri),
     ]:
         if value is not None:
             overrides[key] = value
@@ -460,6 +469,12 @@ def server(
             "(nothing is deleted; a registry inside it stays)",
         ),
     ] = False,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="track the run in MLflow (tracking.mlflow_uri), e.g. sqlite:///mlflow.db"
+        ),
+    ] = None,
 ) -> None:
     """Run the coordinator daemon: admit enrolled sites, run rounds, keep durable state.
 
@@ -483,7 +498,10 @@ def server(
 
     again = f"fedlearn server --config {config}" + (" --insecure" if insecure else "")
     try:
-        cfg = load_toml(CoordinatorConfig, config, {"server.insecure": True} if insecure else None)
+        overrides: dict[str, Any] = {"server.insecure": True} if insecure else {}
+        if mlflow_uri is not None:
+            overrides["tracking.mlflow_uri"] = mlflow_uri
+        cfg = load_toml(CoordinatorConfig, config, overrides or None)
         outcome = run_coordinator(cfg, observer=RoundLines(), new_run=new_run, resume_command=again)
     except RunInterrupted as exc:
         logging.getLogger("fedlearn.server").warning("%s", exc)

@@ -9,11 +9,13 @@ the run ends with its true status, its report and its final publication.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -161,13 +163,68 @@ def run_coordinator(
         lifecycle.publish_every = config.publish.every
     if lifecycle.already_finished:
         return lifecycle.leave()
-    try:  # the sites' client ids stay those of the run's earlier processes
-        enrollment = Enrollment(
-            authenticator, config.server.allowlist, ids_file=state_dir / IDS_FILE
-        )
-    except BaseException:
-        lifecycle.close()
-        raise
+    try:
+        with serve_sites(config, authenticator, on_ready) as service:
+            registry = service.registry
+
+            def before_round(rnd: int) -> None:
+                if stop is not None and stop.is_set():
+                    raise RunInterrupted(rnd - 1, resume_command)
+                if not registry.wait_for(config.run.min_clients, config.run.join_timeout_s):
+                    raise RoundFailed(
+                        f"round {rnd}: fewer than {config.run.min_clients} sites connected "
+                        f"within {config.run.join_timeout_s} s"
+                    )
+
+            def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
+                coordinator = Coordinator(
+                    strategy,
+                    service.transport,
+                    service.enrollment.ids,  # follows the allowlist as it changes
+                    config.run.rounds,
+                    seed=config.run.seed,
+                    evaluate_every=config.run.evaluate_every,
+                    sink=lifecycle,
+                    observer=Observers(service.metrics, observer),
+                    available=registry.available,
+                    before_round=before_round,
+                    secure=secure,
+                    stop_before=lifecycle.stop_before,
+                    hold_bytes=config.server.hold_replies_mb << 20,
+                )
+                # handed over, not copied: one copy of the model fewer for the whole run
+                return coordinator.run(arrays, state, start_round, copy=False)
+
+            outcome = lifecycle.drive(lambda: initial_arrays(config), run)
+            registry.close_all("run finished")
+            return outcome
+    finally:
+        lifecycle.close()  # idempotent: drive() has closed it unless serving never started
+
+
+@dataclass(frozen=True)
+class SiteService:
+    """A coordinator's gRPC service and the sites connected to it: what a run drives."""
+
+    registry: ClientRegistry
+    transport: GrpcTransport
+    enrollment: Enrollment
+    metrics: CoordinatorMetrics
+    port: int
+
+
+@contextlib.contextmanager
+def serve_sites(
+    config: CoordinatorConfig,
+    authenticator: Authenticator,
+    on_ready: Callable[[int], None] | None = None,
+) -> Iterator[SiteService]:
+    """Serve ``config``'s gRPC endpoint and admit its enrolled sites until the block
+    ends (a training run, or a cross-site evaluation's evaluate-only run). Sites keep the
+    client ids of the state directory's earlier processes."""
+    state_dir = Path(config.server.state_dir)
+    allowlist_size = len(load_allowlist(config.server.allowlist))
+    enrollment = Enrollment(authenticator, config.server.allowlist, ids_file=state_dir / IDS_FILE)
     registry = ClientRegistry()
     enrollment.on_revoke = lambda name, client_id, reason: registry.revoke(client_id, reason)
     plaintext = config.server.insecure
@@ -199,11 +256,11 @@ def run_coordinator(
     # A worker per stream: two per site (a reconnect overlaps its old stream for a while),
     # every join the limits let be in progress, and room for as many sites again enrolled
     # while it runs (threads start only when needed).
-    workers = 4 * max(len(allowlist), 16) + limits.total + 8
+    workers = 4 * max(allowlist_size, 16) + limits.total + 8
     try:
         server, port = start_server(config.server, servicer, max_workers=workers)
     except BaseException:
-        lifecycle.close()
+        enrollment.close()
         metrics.close()
         raise
     log.info("coordinator listening on port %d", port)
@@ -211,42 +268,12 @@ def run_coordinator(
     restore_sighup = _reload_on_sighup(enrollment)
     try:
         if config.server.metrics_port is not None:
-            metrics_port = metrics.serve(config.server.metrics_port)
-            log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
+            metrics_address = config.server.metrics_address or "127.0.0.1"
+            metrics_port = metrics.serve(config.server.metrics_port, metrics_address)
+            log.info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
         if on_ready is not None:
             on_ready(port)
-
-        def before_round(rnd: int) -> None:
-            if stop is not None and stop.is_set():
-                raise RunInterrupted(rnd - 1, resume_command)
-            if not registry.wait_for(config.run.min_clients, config.run.join_timeout_s):
-                raise RoundFailed(
-                    f"round {rnd}: fewer than {config.run.min_clients} sites connected "
-                    f"within {config.run.join_timeout_s} s"
-                )
-
-        def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
-            coordinator = Coordinator(
-                strategy,
-                transport,
-                enrollment.ids,  # follows the allowlist as it changes
-                config.run.rounds,
-                seed=config.run.seed,
-                evaluate_every=config.run.evaluate_every,
-                sink=lifecycle,
-                observer=Observers(metrics, observer),
-                available=registry.available,
-                before_round=before_round,
-                secure=secure,
-                stop_before=lifecycle.stop_before,
-                hold_bytes=config.server.hold_replies_mb << 20,
-            )
-            # handed over, not copied: one copy of the model fewer for the whole run
-            return coordinator.run(arrays, state, start_round, copy=False)
-
-        outcome = lifecycle.drive(lambda: initial_arrays(config), run)
-        registry.close_all("run finished")
-        return outcome
+        yield SiteService(registry, transport, enrollment, metrics, port)
     finally:
         restore_sighup()
         enrollment.close()

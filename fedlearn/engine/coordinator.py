@@ -256,6 +256,38 @@ class Coordinator:
         )
         return arrays, state, record, records
 
+    def evaluate_only(self, rnd: int, arrays: Arrays) -> tuple[RoundRecord, list[ClientRecord]]:
+        """Round ``rnd``'s evaluation stage alone: the clients the strategy selects for
+        evaluation evaluate ``arrays``; nothing trains, nothing is applied or stored. A
+        cross-site evaluation (:mod:`fedlearn.crosssite`) runs one per model it evaluates."""
+        t0 = time.perf_counter()
+        ctx = RoundContext(
+            rnd,
+            self.rounds,
+            np.random.default_rng([self.seed, rnd]),
+            {},
+            num_clients=len(self.client_ids),
+            seed=self.seed,
+        )
+        records: list[ClientRecord] = []
+        clients = self._clients()
+        selected, ok, metrics = self._evaluate(ctx, arrays, records, clients)
+        record = RoundRecord(
+            round=rnd,
+            ok=ok > 0,
+            train_selected=0,
+            train_ok=0,
+            eval_selected=selected,
+            eval_ok=ok,
+            eval_metrics=metrics,
+            duration_s=time.perf_counter() - t0,
+            error=None if ok else f"round {rnd}: no client evaluated the model",
+            candidates=None if self.available is None else tuple(clients),
+        )
+        if self.observer is not None:
+            self.observer.round_finished(record)
+        return record, records
+
     def _train(
         self,
         ctx: RoundContext,

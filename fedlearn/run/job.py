@@ -173,6 +173,7 @@ def run_job(
                 num_cpus=backend.num_cpus,
                 num_gpus=backend.num_gpus,
                 state_dir=directory / CLIENT_STATE_DIR,
+                start_method=backend.start_method,
             ),
             evaluate_every=config.run.evaluate_every,
             sink=lifecycle,

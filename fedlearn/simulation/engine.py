@@ -14,7 +14,7 @@ from fedlearn.engine.results import RunResult
 from fedlearn.errors import ConfigError
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation.inprocess import InProcessTransport
-from fedlearn.simulation.pool import PoolTransport
+from fedlearn.simulation.pool import PoolTransport, StartMethod
 from fedlearn.strategy.base import Strategy
 
 BackendName = Literal["inprocess", "pool", "ray"]
@@ -30,15 +30,19 @@ def make_transport(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     state_dir: str | Path | None = None,
+    start_method: StartMethod = "auto",
 ) -> Transport:
     """A simulation transport by name. ``workers`` counts pool processes or Ray actors;
     ``address``, ``num_cpus`` and ``num_gpus`` are for Ray (see :class:`RayTransport`).
     ``state_dir`` keeps the clients' own states (``ctx.state``) on disk (default: in
-    memory in-process, a temporary directory for the pool and Ray)."""
+    memory in-process, a temporary directory for the pool and Ray). ``start_method`` is how
+    the pool starts its workers (:class:`PoolTransport`)."""
     if backend == "inprocess":
         return InProcessTransport(app_factory, run_id, state_dir)
     if backend == "pool":
-        return PoolTransport(app_factory, workers, run_id, state_dir=state_dir)
+        return PoolTransport(
+            app_factory, workers, run_id, state_dir=state_dir, start_method=start_method
+        )
     if backend == "ray":
         from fedlearn.simulation.ray_transport import RayTransport
 
