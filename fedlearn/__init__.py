@@ -21,6 +21,7 @@ if _TYPE_CHECKING:
         TrainResult,
     )
     from fedlearn.engine.client_state import ClientState
+    from fedlearn.engine.clock import Latency
     from fedlearn.engine.coordinator import Coordinator, Transport
     from fedlearn.engine.messages import Reply, Stage, Task
     from fedlearn.engine.records import (
@@ -60,6 +61,7 @@ if _TYPE_CHECKING:
     )
     from fedlearn.strategy import (
         STRATEGIES,
+        Asynchrony,
         Bulyan,
         ClientEvaluation,
         ClientUpdate,
@@ -68,6 +70,7 @@ if _TYPE_CHECKING:
         FedAdam,
         FedAvg,
         FedAvgM,
+        FedBuff,
         FedMedian,
         FedNova,
         FedProx,
@@ -93,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "ModelVersion": "fedlearn.registry.model_registry",
     "Arrays": "fedlearn.engine.records",
     "AuthError": "fedlearn.errors",
+    "Asynchrony": "fedlearn.strategy",
     "Bulyan": "fedlearn.strategy",
     "ClientApp": "fedlearn.engine.client_app",
     "ClientContext": "fedlearn.engine.client_app",
@@ -111,6 +115,7 @@ _EXPORTS: dict[str, str] = {
     "FedAvg": "fedlearn.strategy",
     "FedAvgM": "fedlearn.strategy",
     "FedMedian": "fedlearn.strategy",
+    "FedBuff": "fedlearn.strategy",
     "FedNova": "fedlearn.strategy",
     "FedProx": "fedlearn.strategy",
     "FedTrimmedAvg": "fedlearn.strategy",
@@ -123,6 +128,7 @@ _EXPORTS: dict[str, str] = {
     "InferenceError": "fedlearn.errors",
     "InvalidInput": "fedlearn.errors",
     "Krum": "fedlearn.strategy",
+    "Latency": "fedlearn.engine.clock",
     "Metrics": "fedlearn.engine.records",
     "ModelNotFound": "fedlearn.errors",
     "ModelNotReady": "fedlearn.errors",
@@ -161,6 +167,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "Asynchrony",
     "Decision",
     "Gate",
     "ModelRegistry",
@@ -185,6 +192,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedMedian",
     "FedNova",
     "FedProx",
@@ -200,6 +208,7 @@ __all__ = [
     "Fold",
     "InProcessTransport",
     "Krum",
+    "Latency",
     "Metrics",
     "MultiKrum",
     "PoolTransport",

@@ -6,6 +6,7 @@ source (anything with ``client(cid) -> ClientData``), and the params set in one 
 
 * ``crash_round = r``: ``os._exit`` in the middle of training round ``r`` (a crashed site);
 * ``sleep_round = r, sleep_s = s``: training round ``r`` first sleeps ``s`` seconds;
+* ``pace_s = s``: every training task first sleeps ``s`` seconds (a slow or fast site);
 * ``fail_rounds = "1,3"`` (with ``fail_client = c``, default any, or ``fail_clients =
   "1,2"``): training raises;
 * ``unsendable_round = r``: training round ``r`` returns an array no wire can carry.
@@ -55,6 +56,7 @@ class FaultyLogReg:
         fail_clients: str = "",
         unsendable_round: int = 0,
         pad: int = 0,
+        pace_s: float = 0.0,
     ) -> None:
         self.data = data
         self.lr = lr
@@ -67,6 +69,7 @@ class FaultyLogReg:
         self.fail_clients = _rounds(fail_clients)
         self.unsendable_round = unsendable_round
         self.pad = pad
+        self.pace_s = pace_s
 
     def initial_arrays(self, seed: int) -> Arrays:
         features = self.data.client(0).x_train.shape[1]
@@ -84,6 +87,8 @@ class FaultyLogReg:
             os._exit(3)  # no reply, no goodbye: the process is gone mid-task
         if ctx.round == self.sleep_round:
             time.sleep(self.sleep_s)
+        if self.pace_s:
+            time.sleep(self.pace_s)
         failing = (
             ctx.client_id in self.fail_clients
             if self.fail_clients

@@ -80,6 +80,8 @@ class ProgressObserver:
             parts.append(f"accuracy {acc:.4f}")
         if isinstance(loss, float):
             parts.append(f"loss {loss:.4f}")
+        if record.virtual_time is not None:
+            parts.append(f"virtual time {record.virtual_time:.2f}")
         parts.append(f"{record.duration_s:.2f}s")
         out.print("  ".join(parts))
 

@@ -86,6 +86,31 @@ class BackendSection(_Section):
         return self
 
 
+class LatencySection(_Section):
+    """[latency]: simulated client latency (virtual seconds per training task).
+
+    It orders an asynchronous strategy's replies (``strategy.name = "fedbuff"``) and, when
+    the section is given, every round records its virtual time (a synchronous round lasts
+    as long as its slowest client). ``kind``: ``constant`` (``value``), ``uniform``
+    (``low``..``high``) or ``lognormal`` (``median``, ``sigma``); ``per``: a new draw per
+    ``task`` or one per ``client``. Draws are seeded by the run's seed.
+    """
+
+    kind: Literal["constant", "uniform", "lognormal"] = "constant"
+    value: float = Field(1.0, gt=0, allow_inf_nan=False)
+    low: float = Field(0.5, ge=0, allow_inf_nan=False)
+    high: float = Field(1.5, gt=0, allow_inf_nan=False)
+    median: float = Field(1.0, gt=0, allow_inf_nan=False)
+    sigma: float = Field(1.0, gt=0, allow_inf_nan=False)
+    per: Literal["task", "client"] = "task"
+
+    @model_validator(mode="after")
+    def _range(self) -> LatencySection:
+        if self.kind == "uniform" and not self.low < self.high:
+            raise ValueError(f"uniform latency needs low < high, got {self.low} and {self.high}")
+        return self
+
+
 class SecAggSection(_Section):
     """[secagg]: secure aggregation (SecAgg+); the coordinator then sees only the sum."""
 
@@ -226,6 +251,7 @@ class SimulationConfig(_Section):
     publish: PublishSection = Field(default_factory=PublishSection)  # type: ignore[arg-type]
     flower: FlowerSection = Field(default_factory=FlowerSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)  # type: ignore[arg-type]
+    latency: LatencySection | None = None
 
     @model_validator(mode="after")
     def _privacy(self) -> SimulationConfig:

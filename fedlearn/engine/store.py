@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS candidates (
     clients TEXT NOT NULL,
     PRIMARY KEY (run_id, round)
 );
+CREATE TABLE IF NOT EXISTS clock (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    virtual_time REAL NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT PRIMARY KEY,
     round INTEGER NOT NULL,
@@ -387,6 +393,11 @@ class RunStore:
                     "INSERT OR REPLACE INTO candidates VALUES (?,?,?)",
                     (self.run_id, round.round, json.dumps(list(round.candidates))),
                 )
+            if round.virtual_time is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO clock VALUES (?,?,?)",
+                    (self.run_id, round.round, round.virtual_time),
+                )
             if privacy is not None:
                 self._db.execute(
                     "INSERT INTO privacy VALUES (?,?,?,?,?,?)",
@@ -430,10 +441,16 @@ class RunStore:
             if candidates != "NULL"
             else ""
         )
+        # nor a clock table before virtual time was recorded
+        clock = "k.virtual_time" if self._has_table("clock") else "NULL"
+        if clock != "NULL":
+            join += " LEFT JOIN clock k ON k.run_id = r.run_id AND k.round = r.round"
         rows = self._db.execute(
             "SELECT r.round, r.ok, r.train_selected, r.train_ok, r.eval_selected, r.eval_ok,"
             " r.train_metrics, r.eval_metrics, r.duration_s, r.error, "
             + candidates
+            + ", "
+            + clock
             + " FROM rounds r"
             + join
             + " WHERE r.run_id = ? ORDER BY r.round",
@@ -452,6 +469,7 @@ class RunStore:
                 r[8],
                 r[9],
                 None if r[10] is None else tuple(json.loads(r[10])),
+                r[11],
             )
             for r in rows
         ]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from fedlearn.config.simulation import SimulationConfig
 from fedlearn.data import load_dataset, partition_dataset
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays, build_app
+from fedlearn.engine.clock import Latency
 from fedlearn.engine.coordinator import Observer, Observers
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.references import resolve
@@ -183,10 +184,18 @@ def run_job(
             run_id=config.run.name,
             secure=secure,
             stop_before=lifecycle.stop_before,
+            latency=make_latency(config),
         )
 
     outcome = lifecycle.drive(lambda: probe.initial_arrays(config.run.seed), run)
     return JobResult(outcome, probe)
+
+
+def make_latency(config: SimulationConfig) -> Latency | None:
+    """The ``[latency]`` section as a :class:`Latency`, or None without one."""
+    if config.latency is None:
+        return None
+    return Latency(**config.latency.model_dump())
 
 
 def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | None, str | None]:

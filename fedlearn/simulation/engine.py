@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays
+from fedlearn.engine.clock import Latency
 from fedlearn.engine.coordinator import Coordinator, Observer, RoundSink, Transport
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import RunResult
@@ -76,6 +77,7 @@ def run_simulation(
     secure: SecureAggregation | None = None,
     stop_before: Callable[[int], str | None] | None = None,
     state_dir: str | Path | None = None,
+    latency: Latency | None = None,
 ) -> RunResult:
     """Simulate ``rounds`` rounds of federated training over ``num_clients`` clients.
 
@@ -87,6 +89,9 @@ def run_simulation(
     before each round and may end the run there (see :class:`Coordinator`). ``state_dir``
     keeps the clients' own states (``ctx.state``, e.g. SCAFFOLD's control variates) on
     disk, for a run that continues later (with ``start_round``) in another process.
+    ``latency`` draws each client's simulated time per task: the virtual clock that orders
+    an asynchronous strategy's replies (FedBuff; constant if None) and the virtual time
+    recorded with each round.
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -114,6 +119,7 @@ def run_simulation(
             observer=observer,
             secure=secure,
             stop_before=stop_before,
+            latency=latency,
         )
         return coordinator.run(initial_arrays, initial_state, start_round)
     finally:
