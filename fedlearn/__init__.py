@@ -21,6 +21,7 @@ if _TYPE_CHECKING:
         TrainResult,
     )
     from fedlearn.engine.client_state import ClientState
+    from fedlearn.engine.clock import Latency
     from fedlearn.engine.coordinator import Coordinator, Transport
     from fedlearn.engine.messages import Reply, Stage, Task
     from fedlearn.engine.records import (
@@ -61,6 +62,7 @@ if _TYPE_CHECKING:
     )
     from fedlearn.strategy import (
         STRATEGIES,
+        Asynchrony,
         Bulyan,
         ClientEvaluation,
         ClientUpdate,
@@ -69,6 +71,7 @@ if _TYPE_CHECKING:
         FedAdam,
         FedAvg,
         FedAvgM,
+        FedBuff,
         FedMedian,
         FedNova,
         FedProx,
@@ -98,6 +101,7 @@ _EXPORTS: dict[str, str] = {
     "Split": "fedlearn.registry.traffic",
     "Arrays": "fedlearn.engine.records",
     "AuthError": "fedlearn.errors",
+    "Asynchrony": "fedlearn.strategy",
     "Bulyan": "fedlearn.strategy",
     "ClientApp": "fedlearn.engine.client_app",
     "ClientContext": "fedlearn.engine.client_app",
@@ -116,6 +120,7 @@ _EXPORTS: dict[str, str] = {
     "FedAvg": "fedlearn.strategy",
     "FedAvgM": "fedlearn.strategy",
     "FedMedian": "fedlearn.strategy",
+    "FedBuff": "fedlearn.strategy",
     "FedNova": "fedlearn.strategy",
     "FedProx": "fedlearn.strategy",
     "FedTrimmedAvg": "fedlearn.strategy",
@@ -128,6 +133,7 @@ _EXPORTS: dict[str, str] = {
     "InferenceError": "fedlearn.errors",
     "InvalidInput": "fedlearn.errors",
     "Krum": "fedlearn.strategy",
+    "Latency": "fedlearn.engine.clock",
     "Metrics": "fedlearn.engine.records",
     "ModelNotFound": "fedlearn.errors",
     "ModelNotReady": "fedlearn.errors",
@@ -166,6 +172,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "Asynchrony",
     "Decision",
     "Gate",
     "ModelRegistry",
@@ -194,6 +201,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedMedian",
     "FedNova",
     "FedProx",
@@ -209,6 +217,7 @@ __all__ = [
     "Fold",
     "InProcessTransport",
     "Krum",
+    "Latency",
     "Metrics",
     "MultiKrum",
     "PoolTransport",

@@ -45,6 +45,10 @@ class RoundRecord:
     """The clients the strategy selected from this round (the connected sites of a
     deployment), in the order it saw them; None when it saw every enrolled client. With
     the clients whose replies were accepted, this is all a replay of the round needs."""
+    virtual_time: float | None = None
+    """Simulated time at the end of the round's training (virtual seconds since the run
+    began, :mod:`fedlearn.engine.clock`): an asynchronous round's last arrival, a
+    synchronous round's slowest client added up; None without a latency model."""
 
 
 @dataclass(frozen=True)

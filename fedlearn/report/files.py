@@ -168,6 +168,9 @@ def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
     private = report.epsilon is not None
     if private:
         header.append("epsilon")
+    clocked = any(r.virtual_time is not None for r in report.rounds)
+    if clocked:
+        header.append("virtual_time")
     rows: list[list[Any]] = []
     for r in report.rounds:
         row: list[Any] = [
@@ -187,5 +190,7 @@ def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
             row.extend(getattr(summary, f) if summary is not None else None for f in _METRIC_FIELDS)
         if private:
             row.append(r.epsilon)
+        if clocked:
+            row.append(r.virtual_time)
         rows.append(row)
     return header, rows

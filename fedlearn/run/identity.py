@@ -30,6 +30,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "backend",
         "publish",
         "privacy.budget",
+        "tracking",
     ),
     "CoordinatorConfig": (
         "server",
@@ -40,6 +41,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "run.evaluate_every",
         "publish",
         "privacy.budget",
+        "tracking",
     ),
 }
 
