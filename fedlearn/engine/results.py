@@ -6,8 +6,10 @@ record client outcomes the same way.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fedlearn.drift.stats import DataSummary
 from fedlearn.engine.messages import Reply, Stage
 from fedlearn.engine.records import Arrays, Metrics
 from fedlearn.strategy.base import ClientUpdate
@@ -45,6 +47,9 @@ class RoundRecord:
     """The clients the strategy selected from this round (the connected sites of a
     deployment), in the order it saw them; None when it saw every enrolled client. With
     the clients whose replies were accepted, this is all a replay of the round needs."""
+    data_stats: Mapping[int, DataSummary] = field(default_factory=dict, compare=False, repr=False)
+    """The round's data summaries (drift monitoring): by client id, or under secure
+    aggregation only the population's sum (key ``fedlearn.drift.POPULATION``)."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "backend",
         "publish",
         "privacy.budget",
+        "drift",
     ),
     "CoordinatorConfig": (
         "server",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from fedlearn.config.simulation import SimulationConfig
 from fedlearn.data import load_dataset, partition_dataset
+from fedlearn.drift.stats import SummarySpec
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays, build_app
 from fedlearn.engine.coordinator import Observer
 from fedlearn.engine.records import Arrays
@@ -134,7 +136,15 @@ def run_job(
         secure=secure,
         distributed_event=distributed_event,
     )
+    data_stats = drift_spec(config)
+    if data_stats is not None and secure is not None and secure.noise is not None:
+        raise ConfigError(
+            "drift.enabled: data summaries cannot ride in the secure sum under distributed "
+            "DP (they would break its L2 clipping); turn one of them off"
+        )
     publisher, note = _publisher(config, probe)
+    if publisher is not None:
+        publisher.drift_spec = data_stats
     directory = run_dir(config)
     spec = RunSpec(
         directory=directory,
@@ -179,10 +189,25 @@ def run_job(
             run_id=config.run.name,
             secure=secure,
             stop_before=lifecycle.stop_before,
+            data_stats=data_stats,
         )
 
     outcome = lifecycle.drive(lambda: probe.initial_arrays(config.run.seed), run)
     return JobResult(outcome, probe)
+
+
+def drift_spec(config: SimulationConfig) -> SummarySpec | None:
+    """The bins of ``[drift]`` (None when it is off), sized to the dataset's features and
+    classes (which secure aggregation needs up front; a Flower app's own data: unsized)."""
+    section = config.drift
+    if not section.enabled:
+        return None
+    features = classes = 0
+    if config.flower.app is None:
+        dataset = load_dataset(config.data.dataset)
+        features = int(math.prod(dataset.x.shape[1:]))
+        classes = int(dataset.num_classes)
+    return SummarySpec(section.bins, section.low, section.high, features, classes)
 
 
 def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | None, str | None]:

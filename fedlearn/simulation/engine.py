@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from fedlearn.drift.stats import SummarySpec
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays
 from fedlearn.engine.coordinator import Coordinator, Observer, RoundSink, Transport
 from fedlearn.engine.records import Arrays
@@ -72,6 +73,7 @@ def run_simulation(
     secure: SecureAggregation | None = None,
     stop_before: Callable[[int], str | None] | None = None,
     state_dir: str | Path | None = None,
+    data_stats: SummarySpec | None = None,
 ) -> RunResult:
     """Simulate ``rounds`` rounds of federated training over ``num_clients`` clients.
 
@@ -83,6 +85,8 @@ def run_simulation(
     before each round and may end the run there (see :class:`Coordinator`). ``state_dir``
     keeps the clients' own states (``ctx.state``, e.g. SCAFFOLD's control variates) on
     disk, for a run that continues later (with ``start_round``) in another process.
+    ``data_stats`` turns on drift monitoring: each round records its clients' data
+    summaries over these bins (:attr:`fedlearn.engine.results.RoundRecord.data_stats`).
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -110,6 +114,7 @@ def run_simulation(
             observer=observer,
             secure=secure,
             stop_before=stop_before,
+            data_stats=data_stats,
         )
         return coordinator.run(initial_arrays, initial_state, start_round)
     finally:
