@@ -571,6 +571,15 @@ def serve_(
     torch_threads: Annotated[
         int, typer.Option(help="torch threads per request (requests already run side by side)")
     ] = 1,
+    drift: Annotated[
+        bool, typer.Option(help="rolling drift statistics of the inputs, per version")
+    ] = True,
+    drift_threshold: Annotated[
+        float, typer.Option(help="mean PSI above which fedlearn_serving_drift_alert is 1")
+    ] = 0.2,
+    drift_window: Annotated[
+        int, typer.Option(help="input rows the drift scores cover (between 1x and 2x this)")
+    ] = 10_000,
     verbose: Annotated[bool, typer.Option(help="log swaps and errors")] = True,
 ) -> None:
     """Serve the registry's models over the Open Inference Protocol v2 (REST and gRPC),
@@ -606,6 +615,9 @@ def serve_(
             cert=cert,
             key=key,
             insecure=insecure,
+            drift=drift,
+            drift_threshold=drift_threshold,
+            drift_window=drift_window,
         )
         endpoint = start_endpoint(settings)
     except FedlearnError as exc:

@@ -17,6 +17,7 @@ import grpc
 from fedlearn.errors import ConfigError
 from fedlearn.registry.builders import add_import_paths
 from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION
+from fedlearn.serving.drift import DEFAULT_THRESHOLD, DEFAULT_WINDOW, DriftMonitor
 from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.repository import ModelRepository, RepositorySettings
@@ -55,6 +56,10 @@ class EndpointSettings:
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     """Inference calls answered or queued at once, per protocol; more get 503 with
     Retry-After (REST) or RESOURCE_EXHAUSTED (gRPC) instead of a thread or a queue slot."""
+    drift: bool = True
+    """Keep drift statistics of the inputs per version (:mod:`fedlearn.serving.drift`)."""
+    drift_threshold: float = DEFAULT_THRESHOLD
+    drift_window: int = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -134,6 +139,8 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
         ),
     )
     metrics = ServingMetrics()
+    if settings.drift:
+        metrics.monitor_drift(DriftMonitor(settings.drift_threshold, settings.drift_window))
     repository.on_swap(metrics.swapped)
     repository.start()
     limit = settings.max_request_mb << 20

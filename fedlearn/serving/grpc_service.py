@@ -248,6 +248,7 @@ class InferenceServicer:
         with self.metrics.infer(PROTOCOL, model.name):
             inputs = decode_inputs(request)
             outputs = model.infer(inputs, requested_outputs(request))
+            self.metrics.observed(model, inputs, outputs)
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )

@@ -386,6 +386,7 @@ def create_app(
                 "versions": [str(v) for v in versions],
                 "platform": model.platform,
                 **model.signature.as_dict(),
+                **({} if metrics.drift is None else {"drift": metrics.drift.status(model)}),
             }
         )
 
@@ -403,6 +404,7 @@ def create_app(
             request = parse_infer_request(body, header_length)
             wanted = [output for output, _ in request.outputs] or None
             results = model.infer(request.inputs, wanted)
+            metrics.observed(model, request.inputs, results)
             return encode_infer_response(model, request, results)
 
     inflight = [0]  # touched only on the event loop's thread
