@@ -38,9 +38,14 @@ SPEC = SummarySpec(bins=4, low=0.0, high=2.0, features=2, classes=3)
 
 
 def test_bins_by_hand() -> None:
-    # width 0.5: below 0 -> underflow 0; [0, .5) -> 1; ...; [1.5, 2] -> 4; above 2 -> 5
+    # width 0.5: below 0 (and NaN) -> underflow 0; [0, .5) -> 1; ...; [1.5, 2) -> 4;
+    # 2 and above -> overflow 5; float32 input is binned in float32, alike
     x = np.array([-1.0, 0.0, 0.49, 0.5, 1.99, 2.0, 2.01, np.nan])
-    assert bin_index(x, SPEC).tolist() == [0, 1, 1, 2, 4, 4, 5, 5]
+    assert bin_index(x, SPEC).tolist() == [0, 1, 1, 2, 4, 5, 5, 0]
+    assert bin_index(x.astype(np.float32), SPEC).tolist() == [0, 1, 1, 2, 4, 5, 5, 0]
+    assert bin_index(np.array([3, -2]), SPEC).tolist() == [5, 0]  # integers: as float64
+    offsets = np.array([0.0, 6.0])
+    assert bin_index(np.array([[0.1, 0.1]]), SPEC, offsets).tolist() == [[1, 7]]
 
 
 def test_summary_by_hand() -> None:
@@ -48,7 +53,7 @@ def test_summary_by_hand() -> None:
     y = np.array([0, 2, 2])
     s = summarize(x, y, SPEC)
     assert s.count == 3
-    assert s.hist.tolist() == [[0, 1, 1, 1, 0, 0], [1, 0, 0, 1, 0, 1]]
+    assert s.hist.tolist() == [[0, 1, 1, 1, 0, 0], [1, 0, 0, 1, 0, 1]]  # 3.0 overflows
     assert s.labels.tolist() == [1, 0, 2]
     # winsorized to [0, 2]: the second feature counts as 2, 0, 1
     assert s.sums.tolist() == [2.25, 3.0]

@@ -21,7 +21,7 @@ from fedlearn.drift.reference import Reference, save_reference
 from fedlearn.drift.stats import SummarySpec, summarize
 from fedlearn.errors import ConfigError
 from fedlearn.registry.model_registry import ModelRegistry
-from fedlearn.serving.drift import DriftMonitor
+from fedlearn.serving.drift import FLUSH_VALUES, DriftMonitor
 from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
 from fedlearn.serving.oip import grpc_predict_v2_pb2 as pb
 from fedlearn.serving.oip.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
@@ -84,13 +84,33 @@ def _batches(n: int, batch: int = 60) -> list[int]:
     return [min(batch, n - start) for start in range(0, n, batch)]
 
 
-def _window_rows(batches: list[int]) -> int:
-    """The rows two generations of at most WINDOW rows each hold after these requests."""
-    current = previous = 0
-    for n in batches:
+SCRAPE = 0
+
+
+def _window_rows(events: list[int], features: int = 64) -> int:
+    """The rows two generations hold after these requests (rows each) and scrapes
+    (``SCRAPE``), by the monitor's rules: small requests wait until FLUSH_VALUES values
+    (or a read of the scores) are pending, and a generation turns at WINDOW rows."""
+    current = previous = pending = 0
+
+    def add(n: int) -> None:
+        nonlocal current, previous
         current += n
         if current >= WINDOW:
             previous, current = current, 0
+
+    for n in events:
+        if n == SCRAPE or n * features >= FLUSH_VALUES:
+            if pending:
+                add(pending)
+            pending = 0
+            if n:
+                add(n)
+        else:
+            pending += n
+            if pending * features >= FLUSH_VALUES:
+                add(pending)
+                pending = 0
     return previous + current
 
 
@@ -131,8 +151,8 @@ def test_shifted_inputs_raise_the_drift_score_past_the_threshold_in_distribution
         calm = _gauges(url)
         meta = _metadata(url, 1)
         assert calm[("fedlearn_serving_drift_available", "1")] == 1
-        batches = _batches(len(x_test))
-        assert calm[("fedlearn_serving_drift_window_rows", "1")] == _window_rows(batches)
+        events = [*_batches(len(x_test)), SCRAPE]
+        assert calm[("fedlearn_serving_drift_window_rows", "1")] == _window_rows(events)
         assert calm[("fedlearn_serving_drift_psi", "1")] < THRESHOLD
         assert calm[("fedlearn_serving_drift_alert", "1")] == 0
         assert calm[("fedlearn_serving_drift_threshold", "")] == THRESHOLD
@@ -159,8 +179,8 @@ def test_shifted_inputs_raise_the_drift_score_past_the_threshold_in_distribution
             request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
             request.raw_input_contents.append(rows.tobytes())
             GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
-        batches += 2 * _batches(len(x_test)) + [40]
-        assert _gauges(url)[("fedlearn_serving_drift_window_rows", "1")] == _window_rows(batches)
+        events += [*_batches(len(x_test)), *_batches(len(x_test)), SCRAPE, SCRAPE, 40, SCRAPE]
+        assert _gauges(url)[("fedlearn_serving_drift_window_rows", "1")] == _window_rows(events)
 
         # a version without a reference: drift unavailable, requests answered as always
         _infer(url, x_test[:60], version=2)

@@ -212,24 +212,35 @@ def empty_summary(features: int, bins: int, classes: int) -> DataSummary:
     )
 
 
-def bin_index(x: np.ndarray, spec: SummarySpec) -> np.ndarray:
-    """Each value's bin (0: underflow, ``1..bins``, ``bins + 1``: overflow) as int64; NaN
-    counts as overflow. One vectorised pass: ``floor((x - low) / width) + 1``, clipped."""
-    scaled = (np.asarray(x, dtype=np.float64) - spec.low) * (1.0 / spec.width)
-    np.nan_to_num(scaled, copy=False, nan=float(spec.bins + 1))
-    np.clip(scaled, -1.0, float(spec.bins), out=scaled)
-    idx = np.floor(scaled).astype(np.int64) + 1
-    # a value exactly at ``high`` belongs to the last inner bin, as in numpy.histogram
-    idx[(idx == spec.bins + 1) & (np.asarray(x) == spec.high)] = spec.bins
-    return idx
+def bin_index(x: np.ndarray, spec: SummarySpec, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Each value's bin as ``intp``: 0 for underflow (below ``low``, and NaN), ``1..bins``
+    for ``[low + (i-1) w, low + i w)``, ``bins + 1`` for overflow (``high`` and above); plus
+    ``offsets`` (whole numbers broadcast against ``x``: each feature's first slot in a flat
+    table).
+
+    Computed in the input's own float type (float32 or float64; anything else as
+    float64): the clients summarize their training arrays as they hold them and the
+    endpoint receives the same type, so the same value lands in the same bin on both
+    sides, and float32 requests are binned at float32 speed."""
+    a = np.asarray(x)
+    dtype = a.dtype if a.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    if offsets is not None and offsets.size and float(offsets.max()) + spec.bins + 2 > 2**24:
+        dtype = np.dtype(np.float64)  # float32 holds whole numbers exactly only up to 2^24
+    kind = dtype.type
+    scaled = np.multiply(a, kind(1.0 / spec.width), dtype=dtype)
+    scaled += kind(1.0 - spec.low / spec.width)
+    np.fmax(scaled, kind(0.0), out=scaled)  # NaN -> 0 (fmax ignores NaN)
+    np.fmin(scaled, kind(spec.bins + 1), out=scaled)
+    if offsets is not None:
+        scaled += offsets.astype(dtype, copy=False)  # whole numbers: truncation unchanged
+    return scaled.astype(np.intp)  # truncation is floor on [0, bins + 1 + offsets]
 
 
 def feature_histograms(rows: np.ndarray, spec: SummarySpec) -> np.ndarray:
     """``(F, bins + 2)`` counts of a ``(n, F)`` block, by one ``bincount``."""
     f = rows.shape[1]
     width = spec.bins + 2
-    idx = bin_index(rows, spec)
-    idx += np.arange(f, dtype=np.int64) * width
+    idx = bin_index(rows, spec, np.arange(f, dtype=np.float64) * width)
     return np.bincount(idx.ravel(), minlength=f * width).reshape(f, width).astype(np.float64)
 
 
@@ -240,7 +251,7 @@ def summarize(x: np.ndarray, y: np.ndarray | None, spec: SummarySpec) -> DataSum
     n, f = rows.shape
     if spec.features and f != spec.features:
         raise DataError(f"the data has {f} features, the drift settings expect {spec.features}")
-    clipped = np.clip(np.nan_to_num(rows.astype(np.float64), nan=spec.high), spec.low, spec.high)
+    clipped = np.clip(np.nan_to_num(rows.astype(np.float64), nan=spec.low), spec.low, spec.high)
     classes = spec.classes
     labels = np.zeros(classes)
     if y is not None and len(y):
@@ -302,10 +313,22 @@ def mean_shift(reference: DataSummary, current: DataSummary) -> float:
 
 @dataclass(frozen=True)
 class KSResult:
-    """Per-feature two-sample KS statistics (at the bin edges) and p-values."""
+    """Per-feature two-sample KS statistics (at the bin edges) and their effective sizes
+    ``round(n m / (n + m))``; p-values are computed when asked for."""
 
     statistic: np.ndarray
-    pvalue: np.ndarray
+    effective_n: np.ndarray
+
+    @property
+    def pvalue(self) -> np.ndarray:
+        """Each feature's asymptotic p-value (``scipy.stats.kstwo.sf(D, en)``)."""
+        from scipy import stats
+
+        p = np.ones_like(self.statistic)
+        ok = self.effective_n >= 1
+        p[ok] = stats.kstwo.sf(self.statistic[ok], self.effective_n[ok])
+        out: np.ndarray = np.clip(p, 0.0, 1.0)
+        return out
 
     @property
     def max_statistic(self) -> float:
@@ -314,8 +337,17 @@ class KSResult:
 
     @property
     def min_pvalue(self) -> float:
-        """The smallest p-value over features."""
-        return float(self.pvalue.min()) if self.pvalue.size else 1.0
+        """The smallest p-value over features. The p-value falls as the statistic grows
+        at a given size, so only the largest statistic of each size is evaluated (one
+        ``kstwo.sf`` call when, as at the endpoint, every feature counts the same rows)."""
+        from scipy import stats
+
+        best = 1.0
+        for en in np.unique(self.effective_n):
+            if en >= 1:
+                d = float(self.statistic[self.effective_n == en].max())
+                best = min(best, float(stats.kstwo.sf(d, en)))
+        return max(best, 0.0)
 
 
 def ks(reference: np.ndarray, current: np.ndarray) -> KSResult:
@@ -327,8 +359,6 @@ def ks(reference: np.ndarray, current: np.ndarray) -> KSResult:
     (``scipy.stats.kstwo.sf(D, round(n m / (n + m)))``, as ``scipy.stats.ks_2samp`` with
     ``method="asymp"``).
     """
-    from scipy import stats
-
     ref = np.atleast_2d(np.asarray(reference, dtype=np.float64))
     cur = np.atleast_2d(np.asarray(current, dtype=np.float64))
     if ref.shape != cur.shape:
@@ -339,11 +369,8 @@ def ks(reference: np.ndarray, current: np.ndarray) -> KSResult:
         rc = np.cumsum(ref, axis=1) / n[:, None]
         cc = np.cumsum(cur, axis=1) / m[:, None]
         d = np.nan_to_num(np.abs(rc - cc).max(axis=1), nan=0.0)
-        en = np.round(np.where(n + m > 0, n * m / (n + m), 0.0))
-    p = np.ones_like(d)
-    ok = en >= 1
-    p[ok] = stats.kstwo.sf(d[ok], en[ok])
-    return KSResult(d, np.clip(p, 0.0, 1.0))
+        en = np.round(np.where(n + m > 0, n * m / np.maximum(n + m, 1e-300), 0.0))
+    return KSResult(d, en)
 
 
 def _check_pair(reference: DataSummary, current: DataSummary) -> None:

@@ -5,9 +5,10 @@ Each version's registry sidecar (:mod:`fedlearn.drift.reference`) holds the summ
 summary the version was trained on and its fixed bins. For every inference the monitor
 counts the first input's rows into the same bins (one vectorised ``bincount`` per
 request) and counts the predicted classes (the first output's argmax). Memory is
-bounded: per version two generations of counts, each of at most ``window`` rows; when
-the current one is full it becomes the previous one and a fresh one starts, so the
-scores always cover the last ``window`` to ``2 * window`` rows.
+bounded: per version two generations of counts and at most :data:`FLUSH_VALUES` values
+waiting to be binned; when the current generation reaches ``window`` rows it becomes the
+previous one and a fresh one starts, so the scores cover the last ``window`` to about
+``2 * window`` rows.
 
 Scores, computed when read (a Prometheus scrape, a metadata request), per version:
 
@@ -24,6 +25,7 @@ it) is reported as unavailable, with the reason; its requests are served as alwa
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -47,6 +49,10 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_WINDOW = 10_000
 DEFAULT_MIN_ROWS = 100
+FLUSH_VALUES = 1 << 13
+"""Pending request values (rows x features) binned together, and at every read of the
+scores; a request at least this large is binned on its own (without a copy). A block's
+float64 working set (64 KiB) stays in a core's L2 cache."""
 RETRY_REFERENCE_S = 5.0
 """How often a version without a reference looks for one again (a sidecar written just
 after the version appeared)."""
@@ -87,7 +93,14 @@ class _Counts:
 
 
 class VersionDrift:
-    """Rolling statistics of one served version (thread-safe)."""
+    """Rolling statistics of one served version (thread-safe).
+
+    A small request only copies its rows (and its predicted classes) into a pending list;
+    every :data:`FLUSH_VALUES` values, and before scores are read, the pending rows are
+    binned together by one vectorised pass and one ``bincount`` (the fixed cost of a
+    binning, about 70 microseconds for MNIST's 784 features, is paid once per block instead
+    of once per request).
+    """
 
     def __init__(self, reference: Reference, window: int) -> None:
         self.reference = reference
@@ -96,10 +109,13 @@ class VersionDrift:
         self.features = reference.summary.features
         self.width = spec.bins + 2
         self.classes = int(reference.summary.labels.shape[0])
-        self._offsets = np.arange(self.features, dtype=np.int64) * self.width
+        self._offsets = np.arange(self.features, dtype=np.float64) * self.width
         self._lock = threading.Lock()
         self._current = self._fresh()
         self._previous = self._fresh()
+        self._pending: list[np.ndarray] = []
+        self._pending_classes: list[np.ndarray] = []
+        self._pending_rows = 0
 
     def _fresh(self) -> _Counts:
         return _Counts(self.features, self.width, self.classes)
@@ -108,29 +124,54 @@ class VersionDrift:
         """Count a batch of rows (``x``: ``(n, ...)``) and, if given, its output scores
         (``(n, classes)``: the argmax is the predicted class)."""
         n = int(x.shape[0]) if x.ndim else 0
-        if n == 0:
-            return
-        rows = x.reshape(n, -1)
-        if rows.shape[1] != self.features:
-            return  # the signature check let another size through: nothing to compare
-        idx = bin_index(rows, self.reference.spec)
-        idx += self._offsets
-        hist = np.bincount(idx.ravel(), minlength=self.features * self.width)
-        predicted = None
+        if n == 0 or x.size != n * self.features:
+            return  # nothing, or a size the reference cannot be compared with
+        rows = x.reshape(n, self.features)
+        classes = None
         if scores is not None and scores.ndim == 2 and scores.shape == (n, self.classes):
-            predicted = np.bincount(scores.argmax(axis=1), minlength=self.classes)
+            classes = scores.argmax(axis=1)
+        if rows.size >= FLUSH_VALUES:  # large enough to bin on its own, without a copy
+            hist = self._bin(rows)
+            with self._lock:
+                self._flush()
+                self._add(hist, classes, n)
+            return
         with self._lock:
-            current = self._current
-            current.hist += hist
-            current.rows += n
-            if predicted is not None:
-                current.predicted += predicted
-            if current.rows >= self.window:
-                self._previous, self._current = current, self._fresh()
+            self._pending.append(np.array(rows))  # a copy: the request's buffer goes away
+            if classes is not None:
+                self._pending_classes.append(classes)
+            self._pending_rows += n
+            if self._pending_rows * self.features >= FLUSH_VALUES:
+                self._flush()
+
+    def _bin(self, rows: np.ndarray) -> np.ndarray:
+        idx = bin_index(rows, self.reference.spec, self._offsets)
+        return np.bincount(idx.ravel(), minlength=self.features * self.width)
+
+    def _flush(self) -> None:
+        """Bin the pending rows into the current generation (the lock is held)."""
+        if not self._pending:
+            return
+        rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        classes = np.concatenate(self._pending_classes) if self._pending_classes else None
+        n = self._pending_rows
+        self._pending, self._pending_classes, self._pending_rows = [], [], 0
+        self._add(self._bin(rows), classes, n)
+
+    def _add(self, hist: np.ndarray, classes: np.ndarray | None, n: int) -> None:
+        """Add binned rows to the current generation, turning it when full (lock held)."""
+        current = self._current
+        current.hist += hist
+        if classes is not None:
+            current.predicted += np.bincount(classes, minlength=self.classes)[: self.classes]
+        current.rows += n
+        if current.rows >= self.window:
+            self._previous, self._current = current, self._fresh()
 
     def scores(self, threshold: float, min_rows: int) -> DriftScores:
         """The scores over the current window."""
         with self._lock:
+            self._flush()
             hist = self._current.hist + self._previous.hist
             predicted = self._current.predicted + self._previous.predicted
             rows = self._current.rows + self._previous.rows
@@ -177,6 +218,8 @@ class DriftMonitor:
             raise ConfigError(f"serve: drift window must be >= 1 row, got {window}")
         self.threshold = threshold
         self.window = window
+        # scipy.stats takes seconds to import: not on the first scrape's clock
+        threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True).start()
         self.min_rows = min_rows
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._lock = threading.Lock()
