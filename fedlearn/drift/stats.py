@@ -233,7 +233,8 @@ def bin_index(x: np.ndarray, spec: SummarySpec, offsets: np.ndarray | None = Non
     np.fmin(scaled, kind(spec.bins + 1), out=scaled)
     if offsets is not None:
         scaled += offsets.astype(dtype, copy=False)  # whole numbers: truncation unchanged
-    return scaled.astype(np.intp)  # truncation is floor on [0, bins + 1 + offsets]
+    idx: np.ndarray = scaled.astype(np.intp)  # truncation is floor on [0, bins + 1 + offsets]
+    return idx
 
 
 def feature_histograms(rows: np.ndarray, spec: SummarySpec) -> np.ndarray:
