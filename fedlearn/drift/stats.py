@@ -151,6 +151,12 @@ class DataSummary:
         if not (math.isfinite(self.count) and all(np.isfinite(a).all() for a in every)):
             raise DataError("a data summary holds NaN or infinite values")
 
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray | None, spec: SummarySpec) -> DataSummary:
+        """The summary of rows ``x`` and labels ``y`` over ``spec``'s bins
+        (:func:`summarize`): what a ClientApp's ``data_summary(spec, ctx)`` returns."""
+        return summarize(x, y, spec)
+
     @property
     def features(self) -> int:
         """Number of features ``F``."""
