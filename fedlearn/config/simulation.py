@@ -222,6 +222,11 @@ class DriftSection(_Section):
     high: float = 3.0
     psi_threshold: float = Field(0.2, gt=0)
     mean_shift_threshold: float = Field(0.5, gt=0)
+    features: int = Field(0, ge=0)
+    """Values per input row (0: a simulation's dataset's; a coordinator under secure
+    aggregation must set it, since it sizes the secure vector before any site answers)."""
+    classes: int = Field(0, ge=0)
+    """Label classes (0: as for ``features``)."""
 
     @model_validator(mode="after")
     def _range(self) -> DriftSection:

@@ -218,7 +218,14 @@ def empty_summary(features: int, bins: int, classes: int) -> DataSummary:
     )
 
 
-def bin_index(x: np.ndarray, spec: SummarySpec, offsets: np.ndarray | None = None) -> np.ndarray:
+def bin_index(
+    x: np.ndarray,
+    spec: SummarySpec,
+    offsets: np.ndarray | None = None,
+    *,
+    work: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Each value's bin as ``intp``: 0 for underflow (below ``low``, and NaN), ``1..bins``
     for ``[low + (i-1) w, low + i w)``, ``bins + 1`` for overflow (``high`` and above); plus
     ``offsets`` (whole numbers broadcast against ``x``: each feature's first slot in a flat
@@ -227,19 +234,29 @@ def bin_index(x: np.ndarray, spec: SummarySpec, offsets: np.ndarray | None = Non
     Computed in the input's own float type (float32 or float64; anything else as
     float64): the clients summarize their training arrays as they hold them and the
     endpoint receives the same type, so the same value lands in the same bin on both
-    sides, and float32 requests are binned at float32 speed."""
+    sides, and float32 requests are binned at float32 speed. ``work`` (flat, of that float
+    type) and ``out`` (flat ``intp``), when at least ``x.size`` long, are used instead of
+    fresh temporaries."""
     a = np.asarray(x)
     dtype = a.dtype if a.dtype in (np.float32, np.float64) else np.dtype(np.float64)
     if offsets is not None and offsets.size and float(offsets.max()) + spec.bins + 2 > 2**24:
         dtype = np.dtype(np.float64)  # float32 holds whole numbers exactly only up to 2^24
     kind = dtype.type
-    scaled = np.multiply(a, kind(1.0 / spec.width), dtype=dtype)
+    if work is not None and work.dtype == dtype and work.size >= a.size:
+        scaled = work[: a.size].reshape(a.shape)
+    else:
+        scaled = np.empty(a.shape, dtype)
+    np.multiply(a, kind(1.0 / spec.width), out=scaled)
     scaled += kind(1.0 - spec.low / spec.width)
     np.fmax(scaled, kind(0.0), out=scaled)  # NaN -> 0 (fmax ignores NaN)
     np.fmin(scaled, kind(spec.bins + 1), out=scaled)
     if offsets is not None:
         scaled += offsets.astype(dtype, copy=False)  # whole numbers: truncation unchanged
-    idx: np.ndarray = scaled.astype(np.intp)  # truncation is floor on [0, bins + 1 + offsets]
+    if out is not None and out.dtype == np.intp and out.size >= a.size:
+        idx = out[: a.size].reshape(a.shape)
+    else:
+        idx = np.empty(a.shape, np.intp)
+    np.copyto(idx, scaled, casting="unsafe")  # truncation is floor on [0, bins + 1 + offsets]
     return idx
 
 

@@ -41,6 +41,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "run.evaluate_every",
         "publish",
         "privacy.budget",
+        "drift",
     ),
 }
 

@@ -18,8 +18,15 @@ from fedlearn.engine.records import Arrays
 from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
 from fedlearn.errors import ConfigError
-from fedlearn.run.builders import make_distributed, make_privacy, make_secure, make_strategy
+from fedlearn.run.builders import (
+    make_distributed,
+    make_drift,
+    make_privacy,
+    make_secure,
+    make_strategy,
+)
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
+from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import make_transport, run_simulation
 
 if TYPE_CHECKING:  # the registry loads only when a run publishes
@@ -136,12 +143,7 @@ def run_job(
         secure=secure,
         distributed_event=distributed_event,
     )
-    data_stats = drift_spec(config)
-    if data_stats is not None and secure is not None and secure.noise is not None:
-        raise ConfigError(
-            "drift.enabled: data summaries cannot ride in the secure sum under distributed "
-            "DP (they would break its L2 clipping); turn one of them off"
-        )
+    data_stats = drift_spec(config, secure)
     publisher, note = _publisher(config, probe)
     if publisher is not None:
         publisher.drift_spec = data_stats
@@ -196,18 +198,15 @@ def run_job(
     return JobResult(outcome, probe)
 
 
-def drift_spec(config: SimulationConfig) -> SummarySpec | None:
+def drift_spec(config: SimulationConfig, secure: SecureAggregation | None) -> SummarySpec | None:
     """The bins of ``[drift]`` (None when it is off), sized to the dataset's features and
-    classes (which secure aggregation needs up front; a Flower app's own data: unsized)."""
-    section = config.drift
-    if not section.enabled:
-        return None
+    classes unless the section sets them (a Flower app's own data: unsized)."""
     features = classes = 0
-    if config.flower.app is None:
+    if config.drift.enabled and config.flower.app is None:
         dataset = load_dataset(config.data.dataset)
         features = int(math.prod(dataset.x.shape[1:]))
         classes = int(dataset.num_classes)
-    return SummarySpec(section.bins, section.low, section.high, features, classes)
+    return make_drift(config.drift, secure, features=features, classes=classes)
 
 
 def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | None, str | None]:

@@ -110,12 +110,15 @@ class VersionDrift:
         self.width = spec.bins + 2
         self.classes = int(reference.summary.labels.shape[0])
         self._offsets = np.arange(self.features, dtype=np.float64) * self.width
+        self._offsets32 = self._offsets.astype(np.float32)  # bin_index falls back if inexact
         self._lock = threading.Lock()
         self._current = self._fresh()
         self._previous = self._fresh()
         self._pending: list[np.ndarray] = []
         self._pending_classes: list[np.ndarray] = []
         self._pending_rows = 0
+        self._block = max(1, FLUSH_VALUES // max(self.features, 1))
+        self._scratch = threading.local()
 
     def _fresh(self) -> _Counts:
         return _Counts(self.features, self.width, self.classes)
@@ -145,8 +148,25 @@ class VersionDrift:
                 self._flush()
 
     def _bin(self, rows: np.ndarray) -> np.ndarray:
-        idx = bin_index(rows, self.reference.spec, self._offsets)
-        return np.bincount(idx.ravel(), minlength=self.features * self.width)
+        """The bin counts of ``rows``, in blocks of about FLUSH_VALUES values through
+        this thread's scratch buffers (no large temporaries per request)."""
+        scratch = self._scratch.__dict__
+        if "work" not in scratch:
+            scratch["work32"] = np.empty(self._block * self.features, np.float32)
+            scratch["work"] = np.empty(self._block * self.features, np.float64)
+            scratch["idx"] = np.empty(self._block * self.features, np.intp)
+        single = rows.dtype == np.float32
+        work = scratch["work32"] if single else scratch["work"]
+        offsets = self._offsets32 if single else self._offsets
+        size = self.features * self.width
+        hist: np.ndarray | None = None
+        for start in range(0, rows.shape[0], self._block):
+            block = rows[start : start + self._block]
+            idx = bin_index(block, self.reference.spec, offsets, work=work, out=scratch["idx"])
+            counts = np.bincount(idx.ravel(), minlength=size)
+            hist = counts if hist is None else hist + counts
+        assert hist is not None
+        return hist
 
     def _flush(self) -> None:
         """Bin the pending rows into the current generation (the lock is held)."""
