@@ -5,7 +5,7 @@ Each version's registry sidecar (:mod:`fedlearn.drift.reference`) holds the summ
 summary the version was trained on and its fixed bins. For every inference the monitor
 counts the first input's rows into the same bins (one vectorised ``bincount`` per
 request) and counts the predicted classes (the first output's argmax). Memory is
-bounded: per version two generations of counts and at most :data:`FLUSH_VALUES` values
+bounded: per version two generations of counts and at most :data:`MAX_PENDING_VALUES` values
 waiting to be binned; when the current generation reaches ``window`` rows it becomes the
 previous one and a fresh one starts, so the scores cover the last ``window`` to about
 ``2 * window`` rows.
@@ -50,9 +50,12 @@ DEFAULT_THRESHOLD = 0.2
 DEFAULT_WINDOW = 10_000
 DEFAULT_MIN_ROWS = 100
 FLUSH_VALUES = 1 << 13
-"""Pending request values (rows x features) binned together, and at every read of the
-scores; a request at least this large is binned on its own (without a copy). A block's
-float64 working set (64 KiB) stays in a core's L2 cache."""
+"""Pending request values (rows x features) at which the worker thread bins them; also
+the size of a binned block (its float64 working set, 64 KiB, stays in a core's L2 cache)."""
+MAX_PENDING_VALUES = 1 << 22
+"""Pending values (16 MiB of float32) past which a request bins the backlog itself."""
+WORKER_PERIOD_S = 1.0
+"""The worker also bins whatever waits at least this often."""
 RETRY_REFERENCE_S = 5.0
 """How often a version without a reference looks for one again (a sidecar written just
 after the version appeared)."""
@@ -95,14 +98,16 @@ class _Counts:
 class VersionDrift:
     """Rolling statistics of one served version (thread-safe).
 
-    A small request only copies its rows (and its predicted classes) into a pending list;
-    every :data:`FLUSH_VALUES` values, and before scores are read, the pending rows are
-    binned together by one vectorised pass and one ``bincount`` (the fixed cost of a
-    binning, about 70 microseconds for MNIST's 784 features, is paid once per block instead
-    of once per request).
+    A request only copies its rows (and its predicted classes) into a pending list and,
+    once :data:`FLUSH_VALUES` values wait, wakes the monitor's worker thread, which bins
+    them off the request path: one vectorised pass and one ``bincount`` per block of about
+    :data:`FLUSH_VALUES` values. Reading the scores bins whatever still waits first, so a
+    read sees every answered request. Should the worker fall behind by
+    :data:`MAX_PENDING_VALUES`, the request that finds it so bins the backlog itself
+    (memory stays bounded, nothing is dropped).
     """
 
-    def __init__(self, reference: Reference, window: int) -> None:
+    def __init__(self, reference: Reference, window: int, wake: threading.Event) -> None:
         self.reference = reference
         self.window = window
         spec = reference.spec
@@ -111,7 +116,9 @@ class VersionDrift:
         self.classes = int(reference.summary.labels.shape[0])
         self._offsets = np.arange(self.features, dtype=np.float64) * self.width
         self._offsets32 = self._offsets.astype(np.float32)  # bin_index falls back if inexact
-        self._lock = threading.Lock()
+        self._wake = wake
+        self._lock = threading.Lock()  # counts and the pending list
+        self._flushing = threading.Lock()  # one flush at a time, so a read waits for it
         self._current = self._fresh()
         self._previous = self._fresh()
         self._pending: list[np.ndarray] = []
@@ -129,27 +136,54 @@ class VersionDrift:
         n = int(x.shape[0]) if x.ndim else 0
         if n == 0 or x.size != n * self.features:
             return  # nothing, or a size the reference cannot be compared with
-        rows = x.reshape(n, self.features)
+        rows = np.array(x.reshape(n, self.features))  # a copy: the request's buffer goes
         classes = None
         if scores is not None and scores.ndim == 2 and scores.shape == (n, self.classes):
             classes = scores.argmax(axis=1)
-        if rows.size >= FLUSH_VALUES:  # large enough to bin on its own, without a copy
-            hist = self._bin(rows)
-            with self._lock:
-                self._flush()
-                self._add(hist, classes, n)
-            return
         with self._lock:
-            self._pending.append(np.array(rows))  # a copy: the request's buffer goes away
+            self._pending.append(rows)
             if classes is not None:
                 self._pending_classes.append(classes)
             self._pending_rows += n
-            if self._pending_rows * self.features >= FLUSH_VALUES:
-                self._flush()
+            waiting = self._pending_rows * self.features
+        if waiting >= MAX_PENDING_VALUES:
+            self.flush()  # the worker fell behind: this request bins the backlog
+        elif waiting >= FLUSH_VALUES:
+            self._wake.set()
+
+    @property
+    def pending(self) -> bool:
+        """Whether rows wait to be binned."""
+        return self._pending_rows > 0
+
+    def flush(self) -> None:
+        """Bin every pending row into the current generation."""
+        with self._flushing:
+            with self._lock:
+                pending, classes = self._pending, self._pending_classes
+                n = self._pending_rows
+                self._pending, self._pending_classes, self._pending_rows = [], [], 0
+            if not pending:
+                return
+            rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            hist = self._bin(rows)
+            predicted = (
+                np.bincount(np.concatenate(classes), minlength=self.classes)[: self.classes]
+                if classes
+                else None
+            )
+            with self._lock:
+                current = self._current
+                current.hist += hist
+                if predicted is not None:
+                    current.predicted += predicted
+                current.rows += n
+                if current.rows >= self.window:
+                    self._previous, self._current = current, self._fresh()
 
     def _bin(self, rows: np.ndarray) -> np.ndarray:
         """The bin counts of ``rows``, in blocks of about FLUSH_VALUES values through
-        this thread's scratch buffers (no large temporaries per request)."""
+        this thread's scratch buffers (no large temporaries)."""
         scratch = self._scratch.__dict__
         if "work" not in scratch:
             scratch["work32"] = np.empty(self._block * self.features, np.float32)
@@ -158,40 +192,17 @@ class VersionDrift:
         single = rows.dtype == np.float32
         work = scratch["work32"] if single else scratch["work"]
         offsets = self._offsets32 if single else self._offsets
-        size = self.features * self.width
-        hist: np.ndarray | None = None
+        hist = np.zeros(self.features * self.width, dtype=np.int64)
         for start in range(0, rows.shape[0], self._block):
             block = rows[start : start + self._block]
             idx = bin_index(block, self.reference.spec, offsets, work=work, out=scratch["idx"])
-            counts = np.bincount(idx.ravel(), minlength=size)
-            hist = counts if hist is None else hist + counts
-        assert hist is not None
+            hist += np.bincount(idx.ravel(), minlength=hist.size)
         return hist
 
-    def _flush(self) -> None:
-        """Bin the pending rows into the current generation (the lock is held)."""
-        if not self._pending:
-            return
-        rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        classes = np.concatenate(self._pending_classes) if self._pending_classes else None
-        n = self._pending_rows
-        self._pending, self._pending_classes, self._pending_rows = [], [], 0
-        self._add(self._bin(rows), classes, n)
-
-    def _add(self, hist: np.ndarray, classes: np.ndarray | None, n: int) -> None:
-        """Add binned rows to the current generation, turning it when full (lock held)."""
-        current = self._current
-        current.hist += hist
-        if classes is not None:
-            current.predicted += np.bincount(classes, minlength=self.classes)[: self.classes]
-        current.rows += n
-        if current.rows >= self.window:
-            self._previous, self._current = current, self._fresh()
-
     def scores(self, threshold: float, min_rows: int) -> DriftScores:
-        """The scores over the current window."""
+        """The scores over the current window (every answered request counted)."""
+        self.flush()
         with self._lock:
-            self._flush()
             hist = self._current.hist + self._previous.hist
             predicted = self._current.predicted + self._previous.predicted
             rows = self._current.rows + self._previous.rows
@@ -243,6 +254,29 @@ class DriftMonitor:
         self.min_rows = min_rows
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="fedlearn-drift", daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        """Bin pending rows off the request path: when woken, and every WORKER_PERIOD_S."""
+        while not self._closed.is_set():
+            self._wake.wait(WORKER_PERIOD_S)
+            self._wake.clear()
+            for entry in list(self._entries.values()):
+                if entry.drift is not None and entry.drift.pending:
+                    try:
+                        entry.drift.flush()
+                    except Exception:  # never let the worker die: log, keep serving
+                        log.exception("drift statistics: binning failed")
+
+    def close(self) -> None:
+        """Stop the worker thread (idempotent)."""
+        self._closed.set()
+        self._wake.set()
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join(5)
 
     def _entry(self, model: ServedModel) -> _Entry:
         key = (model.name, model.version)
@@ -283,7 +317,7 @@ class DriftMonitor:
                     f"input {signature[0].name!r} has {features}",
                     now,
                 )
-        return _Entry(VersionDrift(reference, self.window), None, now)
+        return _Entry(VersionDrift(reference, self.window, self._wake), None, now)
 
     def observe(
         self,

@@ -117,6 +117,8 @@ class ServingEndpoint:
         self.grpc_server.stop(grace=2).wait()
         self.rest.stop()
         self.repository.close()
+        if self.metrics.drift is not None:
+            self.metrics.drift.close()
 
     def __enter__(self) -> ServingEndpoint:
         return self
@@ -178,6 +180,8 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
         if rest is not None:
             rest.stop()
         repository.close()
+        if metrics.drift is not None:
+            metrics.drift.close()
         raise
     log.info("serving %s: REST %s, gRPC port %d", settings.registry, rest.url, port)
     return ServingEndpoint(settings, repository, metrics, rest, server, port)
