@@ -11,7 +11,9 @@ of each and the median of the per-repetition ratios ``on / off`` (goal: >= 0.9),
 endpoint's own CPU time per request (from ``/proc/<pid>/stat``; its ratio ``off / on`` is
 the throughput ratio a CPU-bound endpoint would see, and is far less disturbed than req/s
 when other work shares the machine). At the end the drift endpoint's ``/metrics`` must
-show the rows it counted (so "on" did count) and the other none.
+show the rows it counted (so "on" did count) and the other none. Last, in this process,
+the CPU time per request of ``ServedModel.infer`` alone and followed by the monitor's
+``observe`` (its binning included): the statistics' own cost, in CPU seconds.
 
 Usage (from the repo root)::
 
@@ -66,6 +68,56 @@ def counted_rows(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
     found = re.findall(r"^fedlearn_serving_drift_window_rows\{[^}]*\} (\S+)$", text, re.M)
     return sum(float(v) for v in found)
+
+
+def in_process(
+    registry: Path, inputs: dict[int, np.ndarray], seconds: float
+) -> list[dict[str, Any]]:
+    """CPU time per request of ``ServedModel.infer`` alone and with the drift monitor's
+    ``observe`` (and its worker's binning, flushed in the loop) after it, in this process:
+    what the statistics cost a request, measured in CPU seconds, so other load on the
+    machine hardly moves it."""
+    import time
+
+    from fedlearn.registry.model_registry import ModelRegistry
+    from fedlearn.serving.drift import DriftMonitor
+    from fedlearn.serving.models import ServedModel
+
+    with ModelRegistry(registry) as reg:
+        model = ServedModel.from_registry(reg, bs.MODEL, 2)
+    monitor = DriftMonitor()
+    out = []
+    try:
+        for batch, x in inputs.items():
+            feeds = {"input": x}
+            cpu: dict[str, float] = {}
+            for mode in ("off", "on", "off", "on"):  # the second pass of each is kept
+                count = 0
+                start = time.process_time()
+                while time.process_time() - start < seconds:
+                    result = model.infer(feeds)
+                    if mode == "on":
+                        monitor.observe(model, feeds, result)
+                    count += 1
+                if mode == "on":
+                    monitor.status(model)  # bins whatever the worker has not
+                cpu[mode] = (time.process_time() - start) / count
+            out.append(
+                {
+                    "batch": batch,
+                    "infer_ms": 1e3 * cpu["off"],
+                    "infer_and_drift_ms": 1e3 * cpu["on"],
+                    "ratio": cpu["off"] / cpu["on"],
+                }
+            )
+            print(
+                f"in process, batch {batch:>3}: infer {1e3 * cpu['off']:.3f} ms CPU, with drift "
+                f"{1e3 * cpu['on']:.3f} ms (ratio {cpu['off'] / cpu['on']:.3f})",
+                flush=True,
+            )
+    finally:
+        monitor.close()
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -148,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in procs:
                 bs.stop(proc)
+        local = in_process(registry, inputs, args.duration)
     machine["loadavg_end"] = os.getloadavg()
     ratios = [r["ratio_median"] for r in rows]
     cpu_ratios = [r["cpu_ratio"] for r in rows]
@@ -159,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(endpoint without drift: {uncounted:.0f}); load average {machine['loadavg_end']}"
     )
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": machine, "rows": rows, "in_process": local}, indent=2)
+        )
     return 0 if counted > 0 and uncounted == 0 else 1
 
 
