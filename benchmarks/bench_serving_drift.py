@@ -71,12 +71,12 @@ def counted_rows(url: str) -> float:
 
 
 def in_process(
-    registry: Path, inputs: dict[int, np.ndarray], seconds: float
+    registry: Path, inputs: dict[int, np.ndarray], seconds: float, pairs: int
 ) -> list[dict[str, Any]]:
-    """CPU time per request of ``ServedModel.infer`` alone and with the drift monitor's
-    ``observe`` (and its worker's binning, flushed in the loop) after it, in this process:
-    what the statistics cost a request, measured in CPU seconds, so other load on the
-    machine hardly moves it."""
+    """CPU time per request of ``ServedModel.infer`` alone and followed by the drift
+    monitor's ``observe`` (its worker's binning included: process CPU time counts every
+    thread), in this process, in ``pairs`` alternating off/on measurements of ``seconds``
+    each: what the statistics cost a request. Medians of the per-pair ratios."""
     import time
 
     from fedlearn.registry.model_registry import ModelRegistry
@@ -90,29 +90,30 @@ def in_process(
     try:
         for batch, x in inputs.items():
             feeds = {"input": x}
-            cpu: dict[str, float] = {}
-            for mode in ("off", "on", "off", "on"):  # the second pass of each is kept
-                count = 0
-                start = time.process_time()
-                while time.process_time() - start < seconds:
-                    result = model.infer(feeds)
+            cpu: dict[str, list[float]] = {"off": [], "on": []}
+            for _ in range(pairs + 1):  # the first pair warms up and is dropped
+                for mode in ("off", "on"):
+                    count = 0
+                    start = time.process_time()
+                    while time.process_time() - start < seconds:
+                        result = model.infer(feeds)
+                        if mode == "on":
+                            monitor.observe(model, feeds, result)
+                        count += 1
                     if mode == "on":
-                        monitor.observe(model, feeds, result)
-                    count += 1
-                if mode == "on":
-                    monitor.status(model)  # bins whatever the worker has not
-                cpu[mode] = (time.process_time() - start) / count
-            out.append(
-                {
-                    "batch": batch,
-                    "infer_ms": 1e3 * cpu["off"],
-                    "infer_and_drift_ms": 1e3 * cpu["on"],
-                    "ratio": cpu["off"] / cpu["on"],
-                }
-            )
+                        monitor.status(model)  # bins whatever the worker has not yet
+                    cpu[mode].append((time.process_time() - start) / count)
+            ratios = [a / b for a, b in zip(cpu["off"][1:], cpu["on"][1:], strict=True)]
+            row = {
+                "batch": batch,
+                "infer_ms": 1e3 * statistics.median(cpu["off"][1:]),
+                "infer_and_drift_ms": 1e3 * statistics.median(cpu["on"][1:]),
+                "ratio": statistics.median(ratios),
+            }
+            out.append(row)
             print(
-                f"in process, batch {batch:>3}: infer {1e3 * cpu['off']:.3f} ms CPU, with drift "
-                f"{1e3 * cpu['on']:.3f} ms (ratio {cpu['off'] / cpu['on']:.3f})",
+                f"in process, batch {batch:>3}: infer {row['infer_ms']:.3f} ms CPU, with drift "
+                f"{row['infer_and_drift_ms']:.3f} ms; off/on {row['ratio']:.3f}",
                 flush=True,
             )
     finally:
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in procs:
                 bs.stop(proc)
-        local = in_process(registry, inputs, args.duration)
+        local = in_process(registry, inputs, 0.25, pairs=4 * args.reps)
     machine["loadavg_end"] = os.getloadavg()
     ratios = [r["ratio_median"] for r in rows]
     cpu_ratios = [r["cpu_ratio"] for r in rows]
@@ -209,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(min {min(ratios):.3f}); server CPU per request off/on: "
         f"{statistics.median(cpu_ratios):.3f} (min {min(cpu_ratios):.3f}); "
         f"rows in the drift window at the end: {counted:.0f} "
-        f"(endpoint without drift: {uncounted:.0f}); load average {machine['loadavg_end']}"
+        f"(endpoint without drift: {uncounted:.0f}); in process, infer CPU off/on: "
+        + ", ".join(f"batch {r['batch']} {r['ratio']:.3f}" for r in local)
+        + f"; load average {machine['loadavg_end']}"
     )
     if args.json is not None:
         args.json.write_text(
