@@ -74,9 +74,9 @@ def in_process(
     registry: Path, inputs: dict[int, np.ndarray], seconds: float, pairs: int
 ) -> list[dict[str, Any]]:
     """CPU time per request of ``ServedModel.infer`` alone and followed by the drift
-    monitor's ``observe`` (its worker's binning included: process CPU time counts every
-    thread), in this process, in ``pairs`` alternating off/on measurements of ``seconds``
-    each: what the statistics cost a request. Medians of the per-pair ratios."""
+    monitor's ``observe`` (its binning included), in this process, in ``pairs``
+    alternating off/on measurements of ``seconds`` each: what the statistics cost a
+    request. Medians of the per-pair ratios."""
     import time
 
     from fedlearn.registry.model_registry import ModelRegistry
@@ -87,37 +87,34 @@ def in_process(
         model = ServedModel.from_registry(reg, bs.MODEL, 2)
     monitor = DriftMonitor()
     out = []
-    try:
-        for batch, x in inputs.items():
-            feeds = {"input": x}
-            cpu: dict[str, list[float]] = {"off": [], "on": []}
-            for _ in range(pairs + 1):  # the first pair warms up and is dropped
-                for mode in ("off", "on"):
-                    count = 0
-                    start = time.process_time()
-                    while time.process_time() - start < seconds:
-                        result = model.infer(feeds)
-                        if mode == "on":
-                            monitor.observe(model, feeds, result)
-                        count += 1
+    for batch, x in inputs.items():
+        feeds = {"input": x}
+        cpu: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(pairs + 1):  # the first pair warms up and is dropped
+            for mode in ("off", "on"):
+                count = 0
+                start = time.process_time()
+                while time.process_time() - start < seconds:
+                    result = model.infer(feeds)
                     if mode == "on":
-                        monitor.status(model)  # bins whatever the worker has not yet
-                    cpu[mode].append((time.process_time() - start) / count)
-            ratios = [a / b for a, b in zip(cpu["off"][1:], cpu["on"][1:], strict=True)]
-            row = {
-                "batch": batch,
-                "infer_ms": 1e3 * statistics.median(cpu["off"][1:]),
-                "infer_and_drift_ms": 1e3 * statistics.median(cpu["on"][1:]),
-                "ratio": statistics.median(ratios),
-            }
-            out.append(row)
-            print(
-                f"in process, batch {batch:>3}: infer {row['infer_ms']:.3f} ms CPU, with drift "
-                f"{row['infer_and_drift_ms']:.3f} ms; off/on {row['ratio']:.3f}",
-                flush=True,
-            )
-    finally:
-        monitor.close()
+                        monitor.observe(model, feeds, result)
+                    count += 1
+                if mode == "on":
+                    monitor.status(model)  # bins what is still pending
+                cpu[mode].append((time.process_time() - start) / count)
+        ratios = [a / b for a, b in zip(cpu["off"][1:], cpu["on"][1:], strict=True)]
+        row = {
+            "batch": batch,
+            "infer_ms": 1e3 * statistics.median(cpu["off"][1:]),
+            "infer_and_drift_ms": 1e3 * statistics.median(cpu["on"][1:]),
+            "ratio": statistics.median(ratios),
+        }
+        out.append(row)
+        print(
+            f"in process, batch {batch:>3}: infer {row['infer_ms']:.3f} ms CPU, with drift "
+            f"{row['infer_and_drift_ms']:.3f} ms; off/on {row['ratio']:.3f}",
+            flush=True,
+        )
     return out
 
 

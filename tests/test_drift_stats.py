@@ -14,6 +14,7 @@ from scipy import stats as sps
 from fedlearn.drift.codec import (
     from_bytes,
     pack_secure,
+    reply_bytes,
     secure_length,
     split_reply,
     to_bytes,
@@ -32,6 +33,7 @@ from fedlearn.drift.stats import (
     psi_per_feature,
     summarize,
 )
+from fedlearn.engine.records import encode_arrays
 from fedlearn.errors import ConfigError, DataError
 
 SPEC = SummarySpec(bins=4, low=0.0, high=2.0, features=2, classes=3)
@@ -188,3 +190,13 @@ def test_the_rule_flags_the_site_that_moved_in_the_round_it_moved() -> None:
     assert [(s.site, s.flagged) for s in population] == [(POPULATION, True)]
     with pytest.raises(ConfigError):
         DriftRule(psi_threshold=0)
+
+
+def test_the_reply_limit_covers_a_summary() -> None:
+    spec = SummarySpec(bins=12, low=0.0, high=1.0, features=784, classes=10)
+    rng = np.random.default_rng(2)
+    s = summarize(rng.random((50, 784)), rng.integers(0, 10, 50), spec)
+    model = {"w": np.zeros(10, np.float32)}
+    extra = len(encode_arrays({**model, **to_reply_arrays(s)})) - len(encode_arrays(model))
+    assert extra <= reply_bytes(spec) < extra + 1024
+    assert reply_bytes(SummarySpec()) == 0  # shape not fixed: the reply's slack holds it

@@ -21,7 +21,7 @@ from fedlearn.drift.reference import Reference, save_reference
 from fedlearn.drift.stats import SummarySpec, summarize
 from fedlearn.errors import ConfigError
 from fedlearn.registry.model_registry import ModelRegistry
-from fedlearn.serving.drift import DriftMonitor
+from fedlearn.serving.drift import DriftMonitor, VersionDrift
 from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
 from fedlearn.serving.oip import grpc_predict_v2_pb2 as pb
 from fedlearn.serving.oip.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
@@ -110,6 +110,7 @@ def test_shifted_inputs_raise_the_drift_score_past_the_threshold_in_distribution
         poll_interval_s=3600,
         drift_threshold=THRESHOLD,
         drift_window=WINDOW,
+        drift_rows=1000,  # count every row of these 60-row requests
     )
     with start_endpoint(settings) as ep:
         url = ep.http_url
@@ -172,3 +173,18 @@ def test_bad_drift_settings_are_refused() -> None:
         DriftMonitor(threshold=0)
     with pytest.raises(ConfigError, match="window"):
         DriftMonitor(window=0)
+
+
+def test_large_batches_are_sampled_evenly(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    x_train, y_train, x_test = digits
+    reference = Reference(SPEC, summarize(x_train, y_train, SPEC))
+    drift = VersionDrift(reference, window=1000, max_rows=8)
+    batch = x_test[:60].astype(np.float32)
+    drift.observe(batch, None)
+    assert drift.scores(THRESHOLD, 0).rows == 8  # rows 0, 8, ..., 56
+    expected = summarize(batch[::8], None, SPEC).hist
+    drift.flush()
+    counted = drift._current.hist.reshape(64, SPEC.bins + 2)
+    assert counted.tolist() == expected.tolist()

@@ -580,6 +580,9 @@ def serve_(
     drift_window: Annotated[
         int, typer.Option(help="input rows the drift scores cover (between 1x and 2x this)")
     ] = 10_000,
+    drift_rows: Annotated[
+        int, typer.Option(help="rows of one request the drift statistics count at most")
+    ] = 8,
     verbose: Annotated[bool, typer.Option(help="log swaps and errors")] = True,
 ) -> None:
     """Serve the registry's models over the Open Inference Protocol v2 (REST and gRPC),
@@ -618,6 +621,7 @@ def serve_(
             drift=drift,
             drift_threshold=drift_threshold,
             drift_window=drift_window,
+            drift_rows=drift_rows,
         )
         endpoint = start_endpoint(settings)
     except FedlearnError as exc:

@@ -44,6 +44,15 @@ def to_reply_arrays(summary: DataSummary) -> Arrays:
     }
 
 
+def reply_bytes(spec: SummarySpec) -> int:
+    """The bytes a client's summary adds to its reply (0 when its shape is not fixed:
+    the reply's slack must then hold it)."""
+    if not spec.features:
+        return 0
+    counts = 1 + spec.features * (spec.bins + 2) + spec.classes
+    return 4 * counts + 8 * 2 * spec.features + 512  # and the names in the array header
+
+
 def split_reply(arrays: Arrays, spec: SummarySpec) -> tuple[Arrays, DataSummary | None]:
     """The model's arrays and the client's summary (None if the reply carries none).
 

@@ -3,12 +3,13 @@ predicted classes, scored against the version's training reference distribution.
 
 Each version's registry sidecar (:mod:`fedlearn.drift.reference`) holds the summed data
 summary the version was trained on and its fixed bins. For every inference the monitor
-counts the first input's rows into the same bins (one vectorised ``bincount`` per
-request) and counts the predicted classes (the first output's argmax). Memory is
-bounded: per version two generations of counts and at most :data:`MAX_PENDING_VALUES` values
-waiting to be binned; when the current generation reaches ``window`` rows it becomes the
-previous one and a fresh one starts, so the scores cover the last ``window`` to about
-``2 * window`` rows.
+counts the first input's rows (at most ``max_rows`` per request, evenly spaced through the
+batch) into the same bins, and the predicted classes (the first output's argmax). Rows
+are binned in blocks of :data:`FLUSH_VALUES` values by one vectorised pass and one
+``bincount``. Memory is bounded: per version two generations of counts and less than one
+block waiting; when the current generation reaches ``window`` rows it becomes the previous
+one and a fresh one starts, so the scores cover the last ``window`` to about ``2 * window``
+counted rows.
 
 Scores, computed when read (a Prometheus scrape, a metadata request), per version:
 
@@ -50,12 +51,10 @@ DEFAULT_THRESHOLD = 0.2
 DEFAULT_WINDOW = 10_000
 DEFAULT_MIN_ROWS = 100
 FLUSH_VALUES = 1 << 13
-"""Pending request values (rows x features) at which the worker thread bins them; also
-the size of a binned block (its float64 working set, 64 KiB, stays in a core's L2 cache)."""
-MAX_PENDING_VALUES = 1 << 22
-"""Pending values (16 MiB of float32) past which a request bins the backlog itself."""
-WORKER_PERIOD_S = 1.0
-"""The worker also bins whatever waits at least this often."""
+"""Pending request values (rows x features) that are binned together; also the size of a
+binned block (its float64 working set, 64 KiB, stays in a core's L2 cache)."""
+DEFAULT_MAX_ROWS = 8
+"""Rows of one request counted at most (evenly spaced through its batch)."""
 RETRY_REFERENCE_S = 5.0
 """How often a version without a reference looks for one again (a sidecar written just
 after the version appeared)."""
@@ -98,25 +97,25 @@ class _Counts:
 class VersionDrift:
     """Rolling statistics of one served version (thread-safe).
 
-    A request only copies its rows (and its predicted classes) into a pending list and,
-    once :data:`FLUSH_VALUES` values wait, wakes the monitor's worker thread, which bins
-    them off the request path: one vectorised pass and one ``bincount`` per block of about
-    :data:`FLUSH_VALUES` values. Reading the scores bins whatever still waits first, so a
-    read sees every answered request. Should the worker fall behind by
-    :data:`MAX_PENDING_VALUES`, the request that finds it so bins the backlog itself
-    (memory stays bounded, nothing is dropped).
+    A request copies its rows (at most ``max_rows`` of them, evenly spaced through its
+    batch) and its predicted classes into a pending list; the request that brings the
+    pending values to :data:`FLUSH_VALUES` bins them all, one vectorised pass and one
+    ``bincount`` per block of that size, and reading the scores bins whatever still waits,
+    so a read counts every sampled row. (A worker thread that binned off the request path
+    cost more CPU per request, in GIL hand-offs, than the binning it moved:
+    BENCHMARKS.md, "Drift statistics".)
     """
 
-    def __init__(self, reference: Reference, window: int, wake: threading.Event) -> None:
+    def __init__(self, reference: Reference, window: int, max_rows: int) -> None:
         self.reference = reference
         self.window = window
+        self.max_rows = max_rows
         spec = reference.spec
         self.features = reference.summary.features
         self.width = spec.bins + 2
         self.classes = int(reference.summary.labels.shape[0])
         self._offsets = np.arange(self.features, dtype=np.float64) * self.width
         self._offsets32 = self._offsets.astype(np.float32)  # bin_index falls back if inexact
-        self._wake = wake
         self._lock = threading.Lock()  # counts and the pending list
         self._flushing = threading.Lock()  # one flush at a time, so a read waits for it
         self._current = self._fresh()
@@ -136,20 +135,19 @@ class VersionDrift:
         n = int(x.shape[0]) if x.ndim else 0
         if n == 0 or x.size != n * self.features:
             return  # nothing, or a size the reference cannot be compared with
-        rows = np.array(x.reshape(n, self.features))  # a copy: the request's buffer goes
+        step = -(-n // self.max_rows)  # ceil: at most max_rows rows, evenly spaced
+        rows = np.array(x.reshape(n, self.features)[::step])  # a copy: the buffer goes
         classes = None
         if scores is not None and scores.ndim == 2 and scores.shape == (n, self.classes):
-            classes = scores.argmax(axis=1)
+            classes = scores[::step].argmax(axis=1)
         with self._lock:
             self._pending.append(rows)
             if classes is not None:
                 self._pending_classes.append(classes)
-            self._pending_rows += n
-            waiting = self._pending_rows * self.features
-        if waiting >= MAX_PENDING_VALUES:
-            self.flush()  # the worker fell behind: this request bins the backlog
-        elif waiting >= FLUSH_VALUES:
-            self._wake.set()
+            self._pending_rows += rows.shape[0]
+            full = self._pending_rows * self.features >= FLUSH_VALUES
+        if full:
+            self.flush()
 
     @property
     def pending(self) -> bool:
@@ -242,11 +240,15 @@ class DriftMonitor:
         threshold: float = DEFAULT_THRESHOLD,
         window: int = DEFAULT_WINDOW,
         min_rows: int = DEFAULT_MIN_ROWS,
+        max_rows: int = DEFAULT_MAX_ROWS,
     ) -> None:
         if not threshold > 0:
             raise ConfigError(f"serve: the drift threshold must be > 0, got {threshold}")
         if window < 1 or min_rows < 0:
             raise ConfigError(f"serve: drift window must be >= 1 row, got {window}")
+        if max_rows < 1:
+            raise ConfigError(f"serve: drift rows per request must be >= 1, got {max_rows}")
+        self.max_rows = max_rows
         self.threshold = threshold
         self.window = window
         # scipy.stats takes seconds to import: not on the first scrape's clock
@@ -254,29 +256,6 @@ class DriftMonitor:
         self.min_rows = min_rows
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="fedlearn-drift", daemon=True)
-        self._worker.start()
-
-    def _work(self) -> None:
-        """Bin pending rows off the request path: when woken, and every WORKER_PERIOD_S."""
-        while not self._closed.is_set():
-            self._wake.wait(WORKER_PERIOD_S)
-            self._wake.clear()
-            for entry in list(self._entries.values()):
-                if entry.drift is not None and entry.drift.pending:
-                    try:
-                        entry.drift.flush()
-                    except Exception:  # never let the worker die: log, keep serving
-                        log.exception("drift statistics: binning failed")
-
-    def close(self) -> None:
-        """Stop the worker thread (idempotent)."""
-        self._closed.set()
-        self._wake.set()
-        if self._worker.is_alive() and self._worker is not threading.current_thread():
-            self._worker.join(5)
 
     def _entry(self, model: ServedModel) -> _Entry:
         key = (model.name, model.version)
@@ -317,7 +296,7 @@ class DriftMonitor:
                     f"input {signature[0].name!r} has {features}",
                     now,
                 )
-        return _Entry(VersionDrift(reference, self.window, self._wake), None, now)
+        return _Entry(VersionDrift(reference, self.window, self.max_rows), None, now)
 
     def observe(
         self,

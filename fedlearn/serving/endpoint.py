@@ -17,7 +17,12 @@ import grpc
 from fedlearn.errors import ConfigError
 from fedlearn.registry.builders import add_import_paths
 from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION
-from fedlearn.serving.drift import DEFAULT_THRESHOLD, DEFAULT_WINDOW, DriftMonitor
+from fedlearn.serving.drift import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_THRESHOLD,
+    DEFAULT_WINDOW,
+    DriftMonitor,
+)
 from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.repository import ModelRepository, RepositorySettings
@@ -60,6 +65,8 @@ class EndpointSettings:
     """Keep drift statistics of the inputs per version (:mod:`fedlearn.serving.drift`)."""
     drift_threshold: float = DEFAULT_THRESHOLD
     drift_window: int = DEFAULT_WINDOW
+    drift_rows: int = DEFAULT_MAX_ROWS
+    """Rows of one request the drift statistics count at most (evenly spaced)."""
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -117,8 +124,6 @@ class ServingEndpoint:
         self.grpc_server.stop(grace=2).wait()
         self.rest.stop()
         self.repository.close()
-        if self.metrics.drift is not None:
-            self.metrics.drift.close()
 
     def __enter__(self) -> ServingEndpoint:
         return self
@@ -142,7 +147,11 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
     )
     metrics = ServingMetrics()
     if settings.drift:
-        metrics.monitor_drift(DriftMonitor(settings.drift_threshold, settings.drift_window))
+        metrics.monitor_drift(
+            DriftMonitor(
+                settings.drift_threshold, settings.drift_window, max_rows=settings.drift_rows
+            )
+        )
     repository.on_swap(metrics.swapped)
     repository.start()
     limit = settings.max_request_mb << 20
@@ -180,8 +189,6 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
         if rest is not None:
             rest.stop()
         repository.close()
-        if metrics.drift is not None:
-            metrics.drift.close()
         raise
     log.info("serving %s: REST %s, gRPC port %d", settings.registry, rest.url, port)
     return ServingEndpoint(settings, repository, metrics, rest, server, port)
