@@ -315,6 +315,14 @@ class DriftMonitor:
         y = outputs.get(signature.outputs[0].name) if signature.outputs else None
         drift.observe(np.asarray(x), None if y is None else np.asarray(y))
 
+    def flush(self) -> None:
+        """Bin every version's pending rows now."""
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            if entry.drift is not None:
+                entry.drift.flush()
+
     def status(self, model: ServedModel) -> dict[str, Any]:
         """The ``drift`` object of ``/v2/models/{name}``: scores, or why there are none."""
         entry = self._entry(model)
