@@ -178,7 +178,8 @@ class Publisher:
         round) joins the version's metrics, where the gate's ``max_epsilon`` reads it.
         ``data_stats`` (the round's data summaries, with :attr:`drift_spec` set) become the
         version's training reference distribution (:mod:`fedlearn.drift.reference`),
-        written before the gate decides, so a version is never served without it."""
+        written before the gate decides, so a promoted version always has it (an endpoint
+        that loads the version by number in between looks for it again after 5 s)."""
         with ModelRegistry(self.root) as registry:
             previous = [v for v in registry.versions(self.name) if v.run == self.run_id]
             version = registry.publish(
