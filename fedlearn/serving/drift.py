@@ -260,10 +260,10 @@ class DriftMonitor:
     def _entry(self, model: ServedModel) -> _Entry:
         key = (model.name, model.version)
         entry = self._entries.get(key)
+        if entry is not None and entry.drift is not None:
+            return entry  # the fast path of every monitored request
         now = time.monotonic()
-        if entry is not None and (
-            entry.drift is not None or now - entry.checked < RETRY_REFERENCE_S
-        ):
+        if entry is not None and now - entry.checked < RETRY_REFERENCE_S:
             return entry
         with self._lock:
             entry = self._entries.get(key)
