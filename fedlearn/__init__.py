@@ -22,6 +22,7 @@ if _TYPE_CHECKING:
         TrainResult,
     )
     from fedlearn.engine.client_state import ClientState
+    from fedlearn.engine.clock import Latency
     from fedlearn.engine.coordinator import Coordinator, Transport
     from fedlearn.engine.messages import Reply, Stage, Task
     from fedlearn.engine.records import (
@@ -61,6 +62,7 @@ if _TYPE_CHECKING:
     )
     from fedlearn.strategy import (
         STRATEGIES,
+        Asynchrony,
         Bulyan,
         ClientEvaluation,
         ClientUpdate,
@@ -69,6 +71,7 @@ if _TYPE_CHECKING:
         FedAdam,
         FedAvg,
         FedAvgM,
+        FedBuff,
         FedMedian,
         FedNova,
         FedProx,
@@ -94,6 +97,7 @@ _EXPORTS: dict[str, str] = {
     "ModelVersion": "fedlearn.registry.model_registry",
     "Arrays": "fedlearn.engine.records",
     "AuthError": "fedlearn.errors",
+    "Asynchrony": "fedlearn.strategy",
     "Bulyan": "fedlearn.strategy",
     "ClientApp": "fedlearn.engine.client_app",
     "ClientContext": "fedlearn.engine.client_app",
@@ -114,6 +118,7 @@ _EXPORTS: dict[str, str] = {
     "FedAvg": "fedlearn.strategy",
     "FedAvgM": "fedlearn.strategy",
     "FedMedian": "fedlearn.strategy",
+    "FedBuff": "fedlearn.strategy",
     "FedNova": "fedlearn.strategy",
     "FedProx": "fedlearn.strategy",
     "FedTrimmedAvg": "fedlearn.strategy",
@@ -126,6 +131,7 @@ _EXPORTS: dict[str, str] = {
     "InferenceError": "fedlearn.errors",
     "InvalidInput": "fedlearn.errors",
     "Krum": "fedlearn.strategy",
+    "Latency": "fedlearn.engine.clock",
     "Metrics": "fedlearn.engine.records",
     "ModelNotFound": "fedlearn.errors",
     "ModelNotReady": "fedlearn.errors",
@@ -164,6 +170,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "Asynchrony",
     "Decision",
     "Gate",
     "ModelRegistry",
@@ -189,6 +196,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedMedian",
     "FedNova",
     "FedProx",
@@ -204,6 +212,7 @@ __all__ = [
     "Fold",
     "InProcessTransport",
     "Krum",
+    "Latency",
     "Metrics",
     "MultiKrum",
     "PoolTransport",

@@ -13,6 +13,15 @@ py=.venv/bin/python
 "$py" -m pip install -q "$TORCH"
 if [ "${1:-}" = "test" ]; then
   "$py" -m pip install -q -e '.[test]'
+  # The live page's browser tests drive the system's Chromium through Playwright (its own
+  # browser download is not used). As root (CI) on a machine without one, install Debian's;
+  # without apt or network, the tests skip and say why.
+  if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; } \
+      || echo "setup.sh: could not install chromium; the browser tests will skip" >&2
+  fi
   # tritonclient (the standard OIP v2 client the serving tests drive the endpoint with) pins
   # protobuf < 7 and registers the same inference.* protobuf names: its own venv.
   [ -x .venv-triton/bin/python ] || python3 -m venv .venv-triton

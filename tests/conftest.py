@@ -73,6 +73,7 @@ SLOW_FIRST = (
     "tests/test_flower_adapter.py::test_flower_client_as_tls_sites_matches_in_process_simulation",
     "tests/test_serving_e2e.py",
     "tests/test_privacy_run.py::test_kill_9_mid_run_then_resume_keeps_the_epsilon_series",
+    "tests/test_ui_browser.py",
 )
 
 

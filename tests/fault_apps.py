@@ -6,12 +6,15 @@ source (anything with ``client(cid) -> ClientData``), and the params set in one 
 
 * ``crash_round = r``: ``os._exit`` in the middle of training round ``r`` (a crashed site);
 * ``sleep_round = r, sleep_s = s``: training round ``r`` first sleeps ``s`` seconds;
+* ``pace_s = s``: every training task first sleeps ``s`` seconds (a slow or fast site);
 * ``fail_rounds = "1,3"`` (with ``fail_client = c``, default any, or ``fail_clients =
   "1,2"``): training raises;
 * ``unsendable_round = r``: training round ``r`` returns an array no wire can carry.
 
 ``pad = n`` adds a float64 array of ``n`` zeros to the model (trained as a no-op), for
-tests that need larger payloads.
+tests that need larger payloads. Under SCAFFOLD (control variates in the broadcast) each
+step's gradient takes the correction ``c - c_i`` and the reply carries ``c_i``'s change
+(:mod:`fedlearn.strategy.scaffold`, ``c_i`` in the client's own state).
 
 The model is a logistic regression (``w``, ``b`` in float64) trained by a few full-batch
 gradient steps; it needs no torch, so a site starts fast.
@@ -28,7 +31,7 @@ import numpy as np
 
 from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.engine.records import Arrays, Config
-from fedlearn.strategy import FedAvg
+from fedlearn.strategy import FedAvg, scaffold
 from fedlearn.strategy.base import RoundContext
 
 
@@ -53,6 +56,7 @@ class FaultyLogReg:
         fail_clients: str = "",
         unsendable_round: int = 0,
         pad: int = 0,
+        pace_s: float = 0.0,
     ) -> None:
         self.data = data
         self.lr = lr
@@ -65,6 +69,7 @@ class FaultyLogReg:
         self.fail_clients = _rounds(fail_clients)
         self.unsendable_round = unsendable_round
         self.pad = pad
+        self.pace_s = pace_s
 
     def initial_arrays(self, seed: int) -> Arrays:
         features = self.data.client(0).x_train.shape[1]
@@ -82,6 +87,8 @@ class FaultyLogReg:
             os._exit(3)  # no reply, no goodbye: the process is gone mid-task
         if ctx.round == self.sleep_round:
             time.sleep(self.sleep_s)
+        if self.pace_s:
+            time.sleep(self.pace_s)
         failing = (
             ctx.client_id in self.fail_clients
             if self.fail_clients
@@ -90,14 +97,22 @@ class FaultyLogReg:
         if ctx.round in self.fail_rounds and failing:
             raise RuntimeError(f"injected training failure in round {ctx.round}")
         x, y = self._xy(ctx.client_id, "train")
-        w, b = arrays["w"].copy(), arrays["b"].copy()
+        model, c = scaffold.split_controls(arrays)
+        c_i = scaffold.client_controls(ctx.state, c) if c else {}
+        w, b = model["w"].copy(), model["b"].copy()
         for _ in range(self.steps):
             err = 1.0 / (1.0 + np.exp(-(x @ w + b))) - y
-            w -= self.lr * (x.T @ err / len(y) + ctx.rng.normal(scale=1e-3, size=w.shape))
-            b -= self.lr * err.mean()
+            gw = x.T @ err / len(y) + ctx.rng.normal(scale=1e-3, size=w.shape)
+            gb = err.mean()
+            if c:
+                gw, gb = gw + c["w"] - c_i["w"], gb + c["b"] - c_i["b"]
+            w -= self.lr * gw
+            b -= self.lr * gb
         if ctx.round == self.unsendable_round:
             w = w.astype(object)  # encode_arrays refuses object arrays
-        out = {"w": w, "b": b} | ({"pad": np.array(arrays["pad"])} if "pad" in arrays else {})
+        out = {"w": w, "b": b} | ({"pad": np.array(model["pad"])} if "pad" in model else {})
+        if c:
+            out = scaffold.client_reply(ctx.state, c, c_i, model, out, self.steps, self.lr)
         return TrainResult(out, len(y), {"train_mse": float(np.mean(err**2))})
 
     def evaluate(self, arrays: Arrays, config: Config, ctx: ClientContext) -> EvaluateResult:

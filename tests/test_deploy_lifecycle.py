@@ -98,6 +98,32 @@ def test_kill_9_then_an_operational_change_resumes_to_the_same_model(tmp_path: P
         d.stop_all()
 
 
+def test_kill_9_under_scaffold_resumes_to_the_simulations_model(tmp_path: Path) -> None:
+    """SCAFFOLD's server control variate is in the run store's checkpoint and each site
+    keeps its own c_i by round, so the round the kill interrupted runs again from the
+    same state on both sides: the final model is the uninterrupted simulation's."""
+    d = _deployment(tmp_path, rounds=5, sleep_round=SLOW_ROUND, sleep_s=1.0)
+    d.strategy = "scaffold"
+    d.write_coordinator_config()
+    try:
+        coordinator = d.start_coordinator()
+        sites = [d.start_site(i) for i in range(d.num_sites)]
+        _wait_committed(d, SLOW_ROUND - 1)
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(timeout=10)
+        committed = _committed(d)
+        assert 1 <= committed < d.rounds
+        code, out = d.wait(d.start_coordinator())
+        assert code == 0, out
+        assert f"resuming after committed round {committed}" in out
+        for site in sites:
+            assert d.wait(site)[0] == 0
+        final = load_weights(d.state_dir / "model.safetensors")
+        _assert_same(final, _simulated(d, d.rounds))
+    finally:
+        d.stop_all()
+
+
 def test_sigterm_stops_cleanly_and_the_same_command_finishes(tmp_path: Path) -> None:
     d = _deployment(tmp_path, rounds=4, sleep_round=SLOW_ROUND, sleep_s=1.0)
     try:

@@ -272,3 +272,31 @@ def test_scaffold_client_state_follows_clients_across_actors(
     assert ray.arrays["w"].tobytes() == inprocess.arrays["w"].tobytes()
     assert ray.state["c/w"].tobytes() == inprocess.state["c/w"].tobytes()
     assert any(p.name.endswith(".state") for p in tmp_path.iterdir())
+
+
+def test_fedbuff_on_the_virtual_clock_is_bit_identical_to_pool(ray_session: RaySession) -> None:
+    """Asynchronous rounds: arrivals follow the virtual clock, not the actors' pace."""
+    from fedlearn.engine.clock import Latency
+    from fedlearn.strategy import FedBuff
+
+    data = partition_dataset(load_dataset("mnist5k"), "dirichlet", 20, 0, alpha=0.5)
+    factory = functools.partial(mnist.make_app, data, epochs=1, batch_size=32, lr=0.05)
+
+    def run(backend: str) -> RunResult:
+        return run_simulation(
+            factory,
+            FedBuff(buffer_size=2, concurrency=4, fraction_evaluate=0.2),
+            num_clients=20,
+            rounds=3,
+            seed=1,
+            backend=backend,  # type: ignore[arg-type]
+            workers=2,
+            latency=Latency("lognormal", sigma=1.0),
+        )
+
+    pool, ray = run("pool"), run("ray")
+    _same(pool, ray)
+    assert [(c.round, c.client_id) for c in pool.clients] == [
+        (c.round, c.client_id) for c in ray.clients
+    ]
+    assert [r.virtual_time for r in pool.rounds] == [r.virtual_time for r in ray.rounds]

@@ -536,6 +536,7 @@ NAMES = [
     "qfedavg",
     "fednova",
     "scaffold",
+    "fedbuff",
     "krum",
     "multikrum",
     "bulyan",

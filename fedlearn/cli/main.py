@@ -18,6 +18,8 @@ from rich.text import Text
 
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
+from fedlearn.cli.sites import evaluate_sites
+from fedlearn.cli.ui import UI_HELP, UI_PORT, UI_PORT_HELP, serve_run_page, watching
 from fedlearn.config.loading import parse_assignment, set_dotted, validate
 from fedlearn.config.simulation import SimulationConfig, load_config
 from fedlearn.errors import ConfigError, FedlearnError, RunInterrupted
@@ -37,6 +39,7 @@ app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
+app.command("evaluate-sites")(evaluate_sites)
 console = Console()
 
 
@@ -77,6 +80,8 @@ class ProgressObserver:
             parts.append(f"accuracy {acc:.4f}")
         if isinstance(loss, float):
             parts.append(f"loss {loss:.4f}")
+        if record.virtual_time is not None:
+            parts.append(f"virtual time {record.virtual_time:.2f}")
         parts.append(f"{record.duration_s:.2f}s")
         out.print("  ".join(parts))
 
@@ -145,6 +150,14 @@ def simulate(
         list[str] | None,
         typer.Option(help="with --flower-app: override its [tool.flwr.app.config], 'k=v k2=v2'"),
     ] = None,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="track the run in MLflow (tracking.mlflow_uri), e.g. sqlite:///mlflow.db"
+        ),
+    ] = None,
+    ui: Annotated[bool, typer.Option(help=UI_HELP)] = False,
+    ui_port: Annotated[int, typer.Option(help=UI_PORT_HELP)] = UI_PORT,
 ) -> None:
     """Run a federated simulation, write its run directory (model, run store, report),
     publish the model to the registry and query it through the serving endpoint."""
@@ -159,6 +172,7 @@ def simulate(
         ("backend.kind", backend),
         ("backend.workers", workers),
         ("strategy.name", strategy),
+        ("tracking.mlflow_uri", mlflow_uri),
     ]:
         if value is not None:
             overrides[key] = value
@@ -179,15 +193,19 @@ def simulate(
             f"{cfg.run.rounds} rounds, {cfg.strategy.name}, {data}, backend {cfg.backend.kind}"
         )
         _show_run_notes()
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            job = run_job(cfg, ProgressObserver(progress, cfg.run.rounds), resume, new_run)
+        with (
+            watching(ui, cfg, ui_port, console) as events,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as progress,
+        ):
+            observer = ProgressObserver(progress, cfg.run.rounds)
+            job = run_job(cfg, observer, resume, new_run, events=events)
     except RunInterrupted as exc:
         console.print(f"[yellow]{escape(str(exc))}[/]", soft_wrap=True)
         raise typer.Exit(143 if exc.signal == signal.SIGTERM else 130) from None
@@ -351,6 +369,8 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run or coordinator state directory")],
     write: Annotated[bool, typer.Option(help="also (re)write JSON, CSV and PNG files")] = True,
     run: Annotated[str | None, typer.Option(help="run id, if the store holds several")] = None,
+    ui: Annotated[bool, typer.Option(help="then serve its page on 127.0.0.1 until Ctrl-C")] = False,
+    ui_port: Annotated[int, typer.Option(help=UI_PORT_HELP)] = UI_PORT,
 ) -> None:
     """Print per-round and per-client summaries of a run; write JSON, CSV and plots."""
     from fedlearn.engine.store import RunStore
@@ -381,6 +401,11 @@ def report(
             print_report(summarize(store), console)
     finally:
         store.close()
+    try:
+        if ui:
+            serve_run_page(run_dir, run, ui_port, console, _wait_for_signal)
+    except FedlearnError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -458,6 +483,12 @@ def server(
             "(nothing is deleted; a registry inside it stays)",
         ),
     ] = False,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="track the run in MLflow (tracking.mlflow_uri), e.g. sqlite:///mlflow.db"
+        ),
+    ] = None,
 ) -> None:
     """Run the coordinator daemon: admit enrolled sites, run rounds, keep durable state.
 
@@ -481,7 +512,10 @@ def server(
 
     again = f"fedlearn server --config {config}" + (" --insecure" if insecure else "")
     try:
-        cfg = load_toml(CoordinatorConfig, config, {"server.insecure": True} if insecure else None)
+        overrides: dict[str, Any] = {"server.insecure": True} if insecure else {}
+        if mlflow_uri is not None:
+            overrides["tracking.mlflow_uri"] = mlflow_uri
+        cfg = load_toml(CoordinatorConfig, config, overrides or None)
         outcome = run_coordinator(cfg, observer=RoundLines(), new_run=new_run, resume_command=again)
     except RunInterrupted as exc:
         logging.getLogger("fedlearn.server").warning("%s", exc)

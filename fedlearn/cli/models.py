@@ -17,6 +17,7 @@ from fedlearn.errors import FedlearnError
 
 if TYPE_CHECKING:
     from fedlearn.registry.model_registry import ModelRegistry, ModelVersion
+    from fedlearn.registry.site_results import SiteResult
 
 PRODUCTION = "production"  # fedlearn.registry.model_registry.PRODUCTION, without importing it here
 
@@ -135,6 +136,8 @@ def show(
             _fail(str(exc))
         aliases = reg.aliases(name)
         decisions = reg.decisions(name)
+        sites = reg.site_results(name, v.version)
+        metadata = reg.metadata(name, v.version)
     rows = [
         ("version", f"{v.version} ({_labels(v, aliases) or 'no alias'})"),
         ("run / round", f"{v.run} / {v.round}"),
@@ -154,6 +157,9 @@ def show(
         ("parent", "-" if v.parent is None else str(v.parent)),
         ("file", str(v.path)),
     ]
+    if sites:
+        rows.append(("cross-site", _cross_site(sites)))
+    rows += [(f"metadata {key}", value) for key, value in metadata.items()]
     table = Table(title=f"{name} v{v.version}", show_header=False)
     for key, value in rows:
         table.add_row(key, escape(value))
@@ -166,6 +172,20 @@ def show(
         console.print(log)
 
 
+def _cross_site(sites: dict[str, list[SiteResult]]) -> str:
+    """The newest cross-site evaluation of a version, in one line per metric."""
+    from fedlearn.report.summary import lower_is_better
+
+    evaluation, results = list(sites.items())[-1]
+    lines = [f"{len(sites)} evaluation(s); newest {evaluation}, {len(results)} sites"]
+    for metric in sorted({m for r in results for m in r.metrics}):
+        values = [(r.metrics[metric], r.site) for r in results if metric in r.metrics]
+        worst = max(values) if lower_is_better(metric) else min(values)
+        mean = sum(v for v, _ in values) / len(values)
+        lines.append(f"{metric}: mean {mean:.4g}, worst site {worst[1]} {worst[0]:.4g}")
+    return "\n".join(lines)
+
+
 @models_app.command()
 def promote(
     name: Annotated[str, typer.Argument(help="model name")],
@@ -175,6 +195,13 @@ def promote(
     tolerance: Annotated[float, typer.Option(help="regression allowed vs production")] = 0.0,
     min_worst_client: Annotated[
         float | None, typer.Option(help="bound on the worst client's value of the metric")
+    ] = None,
+    max_site_regression: Annotated[
+        float | None,
+        typer.Option(
+            help="no site worse than production by more than this (needs a cross-site "
+            "evaluation of both: fedlearn evaluate-sites)"
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="skip the gate (still recorded)")] = False,
 ) -> None:
@@ -188,7 +215,13 @@ def promote(
             gate = (
                 None
                 if force
-                else Gate(metric, not lower_is_better(metric), tolerance, min_worst_client)
+                else Gate(
+                    metric,
+                    not lower_is_better(metric),
+                    tolerance,
+                    min_worst_client,
+                    max_site_regression=max_site_regression,
+                )
             )
             decision = reg.promote(name, version, gate)
         except FedlearnError as exc:

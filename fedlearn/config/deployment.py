@@ -16,6 +16,7 @@ from fedlearn.config.simulation import (
     StrategySection,
     check_privacy,
 )
+from fedlearn.config.tracking import TrackingSection
 
 
 class _Section(BaseModel):
@@ -68,6 +69,13 @@ class ServerSection(TlsSection):
     hold_replies_mb: int = Field(1024, ge=0)
     """Memory for replies that arrive before their turn; beyond it they wait on disk."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Prometheus ``/metrics`` on this port (0: any free one); none without it."""
+    metrics_address: str | None = Field(None, min_length=1)
+    """Where ``/metrics`` listens (default ``127.0.0.1``: loopback only); ``0.0.0.0`` in a
+    container, so that Prometheus can scrape it from outside."""
+    ui_port: int | None = Field(None, ge=0, le=65535)
+    """The live run page (``fedlearn.ui``) on ``http://127.0.0.1:<port>/``, loopback only
+    (needs the serve extra); None: no page, and no events built."""
 
     field_hints: ClassVar[dict[str, str]] = {
         "ca": "the coordinator's own certificate is server.cert and server.key; to require "
@@ -135,6 +143,7 @@ class CoordinatorConfig(_Section):
     secagg: SecAggSection = Field(default_factory=SecAggSection)  # type: ignore[arg-type]
     privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: CoordinatorPublishSection = Field(default_factory=CoordinatorPublishSection)  # type: ignore[arg-type]
+    tracking: TrackingSection = Field(default_factory=TrackingSection)  # type: ignore[arg-type]
     drift: DriftSection = Field(default_factory=DriftSection)  # type: ignore[arg-type]
 
     @model_validator(mode="after")

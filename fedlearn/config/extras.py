@@ -7,7 +7,8 @@ daemon and a coordinator. The rest is in extras, each checked here without impor
 extra      modules                           needed by
 ========== ================================= =============================================
 serve      starlette, uvicorn, scipy         ``fedlearn serve`` (scipy: drift KS p-values),
-                                             the serving check of ``fedlearn simulate``
+                                             the serving check of ``fedlearn simulate``,
+                                             the live page (``--ui``)
 report     matplotlib                        the PNG plots of a report (JSON/CSV need none)
 datasets   sklearn                           the digits, breast_cancer and wine datasets
 privacy    dp_accounting, opacus             ``[privacy]``: the accountant (coordinator),

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlearn.config.loading import load_toml, validate
+from fedlearn.config.tracking import TrackingSection
 
 Scalar = bool | int | float | str
 
@@ -62,7 +63,9 @@ class BackendSection(_Section):
     as the cluster has room for at ``num_cpus`` and ``num_gpus`` each). ``address``
     (``host:port`` of a Ray head) joins an existing Ray cluster instead of starting a
     private local one; ``num_cpus`` and ``num_gpus`` are the Ray resources each actor
-    (one ClientApp, serving many clients in turn) reserves.
+    (one ClientApp, serving many clients in turn) reserves. ``start_method``: how the
+    pool starts its workers (``auto``: ``forkserver`` with a CUDA build of torch, else
+    ``fork``; see :mod:`fedlearn.simulation.pool`).
     """
 
     kind: Literal["inprocess", "pool", "ray"] = "pool"
@@ -70,6 +73,7 @@ class BackendSection(_Section):
     address: str | None = Field(None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    start_method: Literal["auto", "fork", "forkserver", "spawn"] = "auto"
 
     @model_validator(mode="after")
     def _ray_only(self) -> BackendSection:
@@ -77,6 +81,33 @@ class BackendSection(_Section):
         changed = [k for k, default in ray_only.items() if getattr(self, k) != default]
         if self.kind != "ray" and changed:
             raise ValueError(f"{', '.join(changed)} applies to kind = 'ray' only")
+        if self.kind != "pool" and self.start_method != "auto":
+            raise ValueError("start_method applies to kind = 'pool' only")
+        return self
+
+
+class LatencySection(_Section):
+    """[latency]: simulated client latency (virtual seconds per training task).
+
+    It orders an asynchronous strategy's replies (``strategy.name = "fedbuff"``) and, when
+    the section is given, every round records its virtual time (a synchronous round lasts
+    as long as its slowest client). ``kind``: ``constant`` (``value``), ``uniform``
+    (``low``..``high``) or ``lognormal`` (``median``, ``sigma``); ``per``: a new draw per
+    ``task`` or one per ``client``. Draws are seeded by the run's seed.
+    """
+
+    kind: Literal["constant", "uniform", "lognormal"] = "constant"
+    value: float = Field(1.0, gt=0, allow_inf_nan=False)
+    low: float = Field(0.5, ge=0, allow_inf_nan=False)
+    high: float = Field(1.5, gt=0, allow_inf_nan=False)
+    median: float = Field(1.0, gt=0, allow_inf_nan=False)
+    sigma: float = Field(1.0, gt=0, allow_inf_nan=False)
+    per: Literal["task", "client"] = "task"
+
+    @model_validator(mode="after")
+    def _range(self) -> LatencySection:
+        if self.kind == "uniform" and not self.low < self.high:
+            raise ValueError(f"uniform latency needs low < high, got {self.low} and {self.high}")
         return self
 
 
@@ -165,7 +196,9 @@ class GateSection(_Section):
     ``tolerance`` is the regression allowed versus the current production, in the
     metric's units (0.005 = half a point of accuracy); ``min_worst_client`` bounds the
     worst client's value. ``higher_is_better`` defaults from the metric's name (loss and
-    error are lower-is-better).
+    error are lower-is-better). ``max_site_regression`` bounds how much worse than
+    production the metric may be at any one site, when a cross-site evaluation
+    (``fedlearn evaluate-sites``) holds both versions.
     """
 
     metric: str = Field("accuracy", min_length=1)
@@ -173,6 +206,7 @@ class GateSection(_Section):
     tolerance: float = Field(0.005, ge=0)
     min_worst_client: float | None = None
     max_epsilon: float | None = Field(None, gt=0)
+    max_site_regression: float | None = Field(None, ge=0)
 
 
 class PublishSection(_Section):
@@ -247,6 +281,8 @@ class SimulationConfig(_Section):
     privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: PublishSection = Field(default_factory=PublishSection)  # type: ignore[arg-type]
     flower: FlowerSection = Field(default_factory=FlowerSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)  # type: ignore[arg-type]
+    latency: LatencySection | None = None
     drift: DriftSection = Field(default_factory=DriftSection)  # type: ignore[arg-type]
 
     @model_validator(mode="after")

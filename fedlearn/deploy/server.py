@@ -9,11 +9,13 @@ the run ends with its true status, its report and its final publication.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -42,6 +44,7 @@ from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.security.auth import Authenticator
 from fedlearn.security.certs import leaf_sha256, load_pem, load_server_pem
 from fedlearn.security.keys import load_allowlist
+from fedlearn.ui.events import EventBus
 from fedlearn.wire import fedlearn_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedlearn.server")
@@ -109,6 +112,7 @@ def run_coordinator(
     stop: threading.Event | None = None,
     on_ready: Callable[[int], None] | None = None,
     observer: Observer | None = None,
+    events: EventBus | None = None,
     new_run: bool = False,
     resume_command: str = "the same fedlearn server command",
 ) -> RunOutcome:
@@ -118,7 +122,9 @@ def run_coordinator(
     of :mod:`fedlearn.run.lifecycle` (``new_run`` moves a previous run aside instead).
     Setting ``stop`` (or SIGTERM / Ctrl-C in the main thread) stops before the next round
     with :class:`RunInterrupted`. The allowlist is re-read when its file changes (and on
-    SIGHUP in the main thread): see :mod:`fedlearn.deploy.enrollment`.
+    SIGHUP in the main thread): see :mod:`fedlearn.deploy.enrollment`. ``events`` receives
+    the run's events; with ``[server] ui_port`` the live page follows them (a bus is made
+    if none is given).
     """
     allowlist = load_allowlist(config.server.allowlist)
     authenticator = Authenticator(
@@ -159,6 +165,9 @@ def run_coordinator(
     lifecycle = open_run(spec, Start.NEW if new_run else Start.AUTO, new_run)
     if privacy is not None:
         lifecycle.account_privacy(privacy)
+    if events is None and config.server.ui_port is not None:
+        events = EventBus()
+    lifecycle.events = events
     if config.publish.enabled:  # imported only then: the registry and its dependencies
         from fedlearn.registry.publish import Publisher, serving_spec
 
@@ -169,14 +178,84 @@ def run_coordinator(
         lifecycle.publisher.drift_spec = data_stats
     if lifecycle.already_finished:
         return lifecycle.leave()
-    try:  # the sites' client ids stay those of the run's earlier processes
-        enrollment = Enrollment(
-            authenticator, config.server.allowlist, ids_file=state_dir / IDS_FILE
-        )
-    except BaseException:
-        lifecycle.close()
-        raise
+    page = None
+    try:
+        if config.server.ui_port is not None:
+            from fedlearn.ui.app import start_live_page
+
+            page = start_live_page(state_dir, config.run.name, events, port=config.server.ui_port)
+            log.info("live page on %s", page.url)
+        with serve_sites(config, authenticator, on_ready, events) as service:
+            registry = service.registry
+
+            def before_round(rnd: int) -> None:
+                if stop is not None and stop.is_set():
+                    raise RunInterrupted(rnd - 1, resume_command)
+                if not registry.wait_for(config.run.min_clients, config.run.join_timeout_s):
+                    raise RoundFailed(
+                        f"round {rnd}: fewer than {config.run.min_clients} sites connected "
+                        f"within {config.run.join_timeout_s} s"
+                    )
+
+            def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
+                coordinator = Coordinator(
+                    strategy,
+                    service.transport,
+                    service.enrollment.ids,  # follows the allowlist as it changes
+                    config.run.rounds,
+                    seed=config.run.seed,
+                    evaluate_every=config.run.evaluate_every,
+                    sink=lifecycle,
+                    observer=Observers(service.metrics, observer, events),
+                    available=registry.available,
+                    before_round=before_round,
+                    secure=secure,
+                    stop_before=lifecycle.stop_before,
+                    hold_bytes=config.server.hold_replies_mb << 20,
+                    data_stats=data_stats,
+                )
+                # handed over, not copied: one copy of the model fewer for the whole run
+                return coordinator.run(arrays, state, start_round, copy=False)
+
+            outcome = lifecycle.drive(lambda: initial_arrays(config), run)
+            registry.close_all("run finished")
+            return outcome
+    finally:
+        lifecycle.close()  # idempotent: drive() has closed it unless serving never started
+        if page is not None:
+            page.stop()
+
+
+@dataclass(frozen=True)
+class SiteService:
+    """A coordinator's gRPC service and the sites connected to it: what a run drives."""
+
+    registry: ClientRegistry
+    transport: GrpcTransport
+    enrollment: Enrollment
+    metrics: CoordinatorMetrics
+    port: int
+
+
+@contextlib.contextmanager
+def serve_sites(
+    config: CoordinatorConfig,
+    authenticator: Authenticator,
+    on_ready: Callable[[int], None] | None = None,
+    events: EventBus | None = None,
+) -> Iterator[SiteService]:
+    """Serve ``config``'s gRPC endpoint and admit its enrolled sites until the block
+    ends (a training run, or a cross-site evaluation's evaluate-only run). Sites keep the
+    client ids of the state directory's earlier processes; ``events`` hears them join
+    and leave."""
+    state_dir = Path(config.server.state_dir)
+    allowlist_size = len(load_allowlist(config.server.allowlist))
+    enrollment = Enrollment(authenticator, config.server.allowlist, ids_file=state_dir / IDS_FILE)
     registry = ClientRegistry()
+    if events is not None:
+        bus = events
+        registry.on_join = lambda s: bus.site_connected(s.client_id, s.site)
+        registry.on_leave = lambda s, why: bus.site_disconnected(s.client_id, s.site, why)
     enrollment.on_revoke = lambda name, client_id, reason: registry.revoke(client_id, reason)
     plaintext = config.server.insecure
     transport = GrpcTransport(
@@ -207,11 +286,11 @@ def run_coordinator(
     # A worker per stream: two per site (a reconnect overlaps its old stream for a while),
     # every join the limits let be in progress, and room for as many sites again enrolled
     # while it runs (threads start only when needed).
-    workers = 4 * max(len(allowlist), 16) + limits.total + 8
+    workers = 4 * max(allowlist_size, 16) + limits.total + 8
     try:
         server, port = start_server(config.server, servicer, max_workers=workers)
     except BaseException:
-        lifecycle.close()
+        enrollment.close()
         metrics.close()
         raise
     log.info("coordinator listening on port %d", port)
@@ -219,43 +298,12 @@ def run_coordinator(
     restore_sighup = _reload_on_sighup(enrollment)
     try:
         if config.server.metrics_port is not None:
-            metrics_port = metrics.serve(config.server.metrics_port)
-            log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
+            metrics_address = config.server.metrics_address or "127.0.0.1"
+            metrics_port = metrics.serve(config.server.metrics_port, metrics_address)
+            log.info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
         if on_ready is not None:
             on_ready(port)
-
-        def before_round(rnd: int) -> None:
-            if stop is not None and stop.is_set():
-                raise RunInterrupted(rnd - 1, resume_command)
-            if not registry.wait_for(config.run.min_clients, config.run.join_timeout_s):
-                raise RoundFailed(
-                    f"round {rnd}: fewer than {config.run.min_clients} sites connected "
-                    f"within {config.run.join_timeout_s} s"
-                )
-
-        def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
-            coordinator = Coordinator(
-                strategy,
-                transport,
-                enrollment.ids,  # follows the allowlist as it changes
-                config.run.rounds,
-                seed=config.run.seed,
-                evaluate_every=config.run.evaluate_every,
-                sink=lifecycle,
-                observer=Observers(metrics, observer),
-                available=registry.available,
-                before_round=before_round,
-                secure=secure,
-                stop_before=lifecycle.stop_before,
-                hold_bytes=config.server.hold_replies_mb << 20,
-                data_stats=data_stats,
-            )
-            # handed over, not copied: one copy of the model fewer for the whole run
-            return coordinator.run(arrays, state, start_round, copy=False)
-
-        outcome = lifecycle.drive(lambda: initial_arrays(config), run)
-        registry.close_all("run finished")
-        return outcome
+        yield SiteService(registry, transport, enrollment, metrics, port)
     finally:
         restore_sighup()
         enrollment.close()

@@ -134,6 +134,10 @@ class ClientRegistry:
         self.on_reply: ReplyHandler | None = None
         self.on_disconnect: Callable[[Session], None] | None = None
         self.on_reply_limit: ReplyLimit | None = None
+        self.on_join: Callable[[Session], None] | None = None
+        """Told of each admitted session (a live page's site table)."""
+        self.on_leave: Callable[[Session, str], None] | None = None
+        """Told of each session that ended, and why."""
 
     def connect(self, client_id: int, site: str) -> Session:
         """Register a new session; a reconnecting site replaces its old one."""
@@ -146,6 +150,8 @@ class ClientRegistry:
             old.close()
             if self.on_disconnect is not None:
                 self.on_disconnect(old)
+        if self.on_join is not None:
+            self.on_join(session)
         return session
 
     def disconnect(self, session: Session) -> None:
@@ -158,6 +164,8 @@ class ClientRegistry:
         session.close()
         if self.on_disconnect is not None:
             self.on_disconnect(session)
+        if self.on_leave is not None:
+            self.on_leave(session, session.revoked or "stream ended")
 
     def revoke(self, client_id: int, reason: str) -> Session | None:
         """End the live session of ``client_id`` because its site may no longer take part;
@@ -206,3 +214,5 @@ class ClientRegistry:
         for s in sessions:
             s.outbox.put(Cancelled("", reason))
             s.close()
+            if self.on_leave is not None:
+                self.on_leave(s, reason)

@@ -59,12 +59,29 @@ def reply_limit_for(task: Task, broadcast_size: int) -> int:
     return broadcast_size + REPLY_SLACK + (0 if spec is None else reply_bytes(spec))
 
 
+ASYNC_LANE = 0
+"""The stage number of tasks sent one at a time (:meth:`GrpcTransport.submit`): no stage
+settles or cancels them; each has its own deadline."""
+
+
 @dataclass
 class _Pending:
     task: Task
     session: Session
     reply_limit: int
     stage: int
+    inbox: queue.Queue[Reply]
+    deadline: float = 0.0
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Arrays encoded once for the wire (views of the model, not a copy), their digest and
+    size: what every task sent from them shares."""
+
+    payload: tuple[bytes | memoryview, ...]
+    digest: Digest | None
+    size: int
 
 
 class GrpcTransport:
@@ -79,26 +96,89 @@ class GrpcTransport:
         self.stage_timeout_s = stage_timeout_s
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
-        self._inbox: queue.Queue[Reply] = queue.Queue()
+        self._async_inbox: queue.Queue[Reply] = queue.Queue()
         self._stage = 0
         registry.on_reply = self._on_reply
         registry.on_disconnect = self._on_disconnect
         registry.on_reply_limit = self.reply_limit
         self.late_replies = 0
 
+    def encode(self, arrays: Arrays) -> Broadcast:
+        """``arrays`` ready to send with any number of tasks."""
+        payload = tuple(encode_arrays_parts(arrays))  # views: one copy of the model at most
+        # Hashed once on another thread while the first chunks are already sent; the
+        # digest travels on each payload's last chunk.
+        digest = Digest(payload) if self.digest else None
+        return Broadcast(payload, digest, sum(len(p) for p in payload))
+
+    def submit(self, broadcast: Broadcast, task: Task) -> None:
+        """Send one task on its own (asynchronous rounds); its reply, or its failure (the
+        site gone, no reply within ``stage_timeout_s``), comes from :meth:`next_reply`."""
+        session = self.registry.get(task.client_id)
+        if session is None:
+            self._async_inbox.put(_fail(task, "client is not connected"))
+            return
+        task_id = f"r{task.round}-{task.stage.value}-c{task.client_id}-{secrets.token_hex(4)}"
+        pending = _Pending(
+            task,
+            session,
+            reply_limit_for(task, broadcast.size),
+            ASYNC_LANE,
+            self._async_inbox,
+            time.monotonic() + self.stage_timeout_s,
+        )
+        with self._lock:
+            self._pending[task_id] = pending
+        if self.registry.get(task.client_id) is not session:
+            self._settle(task_id, "client disconnected before the task was sent")
+            return
+        session.outbox.put(Outgoing(task_id, task, broadcast.payload, broadcast.digest))
+
+    def next_reply(self, timeout: float) -> Reply | None:
+        """The next reply (or failure) to a :meth:`submit` task, waiting up to ``timeout``
+        seconds; None if none came. A task past its deadline fails here (and is cancelled
+        at its site)."""
+        end = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                late = [
+                    (k, p)
+                    for k, p in self._pending.items()
+                    if p.stage == ASYNC_LANE and p.deadline <= now
+                ]
+                for task_id, _ in late:
+                    del self._pending[task_id]
+                upcoming = min(
+                    (p.deadline for p in self._pending.values() if p.stage == ASYNC_LANE),
+                    default=end,
+                )
+            for task_id, pending in late:
+                pending.session.abandon_upload(task_id)
+                if not pending.session.closed:
+                    pending.session.outbox.put(Cancelled(task_id, "task deadline passed"))
+                self._async_inbox.put(
+                    _fail(pending.task, f"no reply within {self.stage_timeout_s:g} s")
+                )
+            try:
+                return self._async_inbox.get(timeout=max(0.0, min(end, upcoming) - now))
+            except queue.Empty:
+                if time.monotonic() >= end:
+                    return None
+
+    def cancel_submitted(self, reason: str) -> None:
+        """Cancel every :meth:`submit` task still awaited (the run ended)."""
+        self._cancel_pending(reason, ASYNC_LANE)
+
     def execute(self, broadcast: Arrays, tasks: Sequence[Task]) -> Iterator[Reply]:
         """Send every task now; yield replies until all arrive or the deadline passes."""
-        payload = tuple(encode_arrays_parts(broadcast))  # views: one copy of the model at most
-        # Hashed once per stage on another thread while the first chunks are already sent;
-        # the digest travels on each payload's last chunk.
-        digest = Digest(payload) if self.digest else None
-        broadcast_size = sum(len(p) for p in payload)
+        encoded = self.encode(broadcast)
+        payload, digest, broadcast_size = encoded.payload, encoded.digest, encoded.size
         inbox: queue.Queue[Reply] = queue.Queue()
         self._cancel_pending("stage abandoned")  # left over by an unfinished earlier stage
         with self._lock:
             self._stage += 1
             stage = self._stage
-            self._inbox = inbox
         immediate: list[Reply] = []
         sent = 0
         try:
@@ -112,7 +192,7 @@ class GrpcTransport:
                 )
                 task_limit = reply_limit_for(task, broadcast_size)
                 with self._lock:
-                    self._pending[task_id] = _Pending(task, session, task_limit, stage)
+                    self._pending[task_id] = _Pending(task, session, task_limit, stage, inbox)
                 sent += 1
                 if self.registry.get(task.client_id) is not session:
                     # The session went away between get() and now; its on_disconnect may
@@ -158,11 +238,13 @@ class GrpcTransport:
             return pending.reply_limit
 
     def _cancel_pending(self, reason: str, stage: int | None = None) -> list[_Pending]:
-        """Settle the tasks still pending (of ``stage``, or all) as stragglers: tell their
-        sites and drop their uploads."""
+        """Settle the tasks still pending (of ``stage``, or of every stage but the
+        asynchronous lane) as stragglers: tell their sites and drop their uploads."""
         with self._lock:
             stragglers = [
-                (k, p) for k, p in self._pending.items() if stage is None or p.stage == stage
+                (k, p)
+                for k, p in self._pending.items()
+                if p.stage == stage or (stage is None and p.stage != ASYNC_LANE)
             ]
             for task_id, _ in stragglers:
                 del self._pending[task_id]
@@ -176,7 +258,7 @@ class GrpcTransport:
         with self._lock:
             pending = self._pending.pop(task_id, None)
             if pending is not None:
-                self._inbox.put(_fail(pending.task, error))
+                pending.inbox.put(_fail(pending.task, error))
 
     def _on_reply(self, session: Session, task_id: str, reply: Reply) -> None:
         with self._lock:
@@ -202,7 +284,7 @@ class GrpcTransport:
                     session.outbox.put(Cancelled(task_id, f"upload refused: {reply.error}"))
             # Put under the lock: a task leaves _pending and enters the inbox atomically,
             # so the stage loop never sees it in neither.
-            self._inbox.put(reply)
+            pending.inbox.put(reply)
 
     def _on_disconnect(self, session: Session) -> None:
         reason = session.revoked or f"site {session.site!r} disconnected during the task"
@@ -210,7 +292,7 @@ class GrpcTransport:
             lost = [k for k, p in self._pending.items() if p.session is session]
             for task_id in lost:
                 pending = self._pending.pop(task_id)
-                self._inbox.put(_fail(pending.task, reason))
+                pending.inbox.put(_fail(pending.task, reason))
 
     def close(self) -> None:
         """Nothing to release: sessions belong to the registry."""

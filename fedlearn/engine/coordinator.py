@@ -21,10 +21,13 @@ import numpy as np
 from fedlearn.drift.codec import split_reply
 from fedlearn.drift.rule import POPULATION
 from fedlearn.drift.stats import DataSummary, SummarySpec
+from fedlearn.engine.asynchronous import OWN_PREFIX, AsyncRounds, split_own
+from fedlearn.engine.asynchronous_live import LiveRounds, LiveTransport
+from fedlearn.engine.clock import SYNC, Latency, check_asynchrony
 from fedlearn.engine.messages import Reply, Stage, Task, seed_for
 from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
 from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult, accepted_train
-from fedlearn.engine.validation import all_finite, check_evaluation, check_update
+from fedlearn.engine.validation import check_evaluation, check_model, check_update
 from fedlearn.engine.weights import load_weights, save_weights
 from fedlearn.errors import (
     ConfigError,
@@ -37,6 +40,10 @@ from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, Fold, RoundCo
 
 if TYPE_CHECKING:
     from fedlearn.secagg.stages import SecureAggregation
+
+
+_CLOCK = OWN_PREFIX + "clock"
+"""Checkpoint state entry: a synchronous run's virtual time (with a latency model)."""
 
 
 class Transport(Protocol):
@@ -123,6 +130,13 @@ class Coordinator:
     hold_bytes: int | None = None
     """Memory for replies that arrive before their turn (they are folded in task order);
     beyond it early replies wait in temporary files. None: no limit."""
+    latency: Latency | None = None
+    """Simulated client latencies (:mod:`fedlearn.engine.clock`): the virtual clock that
+    orders an asynchronous strategy's arrivals in simulation (constant if None; with
+    ``available`` set, live clients reply at their own pace instead,
+    :mod:`fedlearn.engine.asynchronous_live`) and, when set, the
+    virtual time recorded with every round (a synchronous round lasts as long as its
+    slowest selected client)."""
     data_stats: SummarySpec | None = None
     """Drift monitoring: every training task asks its client for a summary of its data
     over these fixed bins; the round records them (by client, or under secure
@@ -136,6 +150,20 @@ class Coordinator:
         if len(set(self.client_ids)) != len(self.client_ids):
             raise ConfigError("client ids must be unique")
         self.strategy.validate(len(self.client_ids))
+        self._clock = 0.0
+        asynchrony = self.strategy.asynchrony(len(self.client_ids))
+        if asynchrony is not None:
+            check_asynchrony(asynchrony.concurrency, asynchrony.buffer_size, len(self.client_ids))
+            if self.secure is not None:
+                raise ConfigError(
+                    f"{type(self.strategy).__name__} aggregates asynchronously, one client "
+                    "at a time: it cannot run under secure aggregation"
+                )
+            if self.available is not None and not isinstance(self.transport, LiveTransport):
+                raise ConfigError(
+                    f"{type(self.strategy).__name__} is asynchronous: with live clients its "
+                    "transport must send tasks one at a time (the gRPC transport does)"
+                )
         if self.secure is not None:
             self.secure.check(
                 self.strategy, self.strategy.train_clients_per_round(len(self.client_ids))
@@ -155,23 +183,45 @@ class Coordinator:
         them again) and no second copy of the model is made.
         """
         arrays = {k: np.array(v) if copy else np.asarray(v) for k, v in initial_arrays.items()}
+        own: Arrays = {}
+        if state is not None:
+            state, own = split_own(state)
         state = self.strategy.init_state(arrays) if state is None else state
+        asynchrony = self.strategy.asynchrony(len(self.client_ids))
+        if asynchrony is not None and self.data_stats is not None:
+            raise ConfigError(
+                "drift monitoring asks each round's clients for their data summaries; an "
+                "asynchronous strategy has no such rounds: turn [drift] off"
+            )
+        if asynchrony is not None and self.available is not None:
+            assert isinstance(self.transport, LiveTransport)
+            return LiveRounds(self, self.transport, asynchrony).run(arrays, state, start_round)
+        if asynchrony is not None:
+            return AsyncRounds(self, asynchrony).run(arrays, state, own, start_round)
+        clock = own.get(_CLOCK)
+        self._clock = 0.0 if clock is None else float(clock.reshape(-1)[0])
         rounds: list[RoundRecord] = []
         clients: list[ClientRecord] = []
         for rnd in range(start_round, self.rounds + 1):
             stopped = None if self.stop_before is None else self.stop_before(rnd)
             if stopped is not None:
-                return RunResult(arrays, state, rounds, clients, stopped=stopped)
+                return RunResult(arrays, self._own(state), rounds, clients, stopped=stopped)
             if self.before_round is not None:
                 self.before_round(rnd)
             arrays, state, record, records = self.run_round(rnd, arrays, state)
             rounds.append(record)
             clients.extend(records)
             if self.sink is not None:
-                self.sink.record_round(record, records, arrays, state)
+                self.sink.record_round(record, records, arrays, self._own(state))
             if self.observer is not None:
                 self.observer.round_finished(record)
-        return RunResult(arrays, state, rounds, clients)
+        return RunResult(arrays, self._own(state), rounds, clients)
+
+    def _own(self, state: Arrays) -> Arrays:
+        """``state`` plus the coordinator's own entries (the virtual clock, if any)."""
+        if self.latency is None:
+            return state
+        return {**state, _CLOCK: np.array([self._clock], np.float64)}
 
     def run_round(
         self, rnd: int, arrays: Arrays, state: Arrays
@@ -189,6 +239,12 @@ class Coordinator:
         records: list[ClientRecord] = []
         clients = self._clients()
         selected = self.strategy.select_train(ctx, clients)
+        virtual_time = None
+        if self.latency is not None:
+            self._clock += max(
+                (self.latency.draw(self.seed, cid, SYNC, rnd) for cid in selected), default=0.0
+            )
+            virtual_time = self._clock
         error: str | None = None
         train_metrics: Metrics = {}
         stats: dict[int, DataSummary] = {}
@@ -215,9 +271,42 @@ class Coordinator:
             duration_s=time.perf_counter() - t0,
             error=error,
             candidates=None if self.available is None else tuple(clients),
+            virtual_time=virtual_time,
             data_stats=stats,
         )
         return arrays, state, record, records
+
+    def evaluate_only(self, rnd: int, arrays: Arrays) -> tuple[RoundRecord, list[ClientRecord]]:
+        """Round ``rnd``'s evaluation stage alone: the clients the strategy selects for
+        evaluation evaluate ``arrays``; nothing trains, nothing is applied or stored. A
+        cross-site evaluation (:mod:`fedlearn.crosssite`) runs one per model it evaluates."""
+        t0 = time.perf_counter()
+        ctx = RoundContext(
+            rnd,
+            self.rounds,
+            np.random.default_rng([self.seed, rnd]),
+            {},
+            num_clients=len(self.client_ids),
+            seed=self.seed,
+        )
+        records: list[ClientRecord] = []
+        clients = self._clients()
+        selected, ok, metrics = self._evaluate(ctx, arrays, records, clients)
+        record = RoundRecord(
+            round=rnd,
+            ok=ok > 0,
+            train_selected=0,
+            train_ok=0,
+            eval_selected=selected,
+            eval_ok=ok,
+            eval_metrics=metrics,
+            duration_s=time.perf_counter() - t0,
+            error=None if ok else f"round {rnd}: no client evaluated the model",
+            candidates=None if self.available is None else tuple(clients),
+        )
+        if self.observer is not None:
+            self.observer.round_finished(record)
+        return record, records
 
     def _train(
         self,
@@ -240,7 +329,7 @@ class Coordinator:
                 fold, accepted = self._fold(ctx, arrays, selected, config, records, stats)
                 aggregate = fold.result()
             new_arrays, new_state = self.strategy.server_update(ctx, arrays, aggregate, state)
-            new_arrays = _check_model(new_arrays, arrays)
+            new_arrays = check_model(new_arrays, arrays)
         except (FedlearnError, ArithmeticError, ValueError) as exc:
             if isinstance(exc, RoundFailed):
                 raise
@@ -484,21 +573,3 @@ def _failed(stage: Stage, reply: Reply, exc: UpdateRejected) -> ClientRecord:
     return ClientRecord(
         reply.round, stage, reply.client_id, False, reply.num_examples, error=exc.reason
     )
-
-
-def _check_model(new: Arrays, old: Arrays) -> Arrays:
-    """The new global model in the old one's dtypes, after checking names, shapes, finiteness."""
-    if list(new) != list(old):
-        raise ValueError("the server update changed the model's array names")
-    out: Arrays = {}
-    for name, a in new.items():
-        a = np.asarray(a)
-        if a.shape != old[name].shape:
-            raise ValueError(f"the server update changed the shape of {name!r}")
-        if a.dtype.kind == "f" and not all_finite(a):
-            raise ValueError(f"the new global array {name!r} contains NaN or Inf")
-        if a.dtype != old[name].dtype:
-            a = np.rint(a) if old[name].dtype.kind in "iub" else a
-            a = a.astype(old[name].dtype)
-        out[name] = a
-    return out

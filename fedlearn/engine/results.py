@@ -47,6 +47,10 @@ class RoundRecord:
     """The clients the strategy selected from this round (the connected sites of a
     deployment), in the order it saw them; None when it saw every enrolled client. With
     the clients whose replies were accepted, this is all a replay of the round needs."""
+    virtual_time: float | None = None
+    """Simulated time at the end of the round's training (virtual seconds since the run
+    began, :mod:`fedlearn.engine.clock`): an asynchronous round's last arrival, a
+    synchronous round's slowest client added up; None without a latency model."""
     data_stats: Mapping[int, DataSummary] = field(default_factory=dict, compare=False, repr=False)
     """The round's data summaries (drift monitoring): by client id, or under secure
     aggregation only the population's sum (key ``fedlearn.drift.POPULATION``)."""

@@ -67,6 +67,12 @@ CREATE TABLE IF NOT EXISTS candidates (
     clients TEXT NOT NULL,
     PRIMARY KEY (run_id, round)
 );
+CREATE TABLE IF NOT EXISTS clock (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    virtual_time REAL NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT PRIMARY KEY,
     round INTEGER NOT NULL,
@@ -113,6 +119,20 @@ CREATE TABLE IF NOT EXISTS published (
     reason TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS site_evaluations (
+    run_id TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    model TEXT,
+    version INTEGER,
+    client_id INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    ok INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    loss REAL,
+    metrics TEXT NOT NULL,
+    error TEXT,
+    PRIMARY KEY (run_id, entry, client_id)
+);
 """
 
 _TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
@@ -147,6 +167,24 @@ class Publication:
     version: int
     promoted: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """One cell of a cross-site evaluation (an evaluate-only run): model ``entry`` (a
+    registry version ``model`` v``version``, or a site's own local model, whose ``model``
+    and ``version`` are None) evaluated on site ``site`` (client ``client_id``)."""
+
+    entry: str
+    model: str | None
+    version: int | None
+    client_id: int
+    site: str
+    ok: bool
+    num_examples: int
+    loss: float | None
+    metrics: dict[str, Any]
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +307,52 @@ class RunStore:
         )
         return [Publication(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
 
+    def record_site_evaluations(self, rows: Sequence[SiteEvaluation]) -> None:
+        """Commit cells of this run's cross-site matrix in one transaction; a cell already
+        recorded is refused (FedlearnError), never overwritten."""
+        try:
+            with self._db:
+                self._db.executemany(
+                    "INSERT INTO site_evaluations VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    [
+                        (
+                            self.run_id,
+                            r.entry,
+                            r.model,
+                            r.version,
+                            r.client_id,
+                            r.site,
+                            int(r.ok),
+                            r.num_examples,
+                            r.loss,
+                            json.dumps(r.metrics),
+                            r.error,
+                        )
+                        for r in rows
+                    ],
+                )
+        except sqlite3.IntegrityError as exc:
+            raise FedlearnError(
+                f"{self.path}: run {self.run_id!r} already holds one of these cells"
+            ) from exc
+
+    def site_evaluations(self) -> list[SiteEvaluation]:
+        """This run's cross-site matrix cells, in the order they were recorded (none for
+        a training run, or a store written before cross-site evaluation existed)."""
+        if not self._has_table("site_evaluations"):
+            return []
+        rows = self._db.execute(
+            "SELECT entry, model, version, client_id, site, ok, num_examples, loss, metrics,"
+            " error FROM site_evaluations WHERE run_id = ? ORDER BY rowid",
+            (self.run_id,),
+        )
+        return [
+            SiteEvaluation(
+                r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], json.loads(r[8]), r[9]
+            )
+            for r in rows
+        ]
+
     def record_round(
         self,
         round: RoundRecord,
@@ -318,6 +402,11 @@ class RunStore:
                 self._db.execute(
                     "INSERT OR REPLACE INTO candidates VALUES (?,?,?)",
                     (self.run_id, round.round, json.dumps(list(round.candidates))),
+                )
+            if round.virtual_time is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO clock VALUES (?,?,?)",
+                    (self.run_id, round.round, round.virtual_time),
                 )
             if privacy is not None:
                 self._db.execute(
@@ -369,10 +458,16 @@ class RunStore:
             if candidates != "NULL"
             else ""
         )
+        # nor a clock table before virtual time was recorded
+        clock = "k.virtual_time" if self._has_table("clock") else "NULL"
+        if clock != "NULL":
+            join += " LEFT JOIN clock k ON k.run_id = r.run_id AND k.round = r.round"
         rows = self._db.execute(
             "SELECT r.round, r.ok, r.train_selected, r.train_ok, r.eval_selected, r.eval_ok,"
             " r.train_metrics, r.eval_metrics, r.duration_s, r.error, "
             + candidates
+            + ", "
+            + clock
             + " FROM rounds r"
             + join
             + " WHERE r.run_id = ? ORDER BY r.round",
@@ -391,6 +486,7 @@ class RunStore:
                 r[8],
                 r[9],
                 None if r[10] is None else tuple(json.loads(r[10])),
+                r[11],
             )
             for r in rows
         ]

@@ -70,3 +70,21 @@ def check_evaluation(reply: Reply) -> ClientEvaluation:
             round=reply.round,
         )
     return ClientEvaluation(reply.client_id, reply.num_examples, reply.loss, reply.metrics)
+
+
+def check_model(new: Arrays, old: Arrays) -> Arrays:
+    """The new global model in the old one's dtypes, after checking names, shapes, finiteness."""
+    if list(new) != list(old):
+        raise ValueError("the server update changed the model's array names")
+    out: Arrays = {}
+    for name, a in new.items():
+        a = np.asarray(a)
+        if a.shape != old[name].shape:
+            raise ValueError(f"the server update changed the shape of {name!r}")
+        if a.dtype.kind == "f" and not all_finite(a):
+            raise ValueError(f"the new global array {name!r} contains NaN or Inf")
+        if a.dtype != old[name].dtype:
+            a = np.rint(a) if old[name].dtype.kind in "iub" else a
+            a = a.astype(old[name].dtype)
+        out[name] = a
+    return out

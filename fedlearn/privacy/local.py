@@ -113,33 +113,36 @@ def privatize(new: Arrays, global_arrays: Arrays, dp: TaskDP, seed: int) -> Arra
     Gaussian noise of std ``dp.noise_multiplier * dp.clip`` to every float coordinate."""
     if list(new) != list(global_arrays):
         raise ValueError("local DP: the app's arrays differ from the global model's names")
-    floats: list[tuple[np.ndarray, np.ndarray]] = []
+    olds: list[np.ndarray] = []
+    news: list[np.ndarray] = []
     for name, old in global_arrays.items():
         if old.dtype.kind != "f":
             continue
         updated = np.asarray(new[name])
         if updated.shape != old.shape:
             raise ValueError(f"local DP: array {name!r} changed shape")
-        floats.append((old.reshape(-1), updated.reshape(-1)))
-    delta = np.empty(sum(old.size for old, _ in floats), np.float64)
-    offset = 0
-    for old, updated in floats:  # exact in float64, straight into one vector
-        np.subtract(updated, old, out=delta[offset : offset + old.size], dtype=np.float64)
-        offset += old.size
+        olds.append(old.ravel())
+        news.append(updated.ravel())
+    if not olds:  # nothing noise could protect: the global model's values go back
+        return {name: old.copy() for name, old in global_arrays.items()}
+    # the float arrays as two float64 vectors (exact), the change computed in place
+    base = np.concatenate(olds, dtype=np.float64)
+    delta = np.concatenate(news, dtype=np.float64)
+    delta -= base
     delta = _clip_in_place(delta, dp.clip)
     delta += noise_source(dp.noise, seed, LOCAL_DP_STREAM).normal(
         delta.size, dp.noise_multiplier * dp.clip
     )
+    delta += base
     out: Arrays = {}
     offset = 0
     for name, old in global_arrays.items():
         if old.dtype.kind != "f":
             out[name] = old.copy()
             continue
-        piece = delta[offset : offset + old.size]
-        offset += old.size
-        np.add(piece, old.reshape(-1), out=piece)
-        out[name] = piece.reshape(old.shape).astype(old.dtype, copy=False)
+        end = offset + old.size
+        out[name] = delta[offset:end].reshape(old.shape).astype(old.dtype, copy=False)
+        offset = end
     return out
 
 

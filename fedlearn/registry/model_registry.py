@@ -27,7 +27,7 @@ import math
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,8 @@ from typing import Any
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.weights import load_verified, save_weights_atomically
 from fedlearn.errors import ConfigError
+from fedlearn.registry import site_results
+from fedlearn.registry.site_results import SiteResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -121,7 +123,11 @@ class Gate:
     must be at least that value (at most, when lower is better) -- also for the first
     version, which otherwise always passes. When ``max_epsilon`` is set, the candidate's
     differential-privacy guarantee (``metrics["dp.epsilon"]``) must be at most that: a
-    version without one is refused.
+    version without one is refused. When ``max_site_regression`` is set and a cross-site
+    evaluation (:mod:`fedlearn.crosssite`) evaluated both the candidate and the current
+    production on the same sites, no site's ``metric`` may be worse than production's at
+    that site by more than it (in the metric's units); without such an evaluation the
+    rule does not apply, and the decision's reason says so.
     """
 
     metric: str
@@ -129,6 +135,7 @@ class Gate:
     tolerance: float = 0.0
     min_worst_client: float | None = None
     max_epsilon: float | None = None
+    max_site_regression: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.metric, str) or not self.metric:
@@ -138,6 +145,13 @@ class Gate:
         if self.min_worst_client is not None and not _finite(self.min_worst_client):
             raise ConfigError(
                 f"gate: min_worst_client must be a finite number, got {self.min_worst_client!r}"
+            )
+        if self.max_site_regression is not None and not (
+            _finite(self.max_site_regression) and self.max_site_regression >= 0
+        ):
+            raise ConfigError(
+                "gate: max_site_regression must be finite and >= 0, got "
+                f"{self.max_site_regression!r}"
             )
 
     @property
@@ -198,7 +212,7 @@ class ModelRegistry:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA + site_results.SCHEMA)
 
     # -- publishing and reading -------------------------------------------------------
 
@@ -366,6 +380,8 @@ class ModelRegistry:
             else:
                 previous = None if current is None else self.get(name, current)
                 decision = _judge(candidate, previous, gate)
+                if decision.promoted and previous is not None and gate is not None:
+                    decision = self._judge_sites(candidate, previous, gate, decision)
             if decision.promoted:
                 self._db.execute(
                     "INSERT OR REPLACE INTO aliases VALUES (?, ?, ?)", (name, PRODUCTION, version)
@@ -408,6 +424,49 @@ class ModelRegistry:
             (name,),
         )
         return [DecisionRecord(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
+
+    # -- cross-site results and metadata (fedlearn.registry.site_results) ---------------
+
+    def record_site_results(self, evaluation: str, results: Sequence[SiteResult]) -> None:
+        """Attach one cross-site evaluation's results to the versions it evaluated (one
+        transaction; ``evaluation`` names it and must be new for each version)."""
+        for r in results:
+            self.get(r.name, r.version)
+        with self._transaction():
+            site_results.record(self._db, evaluation, results)
+
+    def site_results(self, name: str, version: int) -> dict[str, list[SiteResult]]:
+        """Every cross-site evaluation of a version: evaluation name -> its site results
+        (client order), oldest evaluation first."""
+        return site_results.read(self._db, name, version)
+
+    def set_metadata(self, name: str, version: int, key: str, value: str) -> None:
+        """Set a text ``key`` of a version's metadata (an MLflow run id, ...); set again,
+        it is replaced."""
+        self.get(name, version)
+        with self._transaction():
+            site_results.set_metadata(self._db, name, version, key, value)
+
+    def metadata(self, name: str, version: int) -> dict[str, str]:
+        """A version's metadata (empty when none was set)."""
+        return site_results.metadata(self._db, name, version)
+
+    def _judge_sites(
+        self, candidate: ModelVersion, production: ModelVersion, gate: Gate, passed: Decision
+    ) -> Decision:
+        if gate.max_site_regression is None:
+            return passed
+        promoted, reason = site_results.judge(
+            candidate.version,
+            production.version,
+            gate.metric,
+            gate.higher_is_better,
+            gate.max_site_regression,
+            self.site_results(candidate.name, candidate.version),
+            self.site_results(production.name, production.version),
+            passed.reason,
+        )
+        return Decision(promoted, reason)
 
     # -- lifecycle ----------------------------------------------------------------------
 

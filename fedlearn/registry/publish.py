@@ -108,7 +108,9 @@ def make_gate(section: PublishSection) -> Gate:
     """The promotion gate a ``[publish.gate]`` section describes."""
     g = section.gate
     higher = not lower_is_better(g.metric) if g.higher_is_better is None else g.higher_is_better
-    return Gate(g.metric, higher, g.tolerance, g.min_worst_client, g.max_epsilon)
+    return Gate(
+        g.metric, higher, g.tolerance, g.min_worst_client, g.max_epsilon, g.max_site_regression
+    )
 
 
 def client_summary(clients: Sequence[ClientRecord], round: int) -> dict[str, float]:

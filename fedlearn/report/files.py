@@ -185,6 +185,9 @@ def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
     private = report.epsilon is not None
     if private:
         header.append("epsilon")
+    clocked = any(r.virtual_time is not None for r in report.rounds)
+    if clocked:
+        header.append("virtual_time")
     drift = report.drift
     if drift is not None:
         header.extend(("drift_psi_max", "drift_flagged"))
@@ -207,6 +210,8 @@ def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
             row.extend(getattr(summary, f) if summary is not None else None for f in _METRIC_FIELDS)
         if private:
             row.append(r.epsilon)
+        if clocked:
+            row.append(r.virtual_time)
         if drift is not None:
             scores = [s for s in drift.scores if s.round == r.round]
             row.append(max((s.psi for s in scores), default=None))

@@ -87,6 +87,9 @@ class RoundSummary:
     epsilon: float | None = None
     """The run's differential-privacy ε (at the report's ``delta``) after this round;
     None without DP."""
+    virtual_time: float | None = None
+    """Simulated time at the end of the round's training (a latency model, an
+    asynchronous strategy's aggregation); None without one."""
 
     def metric(self, name: str) -> MetricSummary | None:
         """The summary of metric ``name`` in this round, if any client reported it."""
@@ -216,6 +219,7 @@ def summarize(store: RunStore) -> Report:
             train_metrics=dict(r.train_metrics),
             eval_metrics=dict(r.eval_metrics),
             epsilon=privacy[r.round].epsilon if r.round in privacy else None,
+            virtual_time=r.virtual_time,
         )
         for r in round_records
     )

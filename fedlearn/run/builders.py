@@ -118,6 +118,11 @@ def make_privacy(
     """
     if section.mode == "off":
         return strategy, None
+    if strategy.asynchrony(num_clients) is not None:
+        raise ConfigError(
+            f"privacy.mode = {section.mode!r} accounts synchronous rounds; "
+            f"{type(strategy).__name__} is asynchronous: set privacy.mode = 'off'"
+        )
     require_extra("privacy", f"privacy.mode = {section.mode!r}")
     from fedlearn.privacy.central import CentralPrivacy
     from fedlearn.privacy.strategy import CountedSum, client_privacy

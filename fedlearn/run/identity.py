@@ -30,6 +30,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "backend",
         "publish",
         "privacy.budget",
+        "tracking",
         "drift",
     ),
     "CoordinatorConfig": (
@@ -41,6 +42,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "run.evaluate_every",
         "publish",
         "privacy.budget",
+        "tracking",
         "drift",
     ),
 }

@@ -13,7 +13,8 @@ from fedlearn.config.simulation import SimulationConfig
 from fedlearn.data import load_dataset, partition_dataset
 from fedlearn.drift.stats import SummarySpec
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays, build_app
-from fedlearn.engine.coordinator import Observer
+from fedlearn.engine.clock import Latency
+from fedlearn.engine.coordinator import Observer, Observers
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
@@ -31,6 +32,7 @@ from fedlearn.simulation import make_transport, run_simulation
 
 if TYPE_CHECKING:  # the registry loads only when a run publishes
     from fedlearn.registry.publish import Published, Publisher
+    from fedlearn.ui.events import EventBus
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,14 @@ def run_job(
     observer: Observer | None = None,
     resume: bool = False,
     new_run: bool = False,
+    events: EventBus | None = None,
 ) -> JobResult:
     """Run the simulation ``config`` describes in its run directory.
 
     Without ``resume`` the directory must not hold a run yet (``new_run`` moves one aside
     first); with it, the run there continues after its last committed round under the
     rules of :mod:`fedlearn.run.lifecycle`. Settings are checked before the directory is
-    touched.
+    touched. ``events`` receives the run's events (a live page).
     """
     strategy = make_strategy(config.strategy)
     strategy.validate(config.run.clients)
@@ -163,6 +166,7 @@ def run_job(
     lifecycle.publisher, lifecycle.publish_every = publisher, config.publish.every
     if privacy is not None:
         lifecycle.account_privacy(privacy)
+    lifecycle.events = events
 
     def run(arrays: Arrays, state: Arrays | None, start_round: int) -> RunResult:
         backend = config.backend
@@ -184,18 +188,27 @@ def run_job(
                 num_cpus=backend.num_cpus,
                 num_gpus=backend.num_gpus,
                 state_dir=directory / CLIENT_STATE_DIR,
+                start_method=backend.start_method,
             ),
             evaluate_every=config.run.evaluate_every,
             sink=lifecycle,
-            observer=observer,
+            observer=observer if events is None else Observers(observer, events),
             run_id=config.run.name,
             secure=secure,
             stop_before=lifecycle.stop_before,
+            latency=make_latency(config),
             data_stats=data_stats,
         )
 
     outcome = lifecycle.drive(lambda: probe.initial_arrays(config.run.seed), run)
     return JobResult(outcome, probe)
+
+
+def make_latency(config: SimulationConfig) -> Latency | None:
+    """The ``[latency]`` section as a :class:`Latency`, or None without one."""
+    if config.latency is None:
+        return None
+    return Latency(**config.latency.model_dump())
 
 
 def drift_spec(config: SimulationConfig, secure: SecureAggregation | None) -> SummarySpec | None:

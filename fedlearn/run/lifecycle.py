@@ -16,6 +16,9 @@ final ``model.safetensors`` and the report files. This module owns what happens 
   early, which a note and a ``stopped`` event say; ``failed`` when no round was ever
   applied or the run raised; ``interrupted`` on Ctrl-C, SIGTERM or a stop request), the
   final model, the final publication, the report.
+* **tracking**: with ``[tracking] mlflow_uri`` in the config, the run goes to MLflow as
+  it runs (:mod:`fedlearn.tracking`): started or taken up when the run opens, each
+  committed round, each publication, the end; a tracking failure never fails the run.
 * **privacy**: with a :class:`~fedlearn.privacy.tracker.PrivacyTracker` attached, each
   round commits its ε with it, and :meth:`RunLifecycle.stop_before` ends training before
   a round that would exceed the budget.
@@ -44,10 +47,12 @@ from fedlearn.engine.store import ConfigChange, Publication, RunStore
 from fedlearn.engine.weights import save_weights_atomically
 from fedlearn.errors import ConfigError, RunConflict, RunInterrupted
 from fedlearn.run.identity import FieldChange, as_stored, differences, stored_as
+from fedlearn.tracking import Tracking, start_tracking
 
 if TYPE_CHECKING:
     from fedlearn.privacy.tracker import PrivacyTracker
     from fedlearn.registry.publish import Published, Publisher
+    from fedlearn.ui.events import EventBus
 
 log = logging.getLogger("fedlearn.run")
 
@@ -134,6 +139,11 @@ class RunLifecycle:
         self.publish_every = 0
         self.published: list[Published] = []
         self.privacy: PrivacyTracker | None = None
+        self.tracking: Tracking | None = None
+        if not already_finished:
+            self.tracking = start_tracking(spec.config, spec.name, spec.directory, store)
+        self.events: EventBus | None = None
+        """Where the run's start, ε, published versions and end are emitted (a live page)."""
 
     def account_privacy(self, tracker: PrivacyTracker) -> None:
         """Account each round's DP with ``tracker``, which first takes the committed
@@ -165,6 +175,8 @@ class RunLifecycle:
         try:
             checkpoint = self.store.last_checkpoint() if self.start_round > 1 else None
             arrays, state = (initial(), None) if checkpoint is None else checkpoint[1:]
+            if self.events is not None:
+                self.events.run_started(self.spec.name, self.spec.rounds, self.start_round)
             with _signals_as_interrupts() as received:
                 try:
                     return self._finish(run(arrays, state, self.start_round))
@@ -208,6 +220,10 @@ class RunLifecycle:
         with _deferred_signals():
             row = None if self.privacy is None else self.privacy.record(round, clients)
             self.store.record_round(round, clients, arrays, state, row)
+        if self.tracking is not None:
+            self.tracking.round(round, clients, row)
+        if self.events is not None and row is not None:
+            self.events.privacy(row.round, row.epsilon, row.delta)
         if (
             self.publisher is not None
             and self.publish_every
@@ -259,12 +275,16 @@ class RunLifecycle:
             return
         self.store.set_status(status)
         self.store.add_event(status.value, self.store.committed_round(), detail)
+        if self.events is not None:
+            self.events.status(status.value, self.store.committed_round(), detail)
         try:
             from fedlearn.report.files import write_report
 
             write_report(self.store, self.spec.directory)
         except Exception as exc:  # the run's own outcome matters more than its report
             log.warning("could not write the report: %s", _describe(exc))
+        if self.tracking is not None:
+            self.tracking.finish(status.value)
 
     def _publish(
         self, arrays: Arrays, round: RoundRecord, clients: Sequence[ClientRecord], number: int
@@ -275,7 +295,12 @@ class RunLifecycle:
         published = self.publisher.publish(arrays, round, clients, number, privacy, stats)
         self.published.append(published)
         v, d = published.version, published.decision
-        self.store.add_publication(Publication(number, v.name, v.version, d.promoted, d.reason))
+        publication = Publication(number, v.name, v.version, d.promoted, d.reason)
+        self.store.add_publication(publication)
+        if self.tracking is not None:
+            self.tracking.published(publication, self.publisher.root)
+        if self.events is not None:
+            self.events.published(number, v.name, v.version, d.promoted, d.reason)
 
 
 def open_run(spec: RunSpec, start: Start, new_run: bool = False) -> RunLifecycle:

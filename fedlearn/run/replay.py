@@ -210,6 +210,11 @@ def replay_run(
             from fedlearn.deploy.server import initial_arrays as model_of
 
             initial_arrays = model_of(config)
+    if strategy.asynchrony(len(client_ids)) is not None:
+        raise ConfigError(
+            f"{type(strategy).__name__} runs asynchronously (its rounds are aggregations of "
+            "replies that trained from earlier models): replaying such a run is not supported"
+        )
     strategy, _ = make_privacy(
         config.privacy,
         strategy,

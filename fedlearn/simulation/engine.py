@@ -8,13 +8,14 @@ from typing import Literal
 
 from fedlearn.drift.stats import SummarySpec
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays
+from fedlearn.engine.clock import Latency
 from fedlearn.engine.coordinator import Coordinator, Observer, RoundSink, Transport
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import RunResult
 from fedlearn.errors import ConfigError
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation.inprocess import InProcessTransport
-from fedlearn.simulation.pool import PoolTransport
+from fedlearn.simulation.pool import PoolTransport, StartMethod
 from fedlearn.strategy.base import Strategy
 
 BackendName = Literal["inprocess", "pool", "ray"]
@@ -30,15 +31,19 @@ def make_transport(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     state_dir: str | Path | None = None,
+    start_method: StartMethod = "auto",
 ) -> Transport:
     """A simulation transport by name. ``workers`` counts pool processes or Ray actors;
     ``address``, ``num_cpus`` and ``num_gpus`` are for Ray (see :class:`RayTransport`).
     ``state_dir`` keeps the clients' own states (``ctx.state``) on disk (default: in
-    memory in-process, a temporary directory for the pool and Ray)."""
+    memory in-process, a temporary directory for the pool and Ray). ``start_method`` is how
+    the pool starts its workers (:class:`PoolTransport`)."""
     if backend == "inprocess":
         return InProcessTransport(app_factory, run_id, state_dir)
     if backend == "pool":
-        return PoolTransport(app_factory, workers, run_id, state_dir=state_dir)
+        return PoolTransport(
+            app_factory, workers, run_id, state_dir=state_dir, start_method=start_method
+        )
     if backend == "ray":
         from fedlearn.simulation.ray_transport import RayTransport
 
@@ -73,6 +78,7 @@ def run_simulation(
     secure: SecureAggregation | None = None,
     stop_before: Callable[[int], str | None] | None = None,
     state_dir: str | Path | None = None,
+    latency: Latency | None = None,
     data_stats: SummarySpec | None = None,
 ) -> RunResult:
     """Simulate ``rounds`` rounds of federated training over ``num_clients`` clients.
@@ -85,6 +91,9 @@ def run_simulation(
     before each round and may end the run there (see :class:`Coordinator`). ``state_dir``
     keeps the clients' own states (``ctx.state``, e.g. SCAFFOLD's control variates) on
     disk, for a run that continues later (with ``start_round``) in another process.
+    ``latency`` draws each client's simulated time per task: the virtual clock that orders
+    an asynchronous strategy's replies (FedBuff; constant if None) and the virtual time
+    recorded with each round.
     ``data_stats`` turns on drift monitoring: each round records its clients' data
     summaries over these bins (:attr:`fedlearn.engine.results.RoundRecord.data_stats`).
     """
@@ -114,6 +123,7 @@ def run_simulation(
             observer=observer,
             secure=secure,
             stop_before=stop_before,
+            latency=latency,
             data_stats=data_stats,
         )
         return coordinator.run(initial_arrays, initial_state, start_round)

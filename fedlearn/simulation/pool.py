@@ -3,6 +3,15 @@
 Each worker builds one ClientApp (model, cached data) when it starts and then serves
 chunks of tasks. The global arrays go to each worker once per stage; tasks and replies
 cross the pipe as framed bytes (JSON headers + raw array bytes), never pickled.
+
+Workers start by ``fork`` where that is safe, which needs nothing of the ClientApp factory.
+CUDA cannot survive a fork, and torch refuses autograd in a child forked after the parent
+ran a backward pass on a CUDA build, so with a CUDA build of torch the default
+(``start_method="auto"``) is ``forkserver``: workers fork from a clean server process that
+imported torch and fedlearn once and never trained or touched a device. ``forkserver``
+and ``spawn`` hand the factory to each worker by pickling it over the pipe to that local
+child (the only pickling here, between two processes of the same run): it must be a
+module-level function or a ``functools.partial`` of one.
 """
 
 from __future__ import annotations
@@ -10,13 +19,15 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import pickle
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedlearn.engine.client_app import ClientApp
 from fedlearn.engine.client_state import DirectoryStateStore
@@ -39,7 +50,41 @@ from fedlearn.simulation.chunks import (
 )
 from fedlearn.simulation.inprocess import read_only
 
+StartMethod = Literal["auto", "fork", "forkserver", "spawn"]
+START_METHODS: tuple[StartMethod, ...] = ("auto", "fork", "forkserver", "spawn")
+_PRELOAD = ["torch", "fedlearn.simulation.pool"]
+"""What the forkserver imports once, so each worker it forks starts with them loaded."""
+
 _BROADCAST, _TASKS, _QUIT = b"B", b"T", b"Q"
+
+
+def resolve_start_method(requested: StartMethod = "auto") -> str:
+    """The multiprocessing start method the pool uses for ``requested``.
+
+    ``auto``: ``forkserver`` when the torch this process imported (or would import) is a
+    CUDA build, else ``fork`` (the pool also forks when its factory does not pickle).
+    Raises ConfigError for a method this platform lacks.
+    """
+    if requested not in START_METHODS:
+        raise ConfigError(f"start_method must be one of {', '.join(START_METHODS)}")
+    method = requested
+    if method == "auto":
+        method = "forkserver" if _cuda_build() else "fork"
+    if method not in mp.get_all_start_methods():
+        raise ConfigError(f"the pool's start method {method!r} is not available here")
+    return method
+
+
+def _cuda_build() -> bool:
+    """Whether torch is a CUDA build (without initializing CUDA)."""
+    if "torch" not in sys.modules:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return False
+    return getattr(sys.modules["torch"].version, "cuda", None) is not None
+
+
 PIPELINE_BYTES = 16 * 1024
 """Largest task message queued behind a running one (well under a pipe's 64 KiB buffer)."""
 
@@ -88,7 +133,9 @@ class _Worker:
         siblings: list[_Worker],
     ) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        inherited = [self.conn, *(w.conn for w in siblings)]
+        # a forked child inherits every pipe end the parent holds; a spawned one none
+        forked = ctx.get_start_method() == "fork"
+        inherited = [self.conn, *(w.conn for w in siblings)] if forked else []
         self.process = ctx.Process(
             target=_serve, args=(child, factory, run_id, states, inherited), daemon=True
         )
@@ -98,7 +145,9 @@ class _Worker:
 
 
 class PoolTransport:
-    """Runs tasks on ``workers`` forked processes (default: one per core).
+    """Runs tasks on ``workers`` processes (default: one per core), started by
+    ``start_method`` (see the module's docstring; ``auto`` forks unless torch is a CUDA
+    build).
 
     Clients' own states (``ctx.state``) live in files under ``state_dir``, which every
     worker shares (a client may train in a different worker each round); without one, in
@@ -112,16 +161,30 @@ class PoolTransport:
         run_id: str = "",
         chunk_size: int | None = None,
         state_dir: str | Path | None = None,
+        start_method: StartMethod = "auto",
     ) -> None:
-        if "fork" not in mp.get_all_start_methods():
-            raise ConfigError("the pool backend needs the 'fork' start method (Linux, macOS)")
+        self.start_method = resolve_start_method(start_method)
+        if self.start_method != "fork":
+            try:
+                pickle.dumps(app_factory)
+            except Exception as exc:
+                if start_method == "auto":  # a factory that cannot travel: fork it is
+                    self.start_method = resolve_start_method("fork")
+                else:
+                    raise ConfigError(
+                        f"the pool's {self.start_method!r} workers need a ClientApp factory "
+                        "that pickles (a module-level function or a functools.partial of "
+                        f"one): {describe(exc)}"
+                    ) from exc
         self.num_workers = workers or os.cpu_count() or 1
         if self.num_workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.num_workers}")
         self._factory = app_factory
         self._run_id = run_id
         self._chunk_size = chunk_size
-        self._ctx = mp.get_context("fork")
+        self._ctx = mp.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            self._ctx.set_forkserver_preload(_PRELOAD)
         self._workers: list[_Worker] = []
         self._payload = b""
         self._own_state_dir = state_dir is None

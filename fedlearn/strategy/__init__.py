@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from fedlearn.errors import ConfigError
 from fedlearn.strategy.base import (
+    Asynchrony,
     ClientEvaluation,
     ClientUpdate,
     CollectFold,
@@ -22,6 +23,7 @@ from fedlearn.strategy.base import (
     weighted_means,
 )
 from fedlearn.strategy.fedavg import FedAvg, FedProx, field_types, type_problem
+from fedlearn.strategy.fedbuff import FedBuff, FedBuffFold
 from fedlearn.strategy.fednova import FedNova, FedNovaFold
 from fedlearn.strategy.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from fedlearn.strategy.qfedavg import QFedAvg, QFedAvgFold
@@ -45,6 +47,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "qfedavg": QFedAvg,
     "fednova": FedNova,
     "scaffold": Scaffold,
+    "fedbuff": FedBuff,
     "krum": Krum,
     "multikrum": MultiKrum,
     "bulyan": Bulyan,
@@ -104,6 +107,7 @@ def build_strategy(name: str, params: Mapping[str, object]) -> Strategy:
 
 __all__ = [
     "STRATEGIES",
+    "Asynchrony",
     "Bulyan",
     "ClientEvaluation",
     "ClientUpdate",
@@ -112,6 +116,8 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
+    "FedBuffFold",
     "FedMedian",
     "FedNova",
     "FedNovaFold",

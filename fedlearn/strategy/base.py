@@ -49,6 +49,22 @@ class ClientUpdate:
     arrays: Arrays
     num_examples: int
     metrics: Metrics = field(default_factory=dict)
+    staleness: int = 0
+    """Asynchronous strategies: how many aggregations the server made while this client
+    trained (server version at arrival minus the version it started from); 0 in
+    synchronous rounds."""
+    origin: Arrays | None = None
+    """Asynchronous strategies: the global model this client started from (its ``arrays``
+    were trained from it); None in synchronous rounds, where it is the round's model."""
+
+
+@dataclass(frozen=True)
+class Asynchrony:
+    """How an asynchronous strategy runs (:meth:`Strategy.asynchrony`): the coordinator
+    keeps ``concurrency`` clients training and aggregates every ``buffer_size`` replies."""
+
+    concurrency: int
+    buffer_size: int
 
 
 @dataclass(frozen=True)
@@ -239,6 +255,16 @@ class Strategy:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
             if value > num_clients:
                 raise ConfigError(f"{name}={value} exceeds the {num_clients} available clients")
+
+    def asynchrony(self, num_clients: int) -> Asynchrony | None:
+        """None (the default): synchronous rounds. An asynchronous strategy (FedBuff)
+        returns its concurrency and buffer size; the coordinator then keeps that many
+        clients training and makes each round one aggregation of the next ``buffer_size``
+        replies (see :mod:`fedlearn.engine.asynchronous`): :meth:`start_fold` receives them
+        in arrival order, each :class:`ClientUpdate` with its ``staleness`` and ``origin``,
+        and :meth:`server_update` gives the next model. :meth:`select_train` is not
+        called: every dispatch takes an idle client at random."""
+        return None
 
     def train_clients_per_round(self, num_clients: int) -> int:
         """How many clients :meth:`select_train` picks out of ``num_clients``."""

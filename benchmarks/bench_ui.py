@@ -1,0 +1,396 @@
+"""Round time with the live page open versus closed, in the same run (issue 14, acceptance 3).
+
+One simulation runs with the live page served (``fedlearn simulate --ui`` does the same).
+Its rounds alternate, in blocks, between the page *open* (a real headless Chromium showing
+it, through Playwright, or with ``--client sse`` a plain server-sent-events client in its
+own process that reads and parses every event) and *closed* (nobody connected); blocks go
+closed, open, open, closed, ... so that drift in the machine's load falls on both sides. The page is
+opened and closed between rounds, outside the measured time. A round's time is the
+coordinator's own ``duration_s`` (training and evaluation); the first round after each
+switch is left out on both sides (it pays for the page's load, or its last drawing), and
+so is the warm-up. Prints the median round time of each side (with the CPU time per round
+of the run's thread, which other work on the machine disturbs less, and of the page's
+server thread), the CPU cost of one event on its way to a page, and ``open/closed = X``
+(goal: at most 1.02).
+
+Usage (from the repo root)::
+
+    python benchmarks/bench_ui.py [--clients 20 --rounds 121 --block 5 --epochs 10 --client browser]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+# first, ahead of site-packages: Opacus's wheel installs a top-level package named "benchmarks"
+sys.path.insert(0, str(REPO))
+
+from fedlearn.config.simulation import load_config  # noqa: E402
+from fedlearn.engine.messages import Stage  # noqa: E402
+from fedlearn.engine.results import ClientRecord, RoundRecord  # noqa: E402
+from fedlearn.run.job import run_job  # noqa: E402
+from fedlearn.ui.app import LivePage, start_live_page  # noqa: E402
+from fedlearn.ui.events import EventBus  # noqa: E402
+
+
+class BrowserViewer:
+    """The page in headless Chromium (one browser, a new page each time it opens)."""
+
+    def __init__(self, url: str, executable: str, screenshot: Path | None) -> None:
+        from playwright.sync_api import sync_playwright
+
+        self.url = url
+        self.screenshot = screenshot
+        self._pw = sync_playwright().start()
+        self.browser = self._pw.chromium.launch(executable_path=executable, headless=True)
+        self.page: Any = None
+
+    def open(self) -> None:
+        self.page = self.browser.new_page(viewport={"width": 1280, "height": 800})
+        self.page.goto(self.url)
+        self.page.wait_for_selector("body[data-status=running]", timeout=10_000)
+
+    def close(self) -> None:
+        if self.screenshot is not None:
+            self.page.screenshot(path=str(self.screenshot))
+            self.screenshot = None
+        self.page.close()
+
+    def shutdown(self) -> None:
+        self.browser.close()
+        self._pw.stop()
+
+
+SSE_READER = """
+import json, sys, httpx
+url = sys.argv[1]
+httpx.get(url + "api/snapshot").json()
+with httpx.Client(timeout=None) as http, http.stream("GET", url + "api/events") as response:
+    print("connected", flush=True)
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            json.loads(line[6:])
+"""
+
+
+class SseViewer:
+    """A server-sent-events client in its own process (as a page is): it loads the
+    snapshot, then reads and parses every event until it is stopped."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.proc: subprocess.Popen[str] | None = None
+
+    def open(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SSE_READER, self.url], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "connected":
+            raise SystemExit("the SSE client could not connect")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def shutdown(self) -> None:
+        self.close()
+
+
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's descendants that still run (the
+    Playwright driver and Chromium's processes), from /proc (0 where there is none)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return 0.0
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+    me, total = os.getpid(), 0
+    for pid in ticks:
+        p = parents.get(pid, 0)
+        while p > 1 and p != me:
+            p = parents.get(p, 0)
+        if p == me:
+            total += ticks[pid]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def page_thread_cpu() -> float:
+    """CPU seconds used so far by the live page's server thread (``fedlearn-ui``)."""
+    for thread in threading.enumerate():
+        if thread.name == "fedlearn-ui" and thread.native_id is not None:
+            try:
+                raw = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+            except OSError:
+                return 0.0
+            fields = raw.rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+class Alternate:
+    """An Observer that opens and closes the page between rounds, and records which
+    rounds ran with it open."""
+
+    def __init__(self, viewer: Any, page: LivePage, block: int, warmup: int) -> None:
+        self.viewer = viewer
+        self.page = page
+        self.block = block
+        self.warmup = warmup
+        self.open = False
+        self.rounds: dict[int, tuple[bool, float, float]] = {}
+        """round -> (page open, wall seconds, CPU seconds of the run's thread)"""
+        self.server: dict[int, float] = {}
+        """round -> CPU seconds of the page's server thread"""
+        self.browser: dict[int, float] = {}
+        """round -> the viewer's CPU seconds during it (its own processes)"""
+        self._cpu, self._children = time.thread_time(), children_cpu()
+        self._server = page_thread_cpu()
+
+    def want_open(self, rnd: int) -> bool:
+        """Blocks after the warm-up: closed, open, open, closed, closed, open, ..."""
+        if rnd <= self.warmup:
+            return False
+        k = (rnd - self.warmup - 1) // self.block
+        return k % 4 in (1, 2)
+
+    def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
+        pass
+
+    def reply_received(self, record: ClientRecord) -> None:
+        pass
+
+    def round_finished(self, record: RoundRecord) -> None:
+        cpu, children, server = time.thread_time(), children_cpu(), page_thread_cpu()
+        self.rounds[record.round] = (self.open, record.duration_s, cpu - self._cpu)
+        self.server[record.round] = server - self._server
+        self.browser[record.round] = children - self._children
+        wanted = self.want_open(record.round + 1)
+        if wanted and not self.open:
+            self.viewer.open()
+        elif not wanted and self.open:
+            self.viewer.close()
+            deadline = time.monotonic() + 5
+            while self.page.state.listeners and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.open = wanted
+        self._cpu, self._children = time.thread_time(), children_cpu()
+        self._server = page_thread_cpu()
+
+    def measured(self, rnd: int) -> bool:
+        """Past the warm-up and not the first round after the page opened or closed
+        (that one pays for the page's load, or for its last drawing)."""
+        return rnd > self.warmup + 1 and self.want_open(rnd) == self.want_open(rnd - 1)
+
+
+def event_costs(n: int = 20_000) -> tuple[float, float, float]:
+    """CPU seconds per client event (one reply) through the bus: with no subscriber;
+    into the page's state with no page connected; and with one page connected (handed to an
+    event loop in another thread, which writes it as server-sent-event text)."""
+    import asyncio
+
+    from fedlearn.ui.app import sse
+    from fedlearn.ui.state import Listener, LiveState
+
+    record = ClientRecord(1, Stage.EVALUATE, 3, True, 50, 0.31, {"accuracy": 0.9})
+
+    def per_event(bus: EventBus, drained: threading.Event | None = None) -> float:
+        t0 = time.process_time()
+        for _ in range(n):
+            bus.reply_received(record)
+        if drained is not None:
+            drained.wait(60)
+        return (time.process_time() - t0) / n
+
+    nobody = per_event(EventBus())
+    bus = EventBus()
+    state = LiveState(Path("/nonexistent/run.db"), None, bus)
+    closed = per_event(bus)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    drained = threading.Event()
+
+    async def consume(listener: Listener) -> None:
+        count = 0
+        while True:
+            await listener.ready.wait()
+            for event in listener.take():
+                if event is None:
+                    return
+                sse(event)
+                count += 1
+            if count == n:
+                drained.set()
+
+    async def attach() -> asyncio.Task[None]:
+        listener, _ = state.listen(loop, state.snapshot()["seq"])
+        return loop.create_task(consume(listener))
+
+    consumer = asyncio.run_coroutine_threadsafe(attach(), loop).result(10)
+    opened = per_event(bus, drained)
+    state.close()
+    asyncio.run_coroutine_threadsafe(asyncio.wait_for(consumer, 10), loop).result(15)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    return nobody, closed, opened
+
+
+def round_end_cost(clients: int, reps: int = 200) -> float:
+    """CPU seconds the page's state spends on a round's end (its per-client statistics
+    and dots, from ``clients`` evaluations)."""
+    from fedlearn.ui.state import LiveState
+
+    bus = EventBus()
+    state = LiveState(Path("/nonexistent/run.db"), None, bus)
+    total = 0.0
+    for rnd in range(1, reps + 1):
+        for cid in range(clients):
+            metrics = {"accuracy": 0.9 - cid / 1000}
+            bus.reply_received(ClientRecord(rnd, Stage.EVALUATE, cid, True, 50, 0.3, metrics))
+        t0 = time.process_time()
+        bus.round_finished(RoundRecord(rnd, True, clients, clients, clients, clients))
+        total += time.process_time() - t0
+    state.close()
+    return total / reps
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=121)
+    parser.add_argument("--block", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10, help="local epochs (round length)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--client", choices=["browser", "sse"], default="browser")
+    parser.add_argument("--screenshot", type=Path, help="a screenshot of the open page")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch's threads (1: no spinning threads blur the CPU times on a shared machine)",
+    )
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+
+    os.chdir(REPO)
+    out = Path(tempfile.mkdtemp(prefix="bench-ui-")) / "run"
+    config = load_config(
+        None,
+        {
+            "run.name": "bench-ui",
+            "run.rounds": args.rounds,
+            "run.clients": args.clients,
+            "run.out_dir": str(out),
+            "data.dataset": "breast_cancer",
+            "data.partitioner": "iid",
+            "client.app": "clients.tabular:make_app",
+            "client.params": {"epochs": args.epochs, "batch_size": 16, "lr": 0.05},
+            "strategy.params.min_train_clients": 1,
+            "backend.kind": "inprocess",
+            "publish.enabled": False,
+        },
+    )
+    bus = EventBus()
+    page = start_live_page(out, "bench-ui", bus, clients=range(args.clients))
+    if args.client == "browser":
+        executable = chromium()
+        if executable is None:
+            raise SystemExit("no Chromium found: apt-get install chromium, or use --client sse")
+        viewer: Any = BrowserViewer(page.url, executable, args.screenshot)
+    else:
+        viewer = SseViewer(page.url)
+    alternate = Alternate(viewer, page, args.block, args.warmup)
+    t0 = time.perf_counter()
+    try:
+        run_job(config, alternate, events=bus)
+    finally:
+        viewer.shutdown()
+        page.stop()
+    wall = time.perf_counter() - t0
+    kept = {r: v for r, v in alternate.rounds.items() if alternate.measured(r)}
+    opened = [d for o, d, _ in kept.values() if o]
+    closed = [d for o, d, _ in kept.values() if not o]
+    cpu_open = statistics.median(c for o, _, c in kept.values() if o)
+    cpu_closed = statistics.median(c for o, _, c in kept.values() if not o)
+    m_open, m_closed = statistics.median(opened), statistics.median(closed)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    how = "in headless Chromium" if args.client == "browser" else "as an SSE client"
+    print(
+        f"{args.clients} clients, {args.rounds} rounds ({args.warmup} warm-up), blocks of "
+        f"{args.block}, {args.torch_threads} torch thread(s), page {how}, {wall:.0f} s"
+    )
+    print(
+        f"page open:   {len(opened)} rounds, median {m_open * 1000:.1f} ms "
+        f"(the run's thread: CPU {cpu_open * 1000:.1f} ms)"
+    )
+    print(
+        f"page closed: {len(closed)} rounds, median {m_closed * 1000:.1f} ms "
+        f"(the run's thread: CPU {cpu_closed * 1000:.1f} ms)"
+    )
+    print(f"the run's thread's CPU per round open/closed = {cpu_open / cpu_closed:.3f}")
+    served = [
+        statistics.mean(alternate.server[r] for r, v in kept.items() if v[0] is o)
+        for o in (True, False)
+    ]
+    print(
+        f"the page's server thread, CPU per round (mean): {served[0] * 1e3:.1f} ms open, "
+        f"{served[1] * 1e3:.1f} ms closed"
+    )
+    spent = [alternate.browser[r] for r, v in kept.items() if v[0]]
+    viewer_is = "Playwright's driver and Chromium" if args.client == "browser" else "the client"
+    print(
+        f"the viewer's own CPU per open round: median {statistics.median(spent) * 1e3:.0f} ms "
+        f"({viewer_is}, other processes)"
+    )
+    nobody, state_only, with_page = event_costs()
+    ending = round_end_cost(args.clients)
+    events = 2 * args.clients + 4  # a reply per task, 2 stages, a round's start and end
+    cost = events * with_page + ending
+    print(
+        f"CPU per client event: {nobody * 1e9:.0f} ns with no subscriber, "
+        f"{state_only * 1e6:.1f} µs with the page served and closed, {with_page * 1e6:.1f} µs "
+        f"with it open; a round's end {ending * 1e3:.2f} ms; a round ({events} events) "
+        f"{cost * 1e3:.2f} ms = {cost / m_closed * 100:.2f} % of a closed round"
+    )
+    print(f"open/closed = {m_open / m_closed:.3f}")
+
+
+if __name__ == "__main__":
+    main()

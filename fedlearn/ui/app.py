@@ -1,0 +1,214 @@
+"""The live page's web app (Starlette) and the server that runs it in a thread.
+
+Routes::
+
+    GET /                  the page (static/index.html)
+    GET /static/{file}     its script and style, shipped in the package
+    GET /api/snapshot      the run so far (JSON): a page loads it first
+    GET /api/events        server-sent events after ``?after=SEQ`` (or Last-Event-ID)
+
+Every answer forbids loading anything from elsewhere (Content-Security-Policy
+``default-src 'self'``). The server listens on loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlearn.config.extras import extra_message
+from fedlearn.errors import ConfigError
+from fedlearn.ui.events import Event, EventBus
+from fedlearn.ui.state import LiveState
+
+try:  # the serve extra: without it, a ConfigError that names it rather than an ImportError
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ImportError as exc:
+    raise ConfigError(extra_message("serve", "the live run page")) from exc
+
+log = logging.getLogger("fedlearn.ui")
+
+STATIC = Path(__file__).with_name("static")
+KEEPALIVE_S = 15.0
+BATCH_S = 0.05
+"""How long a page's stream gathers events before it writes them (one write per burst)."""
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class _SecurityHeaders:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(k.lower().encode(), v.encode()) for k, v in HEADERS.items()]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def sse(event: Event) -> str:
+    """One server-sent event: ``id`` its sequence number, ``data`` the event as JSON."""
+    body = {"seq": event.seq, "at": event.at, "kind": event.kind, "data": event.data}
+    return f"id: {event.seq}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+def build_app(state: LiveState) -> Starlette:
+    """The page's app over ``state``."""
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def snapshot(request: Request) -> Response:
+        body: dict[str, Any] = await run_in_threadpool(state.snapshot)
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    async def events(request: Request) -> Response:
+        raw = request.query_params.get("after") or request.headers.get("last-event-id") or "0"
+        try:
+            after = int(raw)
+        except ValueError:
+            return JSONResponse({"error": f"after: not a number: {raw[:40]!r}"}, 400)
+        listener, missed = state.listen(asyncio.get_running_loop(), after)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                yield "retry: 1000\n\n" + "".join(sse(e) for e in missed)
+                while True:
+                    try:
+                        await asyncio.wait_for(listener.ready.wait(), KEEPALIVE_S)
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    # a round's replies come in bursts: one write for what arrives meanwhile
+                    await asyncio.sleep(BATCH_S)
+                    batch = listener.take()
+                    text = "".join(sse(e) for e in batch if e is not None)
+                    if None in batch:
+                        yield text + "event: end\ndata: {}\n\n"
+                        return
+                    if text:
+                        yield text
+            finally:
+                state.unlisten(listener)
+
+        if not state.live:
+            state.unlisten(listener)
+            return Response("event: end\ndata: {}\n\n", media_type="text/event-stream")
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/snapshot", snapshot),
+            Route("/api/events", events),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        middleware=[Middleware(_SecurityHeaders)],
+    )
+
+
+@dataclass
+class LivePage:
+    """The page served by uvicorn in a background thread; :meth:`stop` ends it."""
+
+    state: LiveState
+    server: uvicorn.Server
+    thread: threading.Thread
+    host: str
+    port: int
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The page's address, e.g. ``http://127.0.0.1:8050/``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """End the pages' event streams, then the server (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.state.close()
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            log.warning("the live page's server did not stop within %.1f s", timeout_s)
+
+    def __enter__(self) -> LivePage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_live_page(
+    directory: Path,
+    run_id: str | None,
+    bus: EventBus | None = None,
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    clients: Sequence[int] = (),
+    startup_timeout_s: float = 10.0,
+) -> LivePage:
+    """Serve the page of the run in ``directory`` (its ``run.db``), following ``bus``
+    (None: a finished run from its store); returns once it listens (port 0: any free)."""
+    state = LiveState(directory / "run.db", run_id, bus, clients)
+    config = uvicorn.Config(
+        build_app(state),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+
+    def run() -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind; it has logged why
+            log.debug("uvicorn exited during startup")
+
+    thread = threading.Thread(target=run, name="fedlearn-ui", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            state.close()
+            server.should_exit = True
+            thread.join(5)
+            raise ConfigError(f"the live page could not listen on {host}:{port}")
+        time.sleep(0.01)
+    bound = int(server.servers[0].sockets[0].getsockname()[1])
+    return LivePage(state, server, thread, host, bound)
