@@ -22,6 +22,7 @@ from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResul
 from fedlearn.engine.messages import Reply, Task
 from fedlearn.engine.records import Arrays, Config
 from fedlearn.engine.store import RunStore
+from fedlearn.errors import ConfigError
 from fedlearn.registry.model_registry import ModelRegistry
 from fedlearn.report.console import print_report
 from fedlearn.report.summary import summarize as summarize_run
@@ -29,7 +30,7 @@ from fedlearn.run.job import run_job
 from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import run_simulation
 from fedlearn.simulation.inprocess import InProcessTransport
-from fedlearn.strategy import FedAvg
+from fedlearn.strategy import FedAvg, FedBuff
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,3 +194,14 @@ def test_the_coordinator_sees_each_summary_or_under_secagg_only_their_sum(secure
         assert carried == [] and all(r.arrays is None for r in transport.replies)
     else:
         assert len(carried) == 6  # 3 clients x 2 rounds
+
+
+def test_an_asynchronous_strategy_refuses_drift_monitoring() -> None:
+    with pytest.raises(ConfigError, match="asynchronous"):
+        run_simulation(
+            StatsApp,
+            FedBuff(buffer_size=2, concurrency=2),
+            num_clients=3,
+            rounds=1,
+            data_stats=SPEC,
+        )
