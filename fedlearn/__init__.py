@@ -13,6 +13,7 @@ from typing import Any as _Any
 if _TYPE_CHECKING:
     from fedlearn.apps.flower import FlowerClientApp
     from fedlearn.apps.flower_message import MessageClientApp
+    from fedlearn.drift.stats import DataSummary, SummarySpec
     from fedlearn.engine.client_app import (
         ClientApp,
         ClientContext,
@@ -106,6 +107,8 @@ _EXPORTS: dict[str, str] = {
     "ClientApp": "fedlearn.engine.client_app",
     "ClientContext": "fedlearn.engine.client_app",
     "ClientState": "fedlearn.engine.client_state",
+    "DataSummary": "fedlearn.drift.stats",
+    "SummarySpec": "fedlearn.drift.stats",
     "ClientEvaluation": "fedlearn.strategy",
     "ClientRecord": "fedlearn.engine.results",
     "ClientUpdate": "fedlearn.strategy",
@@ -196,6 +199,7 @@ __all__ = [
     "ConfigError",
     "Coordinator",
     "DataError",
+    "DataSummary",
     "EvaluateResult",
     "FedAdagrad",
     "FedAdam",
@@ -236,6 +240,7 @@ __all__ = [
     "Scalar",
     "SecAggError",
     "SerializationError",
+    "SummarySpec",
     "Stage",
     "Strategy",
     "Task",

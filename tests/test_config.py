@@ -149,7 +149,7 @@ def _problems(model: type[BaseModel], raw: dict[str, Any]) -> list[str]:
             {"qqq": {}},
             "qqq: unknown section; valid sections: "
             "run, data, client, strategy, backend, secagg, privacy, publish, flower, tracking, "
-            "latency",
+            "latency, drift",
         ),
     ],
 )

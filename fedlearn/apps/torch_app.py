@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedlearn.drift.stats import DataSummary, SummarySpec, summarize
 from fedlearn.engine.client_app import ClientContext, EvaluateResult, TrainResult
 from fedlearn.engine.records import Arrays, Config, Scalar
 from fedlearn.errors import ConfigError
@@ -313,6 +314,10 @@ class TorchClientApp:
         model moves there on the first task, so a parent process that only builds the
         app (a pool backend forks workers from it) never initializes CUDA. Results on a
         GPU are close to, not bit-identical with, the CPU's.
+    shift_client, shift_round, shift_offset
+        A simulation hook for drift monitoring: from round ``shift_round`` on, client
+        ``shift_client``'s float inputs (train and test) are moved by ``shift_offset``
+        (``-1``: no client moves). Its data summaries move with them.
     """
 
     def __init__(
@@ -326,6 +331,9 @@ class TorchClientApp:
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         device: str = "cpu",
+        shift_client: int = -1,
+        shift_round: int = 1,
+        shift_offset: float = 0.0,
     ) -> None:
         try:
             self.device = torch.device(device)
@@ -343,6 +351,31 @@ class TorchClientApp:
         self.model = model_fn()
         self._placed = self.device.type == "cpu"
         self._cache: dict[int, ClientTensors] = {}
+        self.shift = (int(shift_client), int(shift_round), float(shift_offset))
+        self._summaries: dict[tuple[int, float, SummarySpec], DataSummary] = {}
+
+    def _offset(self, ctx: ClientContext) -> float:
+        """How far this task's client inputs are moved (the drift hook; 0: not)."""
+        client, start, offset = self.shift
+        return offset if ctx.client_id == client and ctx.round >= start else 0.0
+
+    def _moved(self, x: torch.Tensor, ctx: ClientContext) -> torch.Tensor:
+        offset = self._offset(ctx)
+        return x + offset if offset and x.dtype.is_floating_point else x
+
+    def data_summary(self, spec: SummarySpec, ctx: ClientContext) -> DataSummary:
+        """The summary of the client's training split as this round sees it (cached:
+        the data does not change between rounds unless the drift hook moves it)."""
+        offset = self._offset(ctx)
+        key = (ctx.client_id, offset, spec)
+        found = self._summaries.get(key)
+        if found is None:
+            data = self.data.client(ctx.client_id)
+            x = np.asarray(data.x_train)
+            if offset and np.issubdtype(x.dtype, np.floating):
+                x = x + offset
+            found = self._summaries[key] = summarize(x, np.asarray(data.y_train), spec)
+        return found
 
     def _placed_model(self) -> nn.Module:
         """The model, moved to ``device`` on first use."""
@@ -399,7 +432,8 @@ class TorchClientApp:
                 raise ValueError("SCAFFOLD with example-level DP-SGD is not supported")
             from fedlearn.privacy.dpsgd import fit_private
 
-            private = fit_private(model, data.x_train, data.y_train, settings, dp, ctx.seed)
+            x = self._moved(data.x_train, ctx)
+            private = fit_private(model, x, data.y_train, settings, dp, ctx.seed)
             return TrainResult(model_to_arrays(model), n, private)
         c_i = scaffold.client_controls(ctx.state, c) if c else {}
         correction = {
@@ -407,7 +441,12 @@ class TorchClientApp:
         }
         generator = torch.Generator().manual_seed(ctx.seed)
         loss, accuracy = fit(
-            model, data.x_train, data.y_train, settings, generator, correction or None
+            model,
+            self._moved(data.x_train, ctx),
+            data.y_train,
+            settings,
+            generator,
+            correction or None,
         )
         steps = settings.epochs * math.ceil(n / settings.batch_size)
         trained = model_to_arrays(model)
@@ -429,7 +468,7 @@ class TorchClientApp:
             raise ValueError(f"client {ctx.client_id} has an empty test split")
         model = self._placed_model()
         arrays_to_model(model, arrays)
-        loss, accuracy = evaluate_model(model, data.x_test, data.y_test)
+        loss, accuracy = evaluate_model(model, self._moved(data.x_test, ctx), data.y_test)
         return EvaluateResult(n, loss, {"accuracy": accuracy})
 
 

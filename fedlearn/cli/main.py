@@ -624,6 +624,18 @@ def serve_(
         bool,
         typer.Option(help="step up, promote and roll back canaries from this endpoint's metrics"),
     ] = True,
+    drift: Annotated[
+        bool, typer.Option(help="rolling drift statistics of the inputs, per version")
+    ] = True,
+    drift_threshold: Annotated[
+        float, typer.Option(help="mean PSI above which fedlearn_serving_drift_alert is 1")
+    ] = 0.2,
+    drift_window: Annotated[
+        int, typer.Option(help="input rows the drift scores cover (between 1x and 2x this)")
+    ] = 10_000,
+    drift_rows: Annotated[
+        int, typer.Option(help="rows of one request the drift statistics count at most")
+    ] = 8,
     verbose: Annotated[bool, typer.Option(help="log swaps and errors")] = True,
 ) -> None:
     """Serve the registry's models over the Open Inference Protocol v2 (REST and gRPC),
@@ -664,6 +676,10 @@ def serve_(
             shadow_nice=shadow_nice,
             shadow_budget=shadow_budget,
             canary_decisions=canary_decisions,
+            drift=drift,
+            drift_threshold=drift_threshold,
+            drift_window=drift_window,
+            drift_rows=drift_rows,
         )
         endpoint = start_endpoint(settings)
     except FedlearnError as exc:

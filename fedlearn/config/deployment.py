@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlearn.config.simulation import (
     DataSection,
+    DriftSection,
     PrivacySection,
     PublishSection,
     Scalar,
@@ -143,6 +144,7 @@ class CoordinatorConfig(_Section):
     privacy: PrivacySection = Field(default_factory=PrivacySection)  # type: ignore[arg-type]
     publish: CoordinatorPublishSection = Field(default_factory=CoordinatorPublishSection)  # type: ignore[arg-type]
     tracking: TrackingSection = Field(default_factory=TrackingSection)  # type: ignore[arg-type]
+    drift: DriftSection = Field(default_factory=DriftSection)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _privacy(self) -> CoordinatorConfig:

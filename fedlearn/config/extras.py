@@ -6,8 +6,9 @@ daemon and a coordinator. The rest is in extras, each checked here without impor
 ========== ================================= =============================================
 extra      modules                           needed by
 ========== ================================= =============================================
-serve      starlette, uvicorn                ``fedlearn serve``, the serving check of
-                                             ``fedlearn simulate``, the live page (``--ui``)
+serve      starlette, uvicorn, scipy         ``fedlearn serve`` (scipy: drift KS p-values),
+                                             the serving check of ``fedlearn simulate``,
+                                             the live page (``--ui``)
 report     matplotlib                        the PNG plots of a report (JSON/CSV need none)
 datasets   sklearn                           the digits, breast_cancer and wine datasets
 privacy    dp_accounting, opacus             ``[privacy]``: the accountant (coordinator),
@@ -25,7 +26,7 @@ from fedlearn.errors import ConfigError, FedlearnError
 
 #: The modules each extra provides (the ones fedlearn imports).
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "serve": ("starlette", "uvicorn"),
+    "serve": ("starlette", "uvicorn", "scipy"),
     "report": ("matplotlib",),
     "datasets": ("sklearn",),
     "privacy": ("dp_accounting", "opacus"),

@@ -238,6 +238,37 @@ class PublishSection(_Section):
         return self
 
 
+class DriftSection(_Section):
+    """[drift]: drift monitoring of the clients' training data (``fedlearn.drift``).
+
+    Every training task asks its client for a summary of its data over ``bins`` fixed
+    bins between ``low`` and ``high`` (the same for every feature, plus an underflow and an
+    overflow bin, so summaries add up across clients); the report flags a client whose
+    summary moved from its previous round by PSI > ``psi_threshold`` or a feature mean
+    shift > ``mean_shift_threshold`` pooled standard deviations (under secure aggregation:
+    the population). A published version keeps the last round's summed summary as the
+    reference distribution ``fedlearn serve`` compares its inputs with.
+    """
+
+    enabled: bool = False
+    bins: int = Field(12, ge=1, le=1000)
+    low: float = -3.0
+    high: float = 3.0
+    psi_threshold: float = Field(0.2, gt=0)
+    mean_shift_threshold: float = Field(0.5, gt=0)
+    features: int = Field(0, ge=0)
+    """Values per input row (0: a simulation's dataset's; a coordinator under secure
+    aggregation must set it, since it sizes the secure vector before any site answers)."""
+    classes: int = Field(0, ge=0)
+    """Label classes (0: as for ``features``)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> DriftSection:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
 class SimulationConfig(_Section):
     """A whole simulation config."""
 
@@ -252,6 +283,7 @@ class SimulationConfig(_Section):
     flower: FlowerSection = Field(default_factory=FlowerSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)  # type: ignore[arg-type]
     latency: LatencySection | None = None
+    drift: DriftSection = Field(default_factory=DriftSection)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _privacy(self) -> SimulationConfig:

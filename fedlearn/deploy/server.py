@@ -33,7 +33,13 @@ from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
 from fedlearn.engine.weights import load_weights
 from fedlearn.errors import ConfigError, RoundFailed, RunInterrupted
-from fedlearn.run.builders import make_distributed, make_privacy, make_secure, make_strategy
+from fedlearn.run.builders import (
+    make_distributed,
+    make_drift,
+    make_privacy,
+    make_secure,
+    make_strategy,
+)
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
 from fedlearn.security.auth import Authenticator
 from fedlearn.security.certs import leaf_sha256, load_pem, load_server_pem
@@ -144,6 +150,7 @@ def run_coordinator(
         secure=secure,
         distributed_event=distributed_event,
     )
+    data_stats = make_drift(config.drift, secure)
     state_dir = Path(config.server.state_dir)
     registry_root = Path(config.publish.registry or state_dir / "registry")
     spec = RunSpec(
@@ -168,6 +175,7 @@ def run_coordinator(
             config.publish, config.run.name, serving_spec(config.publish, None), registry_root
         )
         lifecycle.publish_every = config.publish.every
+        lifecycle.publisher.drift_spec = data_stats
     if lifecycle.already_finished:
         return lifecycle.leave()
     page = None
@@ -204,6 +212,7 @@ def run_coordinator(
                     secure=secure,
                     stop_before=lifecycle.stop_before,
                     hold_bytes=config.server.hold_replies_mb << 20,
+                    data_stats=data_stats,
                 )
                 # handed over, not copied: one copy of the model fewer for the whole run
                 return coordinator.run(arrays, state, start_round, copy=False)

@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from fedlearn.deploy.sessions import Cancelled, ClientRegistry, Outgoing, Session
+from fedlearn.drift.codec import reply_bytes
+from fedlearn.drift.stats import SummarySpec
 from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, encode_arrays_parts
 from fedlearn.wire.chunks import Digest
@@ -46,13 +48,15 @@ def reply_limit_for(task: Task, broadcast_size: int) -> int:
     """The largest reply payload accepted for ``task`` when its stage's broadcast is
     ``broadcast_size`` bytes: the task's own ``reply_limit`` when its protocol set one
     (secure aggregation sets it on every task), EVALUATE_REPLY_LIMIT for an evaluation,
-    and otherwise (training) the broadcast's size plus REPLY_SLACK. Anything larger is
-    refused before a buffer is allocated; no stage is left without a limit."""
+    and otherwise (training) the broadcast's size plus REPLY_SLACK, plus the size of the
+    data summary the task asks for (drift monitoring, when its shape is fixed). Anything
+    larger is refused before a buffer is allocated; no stage is left without a limit."""
     if task.reply_limit is not None:
         return task.reply_limit
     if task.stage is Stage.EVALUATE:
         return EVALUATE_REPLY_LIMIT
-    return broadcast_size + REPLY_SLACK
+    spec = SummarySpec.from_config(task.config)
+    return broadcast_size + REPLY_SLACK + (0 if spec is None else reply_bytes(spec))
 
 
 ASYNC_LANE = 0

@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from fedlearn.drift.codec import split_reply
+from fedlearn.drift.rule import POPULATION
+from fedlearn.drift.stats import DataSummary, SummarySpec
 from fedlearn.engine.asynchronous import OWN_PREFIX, AsyncRounds, split_own
 from fedlearn.engine.asynchronous_live import LiveRounds, LiveTransport
 from fedlearn.engine.clock import SYNC, Latency, check_asynchrony
@@ -26,7 +29,13 @@ from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
 from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult, accepted_train
 from fedlearn.engine.validation import check_evaluation, check_model, check_update
 from fedlearn.engine.weights import load_weights, save_weights
-from fedlearn.errors import ConfigError, FedlearnError, RoundFailed, UpdateRejected
+from fedlearn.errors import (
+    ConfigError,
+    DataError,
+    FedlearnError,
+    RoundFailed,
+    UpdateRejected,
+)
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate, Fold, RoundContext, Strategy
 
 if TYPE_CHECKING:
@@ -128,6 +137,10 @@ class Coordinator:
     :mod:`fedlearn.engine.asynchronous_live`) and, when set, the
     virtual time recorded with every round (a synchronous round lasts as long as its
     slowest selected client)."""
+    data_stats: SummarySpec | None = None
+    """Drift monitoring: every training task asks its client for a summary of its data
+    over these fixed bins; the round records them (by client, or under secure
+    aggregation only their sum) in :attr:`RoundRecord.data_stats`."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -175,6 +188,11 @@ class Coordinator:
             state, own = split_own(state)
         state = self.strategy.init_state(arrays) if state is None else state
         asynchrony = self.strategy.asynchrony(len(self.client_ids))
+        if asynchrony is not None and self.data_stats is not None:
+            raise ConfigError(
+                "drift monitoring asks each round's clients for their data summaries; an "
+                "asynchronous strategy has no such rounds: turn [drift] off"
+            )
         if asynchrony is not None and self.available is not None:
             assert isinstance(self.transport, LiveTransport)
             return LiveRounds(self, self.transport, asynchrony).run(arrays, state, start_round)
@@ -229,9 +247,10 @@ class Coordinator:
             virtual_time = self._clock
         error: str | None = None
         train_metrics: Metrics = {}
+        stats: dict[int, DataSummary] = {}
         try:
             new_arrays, new_state, train_metrics = self._train(
-                ctx, arrays, state, selected, records
+                ctx, arrays, state, selected, records, stats
             )
             arrays, state = new_arrays, new_state
         except RoundFailed as exc:
@@ -253,6 +272,7 @@ class Coordinator:
             error=error,
             candidates=None if self.available is None else tuple(clients),
             virtual_time=virtual_time,
+            data_stats=stats,
         )
         return arrays, state, record, records
 
@@ -295,13 +315,18 @@ class Coordinator:
         state: Arrays,
         selected: list[int],
         records: list[ClientRecord],
+        stats: dict[int, DataSummary],
     ) -> tuple[Arrays, Arrays, Metrics]:
         config = self.strategy.train_config(ctx)
+        if self.data_stats is not None:
+            config = {**config, **self.data_stats.to_config()}
         try:
             if self.secure is not None:
-                aggregate, accepted = self._secure_mean(ctx, arrays, selected, config, records)
+                aggregate, accepted = self._secure_mean(
+                    ctx, arrays, selected, config, records, stats
+                )
             else:
-                fold, accepted = self._fold(ctx, arrays, selected, config, records)
+                fold, accepted = self._fold(ctx, arrays, selected, config, records, stats)
                 aggregate = fold.result()
             new_arrays, new_state = self.strategy.server_update(ctx, arrays, aggregate, state)
             new_arrays = check_model(new_arrays, arrays)
@@ -320,6 +345,7 @@ class Coordinator:
         selected: list[int],
         config: Config,
         records: list[ClientRecord],
+        stats: dict[int, DataSummary],
     ) -> tuple[Fold, list[ClientUpdate]]:
         """Plain training stage: validate each update and fold it in as it arrives."""
         strategy = self.strategy
@@ -336,11 +362,14 @@ class Coordinator:
                     raise UpdateRejected(
                         str(reply.error), client_id=reply.client_id, round=ctx.round
                     )
+                reply, summary = self._take_summary(reply)
                 update = check_update(reply, broadcast)
                 fold.add(update)
             except UpdateRejected as exc:
                 self._note(records, _failed(Stage.TRAIN, reply, exc))
                 continue
+            if summary is not None:
+                stats[reply.client_id] = summary
             meta, record = accepted_train(ctx.round, reply)
             accepted.append(meta)
             self._note(records, record)
@@ -354,8 +383,10 @@ class Coordinator:
         selected: list[int],
         config: Config,
         records: list[ClientRecord],
+        stats: dict[int, DataSummary],
     ) -> tuple[Arrays, list[ClientUpdate]]:
-        """Secure training stages: the coordinator learns only the weighted sum."""
+        """Secure training stages: the coordinator learns only the weighted sum (and,
+        with drift monitoring, only the sum of the survivors' data summaries)."""
         from fedlearn.secagg.stages import secure_mean
 
         assert self.secure is not None
@@ -369,9 +400,23 @@ class Coordinator:
             exchange=lambda stage, tasks, broadcast: self._stage(broadcast, tasks),
             task_seed=lambda stage, cid: seed_for(self.seed, ctx.round, stage, cid),
             note=lambda record: self._note(records, record),
+            data_stats=self.data_stats,
+            on_stats=lambda summary: stats.__setitem__(POPULATION, summary),
         )
         self._check_quorum(ctx, len(accepted), len(selected))
         return mean, accepted
+
+    def _take_summary(self, reply: Reply) -> tuple[Reply, DataSummary | None]:
+        """The reply without its data summary arrays, and the summary (if any)."""
+        if self.data_stats is None or reply.arrays is None:
+            return reply, None
+        try:
+            arrays, summary = split_reply(reply.arrays, self.data_stats)
+        except DataError as exc:
+            raise UpdateRejected(
+                f"bad data summary: {exc}", client_id=reply.client_id, round=reply.round
+            ) from exc
+        return replace(reply, arrays=arrays), summary
 
     def _check_quorum(self, ctx: RoundContext, accepted: int, selected: int) -> None:
         if accepted < self.strategy.min_train_clients:

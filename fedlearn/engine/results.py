@@ -6,8 +6,10 @@ record client outcomes the same way.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fedlearn.drift.stats import DataSummary
 from fedlearn.engine.messages import Reply, Stage
 from fedlearn.engine.records import Arrays, Metrics
 from fedlearn.strategy.base import ClientUpdate
@@ -49,6 +51,9 @@ class RoundRecord:
     """Simulated time at the end of the round's training (virtual seconds since the run
     began, :mod:`fedlearn.engine.clock`): an asynchronous round's last arrival, a
     synchronous round's slowest client added up; None without a latency model."""
+    data_stats: Mapping[int, DataSummary] = field(default_factory=dict, compare=False, repr=False)
+    """The round's data summaries (drift monitoring): by client id, or under secure
+    aggregation only the population's sum (key ``fedlearn.drift.POPULATION``)."""
 
 
 @dataclass(frozen=True)

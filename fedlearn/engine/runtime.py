@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlearn.drift.client import attach_summary, task_summary
 from fedlearn.engine.client_app import ClientApp, ClientContext, EvaluateResult, TrainResult
 from fedlearn.engine.client_state import ClientStateStore, MemoryStateStore
 from fedlearn.engine.messages import Reply, Stage, Task
@@ -62,6 +63,7 @@ class ClientRuntime:
                     reply = self._secure_reply(task, arrays, ctx)
                 elif task.stage is Stage.TRAIN:
                     reply = _train_reply(task, self._training.train(arrays, task.config, ctx))
+                    reply = attach_summary(reply, self.app, task.config, ctx)
                 else:
                     reply = _evaluate_reply(task, self.app.evaluate(arrays, task.config, ctx))
                 if ctx.state_used and (trains or task.stage is Stage.EVALUATE):
@@ -75,7 +77,10 @@ class ClientRuntime:
             from fedlearn.secagg.stages import SecureClientStates
 
             self._secure = SecureClientStates()
-        payload, num_examples, metrics = self._secure.handle(task, arrays, self._training, ctx)
+        summary = task_summary(self.app, task.config, ctx, required=True)
+        payload, num_examples, metrics = self._secure.handle(
+            task, arrays, self._training, ctx, summary
+        )
         return Reply(
             task.stage,
             task.round,

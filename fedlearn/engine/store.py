@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlearn.drift.codec import from_bytes as summary_from_bytes
+from fedlearn.drift.codec import to_bytes as summary_bytes
+from fedlearn.drift.stats import DataSummary
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import ClientRecord, RoundRecord
@@ -99,6 +102,13 @@ CREATE TABLE IF NOT EXISTS privacy (
     accountant TEXT NOT NULL,
     events TEXT NOT NULL,
     PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS data_stats (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    client_id INTEGER NOT NULL,
+    summary BLOB NOT NULL,
+    PRIMARY KEY (run_id, round, client_id)
 );
 CREATE TABLE IF NOT EXISTS published (
     run_id TEXT NOT NULL,
@@ -410,6 +420,13 @@ class RunStore:
                         json.dumps(privacy.events),
                     ),
                 )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO data_stats VALUES (?,?,?,?)",
+                [
+                    (self.run_id, round.round, site, summary_bytes(summary))
+                    for site, summary in sorted(round.data_stats.items())
+                ],
+            )
             if checkpoint is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
@@ -484,6 +501,23 @@ class RunStore:
             (self.run_id,),
         )
         return [PrivacyRow(r[0], float(r[1]), r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def data_stats(self, round: int | None = None) -> dict[int, dict[int, DataSummary]]:
+        """Every recorded data summary of this run (or of one round): ``{round: {site:
+        summary}}`` (site ``fedlearn.drift.POPULATION`` under secure aggregation); empty
+        without drift monitoring."""
+        if not self._has_table("data_stats"):  # a store written before drift monitoring
+            return {}
+        query = "SELECT round, client_id, summary FROM data_stats WHERE run_id = ?"
+        params: tuple[Any, ...] = (self.run_id,)
+        if round is not None:
+            query += " AND round = ?"
+            params += (round,)
+        rows = self._db.execute(query + " ORDER BY round, client_id", params)
+        out: dict[int, dict[int, DataSummary]] = {}
+        for rnd, site, body in rows:
+            out.setdefault(int(rnd), {})[int(site)] = summary_from_bytes(bytes(body))
+        return out
 
     def _has_table(self, name: str) -> bool:
         row = self._db.execute(

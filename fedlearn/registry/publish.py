@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from fedlearn.config.simulation import PublishSection
+from fedlearn.drift.reference import Reference, combined, save_reference
+from fedlearn.drift.stats import DataSummary, SummarySpec
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import ClientRecord, RoundRecord
@@ -156,6 +158,8 @@ class Publisher:
         self.gate = make_gate(section)
         self.root = root
         self.published: list[Published] = []
+        self.drift_spec: SummarySpec | None = None
+        """The bins of the run's data summaries (drift monitoring on), else None."""
         self.warning = unservable_reason(spec.factory)
         """Why the endpoint would refuse these versions' factory (said once, at start)."""
         if self.warning is not None:
@@ -168,11 +172,16 @@ class Publisher:
         clients: Sequence[ClientRecord],
         number: int,
         privacy: Mapping[str, float] | None = None,
+        data_stats: Mapping[int, DataSummary] | None = None,
     ) -> Published:
         """Publish ``arrays`` as of round ``number`` and run the gate; returns both.
 
         ``privacy`` (``dp.epsilon``, ``dp.delta``: the guarantee of the model as of that
-        round) joins the version's metrics, where the gate's ``max_epsilon`` reads it."""
+        round) joins the version's metrics, where the gate's ``max_epsilon`` reads it.
+        ``data_stats`` (the round's data summaries, with :attr:`drift_spec` set) become the
+        version's training reference distribution (:mod:`fedlearn.drift.reference`),
+        written before the gate decides, so a promoted version always has it (an endpoint
+        that loads the version by number in between looks for it again after 5 s)."""
         with ModelRegistry(self.root) as registry:
             previous = [v for v in registry.versions(self.name) if v.run == self.run_id]
             version = registry.publish(
@@ -187,6 +196,9 @@ class Publisher:
                 signature=self.spec.signature,
                 parent=previous[-1].version if previous else None,
             )
+            total = None if data_stats is None else combined(data_stats)
+            if self.drift_spec is not None and total is not None:
+                save_reference(version.path, Reference(self.drift_spec, total))
             registry.set_alias(self.name, CANDIDATE, version.version)
             decision = registry.promote(self.name, version.version, self.gate)
         log.info("published %s v%d: %s", self.name, version.version, decision.reason)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from fedlearn.drift.report import DriftReport, site_name
 from fedlearn.report.summary import MetricSummary, Report, RoundSummary
 
 if TYPE_CHECKING:
@@ -144,6 +145,9 @@ def print_report(report: Report, console: Console | None = None, max_failures: i
         if hidden > 0:
             console.print(Text(f"... and {hidden} more client failures (see report.json)"))
 
+    if report.drift is not None:
+        _print_drift(report.drift, console)
+
     if report.config_changes:
         console.print(Text("Config changes on resume:", style="bold"))
         for change in report.config_changes:
@@ -184,6 +188,8 @@ def _round_table(report: Report, padding: int, wrap: bool, hidden: tuple[str, ..
     columns = [c for c in _ROUND_COLUMNS if c.name not in hidden]
     if report.epsilon is not None:  # differential privacy: ε after each round
         columns.insert(4, _EPSILON_COLUMN)
+    if report.drift is not None:  # drift monitoring: the sites flagged in each round
+        columns.insert(4, _drift_column(report.drift))
     for c in columns:
         justify: Literal["left", "right"] = "left" if c.name == "status" else "right"
         table.add_column(c.header, justify=justify, no_wrap=not (wrap and c.wraps))
@@ -250,6 +256,32 @@ def _share(lows: list[int], highs: list[int], room: int) -> list[int]:
     return widths
 
 
+def _drift_column(drift: DriftReport) -> _RoundColumn:
+    def cell(r: RoundSummary) -> tuple[str, str]:
+        flagged = drift.flagged_in(r.round)
+        if not flagged:
+            return "-", ""
+        return " ".join(site_name(s) for s in flagged), "bold red"
+
+    return _RoundColumn("drift", cell, wraps=True)
+
+
+def _print_drift(drift: DriftReport, console: Console) -> None:
+    from rich.text import Text
+
+    for s in drift.flagged:
+        console.print(
+            Text(
+                f"drift: round {s.round}, {site_name(s.site)}: PSI {s.psi:.3g}, label PSI "
+                f"{s.label_psi:.3g}, mean shift {s.mean_shift:.3g} std against round "
+                f"{s.previous_round}",
+                style="red",
+            )
+        )
+    if drift.note is not None:
+        console.print(Text(f"drift: {drift.note}", style="yellow"))
+
+
 def _status_line(report: Report) -> Text:
     from rich.text import Text
 
@@ -261,6 +293,9 @@ def _status_line(report: Report) -> Text:
     parts.append(f"{len(report.failures)} client failures")
     if report.epsilon is not None:
         parts.append(f"ε = {report.epsilon:.4g} at δ = {report.delta:g}")
+    if report.drift is not None:
+        flagged = report.drift.flagged
+        parts.append(f"drift flagged {len(flagged)} time{'s' * (len(flagged) != 1)}")
     stops = [e.detail for e in report.history if e.kind == "stopped" and e.detail]
     if stops:
         parts.append(stops[-1])

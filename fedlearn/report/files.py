@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fedlearn.drift.report import site_name
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.store import RunStore
 from fedlearn.report.plots import (
@@ -100,6 +101,11 @@ def _report_json(report: Report) -> str:
         "ok": report.ok,
         "failed_rounds": list(report.failed_rounds),
         "epsilon": report.epsilon,
+        "drift_flagged": (
+            None
+            if report.drift is None
+            else [{"round": f.round, "site": site_name(f.site)} for f in report.drift.flagged]
+        ),
         "lower_is_better": [name for name in report.metric_names if lower_is_better(name)],
         **body,
     }
@@ -127,13 +133,16 @@ def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
 def _client_table(report: Report) -> tuple[list[str], list[list[Any]]]:
     names = sorted({name for record in report.clients for name in record.metrics})
     reserved = set(_CLIENT_COLUMNS) | set(_CLIENT_TAIL)
+    drift = report.drift
     header = [
         *_CLIENT_COLUMNS,
         *(f"metric:{n}" if n in reserved else n for n in names),
+        *(_DRIFT_CLIENT_COLUMNS if drift is not None else ()),
         *_CLIENT_TAIL,
     ]
-    rows = [
-        [
+    rows = []
+    for c in report.clients:
+        row = [
             c.round,
             c.stage,
             c.client_id,
@@ -141,11 +150,19 @@ def _client_table(report: Report) -> tuple[list[str], list[list[Any]]]:
             c.num_examples,
             c.loss,
             *(c.metrics.get(name) for name in names),
-            c.error,
         ]
-        for c in report.clients
-    ]
+        if drift is not None:
+            score = drift.score(c.round, c.client_id) if c.stage is Stage.TRAIN else None
+            row.extend(
+                (None,) * 4
+                if score is None
+                else (score.psi, score.label_psi, score.mean_shift, score.flagged)
+            )
+        rows.append([*row, c.error])
     return header, rows
+
+
+_DRIFT_CLIENT_COLUMNS = ("drift_psi", "drift_label_psi", "drift_mean_shift", "drift_flagged")
 
 
 _METRIC_FIELDS = ("mean", "worst", "worst_client", "p10", "p50", "p90", "clients")
@@ -171,6 +188,9 @@ def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
     clocked = any(r.virtual_time is not None for r in report.rounds)
     if clocked:
         header.append("virtual_time")
+    drift = report.drift
+    if drift is not None:
+        header.extend(("drift_psi_max", "drift_flagged"))
     rows: list[list[Any]] = []
     for r in report.rounds:
         row: list[Any] = [
@@ -192,5 +212,9 @@ def _round_table(report: Report) -> tuple[list[str], list[list[Any]]]:
             row.append(r.epsilon)
         if clocked:
             row.append(r.virtual_time)
+        if drift is not None:
+            scores = [s for s in drift.scores if s.round == r.round]
+            row.append(max((s.psi for s in scores), default=None))
+            row.append(" ".join(site_name(site) for site in drift.flagged_in(r.round)))
         rows.append(row)
     return header, rows

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlearn.drift.report import DriftReport, drift_report
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.records import Scalar
 from fedlearn.engine.results import ClientRecord
@@ -129,6 +130,9 @@ class Report:
     """Operational config changes made when the run resumed, with their first round."""
     delta: float | None = None
     """The δ at which each round's ``epsilon`` holds (None without DP)."""
+    drift: DriftReport | None = None
+    """Drift scores of the clients' data summaries and what they flag (None without
+    drift monitoring)."""
 
     @property
     def epsilon(self) -> float | None:
@@ -239,6 +243,10 @@ def summarize(store: RunStore) -> Report:
         history=tuple(store.events()),
         config_changes=tuple(store.config_changes()),
         delta=next((row.delta for row in privacy.values()), None),
+        drift=drift_report(
+            {r: sites for r, sites in store.data_stats().items() if r in known},
+            dict(info.get("config", {})),
+        ),
     )
 
 

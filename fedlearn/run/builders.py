@@ -7,7 +7,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from fedlearn.config.extras import require_extra
-from fedlearn.config.simulation import PrivacySection, SecAggSection, StrategySection
+from fedlearn.config.simulation import (
+    DriftSection,
+    PrivacySection,
+    SecAggSection,
+    StrategySection,
+)
+from fedlearn.drift.stats import SummarySpec
 from fedlearn.engine.references import resolve
 from fedlearn.errors import ConfigError
 from fedlearn.secagg.stages import SecureAggregation
@@ -179,3 +185,35 @@ def make_privacy(
     tracker = PrivacyTracker(settings, distributed_event)
     tracker.check_budget()
     return wrapped, tracker
+
+
+def make_drift(
+    section: DriftSection,
+    secure: SecureAggregation | None,
+    *,
+    features: int = 0,
+    classes: int = 0,
+) -> SummarySpec | None:
+    """The bins every client summarizes its data over (None when ``[drift]`` is off);
+    ``features`` and ``classes`` stand in where the section leaves them 0 (a simulation's
+    dataset). ConfigError under distributed DP, whose L2 clipping the summary would break."""
+    if not section.enabled:
+        return None
+    if secure is not None and secure.noise is not None:
+        raise ConfigError(
+            "drift.enabled: data summaries cannot ride in the secure sum under distributed "
+            "DP (they would break its L2 clipping); turn one of them off"
+        )
+    spec = SummarySpec(
+        section.bins,
+        section.low,
+        section.high,
+        section.features or features,
+        section.classes or classes,
+    )
+    if secure is not None and not (spec.features and spec.classes):
+        raise ConfigError(
+            "drift under secure aggregation: set drift.features and drift.classes (the "
+            "coordinator sizes the secure vector before any site answers)"
+        )
+    return spec

@@ -31,6 +31,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "publish",
         "privacy.budget",
         "tracking",
+        "drift",
     ),
     "CoordinatorConfig": (
         "server",
@@ -42,6 +43,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
         "publish",
         "privacy.budget",
         "tracking",
+        "drift",
     ),
 }
 

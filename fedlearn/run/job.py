@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from fedlearn.config.simulation import SimulationConfig
 from fedlearn.data import load_dataset, partition_dataset
+from fedlearn.drift.stats import SummarySpec
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays, build_app
 from fedlearn.engine.clock import Latency
 from fedlearn.engine.coordinator import Observer, Observers
@@ -17,8 +19,15 @@ from fedlearn.engine.records import Arrays
 from fedlearn.engine.references import resolve
 from fedlearn.engine.results import RunResult
 from fedlearn.errors import ConfigError
-from fedlearn.run.builders import make_distributed, make_privacy, make_secure, make_strategy
+from fedlearn.run.builders import (
+    make_distributed,
+    make_drift,
+    make_privacy,
+    make_secure,
+    make_strategy,
+)
 from fedlearn.run.lifecycle import RunOutcome, RunSpec, Start, open_run
+from fedlearn.secagg.stages import SecureAggregation
 from fedlearn.simulation import make_transport, run_simulation
 
 if TYPE_CHECKING:  # the registry loads only when a run publishes
@@ -137,7 +146,10 @@ def run_job(
         secure=secure,
         distributed_event=distributed_event,
     )
+    data_stats = drift_spec(config, secure)
     publisher, note = _publisher(config, probe)
+    if publisher is not None:
+        publisher.drift_spec = data_stats
     directory = run_dir(config)
     spec = RunSpec(
         directory=directory,
@@ -185,6 +197,7 @@ def run_job(
             secure=secure,
             stop_before=lifecycle.stop_before,
             latency=make_latency(config),
+            data_stats=data_stats,
         )
 
     outcome = lifecycle.drive(lambda: probe.initial_arrays(config.run.seed), run)
@@ -196,6 +209,17 @@ def make_latency(config: SimulationConfig) -> Latency | None:
     if config.latency is None:
         return None
     return Latency(**config.latency.model_dump())
+
+
+def drift_spec(config: SimulationConfig, secure: SecureAggregation | None) -> SummarySpec | None:
+    """The bins of ``[drift]`` (None when it is off), sized to the dataset's features and
+    classes unless the section sets them (a Flower app's own data: unsized)."""
+    features = classes = 0
+    if config.drift.enabled and config.flower.app is None:
+        dataset = load_dataset(config.data.dataset)
+        features = int(math.prod(dataset.x.shape[1:]))
+        classes = int(dataset.num_classes)
+    return make_drift(config.drift, secure, features=features, classes=classes)
 
 
 def _publisher(config: SimulationConfig, app: ClientApp) -> tuple[Publisher | None, str | None]:

@@ -291,7 +291,8 @@ class RunLifecycle:
     ) -> None:
         assert self.publisher is not None
         privacy = None if self.privacy is None else self.privacy.metrics_at(number)
-        published = self.publisher.publish(arrays, round, clients, number, privacy)
+        stats = self.store.data_stats(number).get(number)
+        published = self.publisher.publish(arrays, round, clients, number, privacy, stats)
         self.published.append(published)
         v, d = published.version, published.decision
         publication = Publication(number, v.name, v.version, d.promoted, d.reason)

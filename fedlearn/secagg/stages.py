@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedlearn.drift.codec import pack_secure, secure_length, unpack_secure
+from fedlearn.drift.stats import DataSummary, SummarySpec
 from fedlearn.engine.client_app import ClientApp, ClientContext, TrainResult
 from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, Metrics, check_scalars
@@ -192,15 +194,31 @@ class SecureClientStates:
         self._clients: dict[tuple[int, int], SecAggClient] = {}
 
     def handle(
-        self, task: Task, arrays: Arrays, app: ClientApp, ctx: ClientContext
+        self,
+        task: Task,
+        arrays: Arrays,
+        app: ClientApp,
+        ctx: ClientContext,
+        summary: tuple[SummarySpec, DataSummary] | None = None,
     ) -> tuple[bytes, int, Metrics]:
-        """Answer one secure stage: (client message bytes, num_examples, metrics)."""
+        """Answer one secure stage: (client message bytes, num_examples, metrics).
+
+        ``summary`` (the drift settings and this client's data summary) is appended to
+        the update, so it reaches the coordinator only inside the secure sum
+        (:mod:`fedlearn.drift.codec`)."""
         msg = _server_message(task.payload)
         key = (task.round, task.client_id)
         if task.stage is Stage.SECAGG_SETUP:
             self._clients = {k: v for k, v in self._clients.items() if k[0] >= task.round}
             result = app.train(arrays, task.config, ctx)
             delta, weight = _weighted_delta(result, arrays, msg)
+            if summary is not None:
+                assert isinstance(msg, Setup)  # _weighted_delta checked it
+                if msg.config.noise is not None:
+                    raise ConfigError("drift statistics cannot be added under distributed DP")
+                delta = np.concatenate(
+                    [delta, pack_secure(summary[1], summary[0], msg.config.clip)]
+                )
             client = SecAggClient(task.client_id, round=task.round)
             client.set_input(delta, weight)
             self._clients[key] = client
@@ -278,11 +296,25 @@ def secure_mean(
     exchange: Exchange,
     task_seed: Callable[[Stage, int], int],
     note: Note,
+    data_stats: SummarySpec | None = None,
+    on_stats: Callable[[DataSummary], None] | None = None,
 ) -> tuple[Arrays, list[ClientUpdate]]:
     """Run the four stages; return the new global model's weighted mean and the accepted
-    clients' metadata (no arrays). RoundFailed if too few clients survive."""
+    clients' metadata (no arrays). RoundFailed if too few clients survive.
+
+    With ``data_stats`` every client appends its data summary to its update; the
+    population's summary (the sum over the survivors, all the coordinator learns) goes to
+    ``on_stats``."""
     vector, spec = flatten(global_arrays)
-    server = SecAggServer(secure.round_config(selected, vector.size, seed, rnd), rnd)
+    extra = 0
+    if data_stats is not None:
+        if secure.noise is not None:
+            raise ConfigError(
+                "drift statistics cannot ride in the secure sum under distributed DP (they "
+                "would break its L2 clipping): turn [drift] off or use another privacy mode"
+            )
+        extra = secure_length(data_stats)
+    server = SecAggServer(secure.round_config(selected, vector.size + extra, seed, rnd), rnd)
     outgoing: list[ServerMessage] = list(server.start())
     accepted: dict[int, ClientUpdate] = {}
     for stage in SECURE_STAGES:
@@ -324,7 +356,14 @@ def secure_mean(
     result = server.result()
     if secure.on_round is not None:
         secure.on_round(SecureRound(rnd, result.survivors, server.config.round_noise))
-    mean_delta = unflatten(result.mean(), spec)
+    mean = result.mean()
+    if data_stats is not None:
+        tail = result.weighted_sum[vector.size :]
+        population = unpack_secure(tail, result.total_weight, data_stats, server.config.clip)
+        if on_stats is not None:
+            on_stats(population)
+        mean = mean[: vector.size]
+    mean_delta = unflatten(mean, spec)
     new = {name: _add(global_arrays[name], mean_delta[name]) for name in global_arrays}
     survivors = [accepted[c] for c in sorted(result.survivors) if c in accepted]
     return new, survivors

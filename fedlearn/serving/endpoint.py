@@ -19,6 +19,12 @@ import grpc
 from fedlearn.errors import ConfigError
 from fedlearn.registry.builders import add_import_paths
 from fedlearn.registry.model_registry import DEFAULT_FACTORY_PREFIXES, PRODUCTION
+from fedlearn.serving.drift import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_THRESHOLD,
+    DEFAULT_WINDOW,
+    DriftMonitor,
+)
 from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.repository import ModelRepository, RepositorySettings
@@ -69,6 +75,12 @@ class EndpointSettings:
     #: CPU the shadow worker may use, as a share of the rest of the endpoint's; mirrors
     #: beyond wait, and are dropped when the queue is full
     shadow_budget: float = DEFAULT_SHADOW_BUDGET
+    drift: bool = True
+    """Keep drift statistics of the inputs per version (:mod:`fedlearn.serving.drift`)."""
+    drift_threshold: float = DEFAULT_THRESHOLD
+    drift_window: int = DEFAULT_WINDOW
+    drift_rows: int = DEFAULT_MAX_ROWS
+    """Rows of one request the drift statistics count at most (evenly spaced)."""
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -161,6 +173,12 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
         ),
     )
     metrics = ServingMetrics()
+    if settings.drift:
+        metrics.monitor_drift(
+            DriftMonitor(
+                settings.drift_threshold, settings.drift_window, max_rows=settings.drift_rows
+            )
+        )
     repository.on_swap(metrics.swapped)
     repository.start()
     limit = settings.max_request_mb << 20

@@ -274,6 +274,7 @@ class InferenceServicer:
                 )
             else:
                 outputs = model.infer(inputs, requested_outputs(request))
+            self.metrics.observed(model, inputs, outputs)
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from fedlearn.serving.drift import DriftMonitor
+    from fedlearn.serving.models import ServedModel
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -60,6 +66,8 @@ class ServingMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.drift: DriftMonitor | None = None
+        """Drift statistics of the served versions (:meth:`monitor_drift`), or None."""
         self.swaps = Counter(
             "fedlearn_serving_swaps",
             "Hot swaps to a newly promoted or rolled-back version, per model.",
@@ -80,6 +88,18 @@ class ServingMetrics:
             self.requests.labels(protocol, model, "ok").inc()
         finally:
             self.latency.labels(protocol, model).observe(time.perf_counter() - start)
+
+    def monitor_drift(self, monitor: DriftMonitor) -> None:
+        """Keep drift statistics of every answered request and export their scores here."""
+        self.drift = monitor
+        self.registry.register(monitor)  # a collector: its collect() yields the gauges
+
+    def observed(
+        self, model: ServedModel, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, Any]
+    ) -> None:
+        """One answered request's inputs and outputs (drift statistics, when monitored)."""
+        if self.drift is not None:
+            self.drift.observe(model, inputs, outputs)
 
     def error(self, protocol: str, code: int | str) -> None:
         """Count one failed request (any endpoint) with its status code."""

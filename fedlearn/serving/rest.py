@@ -393,6 +393,7 @@ def create_app(
             "versions": [str(v) for v in versions],
             "platform": model.platform,
             **model.signature.as_dict(),
+            **({} if metrics.drift is None else {"drift": metrics.drift.status(model)}),
         }
         if traffic is not None and version_of(request) is None:
             routing = traffic.metadata(model.name)
@@ -421,6 +422,7 @@ def create_app(
                 model, results = traffic.infer(model, request.inputs, wanted, route_key)
             else:
                 results = model.infer(request.inputs, wanted)
+            metrics.observed(model, request.inputs, results)
             return encode_infer_response(model, request, results)
 
     inflight = [0]  # touched only on the event loop's thread

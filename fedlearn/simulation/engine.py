@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from fedlearn.drift.stats import SummarySpec
 from fedlearn.engine.client_app import ClientApp, ProvidesInitialArrays
 from fedlearn.engine.clock import Latency
 from fedlearn.engine.coordinator import Coordinator, Observer, RoundSink, Transport
@@ -78,6 +79,7 @@ def run_simulation(
     stop_before: Callable[[int], str | None] | None = None,
     state_dir: str | Path | None = None,
     latency: Latency | None = None,
+    data_stats: SummarySpec | None = None,
 ) -> RunResult:
     """Simulate ``rounds`` rounds of federated training over ``num_clients`` clients.
 
@@ -92,6 +94,8 @@ def run_simulation(
     ``latency`` draws each client's simulated time per task: the virtual clock that orders
     an asynchronous strategy's replies (FedBuff; constant if None) and the virtual time
     recorded with each round.
+    ``data_stats`` turns on drift monitoring: each round records its clients' data
+    summaries over these bins (:attr:`fedlearn.engine.results.RoundRecord.data_stats`).
     """
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -120,6 +124,7 @@ def run_simulation(
             secure=secure,
             stop_before=stop_before,
             latency=latency,
+            data_stats=data_stats,
         )
         return coordinator.run(initial_arrays, initial_state, start_round)
     finally:
