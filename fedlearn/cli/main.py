@@ -9,16 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
 from fedlearn.cli.sites import evaluate_sites
+from fedlearn.cli.strategies import strategies
 from fedlearn.cli.ui import UI_HELP, UI_PORT, UI_PORT_HELP, serve_run_page, watching
 from fedlearn.config.loading import parse_assignment, set_dotted, validate
 from fedlearn.config.simulation import SimulationConfig, load_config
@@ -694,39 +693,7 @@ def serve_(
         _wait_for_signal()
 
 
-@app.command()
-def strategies() -> None:
-    """List the built-in strategies and their settings (name=default)."""
-    from fedlearn.report.console import first_fitting
-    from fedlearn.strategy import STRATEGIES
-
-    settings = {name: _settings(cls) for name, cls in STRATEGIES.items()}
-    shared = [s for s in next(iter(settings.values()), []) if _everyone_has(s, settings)]
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
-    table.add_column("strategy", no_wrap=True, style="bold")
-    table.add_column("kind", no_wrap=True)
-    table.add_column("settings")
-    for name, cls in STRATEGIES.items():
-        own = [s for s in settings[name] if s not in shared]
-        table.add_row(name, "linear" if cls.linear else "holistic", Text(", ".join(own) or "-"))
-    console.print(first_fitting(console, [table]))
-    if shared:
-        console.print(Text("Every strategy also takes " + ", ".join(shared) + "."))
-
-
-def _settings(cls: type) -> list[str]:
-    """A strategy's settings as ``name=default``, in declaration order."""
-    import dataclasses
-
-    return [
-        f"{f.name}={f.default!r}"
-        for f in dataclasses.fields(cls)
-        if f.default is not dataclasses.MISSING
-    ]
-
-
-def _everyone_has(setting: str, settings: dict[str, list[str]]) -> bool:
-    return all(setting in own for own in settings.values())
+app.command("strategies")(strategies)
 
 
 if __name__ == "__main__":
