@@ -46,7 +46,8 @@ from fedlearn.serving.oip import grpc_predict_v2_pb2 as pb
 from fedlearn.serving.oip.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from fedlearn.serving.repository import ModelRepository, RepositorySettings
 from fedlearn.serving.rest import create_app
-from fedlearn.serving.traffic import ROUTE_HEADER, TrafficRouter, compare_outputs, route_point
+from fedlearn.serving.shadow import compare_outputs
+from fedlearn.serving.traffic import ROUTE_HEADER, TrafficRouter, route_point
 
 INFER = f"/v2/models/{tm.NAME}/infer"
 
@@ -237,7 +238,7 @@ def test_registry_stores_policies_and_records_every_change(tmp_path: Path) -> No
         assert stepped is not None and stepped.policy.share == 0.25  # type: ignore[union-attr]
         # a decision taken on an outdated revision changes nothing
         assert registry.advance_traffic(tm.NAME, canary.revision, canary.policy, "x", "y") is None
-        assert registry.end_traffic(tm.NAME, canary.revision, "canary-rollback", "old") is None
+        assert not registry.end_traffic(tm.NAME, canary.revision, "canary-rollback", "old")
         assert registry.clear_traffic(tm.NAME) and not registry.clear_traffic(tm.NAME)
         assert registry.traffic(tm.NAME) is None
         actions = [(d.action, d.version) for d in registry.decisions(tm.NAME)]

@@ -3,8 +3,7 @@
 ::
 
     root/
-    ├── registry.db            versions, aliases, promotion history, decisions,
-    │                          traffic policies (WAL)
+    ├── registry.db            versions, aliases, history, decisions, traffic (WAL)
     └── <name>/v<N>.safetensors
 
 Versions count from 1 per model name. Each file is written to a temporary name, synced
@@ -15,16 +14,7 @@ only through :meth:`ModelRegistry.promote` (which applies a :class:`Gate`) and
 :meth:`ModelRegistry.rollback`; any other alias (``candidate``, ...) is set freely.
 Every promotion attempt and rollback is recorded in the ``decisions`` table.
 
-A model may have one traffic policy (A/B split, shadow or canary,
-:mod:`fedlearn.registry.traffic`) in the ``traffic`` table, which the serving endpoint
-applies to requests for the model's name; setting, changing and ending one is recorded in
-the decision log too. The table is created when a registry of an older fedlearn is
-opened; nothing else in it changes.
-
-Factory references (``module:function``) are stored as text and never imported here; a
-server calls only a registered model builder of an allowed module
-(:func:`fedlearn.registry.builders.find_builder`, which calls :func:`check_factory` before
-importing anything).
+A model's traffic policy (A/B, shadow, canary) is in :mod:`fedlearn.registry.traffic_store`.
 """
 
 from __future__ import annotations
@@ -46,7 +36,8 @@ from fedlearn.engine.weights import load_verified, save_weights_atomically
 from fedlearn.errors import ConfigError
 from fedlearn.registry import site_results
 from fedlearn.registry.site_results import SiteResult
-from fedlearn.registry.traffic import Canary, Policy, Shadow, policy_from_json, policy_to_json
+from fedlearn.registry.traffic_store import SCHEMA as TRAFFIC_SCHEMA
+from fedlearn.registry.traffic_store import TrafficPolicies
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -86,21 +77,6 @@ CREATE TABLE IF NOT EXISTS decisions (
     action TEXT NOT NULL
 );
 """
-#: Added with traffic policies; ``CREATE ... IF NOT EXISTS`` migrates an older registry.
-TRAFFIC_SCHEMA = """
-CREATE TABLE IF NOT EXISTS traffic (
-    name TEXT PRIMARY KEY,
-    policy TEXT NOT NULL,
-    revision INTEGER NOT NULL,
-    updated REAL NOT NULL
-);
-"""
-#: Decision-log actions of traffic policies (besides ``promote`` and ``rollback``).
-ROUTE_SET = "route-set"
-ROUTE_CLEAR = "route-clear"
-CANARY_STEP = "canary-step"
-CANARY_PROMOTE = "canary-promote"
-CANARY_ROLLBACK = "canary-rollback"
 
 PRODUCTION = "production"
 #: The metric holding a version's differential-privacy epsilon (at ``dp.delta``).
@@ -192,21 +168,9 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class StoredPolicy:
-    """A model's traffic policy as stored; ``revision`` changes with every change of it
-    (it is the id of the decision that recorded the change, so it is never reused)."""
-
-    name: str
-    policy: Policy
-    revision: int
-    updated: float
-
-
-@dataclass(frozen=True)
 class DecisionRecord:
-    """One row of the decision log: ``action`` is ``"promote"`` or ``"rollback"``, or one
-    of a traffic policy's (``route-set``, ``route-clear``, ``canary-step``,
-    ``canary-promote``, ``canary-rollback``)."""
+    """One row of the decision log: ``action`` is ``promote``, ``rollback`` or a traffic
+    policy's (:mod:`fedlearn.registry.traffic_store`)."""
 
     name: str
     version: int
@@ -237,7 +201,7 @@ def check_factory(
     )
 
 
-class ModelRegistry:
+class ModelRegistry(TrafficPolicies):
     """Models, their versions and aliases under ``root`` (see the module docstring)."""
 
     def __init__(self, root: str | Path) -> None:
@@ -248,8 +212,7 @@ class ModelRegistry:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA + site_results.SCHEMA)
-        self._db.executescript(TRAFFIC_SCHEMA)
+        self._db.executescript(SCHEMA + site_results.SCHEMA + TRAFFIC_SCHEMA)
 
     # -- publishing and reading -------------------------------------------------------
 
@@ -467,127 +430,6 @@ class ModelRegistry:
         )
         return [DecisionRecord(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
 
-    # -- traffic policies ---------------------------------------------------------------
-
-    def traffic(self, name: str) -> StoredPolicy | None:
-        """The traffic policy of ``name`` (None: none set)."""
-        row = self._db.execute(
-            "SELECT name, policy, revision, updated FROM traffic WHERE name = ?", (name,)
-        ).fetchone()
-        return None if row is None else _stored(row)
-
-    def traffic_all(self) -> dict[str, StoredPolicy]:
-        """Every model's traffic policy, by model name."""
-        rows = self._db.execute("SELECT name, policy, revision, updated FROM traffic")
-        return {r[0]: _stored(r) for r in rows}
-
-    def set_traffic(self, name: str, policy: Policy, reason: str | None = None) -> StoredPolicy:
-        """Set (or replace) the traffic policy of ``name``; recorded as ``route-set``.
-
-        Every version the policy names must exist; a canary's baseline must be the
-        current production and its candidate another version. A canary starts at its
-        first step, now."""
-        self._check_policy(name, policy)
-        with self._transaction():
-            if isinstance(policy, Canary):
-                production = self._production(name)
-                if production != policy.baseline:
-                    raise ConfigError(
-                        f"canary: the baseline must be the current production of {name!r} "
-                        f"({'none' if production is None else f'v{production}'}), "
-                        f"not v{policy.baseline}"
-                    )
-                policy = Canary(
-                    policy.candidate,
-                    policy.baseline,
-                    policy.steps,
-                    policy.step_requests,
-                    policy.step_seconds,
-                    policy.gate,
-                    policy.tolerance,
-                    0,
-                    time.time(),
-                )
-            text = f"policy set: {policy.describe()}" + (f" ({reason})" if reason else "")
-            revision = self._record(name, _policy_version(policy), Decision(False, text), ROUTE_SET)
-            self._db.execute(
-                "INSERT OR REPLACE INTO traffic VALUES (?, ?, ?, ?)",
-                (name, policy_to_json(policy), revision, time.time()),
-            )
-        stored = self.traffic(name)
-        assert stored is not None
-        return stored
-
-    def clear_traffic(self, name: str, reason: str | None = None) -> bool:
-        """End the traffic policy of ``name`` (recorded as ``route-clear``); False when
-        there was none."""
-        with self._transaction():
-            current = self.traffic(name)
-            if current is None:
-                return False
-            text = f"policy cleared: {current.policy.describe()}" + (
-                f" ({reason})" if reason else ""
-            )
-            self._record(name, _policy_version(current.policy), Decision(False, text), ROUTE_CLEAR)
-            self._db.execute("DELETE FROM traffic WHERE name = ?", (name,))
-        return True
-
-    def advance_traffic(
-        self, name: str, revision: int, policy: Policy, action: str, reason: str
-    ) -> StoredPolicy | None:
-        """Replace the policy of ``name`` if it is still at ``revision`` (None otherwise:
-        somebody changed it meanwhile); the change is recorded as ``action``."""
-        with self._transaction():
-            if not self._at_revision(name, revision):
-                return None
-            new = self._record(name, _policy_version(policy), Decision(False, reason), action)
-            self._db.execute(
-                "UPDATE traffic SET policy = ?, revision = ?, updated = ? WHERE name = ?",
-                (policy_to_json(policy), new, time.time(), name),
-            )
-        return self.traffic(name)
-
-    def end_traffic(
-        self, name: str, revision: int, action: str, reason: str, *, promote: int | None = None
-    ) -> Decision | None:
-        """End the policy of ``name`` if it is still at ``revision`` (None otherwise),
-        recording ``action`` with ``reason``; with ``promote``, that version becomes
-        production in the same transaction (no gate: ``reason`` says why; also recorded
-        as a ``promote`` decision)."""
-        candidate = None if promote is None else self.get(name, promote)
-        with self._transaction():
-            current = self.traffic(name)
-            if current is None or current.revision != revision:
-                return None
-            version = promote if promote is not None else _policy_version(current.policy)
-            decision = Decision(promote is not None, reason)
-            self._record(name, version, decision, action)
-            self._db.execute("DELETE FROM traffic WHERE name = ?", (name,))
-            if candidate is not None:
-                self._promote(candidate, None)
-        return decision
-
-    def record_decision(self, name: str, version: int, reason: str, action: str) -> None:
-        """Add a row to the decision log (``promoted`` false), e.g. a note of the endpoint."""
-        with self._transaction():
-            self._record(name, version, Decision(False, reason), action)
-
-    def _check_policy(self, name: str, policy: Policy) -> None:
-        _check_name(name, "model name")
-        known = {v.version for v in self.versions(name)}
-        if not known:
-            raise ConfigError(f"model {name!r} has no versions")
-        missing = [v for v in policy.versions if v not in known]
-        if missing:
-            raise ConfigError(
-                f"model {name!r} has no version {', '.join(map(str, missing))} "
-                f"(versions: {', '.join(map(str, sorted(known)))})"
-            )
-
-    def _at_revision(self, name: str, revision: int) -> bool:
-        row = self._db.execute("SELECT revision FROM traffic WHERE name = ?", (name,)).fetchone()
-        return row is not None and int(row[0]) == revision
-
     # -- cross-site results and metadata (fedlearn.registry.site_results) ---------------
 
     def record_site_results(self, evaluation: str, results: Sequence[SiteResult]) -> None:
@@ -705,6 +547,12 @@ class ModelRegistry:
         ).fetchone()
         return None if row is None else int(row[0])
 
+    def _note(self, name: str, version: int, promoted: bool, reason: str, action: str) -> int:
+        return self._record(name, version, Decision(promoted, reason), action)
+
+    def _promote_ungated(self, name: str, version: int) -> None:
+        self._promote(self.get(name, version), None)
+
     def _record(self, name: str, version: int, decision: Decision, action: str) -> int:
         """Add a decision; returns its id."""
         cursor = self._db.execute(
@@ -713,19 +561,6 @@ class ModelRegistry:
             (name, version, time.time(), int(decision.promoted), decision.reason, action),
         )
         return int(cursor.lastrowid or 0)
-
-
-def _stored(row: tuple[Any, ...]) -> StoredPolicy:
-    return StoredPolicy(row[0], policy_from_json(row[1]), int(row[2]), float(row[3]))
-
-
-def _policy_version(policy: Policy) -> int:
-    """The version a decision about ``policy`` is filed under: the candidate (shadow,
-    canary) or the split's highest-weighted version."""
-    if isinstance(policy, Canary | Shadow):
-        return policy.candidate
-    weights = policy.weights
-    return max(weights, key=lambda v: (weights[v], -v))
 
 
 def _judge(candidate: ModelVersion, production: ModelVersion | None, gate: Gate | None) -> Decision:

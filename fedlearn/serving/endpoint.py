@@ -35,7 +35,8 @@ from fedlearn.serving.rest import (
     create_app,
     serve_rest,
 )
-from fedlearn.serving.traffic import DEFAULT_SHADOW_BUDGET, DEFAULT_SHADOW_QUEUE, TrafficRouter
+from fedlearn.serving.shadow import DEFAULT_SHADOW_BUDGET, DEFAULT_SHADOW_QUEUE
+from fedlearn.serving.traffic import TrafficRouter
 
 log = logging.getLogger(__name__)
 

@@ -10,20 +10,13 @@ a policy set, changed or cleared while requests run fails none of them.
   ``x-fedlearn-route-key``, gRPC metadata of the same name) the pick is a hash of the
   model name and key (blake2b, so the same key gets the same version in every process),
   otherwise a draw of the router's RNG.
-* **Shadow**: the serving alias answers; the request's inputs and the answer join a
-  bounded queue (a full one drops the mirror and counts it: the caller never waits for
-  the shadow, and wakes nobody). One worker thread wakes every ``shadow_linger_s``
-  (20 ms), runs the candidate once on the stacked inputs of the mirrors waiting (one
-  call's Python overhead for all of them: the endpoint is one process, and a model call
-  per mirror would hold the GIL the request path needs; a stacked call that fails is
-  retried mirror by mirror, so a candidate failing some requests is charged with exactly
-  those) and compares: a row disagrees when the argmax differs (a float output of shape
-  ``[batch, classes]``) or, for any other output, when the largest absolute difference
-  exceeds the policy's tolerance; a non-finite candidate value always disagrees. The
-  worker spends at most ``shadow_budget`` (5 %) of the CPU time the rest of the
-  endpoint spends (measured per thread and process, ``time.thread_time`` and
-  ``time.process_time``); what that cannot compare waits, and is dropped once the queue
-  is full.
+* **Shadow**: the serving alias answers; the request's inputs and the answer go to a
+  :class:`~fedlearn.serving.shadow.ShadowWorker`, which compares the candidate's answers
+  with them off the request path, in stacked batches every 20 ms, within a CPU budget
+  (``shadow_budget``, 5 % of the rest of the endpoint's CPU time): a row disagrees when
+  the argmax differs (a float output of shape ``[batch, classes]``) or, for any other
+  output, when the largest absolute difference exceeds the policy's tolerance. A full
+  queue drops the mirror and counts it: the caller never waits for the shadow.
 * **Canary**: the candidate answers its step's share of the requests (by route key or RNG
   as for a split). After each poll the router checks the candidate's live metrics in the
   current step against the policy's :class:`~fedlearn.registry.traffic.LiveGate` and
@@ -55,11 +48,8 @@ the primary and of the candidate on the mirrored requests).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import math
-import os
 import random
 import threading
 import time
@@ -70,220 +60,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from fedlearn.errors import ConfigError, FedlearnError
-from fedlearn.registry.model_registry import (
+from fedlearn.registry.model_registry import PRODUCTION, ModelRegistry
+from fedlearn.registry.traffic import Canary, Policy, Shadow, Split, policy_to_dict
+from fedlearn.registry.traffic_store import (
     CANARY_PROMOTE,
     CANARY_ROLLBACK,
     CANARY_STEP,
-    PRODUCTION,
     ROUTE_CLEAR,
-    ModelRegistry,
     StoredPolicy,
 )
-from fedlearn.registry.traffic import Canary, Policy, Shadow, Split, policy_to_dict
 from fedlearn.serving.models import ServedModel
 from fedlearn.serving.repository import ModelRepository
+from fedlearn.serving.shadow import (
+    DEFAULT_SHADOW_BUDGET,
+    DEFAULT_SHADOW_QUEUE,
+    LATENCY_WINDOW,
+    Outputs,
+    PairStats,
+    ShadowWorker,
+    TrafficMetrics,
+    finite,
+    percentile,
+)
 
 log = logging.getLogger(__name__)
 
 #: The request header (REST) and metadata key (gRPC) whose value makes a split sticky.
 ROUTE_HEADER = "x-fedlearn-route-key"
-DEFAULT_SHADOW_QUEUE = 64
-#: CPU the shadow worker may use, as a share of the rest of the endpoint's.
-DEFAULT_SHADOW_BUDGET = 0.05
-#: CPU the shadow worker may use in any case, as a share of one core (seconds per second).
-SHADOW_FLOOR = 0.01
-#: Most CPU seconds the shadow worker may save up while it has nothing to compare.
-SHADOW_MAX_CREDIT = 0.05
-#: Latencies kept per version and step for a canary's p95 (the most recent ones).
-LATENCY_WINDOW = 4096
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-
-Outputs = dict[str, np.ndarray]
 
 
 def route_point(name: str, key: str) -> float:
     """Where ``key`` falls in [0, 1) for model ``name``: the same in every process."""
     digest = hashlib.blake2b(f"{name}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
-
-
-def compare_outputs(
-    primary: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], tolerance: float
-) -> tuple[int, int, float]:
-    """``(rows, disagreeing rows, largest absolute difference)`` of two answers to one
-    request (module docstring: argmax for ``[batch, classes]`` floats, max-abs over
-    ``tolerance`` otherwise, non-finite candidate values always disagree; outputs of
-    different shapes disagree on every row)."""
-    rows = 0
-    for array in primary.values():
-        rows = max(rows, int(array.shape[0]) if array.ndim else 1)
-    if rows == 0:
-        return 0, 0, 0.0
-    disagree = np.zeros(rows, dtype=bool)
-    largest = 0.0
-    for name, a in primary.items():
-        b = candidate.get(name)
-        if b is None or b.shape != a.shape:
-            return rows, rows, math.inf
-        a2 = a.reshape(rows, -1) if a.ndim else a.reshape(1, 1)
-        b2 = b.reshape(rows, -1) if b.ndim else b.reshape(1, 1)
-        if a2.dtype.kind in "fc" or b2.dtype.kind in "fc":
-            af, bf = a2.astype(np.float64), b2.astype(np.float64)
-            bad = ~np.isfinite(bf).all(axis=1)
-            diff = np.abs(af - bf)
-            finite = diff[np.isfinite(diff)]
-            if finite.size:
-                largest = max(largest, float(finite.max()))
-            if bad.any():
-                largest = math.inf
-            if a.ndim == 2 and a.shape[1] > 1 and a.dtype.kind == "f":
-                row_bad = np.argmax(af, axis=1) != np.argmax(bf, axis=1)
-            else:
-                row_bad = ~(np.nan_to_num(diff, nan=np.inf) <= tolerance).all(axis=1)
-            disagree |= row_bad | bad
-        else:
-            row_bad = (a2 != b2).any(axis=1)
-            if row_bad.any():
-                largest = max(largest, float(np.abs(a2.astype(np.float64) - b2).max()))
-            disagree |= row_bad
-    return rows, int(disagree.sum()), largest
-
-
-def _rows(arrays: Mapping[str, np.ndarray]) -> int:
-    return max((int(a.shape[0]) if a.ndim else 1 for a in arrays.values()), default=1)
-
-
-def _group_key(mirror: _Mirror) -> tuple[Any, ...]:
-    """Mirrors with equal keys can run stacked: same pair, outputs, tolerance, statistics,
-    and tensors that differ at most in their first dimension (none a scalar)."""
-    if any(a.ndim == 0 for a in (*mirror.inputs.values(), *mirror.answer.values())):
-        return (id(mirror),)
-    return (
-        mirror.name,
-        mirror.primary,
-        mirror.candidate,
-        mirror.tolerance,
-        None if mirror.outputs is None else tuple(mirror.outputs),
-        tuple(id(s) for s in mirror.stats),
-        tuple((k, a.dtype.str, a.shape[1:]) for k, a in mirror.inputs.items()),
-        tuple((k, a.dtype.str, a.shape[1:]) for k, a in mirror.answer.items()),
-    )
-
-
-def finite(outputs: Mapping[str, np.ndarray]) -> bool:
-    """Whether every float value of ``outputs`` is finite."""
-    return all(a.dtype.kind not in "fc" or bool(np.isfinite(a).all()) for a in outputs.values())
-
-
-class TrafficMetrics:
-    """The router's Prometheus metrics (names: module docstring) on ``registry``."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        pair = ["model", "primary", "candidate"]
-        self.routed = Counter(
-            "fedlearn_serving_traffic_requests",
-            "Requests for a model name answered under a traffic policy, by answering version.",
-            ["model", "version", "policy"],
-            registry=registry,
-        )
-        self.fallbacks = Counter(
-            "fedlearn_serving_traffic_fallbacks",
-            "Requests a routed version failed (error or non-finite output) and the serving "
-            "alias answered instead, by routed version.",
-            ["model", "version"],
-            registry=registry,
-        )
-        self.decisions = Counter(
-            "fedlearn_serving_traffic_decisions",
-            "Canary decisions taken by this endpoint (canary-step, canary-promote, "
-            "canary-rollback, route-clear).",
-            ["model", "action"],
-            registry=registry,
-        )
-        self.canary_share = Gauge(
-            "fedlearn_serving_canary_share",
-            "The share of a model's requests its canary candidate answers now.",
-            ["model", "candidate"],
-            registry=registry,
-        )
-        self.shadow_requests = Counter(
-            "fedlearn_serving_shadow_requests",
-            "Requests mirrored to a shadow candidate and compared.",
-            pair,
-            registry=registry,
-        )
-        self.shadow_rows = Counter(
-            "fedlearn_serving_shadow_rows",
-            "Rows (batch entries) compared between primary and shadow candidate.",
-            pair,
-            registry=registry,
-        )
-        self.shadow_disagreements = Counter(
-            "fedlearn_serving_shadow_disagreements",
-            "Rows on which the shadow candidate disagreed with the primary.",
-            pair,
-            registry=registry,
-        )
-        self.shadow_ratio = Gauge(
-            "fedlearn_serving_shadow_disagreement_ratio",
-            "Disagreeing rows / compared rows of a (primary, candidate) pair since start.",
-            pair,
-            registry=registry,
-        )
-        self.shadow_errors = Counter(
-            "fedlearn_serving_shadow_errors",
-            "Mirrored requests the shadow candidate failed on.",
-            pair,
-            registry=registry,
-        )
-        self.shadow_dropped = Counter(
-            "fedlearn_serving_shadow_dropped",
-            "Mirrors dropped because the shadow queue was full.",
-            ["model"],
-            registry=registry,
-        )
-        self.shadow_latency = Histogram(
-            "fedlearn_serving_shadow_seconds",
-            "Inference latency of the primary and the shadow candidate on mirrored requests.",
-            [*pair, "side"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-
-
-@dataclass
-class PairStats:
-    """What the shadow comparisons of one (primary, candidate) pair found."""
-
-    requests: int = 0
-    rows: int = 0
-    disagreements: int = 0
-    errors: int = 0
-    largest_difference: float = 0.0
-    primary_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    candidate_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-
-    @property
-    def rate(self) -> float | None:
-        return None if self.rows == 0 else self.disagreements / self.rows
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "rows": self.rows,
-            "disagreements": self.disagreements,
-            "disagreement_rate": self.rate,
-            "errors": self.errors,
-            "max_abs_difference": None
-            if self.requests == 0 or math.isinf(self.largest_difference)
-            else self.largest_difference,
-            "primary_p50_ms": _percentile(self.primary_ms, 50),
-            "candidate_p50_ms": _percentile(self.candidate_ms, 50),
-            "candidate_p95_ms": _percentile(self.candidate_ms, 95),
-        }
 
 
 @dataclass
@@ -303,10 +115,10 @@ class CanaryWindow:
         return 0.0 if self.requests == 0 else self.failures / self.requests
 
     def p95(self) -> float | None:
-        return _percentile(self.latencies_ms, 95)
+        return percentile(self.latencies_ms, 95)
 
     def base_p95(self) -> float | None:
-        return _percentile(self.baseline_ms, 95) or self.baseline_p95_ms
+        return percentile(self.baseline_ms, 95) or self.baseline_p95_ms
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -319,12 +131,6 @@ class CanaryWindow:
             "disagreement_rate": self.shadow.rate,
             "shadow_rows": self.shadow.rows,
         }
-
-
-def _percentile(values: Sequence[float] | deque[float], q: float) -> float | None:
-    if not values:
-        return None
-    return float(np.percentile(np.fromiter(values, dtype=np.float64), q))
 
 
 class _State:
@@ -352,49 +158,6 @@ class _State:
             if point < bound:
                 return version
         return self.cumulative[-1][1]  # rounding: the sum may fall just short of 1
-
-
-@dataclass(frozen=True)
-class _Mirror:
-    name: str
-    primary: int
-    candidate: int
-    tolerance: float
-    inputs: Mapping[str, np.ndarray]
-    outputs: Sequence[str] | None
-    answer: Outputs
-    stats: tuple[PairStats, ...]
-
-
-class _CpuBudget:
-    """The shadow worker's CPU allowance (called from the worker thread only): ``earn``
-    adds ``share`` of the CPU time the rest of the process used since the last look (and
-    the floor), ``spend`` deducts what this thread used."""
-
-    def __init__(self, share: float) -> None:
-        self.share = share
-        self.credit = SHADOW_MAX_CREDIT
-        self.process = time.process_time()
-        self.thread = time.thread_time()
-        self.wall = time.monotonic()
-        self.mine = 0.0
-
-    def earn(self) -> None:
-        process, wall = time.process_time(), time.monotonic()
-        others = max(0.0, process - self.process - self.mine)
-        gained = self.share * others + SHADOW_FLOOR * (wall - self.wall)
-        self.credit = min(SHADOW_MAX_CREDIT, self.credit + gained)
-        self.process, self.wall, self.mine = process, wall, 0.0
-
-    def left(self) -> bool:
-        return self.credit > 0
-
-    def spend(self) -> None:
-        now = time.thread_time()
-        used = now - self.thread
-        self.thread = now
-        self.credit -= used
-        self.mine += used
 
 
 class TrafficRouter:
@@ -438,40 +201,42 @@ class TrafficRouter:
         self.metrics = TrafficMetrics(collectors)
         self.poll_interval_s = poll_interval_s
         self.decide = decide
-        self.shadow_nice = shadow_nice
-        self.shadow_linger_s = shadow_linger_s
-        self.shadow_batch_rows = shadow_batch_rows
-        self.shadow_budget = shadow_budget
         self._registry = ModelRegistry(root)
         self._rng = rng or random.Random()
         self._states: dict[str, _State] = {}
-        self._pairs: dict[tuple[str, int, int], PairStats] = {}
-        self._pairs_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
-        # mirrors waiting for the worker: appended by request threads, taken in batches
-        # by the worker when it wakes (every shadow_linger_s), so a request wakes nobody
-        self._mirrors: deque[_Mirror] = deque()
-        self._shadow_capacity = shadow_queue
-        self._comparing = False
+        self.shadow = ShadowWorker(
+            repository,
+            self.metrics,
+            capacity=shadow_queue,
+            nice=shadow_nice,
+            linger_s=shadow_linger_s,
+            batch_rows=shadow_batch_rows,
+            budget=shadow_budget,
+        )
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         """Read the policies now, then watch them and run the shadow worker in threads."""
         self.refresh()
-        for target, name in ((self._watch, "poll"), (self._shadow_worker, "shadow")):
-            thread = threading.Thread(target=target, name=f"fedlearn-traffic-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.shadow.start()
+        self._thread = threading.Thread(target=self._watch, name="fedlearn-traffic", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         """Stop both threads (mirrors still queued are dropped) and close the registry."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.shadow.close()
         self._registry.close()
+
+    def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until every queued mirror has been compared (tests, benchmarks)."""
+        self.shadow.drain(timeout_s)
 
     def __enter__(self) -> TrafficRouter:
         return self
@@ -500,7 +265,9 @@ class TrafficRouter:
             elapsed = time.perf_counter() - start
             self.metrics.routed.labels(default.name, str(default.version), policy.kind).inc()
             if policy.sample >= 1.0 or self._rng.random() < policy.sample:
-                self._mirror(default, policy.candidate, policy.tolerance, inputs, outputs, answer)
+                self.shadow.submit(
+                    default, policy.candidate, policy.tolerance, inputs, outputs, answer
+                )
                 self.metrics.shadow_latency.labels(
                     default.name, str(default.version), str(policy.candidate), "primary"
                 ).observe(elapsed)
@@ -517,7 +284,7 @@ class TrafficRouter:
                     state.window.baseline_requests += 1
                     state.window.baseline_ms.append(elapsed_ms)
                 if canary.mirrors:
-                    self._mirror(
+                    self.shadow.submit(
                         default,
                         canary.candidate,
                         canary.tolerance,
@@ -571,154 +338,6 @@ class TrafficRouter:
             log.debug("%s v%d failed a routed request: %s", name, version, exc)
             return model, None, (time.perf_counter() - start) * 1e3
         return model, answer, (time.perf_counter() - start) * 1e3
-
-    def _mirror(
-        self,
-        primary: ServedModel,
-        candidate: int,
-        tolerance: float,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str] | None,
-        answer: Outputs,
-        *extra: PairStats,
-    ) -> None:
-        mirror = _Mirror(
-            primary.name,
-            primary.version,
-            candidate,
-            tolerance,
-            inputs,
-            outputs,
-            answer,
-            (self._pair(primary.name, primary.version, candidate), *extra),
-        )
-        if len(self._mirrors) >= self._shadow_capacity:
-            self.metrics.shadow_dropped.labels(primary.name).inc()
-            return
-        self._mirrors.append(mirror)  # deque appends are atomic: no lock on the request path
-
-    def _pair(self, name: str, primary: int, candidate: int) -> PairStats:
-        key = (name, primary, candidate)
-        stats = self._pairs.get(key)
-        if stats is None:
-            with self._pairs_lock:
-                stats = self._pairs.setdefault(key, PairStats())
-        return stats
-
-    # -- shadow -------------------------------------------------------------------------
-
-    def _shadow_worker(self) -> None:
-        if self.shadow_nice and hasattr(os, "setpriority"):
-            # Linux: the nice value is per thread, so this one alone yields the CPU
-            with contextlib.suppress(OSError):
-                tid = threading.get_native_id()
-                nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.shadow_nice)
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
-        budget = _CpuBudget(self.shadow_budget)
-        while not self._stop.wait(self.shadow_linger_s):
-            budget.earn()
-            while self._mirrors and budget.left() and not self._stop.is_set():
-                self._comparing = True
-                try:
-                    self.run_mirrors(self._take())
-                except Exception:  # the worker outlives any one batch
-                    log.exception("shadow comparison failed")
-                finally:
-                    self._comparing = False
-                    budget.spend()
-
-    def _take(self) -> list[_Mirror]:
-        """The oldest waiting mirrors, up to ``shadow_batch_rows`` rows (at least one)."""
-        batch: list[_Mirror] = []
-        rows = 0
-        while self._mirrors and (not batch or rows < self.shadow_batch_rows):
-            mirror = self._mirrors.popleft()
-            batch.append(mirror)
-            rows += _rows(mirror.inputs)
-        return batch
-
-    def run_mirrors(self, mirrors: Sequence[_Mirror]) -> None:
-        """Run the candidate on mirrored requests and record the comparisons: requests of
-        one pair whose tensors stack along the batch axis run as one batch (the Python
-        cost of a call paid once for all of them), the others one by one."""
-        groups: dict[tuple[Any, ...], list[_Mirror]] = {}
-        for mirror in mirrors:
-            groups.setdefault(_group_key(mirror), []).append(mirror)
-        for group in groups.values():
-            if len(group) == 1 or not self._run_stacked(group):
-                for mirror in group:
-                    self.run_mirror(mirror)
-
-    def _run_stacked(self, group: list[_Mirror]) -> bool:
-        """One candidate call on the stacked inputs of ``group``; False (nothing recorded)
-        if it fails, so that each request is tried alone."""
-        first = group[0]
-        try:
-            model = self.repository.get(first.name, first.candidate)
-            inputs = {k: np.concatenate([m.inputs[k] for m in group]) for k in first.inputs}
-            primary = {k: np.concatenate([m.answer[k] for m in group]) for k in first.answer}
-            start = time.perf_counter()
-            answer = model.infer(inputs, first.outputs)
-            elapsed = time.perf_counter() - start
-        except Exception as exc:  # e.g. a candidate limited to smaller batches
-            log.debug("shadow %s v%d: stacked batch failed: %s", first.name, first.candidate, exc)
-            return False
-        rows, disagreements, largest = compare_outputs(primary, answer, first.tolerance)
-        self._record(first, len(group), rows, disagreements, largest, elapsed)
-        return True
-
-    def run_mirror(self, mirror: _Mirror) -> None:
-        """Run the candidate on one mirrored request and record the comparison."""
-        try:
-            model = self.repository.get(mirror.name, mirror.candidate)
-            start = time.perf_counter()
-            answer = model.infer(mirror.inputs, mirror.outputs)
-            elapsed = time.perf_counter() - start
-        except Exception as exc:
-            log.debug("shadow %s v%d failed: %s", mirror.name, mirror.candidate, exc)
-            labels = (mirror.name, str(mirror.primary), str(mirror.candidate))
-            self.metrics.shadow_errors.labels(*labels).inc()
-            for stats in mirror.stats:
-                stats.errors += 1
-            return
-        rows, disagreements, largest = compare_outputs(mirror.answer, answer, mirror.tolerance)
-        self._record(mirror, 1, rows, disagreements, largest, elapsed)
-
-    def _record(
-        self,
-        mirror: _Mirror,
-        requests: int,
-        rows: int,
-        disagreements: int,
-        largest: float,
-        elapsed: float,
-    ) -> None:
-        """Count ``requests`` compared requests of ``mirror``'s pair (``elapsed``: the
-        candidate's time to answer them, each)."""
-        labels = (mirror.name, str(mirror.primary), str(mirror.candidate))
-        self.metrics.shadow_requests.labels(*labels).inc(requests)
-        self.metrics.shadow_rows.labels(*labels).inc(rows)
-        self.metrics.shadow_disagreements.labels(*labels).inc(disagreements)
-        latency = self.metrics.shadow_latency.labels(*labels, "candidate")
-        for _ in range(requests):
-            latency.observe(elapsed)
-        for stats in mirror.stats:
-            stats.requests += requests
-            stats.rows += rows
-            stats.disagreements += disagreements
-            stats.largest_difference = max(stats.largest_difference, largest)
-            stats.candidate_ms.extend([elapsed * 1e3] * requests)
-        pair = mirror.stats[0]
-        if pair.rate is not None:
-            self.metrics.shadow_ratio.labels(*labels).set(pair.rate)
-
-    def drain(self, timeout_s: float = 10.0) -> None:
-        """Wait until every queued mirror has been compared (tests, benchmarks)."""
-        deadline = time.monotonic() + timeout_s
-        while self._mirrors or self._comparing:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the shadow queue did not drain")
-            time.sleep(0.005)
 
     # -- policies -----------------------------------------------------------------------
 
@@ -877,10 +496,9 @@ class TrafficRouter:
         self._publish_shares()
 
     def _end(self, name: str, state: _State, action: str, reason: str, promote: int | None) -> None:
-        decision = self._registry.end_traffic(
+        if not self._registry.end_traffic(
             name, state.stored.revision, action, reason, promote=promote
-        )
-        if decision is None:  # changed meanwhile: the next refresh sees what it is now
+        ):  # changed meanwhile: the next refresh sees what it is now
             return
         log.info("%s: %s", name, reason)
         self.metrics.decisions.labels(name, action).inc()
@@ -904,11 +522,7 @@ class TrafficRouter:
     def metadata(self, name: str) -> dict[str, Any] | None:
         """The policy of ``name`` and what it measured, for ``/v2/models/{name}``."""
         state = self._states.get(name)
-        pairs = {
-            f"v{primary}->v{candidate}": stats.summary()
-            for (model, primary, candidate), stats in list(self._pairs.items())
-            if model == name
-        }
+        pairs = self.shadow.pairs(name)
         if state is None and not pairs:
             return None
         out: dict[str, Any] = {"policy": None}
