@@ -320,6 +320,8 @@ def _toml(config: dict[str, Any]) -> str:
 
     lines = []
     for section, fields in config.items():
+        if fields is None:  # an optional section left out
+            continue
         lines.append(f"[{section}]")
         lines += [f"{k} = {value(v)}" for k, v in fields.items() if v is not None]
     return "\n".join(lines) + "\n"
