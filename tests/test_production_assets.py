@@ -456,14 +456,28 @@ def test_a_renamed_or_mis_suffixed_metric_is_caught() -> None:
     assert unknown_metrics(wrong, exported) == {"r", "d", "g2"}
 
 
-def test_endpoint_dashboard_reserves_a_row_for_traffic_split_and_drift() -> None:
+def test_endpoint_dashboard_has_a_traffic_row_and_a_drift_row() -> None:
+    """Below each row, up to the next one, panels that query that row's metrics only."""
     dashboard = json.loads((DEPLOY / "grafana/dashboards/endpoint.json").read_text())
-    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
-    reserved = [r for r in rows if "traffic split" in r["title"].lower()]
-    assert len(reserved) == 1
-    start = dashboard["panels"].index(reserved[0])
-    after = dashboard["panels"][start + 1 :]
-    assert after and all(p["type"] == "text" and not p.get("targets") for p in after)
+    panels = dashboard["panels"]
+    starts = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    for word, prefixes in (
+        (
+            "traffic",
+            ("fedlearn_serving_traffic_", "fedlearn_serving_canary_", "fedlearn_serving_shadow_"),
+        ),
+        ("drift", ("fedlearn_serving_drift_",)),
+    ):
+        rows = [i for i in starts if word in panels[i]["title"].lower()]
+        assert len(rows) == 1, word
+        end = next((i for i in starts if i > rows[0]), len(panels))
+        below = panels[rows[0] + 1 : end]
+        assert below, word
+        for panel in below:
+            exprs = [t["expr"] for t in panel.get("targets", [])]
+            assert exprs, panel["title"]
+            names = set(re.findall(r"fedlearn_[a-z_]+", " ".join(exprs)))
+            assert names and all(n.startswith(prefixes) for n in names), panel["title"]
 
 
 def test_dashboards_are_well_formed() -> None:
