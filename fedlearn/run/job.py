@@ -96,6 +96,7 @@ def client_app_factory(config: SimulationConfig) -> Callable[[], ClientApp]:
         config.run.seed,
         alpha=config.data.alpha,
         shards_per_client=config.data.shards_per_client,
+        min_size=config.data.min_size,
         test_fraction=config.data.test_fraction,
     )
     return functools.partial(build_app, factory, data, dict(config.client.params))
