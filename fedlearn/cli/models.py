@@ -368,6 +368,10 @@ def route(
     min_requests: Annotated[
         int | None, typer.Option(help="canary: requests in a step before any verdict (default 50)")
     ] = None,
+    max_drift_psi: Annotated[
+        float | None,
+        typer.Option(help="canary: roll back above this drift PSI of the candidate's inputs"),
+    ] = None,
     reason: Annotated[str | None, typer.Option(help="note recorded with the decision")] = None,
     registry: RegistryOption = DEFAULT_REGISTRY,
 ) -> None:
@@ -413,6 +417,7 @@ def route(
             "--p95-tolerance-ms",
             "--max-disagreement",
             "--min-requests",
+            "--max-drift-psi",
         },
     }[kind]
     extras = {
@@ -426,6 +431,7 @@ def route(
         "--p95-tolerance-ms": p95_tolerance_ms,
         "--max-disagreement": max_disagreement,
         "--min-requests": min_requests,
+        "--max-drift-psi": max_drift_psi,
     }
     stray = sorted(flag for flag, value in extras.items() if value is not None)
     stray = [flag for flag in stray if flag not in allowed]
@@ -463,6 +469,7 @@ def route(
                     p95_tolerance_ms,
                     max_disagreement,
                     defaults.min_requests if min_requests is None else min_requests,
+                    max_drift_psi,
                 )
                 policy = Canary(
                     canary,

@@ -132,7 +132,11 @@ class LiveGate:
     (the publish gate's "no worse than production, allowing ``tolerance``", on latency).
     ``max_disagreement``: the shadow disagreement rate of the candidate against the
     baseline on the requests the baseline answers (setting it mirrors those requests to
-    the candidate).
+    the candidate). ``max_drift_psi``: the drift PSI (mean over features) of the inputs
+    the candidate answered against its own training reference distribution, over the
+    endpoint's drift window; judged once the window holds the drift monitor's minimum of
+    rows (a step does not end before that), not judged for a candidate without a
+    reference (the decision says so). Old stored gates without it load with ``None``.
     """
 
     max_error_rate: float = 0.01
@@ -140,6 +144,7 @@ class LiveGate:
     p95_tolerance_ms: float | None = None
     max_disagreement: float | None = None
     min_requests: int = 50
+    max_drift_psi: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -159,6 +164,11 @@ class LiveGate:
             or self.min_requests < 1
         ):
             raise ConfigError(f"canary: min_requests must be >= 1, got {self.min_requests!r}")
+        if self.max_drift_psi is not None:
+            psi = _number(self.max_drift_psi, "canary: max_drift_psi")
+            if psi < 0:
+                raise ConfigError(f"canary: max_drift_psi must be >= 0, got {self.max_drift_psi!r}")
+            object.__setattr__(self, "max_drift_psi", psi)
 
 
 @dataclass(frozen=True)
@@ -274,6 +284,8 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
             "p95_tolerance_ms": gate.p95_tolerance_ms,
             "max_disagreement": gate.max_disagreement,
             "min_requests": gate.min_requests,
+            # left out unset, so an endpoint of an earlier fedlearn still reads the policy
+            **({} if gate.max_drift_psi is None else {"max_drift_psi": gate.max_drift_psi}),
         },
         "tolerance": policy.tolerance,
         "step": policy.step,

@@ -337,6 +337,13 @@ class DriftMonitor:
             **scores.as_dict(),
         }
 
+    def version_scores(self, model: ServedModel) -> DriftScores | str:
+        """``model``'s scores over its window, or why it has none (a canary's live gate)."""
+        entry = self._entry(model)
+        if entry.drift is None:
+            return entry.reason or "no drift statistics"
+        return entry.drift.scores(self.threshold, self.min_rows)
+
     def collect(self) -> Iterator[Metric]:
         """Prometheus metrics of every version seen so far (a custom collector)."""
         from prometheus_client.core import GaugeMetricFamily

@@ -195,6 +195,7 @@ def start_endpoint(settings: EndpointSettings) -> ServingEndpoint:
             decide=settings.canary_decisions,
             shadow_nice=settings.shadow_nice,
             shadow_budget=settings.shadow_budget,
+            drift=metrics.drift,
         )
         traffic.start()
         rest = serve_rest(

@@ -19,7 +19,12 @@ a policy set, changed or cleared while requests run fails none of them.
   queue drops the mirror and counts it: the caller never waits for the shadow.
 * **Canary**: the candidate answers its step's share of the requests (by route key or RNG
   as for a split). After each poll the router checks the candidate's live metrics in the
-  current step against the policy's :class:`~fedlearn.registry.traffic.LiveGate` and
+  current step (and, with ``max_drift_psi``, the drift PSI of the inputs the candidate
+  answered against its training reference, from the endpoint's
+  :class:`~fedlearn.serving.drift.DriftMonitor`: judged once its window holds the
+  monitor's ``min_rows``; a step does not end before then; a candidate without a
+  reference is not judged on drift, and the decision says so) against the policy's
+  :class:`~fedlearn.registry.traffic.LiveGate` and
   steps up, promotes (``production`` moves through the registry, recorded) or rolls back
   (the policy ends, recorded); the registry applies each decision only if the policy is
   still the one judged, so endpoints sharing a registry, or an operator changing the
@@ -57,7 +62,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -85,6 +90,9 @@ from fedlearn.serving.shadow import (
     finite,
     percentile,
 )
+
+if TYPE_CHECKING:
+    from fedlearn.serving.drift import DriftMonitor
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +141,42 @@ class CanaryWindow:
         }
 
 
+@dataclass(frozen=True)
+class DriftReading:
+    """A canary candidate's drift as its live gate sees it: the mean PSI of the inputs it
+    answered over ``rows`` rows of the drift window, or ``note``: why drift is not judged."""
+
+    psi: float | None
+    rows: int
+    min_rows: int
+    note: str | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the window holds too few rows to judge yet (a step cannot end)."""
+        return self.note is None and self.rows < self.min_rows
+
+    @property
+    def judged(self) -> bool:
+        return self.note is None and not self.waiting
+
+    def text(self) -> str:
+        if self.note is not None:
+            return f"drift not judged: {self.note}"
+        if self.waiting or self.psi is None:
+            return f"drift waiting for rows ({self.rows}/{self.min_rows})"
+        return f"drift PSI {self.psi:.3f} over {self.rows} rows"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "judged": self.judged,
+            "psi": self.psi,
+            "rows": self.rows,
+            "min_rows": self.min_rows,
+            "note": self.note,
+        }
+
+
 class _State:
     """One model's routing state for one policy revision."""
 
@@ -173,7 +217,9 @@ class TrafficRouter:
     the rest of the endpoint process uses (plus 1 % of a core, so that a quiet endpoint
     compares everything); mirrors beyond what it buys wait in the queue, and are dropped
     when it is full (counted), so a shadow costs a CPU-bound endpoint about that share of
-    its throughput and no more, under any load.
+    its throughput and no more, under any load. ``drift``: the endpoint's drift monitor,
+    whose statistics of a canary candidate a gate's ``max_drift_psi`` judges (None: drift
+    is not judged, and the decisions say so).
     """
 
     def __init__(
@@ -190,6 +236,7 @@ class TrafficRouter:
         shadow_linger_s: float = 0.02,
         shadow_batch_rows: int = 256,
         shadow_budget: float = DEFAULT_SHADOW_BUDGET,
+        drift: DriftMonitor | None = None,
     ) -> None:
         if not poll_interval_s > 0:
             raise ConfigError(f"traffic poll interval must be > 0, got {poll_interval_s}")
@@ -201,6 +248,7 @@ class TrafficRouter:
         self.metrics = TrafficMetrics(collectors)
         self.poll_interval_s = poll_interval_s
         self.decide = decide
+        self.drift = drift
         self._registry = ModelRegistry(root)
         self._rng = rng or random.Random()
         self._states: dict[str, _State] = {}
@@ -424,15 +472,17 @@ class TrafficRouter:
             base_p95 = window.base_p95()
             summary = window.summary()
         disagreement = window.shadow.rate
+        drift = None if gate.max_drift_psi is None else self._drift(name, policy.candidate)
         measured = (
             f"{n} requests, error rate {error_rate:.2%}"
             + ("" if p95 is None else f", p95 {p95:.2f} ms")
             + ("" if base_p95 is None else f" (baseline {base_p95:.2f} ms)")
             + ("" if disagreement is None else f", disagreement {disagreement:.2%}")
+            + ("" if drift is None else f", {drift.text()}")
         )
         where = f"step {policy.step + 1}/{len(policy.steps)} ({policy.share:.0%})"
+        broken: str | None = None
         if n >= gate.min_requests:
-            broken = None
             if error_rate > gate.max_error_rate:
                 broken = f"error rate {error_rate:.2%} > {gate.max_error_rate:.2%}"
             elif gate.max_p95_ms is not None and p95 is not None and p95 > gate.max_p95_ms:
@@ -453,15 +503,28 @@ class TrafficRouter:
                 and disagreement > gate.max_disagreement
             ):
                 broken = f"disagreement {disagreement:.2%} > {gate.max_disagreement:.2%}"
-            if broken is not None:
-                reason = (
-                    f"canary v{policy.candidate} rolled back at {where}: {broken} "
-                    f"({measured}); production stays v{policy.baseline}"
-                )
-                self._end(name, state, CANARY_ROLLBACK, reason, None)
-                return
+        if (
+            broken is None
+            and drift is not None
+            and drift.judged
+            and drift.psi is not None
+            and gate.max_drift_psi is not None
+            and drift.psi > gate.max_drift_psi
+        ):
+            broken = (
+                f"drift PSI {drift.psi:.3f} > {gate.max_drift_psi:g} (v{policy.candidate}'s "
+                f"inputs against its training reference)"
+            )
+        if broken is not None:
+            reason = (
+                f"canary v{policy.candidate} rolled back at {where}: {broken} "
+                f"({measured}); production stays v{policy.baseline}"
+            )
+            self._end(name, state, CANARY_ROLLBACK, reason, None)
+            return
         done = (
             n >= gate.min_requests
+            and (drift is None or not drift.waiting)
             and (policy.step_requests is None or n >= policy.step_requests)
             and (
                 policy.step_seconds is None
@@ -485,6 +548,19 @@ class TrafficRouter:
             self.metrics.decisions.labels(name, CANARY_STEP).inc()
             log.debug("%s: step window %s", name, summary)
             self.refresh_one(name, stored, state)
+
+    def _drift(self, name: str, candidate: int) -> DriftReading:
+        """The candidate's drift, from the endpoint's monitor (its own rolling window)."""
+        if self.drift is None:
+            return DriftReading(None, 0, 0, "the endpoint keeps no drift statistics")
+        try:
+            model = self.repository.get(name, candidate)
+        except FedlearnError as exc:
+            return DriftReading(None, 0, 0, f"v{candidate} cannot be loaded ({exc})")
+        scores = self.drift.version_scores(model)
+        if isinstance(scores, str):
+            return DriftReading(None, 0, 0, f"v{candidate}: {scores}")
+        return DriftReading(scores.psi, scores.rows, self.drift.min_rows)
 
     def refresh_one(self, name: str, stored: StoredPolicy, old: _State) -> None:
         """Apply a policy this router itself just stored."""
@@ -532,6 +608,9 @@ class TrafficRouter:
             if isinstance(state.policy, Canary):
                 with state.lock:
                     out["canary"] = {"share": state.policy.share, **state.window.summary()}
+                if state.policy.gate.max_drift_psi is not None:
+                    reading = self._drift(name, state.policy.candidate)
+                    out["canary"]["drift"] = reading.as_dict()
         if pairs:
             out["shadow"] = pairs
         return out
