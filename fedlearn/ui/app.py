@@ -8,7 +8,9 @@ Routes::
     GET /api/events        server-sent events after ``?after=SEQ`` (or Last-Event-ID)
 
 Every answer forbids loading anything from elsewhere (Content-Security-Policy
-``default-src 'self'``). The server listens on loopback unless told otherwise.
+``default-src 'self'``). The server listens on loopback unless told otherwise; on any
+other address only over TLS (:class:`PageTls`: the coordinator's certificate, and with a
+client CA, only to browsers that present a certificate it signed).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlearn.config.deployment import is_loopback
 from fedlearn.config.extras import extra_message
 from fedlearn.errors import ConfigError
 from fedlearn.ui.events import Event, EventBus
@@ -134,6 +138,16 @@ def build_app(state: LiveState) -> Starlette:
     )
 
 
+@dataclass(frozen=True)
+class PageTls:
+    """TLS for the page: its certificate chain and key (PEM files); with ``client_ca``,
+    a browser must present a certificate signed by it (refused in the handshake else)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
 @dataclass
 class LivePage:
     """The page served by uvicorn in a background thread; :meth:`stop` ends it."""
@@ -143,13 +157,14 @@ class LivePage:
     thread: threading.Thread
     host: str
     port: int
+    tls: bool = False
     _stopped: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
-        """The page's address, e.g. ``http://127.0.0.1:8050/``."""
+        """The page's address, e.g. ``http://127.0.0.1:8050/`` (``https`` over TLS)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the pages' event streams, then the server (idempotent)."""
@@ -177,10 +192,20 @@ def start_live_page(
     port: int = 0,
     host: str = "127.0.0.1",
     clients: Sequence[int] = (),
+    tls: PageTls | None = None,
     startup_timeout_s: float = 10.0,
 ) -> LivePage:
     """Serve the page of the run in ``directory`` (its ``run.db``), following ``bus``
-    (None: a finished run from its store); returns once it listens (port 0: any free)."""
+    (None: a finished run from its store); returns once it listens (port 0: any free).
+    A ``host`` beyond loopback needs ``tls`` (ConfigError otherwise)."""
+    if tls is None and not is_loopback(host):
+        raise ConfigError(
+            f"the live page: {host} is not a loopback address; it is served there over "
+            "TLS only (give a certificate and key)"
+        )
+    for path in () if tls is None else (tls.cert, tls.key, tls.client_ca):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"the live page: no such file: {path}")
     state = LiveState(directory / "run.db", run_id, bus, clients)
     config = uvicorn.Config(
         build_app(state),
@@ -191,6 +216,10 @@ def start_live_page(
         lifespan="off",
         ws="none",
         timeout_graceful_shutdown=2,
+        ssl_certfile=None if tls is None else str(tls.cert),
+        ssl_keyfile=None if tls is None else str(tls.key),
+        ssl_ca_certs=None if tls is None or tls.client_ca is None else str(tls.client_ca),
+        ssl_cert_reqs=ssl.CERT_NONE if tls is None or tls.client_ca is None else ssl.CERT_REQUIRED,
     )
     server = uvicorn.Server(config)
 
@@ -211,4 +240,4 @@ def start_live_page(
             raise ConfigError(f"the live page could not listen on {host}:{port}")
         time.sleep(0.01)
     bound = int(server.servers[0].sockets[0].getsockname()[1])
-    return LivePage(state, server, thread, host, bound)
+    return LivePage(state, server, thread, host, bound, tls is not None)
