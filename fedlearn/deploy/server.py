@@ -202,7 +202,11 @@ def run_coordinator(
             from fedlearn.ui.app import start_live_page
 
             page = start_live_page(
-                state_dir, config.run.name, events, **page_exposure(config.server)
+                state_dir,
+                config.run.name,
+                events,
+                registry=registry_root,
+                **page_exposure(config.server),
             )
             log.info("live page on %s", page.url)
         with serve_sites(config, authenticator, on_ready, events) as service:

@@ -6,6 +6,7 @@ Routes::
     GET /static/{file}     its script and style, shipped in the package
     GET /api/snapshot      the run so far (JSON): a page loads it first
     GET /api/events        server-sent events after ``?after=SEQ`` (or Last-Event-ID)
+    GET /api/traffic       the registry's models and their traffic (fedlearn.ui.traffic)
 
 Every answer forbids loading anything from elsewhere (Content-Security-Policy
 ``default-src 'self'``). The server listens on loopback unless told otherwise; on any
@@ -31,6 +32,7 @@ from fedlearn.config.extras import extra_message
 from fedlearn.errors import ConfigError
 from fedlearn.ui.events import Event, EventBus
 from fedlearn.ui.state import LiveState
+from fedlearn.ui.traffic import RegistryWatcher
 
 try:  # the serve extra: without it, a ConfigError that names it rather than an ImportError
     import uvicorn
@@ -127,9 +129,13 @@ def build_app(state: LiveState) -> Starlette:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    async def traffic(request: Request) -> Response:
+        return JSONResponse({"models": state.traffic()}, headers={"Cache-Control": "no-store"})
+
     return Starlette(
         routes=[
             Route("/", index),
+            Route("/api/traffic", traffic),
             Route("/api/snapshot", snapshot),
             Route("/api/events", events),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -158,6 +164,7 @@ class LivePage:
     host: str
     port: int
     tls: bool = False
+    watcher: RegistryWatcher | None = None
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -171,6 +178,8 @@ class LivePage:
         if self._stopped:
             return
         self._stopped = True
+        if self.watcher is not None:
+            self.watcher.close()
         self.state.close()
         self.server.should_exit = True
         self.thread.join(timeout_s)
@@ -193,11 +202,13 @@ def start_live_page(
     host: str = "127.0.0.1",
     clients: Sequence[int] = (),
     tls: PageTls | None = None,
+    registry: Path | None = None,
     startup_timeout_s: float = 10.0,
 ) -> LivePage:
     """Serve the page of the run in ``directory`` (its ``run.db``), following ``bus``
     (None: a finished run from its store); returns once it listens (port 0: any free).
-    A ``host`` beyond loopback needs ``tls`` (ConfigError otherwise)."""
+    A ``host`` beyond loopback needs ``tls`` (ConfigError otherwise). With ``registry``
+    the page shows its models' traffic, read again when the registry changes."""
     if tls is None and not is_loopback(host):
         raise ConfigError(
             f"the live page: {host} is not a loopback address; it is served there over "
@@ -207,6 +218,10 @@ def start_live_page(
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"the live page: no such file: {path}")
     state = LiveState(directory / "run.db", run_id, bus, clients)
+    watcher = None
+    if registry is not None:
+        watcher = RegistryWatcher(registry, None if bus is None else bus.traffic)
+        state.traffic = lambda: watcher.view
     config = uvicorn.Config(
         build_app(state),
         host=host,
@@ -234,10 +249,12 @@ def start_live_page(
     deadline = time.monotonic() + startup_timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
+            if watcher is not None:
+                watcher.close()
             state.close()
             server.should_exit = True
             thread.join(5)
             raise ConfigError(f"the live page could not listen on {host}:{port}")
         time.sleep(0.01)
     bound = int(server.servers[0].sockets[0].getsockname()[1])
-    return LivePage(state, server, thread, host, bound, tls is not None)
+    return LivePage(state, server, thread, host, bound, tls is not None, watcher)
