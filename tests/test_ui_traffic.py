@@ -13,6 +13,7 @@ import httpx
 import pytest
 import traffic_models as tm
 
+from fedlearn.errors import ConfigError
 from fedlearn.registry.model_registry import ModelRegistry
 from fedlearn.registry.traffic import Canary, Shadow, Split
 from fedlearn.ui.events import Event, EventBus
@@ -118,3 +119,49 @@ def test_the_page_serves_the_traffic_and_sends_it_when_it_changes(tmp_path: Path
         assert event.data["models"][0]["policy"]["shares"] == {"1": 0.1, "2": 0.9}
         got = httpx.get(page.url + "api/traffic", timeout=10).json()
         assert got["models"][0]["decisions"][0]["action"] == "route-set"
+
+
+def test_the_endpoints_counts_per_answering_version_come_from_its_metrics(
+    tmp_path: Path,
+) -> None:
+    """A real ``fedlearn serve`` of the registry under a split: the watcher's counts per
+    answering version are the answers the client saw."""
+    pytest.importorskip("uvicorn")
+    from fedlearn.serving.endpoint import EndpointSettings, start_endpoint
+
+    tm.publish(tmp_path, (0, 1), production=2)
+    with ModelRegistry(tmp_path) as registry:
+        registry.set_traffic("mlp", Split({1: 1, 2: 1}))
+    settings = EndpointSettings(
+        registry=tmp_path, http_port=0, grpc_port=0, allowed_factories=tm.ALLOWED
+    )
+    endpoint = start_endpoint(settings)
+    try:
+        with pytest.raises(ConfigError, match="loopback only"):
+            RegistryWatcher(tmp_path, endpoint="http://10.0.0.1:8000")
+        x = tm.rows(2, seed=3)
+        answered: dict[str, int] = {}
+        with httpx.Client(base_url=endpoint.http_url, timeout=10) as client:
+            for _ in range(30):
+                r = client.post(f"/v2/models/{tm.NAME}/infer", json=tm.body(x))
+                assert r.status_code == 200, r.text
+                version = r.json()["model_version"]
+                answered[version] = answered.get(version, 0) + 1
+            bad = client.post(f"/v2/models/{tm.NAME}/infer", json={"inputs": []})
+            assert bad.status_code == 400
+        assert set(answered) == {"1", "2"}  # 30 requests at 50/50 reach both
+        watcher = RegistryWatcher(tmp_path, endpoint=endpoint.http_url)
+        try:
+            (model,) = watcher.view
+            assert model["served"] == {"versions": answered, "ok": 30, "error": 1}
+            assert model["policy"]["shares"] == {"1": 0.5, "2": 0.5}
+        finally:
+            watcher.close()
+        # an endpoint that does not answer: no counts, the registry's view still there
+        silent = RegistryWatcher(tmp_path, endpoint="http://127.0.0.1:9")
+        try:
+            assert silent.view[0]["served"] is None and silent.view[0]["production"] == 2
+        finally:
+            silent.close()
+    finally:
+        endpoint.close()

@@ -91,6 +91,9 @@ class ServerSection(TlsSection):
     """Where the page listens (default ``127.0.0.1``). Beyond loopback it is served over
     TLS with ``cert`` and ``key`` (and with ``client_ca``, only to browsers that present a
     certificate signed by it, as sites must); ``insecure = true`` refuses such an address."""
+    ui_endpoint: str | None = Field(None, min_length=1)
+    """A ``fedlearn serve`` of this run's registry (``http://127.0.0.1:PORT``, loopback
+    only): the page shows its request counts per answering version from its ``/metrics``."""
 
     field_hints: ClassVar[dict[str, str]] = {
         "ca": "the coordinator's own certificate is server.cert and server.key; to require "

@@ -206,6 +206,7 @@ def run_coordinator(
                 config.run.name,
                 events,
                 registry=registry_root,
+                endpoint=config.server.ui_endpoint,
                 **page_exposure(config.server),
             )
             log.info("live page on %s", page.url)

@@ -203,12 +203,15 @@ def start_live_page(
     clients: Sequence[int] = (),
     tls: PageTls | None = None,
     registry: Path | None = None,
+    endpoint: str | None = None,
     startup_timeout_s: float = 10.0,
 ) -> LivePage:
     """Serve the page of the run in ``directory`` (its ``run.db``), following ``bus``
     (None: a finished run from its store); returns once it listens (port 0: any free).
     A ``host`` beyond loopback needs ``tls`` (ConfigError otherwise). With ``registry``
-    the page shows its models' traffic, read again when the registry changes."""
+    the page shows its models' traffic, read again when the registry changes; with
+    ``endpoint`` (``http://127.0.0.1:PORT``, a ``fedlearn serve`` of that registry) also
+    its request counts per answering version, read from its ``/metrics`` every second."""
     if tls is None and not is_loopback(host):
         raise ConfigError(
             f"the live page: {host} is not a loopback address; it is served there over "
@@ -220,7 +223,7 @@ def start_live_page(
     state = LiveState(directory / "run.db", run_id, bus, clients)
     watcher = None
     if registry is not None:
-        watcher = RegistryWatcher(registry, None if bus is None else bus.traffic)
+        watcher = RegistryWatcher(registry, None if bus is None else bus.traffic, endpoint=endpoint)
         state.traffic = lambda: watcher.view
     config = uvicorn.Config(
         build_app(state),

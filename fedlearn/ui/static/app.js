@@ -372,6 +372,14 @@ function policyView(p) {
     })) : "";
   return h("div", { class: "policy", "data-kind": p.kind }, h("p", {}, `Policy: ${p.describe}`), bar);
 }
+function servedView(m) {
+  if (!("served" in m)) return "";  // no endpoint given
+  const c = m.served;
+  if (!c) return h("p", { class: "served muted" }, "Endpoint: not answering (or no request for this model yet).");
+  const by = Object.entries(c.versions).sort((a, b) => +a[0] - +b[0]).map(([v, n]) => `v${v} ${n}`).join(", ");
+  return h("p", { class: "served" },
+    `Endpoint: ${c.ok} answered, ${c.error} failed` + (by ? `; under the policy, by answering version: ${by}` : ""));
+}
 function renderTraffic() {
   const cards = S.traffic.map((m) => {
     const aliases = Object.entries(m.aliases).map(([a, v]) => `${a} → v${v}`).join(", ");
@@ -384,7 +392,7 @@ function renderTraffic() {
         h("tbody", {}, ...rows)));
     return h("article", { class: "model", "data-model": m.model },
       h("h3", {}, m.model, " ", h("span", { class: "production" }, m.production ? `production v${m.production}` : "no production")),
-      h("p", { class: "muted" }, `Aliases: ${aliases || "none"}`), policyView(m.policy), table);
+      h("p", { class: "muted" }, `Aliases: ${aliases || "none"}`), policyView(m.policy), servedView(m), table);
   });
   $("traffic-models").replaceChildren(...cards);
   $("no-traffic").hidden = cards.length > 0;
