@@ -297,3 +297,36 @@ def test_a_secure_private_run_shows_its_epsilon_and_dropouts(
         assert "round 2: 3 (secagg-setup)" in page.inner_text("#dropouts")
         shot(page, "secure-private-run")
         page.close()
+
+
+def test_the_traffic_panel_shows_production_and_the_policy_as_it_changes(
+    browser: Any, tmp_path: Path
+) -> None:
+    """A registry with a split in force; a canary set while the page is open replaces it."""
+    import traffic_models as tm
+
+    from fedlearn.registry.model_registry import ModelRegistry
+    from fedlearn.registry.traffic import Canary, Split
+    from fedlearn.ui.app import start_live_page
+
+    registry = tmp_path / "registry"
+    tm.publish(registry, (0, 1, 2), production=2)
+    with ModelRegistry(registry) as writer:
+        writer.set_traffic("mlp", Split({1: 1, 2: 3}))
+    with start_live_page(tmp_path, "run", EventBus(), registry=registry) as served:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(served.url)
+        card = page.locator("#traffic article[data-model=mlp]")
+        card.wait_for(timeout=10_000)
+        assert "production v2" in card.locator("h3").inner_text()
+        shares = card.locator(".split .share").all_inner_texts()
+        assert shares == ["v1 25%", "v2 75%"]
+        assert card.locator("table.decisions tbody tr").first.inner_text().count("route-set") == 1
+        with ModelRegistry(registry) as writer:
+            writer.set_traffic("mlp", Canary(3, 2, steps=(0.1, 1.0)))
+        card.locator(".policy[data-kind=canary]").wait_for(timeout=5_000)
+        assert card.locator(".split .share").all_inner_texts() == ["v2 90%", "v3 (canary) 10%"]
+        widths = [card.locator(".split .share").nth(i).bounding_box()["width"] for i in (0, 1)]
+        assert 8 < widths[0] / widths[1] < 10, widths  # drawn to scale
+        shot(page, "traffic-panel-1280x800")
+        page.close()

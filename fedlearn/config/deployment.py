@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +18,16 @@ from fedlearn.config.simulation import (
     check_privacy,
 )
 from fedlearn.config.tracking import TrackingSection
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``) answers on loopback only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _Section(BaseModel):
@@ -74,8 +85,15 @@ class ServerSection(TlsSection):
     """Where ``/metrics`` listens (default ``127.0.0.1``: loopback only); ``0.0.0.0`` in a
     container, so that Prometheus can scrape it from outside."""
     ui_port: int | None = Field(None, ge=0, le=65535)
-    """The live run page (``fedlearn.ui``) on ``http://127.0.0.1:<port>/``, loopback only
-    (needs the serve extra); None: no page, and no events built."""
+    """The live run page (``fedlearn.ui``) on ``http://127.0.0.1:<port>/`` (needs the
+    serve extra); None: no page, and no events built."""
+    ui_address: str | None = Field(None, min_length=1)
+    """Where the page listens (default ``127.0.0.1``). Beyond loopback it is served over
+    TLS with ``cert`` and ``key`` (and with ``client_ca``, only to browsers that present a
+    certificate signed by it, as sites must); ``insecure = true`` refuses such an address."""
+    ui_endpoint: str | None = Field(None, min_length=1)
+    """A ``fedlearn serve`` of this run's registry (``http://127.0.0.1:PORT``, loopback
+    only): the page shows its request counts per answering version from its ``/metrics``."""
 
     field_hints: ClassVar[dict[str, str]] = {
         "ca": "the coordinator's own certificate is server.cert and server.key; to require "
@@ -89,6 +107,12 @@ class ServerSection(TlsSection):
                 raise ValueError("client_ca needs TLS: remove insecure = true, or remove client_ca")
         elif self.cert is None or self.key is None:
             raise ValueError("TLS is on by default: set cert and key, or insecure = true")
+        if self.ui_address is not None and not is_loopback(self.ui_address) and self.insecure:
+            raise ValueError(
+                f"ui_address {self.ui_address!r} is beyond loopback: the live page is then "
+                "served over TLS only (cert and key); remove insecure = true, or listen on "
+                "127.0.0.1 and reach it through an SSH tunnel"
+            )
         if self.max_joins < self.max_joins_per_peer:
             raise ValueError("max_joins must be at least max_joins_per_peer")
         return self

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -70,6 +71,23 @@ def server_credentials(section: ServerSection) -> grpc.ServerCredentials | None:
         root_certificates=load_pem(section.client_ca),
         require_client_auth=True,
     )
+
+
+def page_exposure(section: ServerSection) -> dict[str, Any]:
+    """Where the live page listens and with what TLS: loopback in plain HTTP by default;
+    on ``ui_address`` beyond loopback over the coordinator's certificate, admitting only
+    what the gRPC port admits (with ``client_ca``, a client certificate it signed)."""
+    from fedlearn.config.deployment import is_loopback
+    from fedlearn.ui.app import PageTls
+
+    host = section.ui_address or "127.0.0.1"
+    out: dict[str, Any] = {"host": host, "port": section.ui_port or 0}
+    if not is_loopback(host):
+        if section.insecure or section.cert is None or section.key is None:
+            raise ConfigError(f"server.ui_address {host!r} beyond loopback needs TLS")
+        client_ca = None if section.client_ca is None else Path(section.client_ca)
+        out["tls"] = PageTls(Path(section.cert), Path(section.key), client_ca)
+    return out
 
 
 def certificate_sha256(section: ServerSection) -> bytes | None:
@@ -183,7 +201,14 @@ def run_coordinator(
         if config.server.ui_port is not None:
             from fedlearn.ui.app import start_live_page
 
-            page = start_live_page(state_dir, config.run.name, events, port=config.server.ui_port)
+            page = start_live_page(
+                state_dir,
+                config.run.name,
+                events,
+                registry=registry_root,
+                endpoint=config.server.ui_endpoint,
+                **page_exposure(config.server),
+            )
             log.info("live page on %s", page.url)
         with serve_sites(config, authenticator, on_ready, events) as service:
             registry = service.registry

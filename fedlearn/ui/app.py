@@ -6,9 +6,12 @@ Routes::
     GET /static/{file}     its script and style, shipped in the package
     GET /api/snapshot      the run so far (JSON): a page loads it first
     GET /api/events        server-sent events after ``?after=SEQ`` (or Last-Event-ID)
+    GET /api/traffic       the registry's models and their traffic (fedlearn.ui.traffic)
 
 Every answer forbids loading anything from elsewhere (Content-Security-Policy
-``default-src 'self'``). The server listens on loopback unless told otherwise.
+``default-src 'self'``). The server listens on loopback unless told otherwise; on any
+other address only over TLS (:class:`PageTls`: the coordinator's certificate, and with a
+client CA, only to browsers that present a certificate it signed).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlearn.config.deployment import is_loopback
 from fedlearn.config.extras import extra_message
 from fedlearn.errors import ConfigError
 from fedlearn.ui.events import Event, EventBus
 from fedlearn.ui.state import LiveState
+from fedlearn.ui.traffic import RegistryWatcher
 
 try:  # the serve extra: without it, a ConfigError that names it rather than an ImportError
     import uvicorn
@@ -123,15 +129,29 @@ def build_app(state: LiveState) -> Starlette:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    async def traffic(request: Request) -> Response:
+        return JSONResponse({"models": state.traffic()}, headers={"Cache-Control": "no-store"})
+
     return Starlette(
         routes=[
             Route("/", index),
+            Route("/api/traffic", traffic),
             Route("/api/snapshot", snapshot),
             Route("/api/events", events),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=[Middleware(_SecurityHeaders)],
     )
+
+
+@dataclass(frozen=True)
+class PageTls:
+    """TLS for the page: its certificate chain and key (PEM files); with ``client_ca``,
+    a browser must present a certificate signed by it (refused in the handshake else)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
 
 
 @dataclass
@@ -143,19 +163,23 @@ class LivePage:
     thread: threading.Thread
     host: str
     port: int
+    tls: bool = False
+    watcher: RegistryWatcher | None = None
     _stopped: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
-        """The page's address, e.g. ``http://127.0.0.1:8050/``."""
+        """The page's address, e.g. ``http://127.0.0.1:8050/`` (``https`` over TLS)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the pages' event streams, then the server (idempotent)."""
         if self._stopped:
             return
         self._stopped = True
+        if self.watcher is not None:
+            self.watcher.close()
         self.state.close()
         self.server.should_exit = True
         self.thread.join(timeout_s)
@@ -177,11 +201,30 @@ def start_live_page(
     port: int = 0,
     host: str = "127.0.0.1",
     clients: Sequence[int] = (),
+    tls: PageTls | None = None,
+    registry: Path | None = None,
+    endpoint: str | None = None,
     startup_timeout_s: float = 10.0,
 ) -> LivePage:
     """Serve the page of the run in ``directory`` (its ``run.db``), following ``bus``
-    (None: a finished run from its store); returns once it listens (port 0: any free)."""
+    (None: a finished run from its store); returns once it listens (port 0: any free).
+    A ``host`` beyond loopback needs ``tls`` (ConfigError otherwise). With ``registry``
+    the page shows its models' traffic, read again when the registry changes; with
+    ``endpoint`` (``http://127.0.0.1:PORT``, a ``fedlearn serve`` of that registry) also
+    its request counts per answering version, read from its ``/metrics`` every second."""
+    if tls is None and not is_loopback(host):
+        raise ConfigError(
+            f"the live page: {host} is not a loopback address; it is served there over "
+            "TLS only (give a certificate and key)"
+        )
+    for path in () if tls is None else (tls.cert, tls.key, tls.client_ca):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"the live page: no such file: {path}")
     state = LiveState(directory / "run.db", run_id, bus, clients)
+    watcher = None
+    if registry is not None:
+        watcher = RegistryWatcher(registry, None if bus is None else bus.traffic, endpoint=endpoint)
+        state.traffic = lambda: watcher.view
     config = uvicorn.Config(
         build_app(state),
         host=host,
@@ -191,6 +234,10 @@ def start_live_page(
         lifespan="off",
         ws="none",
         timeout_graceful_shutdown=2,
+        ssl_certfile=None if tls is None else str(tls.cert),
+        ssl_keyfile=None if tls is None else str(tls.key),
+        ssl_ca_certs=None if tls is None or tls.client_ca is None else str(tls.client_ca),
+        ssl_cert_reqs=ssl.CERT_NONE if tls is None or tls.client_ca is None else ssl.CERT_REQUIRED,
     )
     server = uvicorn.Server(config)
 
@@ -205,10 +252,12 @@ def start_live_page(
     deadline = time.monotonic() + startup_timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
+            if watcher is not None:
+                watcher.close()
             state.close()
             server.should_exit = True
             thread.join(5)
             raise ConfigError(f"the live page could not listen on {host}:{port}")
         time.sleep(0.01)
     bound = int(server.servers[0].sockets[0].getsockname()[1])
-    return LivePage(state, server, thread, host, bound)
+    return LivePage(state, server, thread, host, bound, tls is not None, watcher)

@@ -140,6 +140,11 @@ class EventBus:
             }
             self._emit("published", data)
 
+    def traffic(self, models: list[dict[str, Any]]) -> None:
+        """The registry changed: what ``fedlearn serve`` routes now (:mod:`fedlearn.ui.traffic`)."""
+        if self._subscribers:
+            self._emit("traffic", {"models": models})
+
 
 def client_json(record: ClientRecord) -> dict[str, Any]:
     """One client row as plain JSON values."""

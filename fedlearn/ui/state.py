@@ -8,7 +8,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class LiveState:
         self.sites: dict[int, dict[str, Any]] = {c: {"client": c} for c in clients}
         self.pending: dict[tuple[int, str, int], ClientRecord] = {}
         self.epsilon: dict[int, tuple[float, float]] = {}
+        self.traffic: Callable[[], list[dict[str, Any]]] = list
+        """The registry's models and their traffic (set by the page's server)."""
         self._unsubscribe = None if bus is None else bus.subscribe(self.deliver)
 
     # ------------------------------------------------------------------ events in
@@ -210,6 +212,7 @@ class LiveState:
             "clients": [clients[c] for c in sorted(clients)],
             "epsilon": epsilon[last_eps][0] if last_eps else (eps_rows[-1] if eps_rows else None),
             "delta": epsilon[last_eps][1] if last_eps else view["delta"],
+            "traffic": self.traffic(),
         }
 
 

@@ -5,7 +5,7 @@
 const S = {
   live: false, seq: 0, skew: 0, run: {}, round: 0, stages: [],
   rounds: new Map(), failures: new Map(), versions: new Map(), clients: new Map(),
-  epsilon: null, delta: null, metric: null, selected: "", stream: "",
+  epsilon: null, delta: null, metric: null, selected: "", stream: "", traffic: [],
 };
 const $ = (id) => document.getElementById(id);
 const SVGNS = "http://www.w3.org/2000/svg";
@@ -51,7 +51,7 @@ function load(snap) {
   for (const f of snap.failures) S.failures.set(fkey(f), f);
   for (const v of snap.publications) S.versions.set(`${v.model}:${v.version}`, v);
   for (const c of snap.clients) Object.assign(client(c.client), c);
-  S.epsilon = snap.epsilon; S.delta = snap.delta;
+  S.epsilon = snap.epsilon; S.delta = snap.delta; S.traffic = snap.traffic || [];
 }
 
 function apply(ev) {
@@ -79,6 +79,7 @@ function apply(ev) {
     case "privacy": S.epsilon = d.epsilon; S.delta = d.delta; break;
     case "round_ended": S.rounds.set(d.round, d); break;
     case "published": S.versions.set(`${d.model}:${d.version}`, d); break;
+    case "traffic": S.traffic = d.models; break;
   }
 }
 
@@ -91,6 +92,7 @@ const PARTS = {
   round_started: ["overview", "secagg"],
   privacy: ["overview"],
   published: ["versions"],
+  traffic: ["traffic"],
 };
 // Replies are drawn at most every 250 ms (a round of many clients sends many); anything
 // else (a round's end) within 30 ms.
@@ -125,6 +127,7 @@ function render(parts) {
   if (want("clients")) renderClients();
   if (want("secagg")) renderSecagg();
   if (want("versions")) renderVersions();
+  if (want("traffic")) renderTraffic();
   if (want("failures")) renderFailures();
   // what the page shows so far, for scripts that watch it (the browser tests)
   document.body.dataset.rounds = String(committed());
@@ -355,6 +358,46 @@ function renderVersions() {
   $("no-versions").hidden = rows.length > 0;
 }
 
+const pct = (x) => `${+(100 * x).toFixed(1)}%`;
+function policyView(p) {
+  if (!p) return h("p", { class: "policy" }, "No traffic policy: production answers every request.");
+  let parts = [];
+  if (p.kind === "split") parts = Object.entries(p.shares).map(([v, sh]) => [`v${v}`, sh]);
+  else if (p.kind === "canary") parts = [[`v${p.baseline}`, 1 - p.share], [`v${p.candidate} (canary)`, p.share]];
+  const bar = parts.length ? h("div", { class: "split", role: "img", "aria-label": p.describe },
+    ...parts.map(([label, sh], i) => {
+      const el = h("span", { class: `share s${i % 4}`, title: `${label} ${pct(sh)}` }, `${label} ${pct(sh)}`);
+      el.style.flex = `${Math.max(sh, 0.0001)} 1 0`;  // CSSOM: the page's CSP forbids style attributes
+      return el;
+    })) : "";
+  return h("div", { class: "policy", "data-kind": p.kind }, h("p", {}, `Policy: ${p.describe}`), bar);
+}
+function servedView(m) {
+  if (!("served" in m)) return "";  // no endpoint given
+  const c = m.served;
+  if (!c) return h("p", { class: "served muted" }, "Endpoint: not answering (or no request for this model yet).");
+  const by = Object.entries(c.versions).sort((a, b) => +a[0] - +b[0]).map(([v, n]) => `v${v} ${n}`).join(", ");
+  return h("p", { class: "served" },
+    `Endpoint: ${c.ok} answered, ${c.error} failed` + (by ? `; under the policy, by answering version: ${by}` : ""));
+}
+function renderTraffic() {
+  const cards = S.traffic.map((m) => {
+    const aliases = Object.entries(m.aliases).map(([a, v]) => `${a} → v${v}`).join(", ");
+    const rows = m.decisions.map((d) => h("tr", {},
+      h("td", {}, new Date(d.time * 1000).toLocaleTimeString()), h("td", {}, d.action),
+      h("th", { scope: "row" }, `v${d.version}`), h("td", {}, d.reason)));
+    const table = h("div", { class: "scroll", tabindex: "0", role: "region", "aria-label": `decisions of ${m.model}` },
+      h("table", { class: "decisions" },
+        h("thead", {}, h("tr", {}, ...["When", "Decision", "Version", "Why"].map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, ...rows)));
+    return h("article", { class: "model", "data-model": m.model },
+      h("h3", {}, m.model, " ", h("span", { class: "production" }, m.production ? `production v${m.production}` : "no production")),
+      h("p", { class: "muted" }, `Aliases: ${aliases || "none"}`), policyView(m.policy), servedView(m), table);
+  });
+  $("traffic-models").replaceChildren(...cards);
+  $("no-traffic").hidden = cards.length > 0;
+}
+
 function renderFailures() {
   const list = [...S.failures.values()].sort((a, b) => b.round - a.round || a.client - b.client).slice(0, 200);
   $("failures-list").replaceChildren(...list.map((f) => h("li", {}, `round ${f.round}, client ${f.client}, ${f.stage}: ${f.error}`)));
@@ -384,6 +427,12 @@ async function start() {
   }
   render();
   if (S.live) listen();
+  else setInterval(async () => {  // a finished run's page: its registry may still change
+    try {
+      const res = await fetch("/api/traffic", { cache: "no-store" });
+      S.traffic = (await res.json()).models; schedule("traffic");
+    } catch (err) { /* the page's server has stopped */ }
+  }, 2000);
   setInterval(() => {
     renderClock();
     for (const td of document.querySelectorAll("td.seen[data-at]")) {
