@@ -24,7 +24,8 @@ from fedlearn.security.certs import write_dev_pki
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.models import ServedModel
 from fedlearn.serving.repository import ModelRepository
-from fedlearn.serving.rest import HEADER_LENGTH, create_app, serve_rest
+from fedlearn.serving.rest import HEADER_LENGTH, create_app
+from fedlearn.serving.threaded import serve_rest
 from serving import digits, predict, publish_mnist
 
 with warnings.catch_warnings():  # starlette nudges towards httpx2, which is not installed

@@ -39,8 +39,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
 from fedlearn.engine.clock import AsyncSchedule, Job, Latency, job_seed
 from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, Metrics, Scalar
@@ -85,6 +83,7 @@ class Host(Protocol):
     @property
     def latency(self) -> Latency | None: ...
 
+    def round_context(self, rnd: int, state: Arrays) -> RoundContext: ...
     def _stage(self, arrays: Arrays, tasks: list[Task]) -> Iterator[Reply]: ...
 
     def _note(self, records: list[ClientRecord], record: ClientRecord) -> None: ...
@@ -189,14 +188,7 @@ class AsyncRounds:
                 for j in batch:
                     del untrained[j.id]
             records: list[ClientRecord] = []
-            ctx = RoundContext(
-                rnd,
-                c.rounds,
-                np.random.default_rng([c.seed, rnd]),
-                state,
-                num_clients=len(c.client_ids),
-                seed=c.seed,
-            )
+            ctx = c.round_context(rnd, state)
             error: str | None = None
             train_metrics: Metrics = {}
             try:
@@ -251,14 +243,7 @@ class AsyncRounds:
         c = self.c
         arrays, state = model
         strategy = c.strategy
-        ctx = RoundContext(
-            version + 1,
-            c.rounds,
-            np.random.default_rng([c.seed, version + 1]),
-            state,
-            num_clients=len(c.client_ids),
-            seed=c.seed,
-        )
+        ctx = c.round_context(version + 1, state)
         config = strategy.train_config(ctx)
         tasks = [
             Task(

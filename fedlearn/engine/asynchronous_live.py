@@ -37,7 +37,7 @@ from fedlearn.engine.records import Arrays, Metrics, Scalar
 from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult
 from fedlearn.engine.validation import check_update
 from fedlearn.errors import RoundFailed, UpdateRejected
-from fedlearn.strategy.base import Asynchrony, RoundContext
+from fedlearn.strategy.base import Asynchrony
 
 _LIVE = 0x4C697665  # "Live": the stream of a live run's dispatch choices
 POLL_S = 0.5
@@ -115,14 +115,7 @@ class LiveRounds:
     ) -> tuple[Arrays, Arrays, RoundRecord, list[ClientRecord]]:
         c = self.c
         t0 = time.perf_counter()
-        ctx = RoundContext(
-            rnd,
-            c.rounds,
-            np.random.default_rng([c.seed, rnd]),
-            state,
-            num_clients=len(c.client_ids),
-            seed=c.seed,
-        )
+        ctx = c.round_context(rnd, state)
         records: list[ClientRecord] = []
         buffered: set[int] = set()
         arrivals: list[Arrival] = []
@@ -194,14 +187,7 @@ class LiveRounds:
             if not idle:
                 return
             client = idle[int(self._rng.integers(len(idle)))]
-            ctx = RoundContext(
-                self.version + 1,
-                c.rounds,
-                np.random.default_rng([c.seed, self.version + 1]),
-                state,
-                num_clients=len(c.client_ids),
-                seed=c.seed,
-            )
+            ctx = c.round_context(self.version + 1, state)
             origin = self.origins.get(self.version)
             if origin is None:
                 broadcast = strategy.train_arrays(ctx, arrays)

@@ -223,12 +223,10 @@ class Coordinator:
             return state
         return {**state, _CLOCK: np.array([self._clock], np.float64)}
 
-    def run_round(
-        self, rnd: int, arrays: Arrays, state: Arrays
-    ) -> tuple[Arrays, Arrays, RoundRecord, list[ClientRecord]]:
-        """One round: train, apply if quorum holds, then evaluate the resulting model."""
-        t0 = time.perf_counter()
-        ctx = RoundContext(
+    def round_context(self, rnd: int, state: Arrays) -> RoundContext:
+        """What the strategy's hooks see in round ``rnd`` (its sampling generator is
+        seeded by the run's seed and the round, so every backend draws alike)."""
+        return RoundContext(
             rnd,
             self.rounds,
             np.random.default_rng([self.seed, rnd]),
@@ -236,6 +234,13 @@ class Coordinator:
             num_clients=len(self.client_ids),
             seed=self.seed,
         )
+
+    def run_round(
+        self, rnd: int, arrays: Arrays, state: Arrays
+    ) -> tuple[Arrays, Arrays, RoundRecord, list[ClientRecord]]:
+        """One round: train, apply if quorum holds, then evaluate the resulting model."""
+        t0 = time.perf_counter()
+        ctx = self.round_context(rnd, state)
         records: list[ClientRecord] = []
         clients = self._clients()
         selected = self.strategy.select_train(ctx, clients)
@@ -281,14 +286,7 @@ class Coordinator:
         evaluation evaluate ``arrays``; nothing trains, nothing is applied or stored. A
         cross-site evaluation (:mod:`fedlearn.crosssite`) runs one per model it evaluates."""
         t0 = time.perf_counter()
-        ctx = RoundContext(
-            rnd,
-            self.rounds,
-            np.random.default_rng([self.seed, rnd]),
-            {},
-            num_clients=len(self.client_ids),
-            seed=self.seed,
-        )
+        ctx = self.round_context(rnd, {})
         records: list[ClientRecord] = []
         clients = self._clients()
         selected, ok, metrics = self._evaluate(ctx, arrays, records, clients)

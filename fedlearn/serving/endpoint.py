@@ -28,14 +28,9 @@ from fedlearn.serving.drift import (
 from fedlearn.serving.grpc_service import start_grpc_server
 from fedlearn.serving.metrics import ServingMetrics
 from fedlearn.serving.repository import ModelRepository, RepositorySettings
-from fedlearn.serving.rest import (
-    DEFAULT_BODY_TIMEOUT_S,
-    DEFAULT_MAX_INFLIGHT,
-    RestServer,
-    create_app,
-    serve_rest,
-)
+from fedlearn.serving.rest import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_INFLIGHT, create_app
 from fedlearn.serving.shadow import DEFAULT_SHADOW_BUDGET, DEFAULT_SHADOW_QUEUE
+from fedlearn.serving.threaded import RestServer, serve_rest
 from fedlearn.serving.traffic import TrafficRouter
 
 log = logging.getLogger(__name__)

@@ -40,10 +40,8 @@ import importlib.metadata
 import json
 import logging
 import re
-import threading
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,7 +52,7 @@ from fedlearn.errors import ConfigError, InvalidInput, ModelNotFound, ModelNotRe
 
 try:  # the serve extra: without it, a ConfigError that names it rather than an ImportError
     import anyio
-    import uvicorn
+    import uvicorn  # noqa: F401  (the serve extra: the threaded server runs it)
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -481,84 +479,3 @@ def create_app(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
-
-
-@dataclass
-class RestServer:
-    """A uvicorn server running an app in a background thread; ``stop()`` shuts it down."""
-
-    server: uvicorn.Server
-    thread: threading.Thread
-    host: str
-    port: int
-    scheme: str = "http"
-    _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def url(self) -> str:
-        """The base URL, e.g. ``http://127.0.0.1:8000`` (IPv6 hosts in brackets)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask uvicorn to exit and wait for its thread."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self.server.should_exit = True
-        self.thread.join(timeout_s)
-        if self.thread.is_alive():
-            log.warning("REST server thread did not stop within %.1f s", timeout_s)
-
-    def __enter__(self) -> RestServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def serve_rest(
-    app: Starlette,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    ssl_certfile: str | None = None,
-    ssl_keyfile: str | None = None,
-    access_log: bool = False,
-    startup_timeout_s: float = 10.0,
-) -> RestServer:
-    """Run ``app`` under uvicorn in a thread; returns once it listens (port 0: any free one)."""
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        ssl_certfile=ssl_certfile,
-        ssl_keyfile=ssl_keyfile,
-        log_level="warning",
-        access_log=access_log,
-        lifespan="off",
-        ws="none",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-
-    def run() -> None:
-        try:
-            server.run()
-        except SystemExit:  # uvicorn exits when it cannot bind; it has logged why
-            log.debug("uvicorn exited during startup")
-
-    thread = threading.Thread(target=run, name="fedlearn-rest", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    while not server.started:
-        if not thread.is_alive():
-            raise ConfigError(f"the REST server could not listen on {host}:{port}")
-        if time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(5)
-            raise ConfigError(f"the REST server did not start within {startup_timeout_s} s")
-        time.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    scheme = "https" if ssl_certfile else "http"
-    return RestServer(server, thread, host, int(bound), scheme)

@@ -19,9 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
-import threading
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +32,6 @@ from fedlearn.ui.state import LiveState
 from fedlearn.ui.traffic import RegistryWatcher
 
 try:  # the serve extra: without it, a ConfigError that names it rather than an ImportError
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
@@ -44,6 +40,8 @@ try:  # the serve extra: without it, a ConfigError that names it rather than an 
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from fedlearn.serving.threaded import RestServer, serve_rest
 except ImportError as exc:
     raise ConfigError(extra_message("serve", "the live run page")) from exc
 
@@ -159,19 +157,14 @@ class LivePage:
     """The page served by uvicorn in a background thread; :meth:`stop` ends it."""
 
     state: LiveState
-    server: uvicorn.Server
-    thread: threading.Thread
-    host: str
-    port: int
-    tls: bool = False
+    server: RestServer
     watcher: RegistryWatcher | None = None
     _stopped: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
         """The page's address, e.g. ``http://127.0.0.1:8050/`` (``https`` over TLS)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
+        return self.server.url + "/"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the pages' event streams, then the server (idempotent)."""
@@ -181,10 +174,7 @@ class LivePage:
         if self.watcher is not None:
             self.watcher.close()
         self.state.close()
-        self.server.should_exit = True
-        self.thread.join(timeout_s)
-        if self.thread.is_alive():
-            log.warning("the live page's server did not stop within %.1f s", timeout_s)
+        self.server.stop(timeout_s)
 
     def __enter__(self) -> LivePage:
         return self
@@ -225,39 +215,22 @@ def start_live_page(
     if registry is not None:
         watcher = RegistryWatcher(registry, None if bus is None else bus.traffic, endpoint=endpoint)
         state.traffic = lambda: watcher.view
-    config = uvicorn.Config(
-        build_app(state),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        timeout_graceful_shutdown=2,
-        ssl_certfile=None if tls is None else str(tls.cert),
-        ssl_keyfile=None if tls is None else str(tls.key),
-        ssl_ca_certs=None if tls is None or tls.client_ca is None else str(tls.client_ca),
-        ssl_cert_reqs=ssl.CERT_NONE if tls is None or tls.client_ca is None else ssl.CERT_REQUIRED,
-    )
-    server = uvicorn.Server(config)
-
-    def run() -> None:
-        try:
-            server.run()
-        except SystemExit:  # uvicorn exits when it cannot bind; it has logged why
-            log.debug("uvicorn exited during startup")
-
-    thread = threading.Thread(target=run, name="fedlearn-ui", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            if watcher is not None:
-                watcher.close()
-            state.close()
-            server.should_exit = True
-            thread.join(5)
-            raise ConfigError(f"the live page could not listen on {host}:{port}")
-        time.sleep(0.01)
-    bound = int(server.servers[0].sockets[0].getsockname()[1])
-    return LivePage(state, server, thread, host, bound, tls is not None, watcher)
+    try:
+        server = serve_rest(
+            build_app(state),
+            host,
+            port,
+            ssl_certfile=None if tls is None else str(tls.cert),
+            ssl_keyfile=None if tls is None else str(tls.key),
+            ssl_client_ca=None if tls is None or tls.client_ca is None else str(tls.client_ca),
+            startup_timeout_s=startup_timeout_s,
+            graceful_s=2,
+            name="fedlearn-ui",
+            what="the live page",
+        )
+    except ConfigError:
+        if watcher is not None:
+            watcher.close()
+        state.close()
+        raise
+    return LivePage(state, server, watcher)
