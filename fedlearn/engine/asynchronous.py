@@ -43,8 +43,8 @@ from fedlearn.engine.clock import AsyncSchedule, Job, Latency, job_seed
 from fedlearn.engine.messages import Reply, Stage, Task
 from fedlearn.engine.records import Arrays, Metrics, Scalar
 from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult
-from fedlearn.engine.validation import check_model, check_update
-from fedlearn.errors import FedlearnError, RoundFailed, UpdateRejected
+from fedlearn.engine.validation import aggregation, check_model, check_update
+from fedlearn.errors import RoundFailed, UpdateRejected
 from fedlearn.strategy.base import Asynchrony, ClientUpdate, RoundContext, Strategy
 
 
@@ -293,7 +293,7 @@ def aggregate(
     model is unchanged and RoundFailed raised if that fails or the quorum is not met)."""
     strategy = c.strategy
     accepted: list[ClientUpdate] = []
-    try:
+    with aggregation(ctx.round):
         fold = strategy.start_fold(ctx, arrays)
         for arrival in arrivals:
             trained, staleness = arrival.trained, arrival.staleness
@@ -337,10 +337,4 @@ def aggregate(
         c._check_quorum(ctx, len(accepted), len(arrivals))
         new_arrays, new_state = strategy.server_update(ctx, arrays, fold.result(), state)
         new_arrays = check_model(new_arrays, arrays)
-    except (FedlearnError, ArithmeticError, ValueError) as exc:
-        if isinstance(exc, RoundFailed):
-            raise
-        raise RoundFailed(
-            f"round {ctx.round}: aggregation failed ({exc}); the global model is unchanged"
-        ) from exc
     return new_arrays, new_state, strategy.summarize_train(ctx, accepted)

@@ -27,7 +27,7 @@ from fedlearn.engine.clock import SYNC, Latency, check_asynchrony
 from fedlearn.engine.messages import Reply, Stage, Task, seed_for
 from fedlearn.engine.records import Arrays, Config, Metrics, Scalar
 from fedlearn.engine.results import ClientRecord, RoundRecord, RunResult, accepted_train
-from fedlearn.engine.validation import check_evaluation, check_model, check_update
+from fedlearn.engine.validation import aggregation, check_evaluation, check_model, check_update
 from fedlearn.engine.weights import load_weights, save_weights
 from fedlearn.errors import (
     ConfigError,
@@ -318,7 +318,7 @@ class Coordinator:
         config = self.strategy.train_config(ctx)
         if self.data_stats is not None:
             config = {**config, **self.data_stats.to_config()}
-        try:
+        with aggregation(ctx.round):
             if self.secure is not None:
                 aggregate, accepted = self._secure_mean(
                     ctx, arrays, selected, config, records, stats
@@ -328,12 +328,6 @@ class Coordinator:
                 aggregate = fold.result()
             new_arrays, new_state = self.strategy.server_update(ctx, arrays, aggregate, state)
             new_arrays = check_model(new_arrays, arrays)
-        except (FedlearnError, ArithmeticError, ValueError) as exc:
-            if isinstance(exc, RoundFailed):
-                raise
-            raise RoundFailed(
-                f"round {ctx.round}: aggregation failed ({exc}); the global model is unchanged"
-            ) from exc
         return new_arrays, new_state, self.strategy.summarize_train(ctx, accepted)
 
     def _fold(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
 from fedlearn.engine.messages import Reply
 from fedlearn.engine.records import Arrays
-from fedlearn.errors import UpdateRejected
+from fedlearn.errors import FedlearnError, RoundFailed, UpdateRejected
 from fedlearn.strategy.base import ClientEvaluation, ClientUpdate
 
 FINITE_BLOCK = 1 << 20
@@ -88,3 +90,18 @@ def check_model(new: Arrays, old: Arrays) -> Arrays:
             a = a.astype(old[name].dtype)
         out[name] = a
     return out
+
+
+@contextlib.contextmanager
+def aggregation(round: int) -> Iterator[None]:
+    """Around a round's fold and server update: a failure there (a bad fold, a strategy
+    error, a model that fails :func:`check_model`) becomes RoundFailed, and the global
+    model stays as it was."""
+    try:
+        yield
+    except RoundFailed:
+        raise
+    except (FedlearnError, ArithmeticError, ValueError) as exc:
+        raise RoundFailed(
+            f"round {round}: aggregation failed ({exc}); the global model is unchanged"
+        ) from exc
