@@ -6,9 +6,10 @@ cross the pipe as framed bytes (JSON headers + raw array bytes), never pickled.
 
 Workers start by ``fork`` where that is safe, which needs nothing of the ClientApp factory.
 CUDA cannot survive a fork, and torch refuses autograd in a child forked after the parent
-ran a backward pass on a CUDA build, so with a CUDA build of torch the default
-(``start_method="auto"``) is ``forkserver``: workers fork from a clean server process that
-imported torch and fedlearn once and never trained or touched a device. ``forkserver``
+ran a backward pass on a CUDA build, so once this process has imported a CUDA build of
+torch the default (``start_method="auto"``) is ``forkserver``: workers fork from a clean
+server process that imported torch and fedlearn once and never trained or touched a
+device. ``forkserver``
 and ``spawn`` hand the factory to each worker by pickling it over the pipe to that local
 child (the only pickling here, between two processes of the same run): it must be a
 module-level function or a ``functools.partial`` of one.
@@ -61,8 +62,8 @@ _BROADCAST, _TASKS, _QUIT = b"B", b"T", b"Q"
 def resolve_start_method(requested: StartMethod = "auto") -> str:
     """The multiprocessing start method the pool uses for ``requested``.
 
-    ``auto``: ``forkserver`` when the torch this process imported (or would import) is a
-    CUDA build, else ``fork`` (the pool also forks when its factory does not pickle).
+    ``auto``: ``forkserver`` when this process imported a CUDA build of torch, else
+    ``fork`` (the pool also forks when its factory does not pickle).
     Raises ConfigError for a method this platform lacks.
     """
     if requested not in START_METHODS:
@@ -76,13 +77,11 @@ def resolve_start_method(requested: StartMethod = "auto") -> str:
 
 
 def _cuda_build() -> bool:
-    """Whether torch is a CUDA build (without initializing CUDA)."""
-    if "torch" not in sys.modules:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            return False
-    return getattr(sys.modules["torch"].version, "cuda", None) is not None
+    """Whether this process imported a CUDA build of torch (without initializing CUDA).
+    A process that never imported torch cannot have touched CUDA or autograd, so its
+    workers fork safely (and a numpy workload does not pay torch's import here)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and getattr(torch.version, "cuda", None) is not None
 
 
 PIPELINE_BYTES = 16 * 1024
