@@ -145,7 +145,7 @@ class LiveRounds:
         self.origins = {v: o for v, o in self.origins.items() if v in live}
         self._fill(arrays, state, set())  # the last arrival's place, from the new model
         eval_selected, eval_ok, eval_metrics = 0, 0, dict[str, Scalar]()
-        if c.evaluate_every and (rnd % c.evaluate_every == 0 or rnd == c.rounds):
+        if c.evaluation_due(rnd):
             idle = [cid for cid in c._clients() if cid not in self.in_flight]
             eval_selected, eval_ok, eval_metrics = c._evaluate(ctx, arrays, records, idle)
         record = RoundRecord(

@@ -223,6 +223,11 @@ class Coordinator:
             return state
         return {**state, _CLOCK: np.array([self._clock], np.float64)}
 
+    def evaluation_due(self, rnd: int) -> bool:
+        """Whether round ``rnd`` ends with an evaluation stage (every ``evaluate_every``
+        rounds, and the last; never with ``evaluate_every = 0``)."""
+        return bool(self.evaluate_every) and (rnd % self.evaluate_every == 0 or rnd == self.rounds)
+
     def round_context(self, rnd: int, state: Arrays) -> RoundContext:
         """What the strategy's hooks see in round ``rnd`` (its sampling generator is
         seeded by the run's seed and the round, so every backend draws alike)."""
@@ -262,7 +267,7 @@ class Coordinator:
             error = str(exc)
         train_ok = sum(r.ok for r in records)
         eval_selected, eval_ok, eval_metrics = 0, 0, dict[str, Scalar]()
-        if self.evaluate_every and (rnd % self.evaluate_every == 0 or rnd == self.rounds):
+        if self.evaluation_due(rnd):
             eval_selected, eval_ok, eval_metrics = self._evaluate(ctx, arrays, records, clients)
         record = RoundRecord(
             round=rnd,
