@@ -9,9 +9,9 @@ opened and closed between rounds, outside the measured time. A round's time is t
 coordinator's own ``duration_s`` (training and evaluation); the first round after each
 switch is left out on both sides (it pays for the page's load, or its last drawing), and
 so is the warm-up. Prints the median round time of each side (with the CPU time per round
-of the run's thread, which other work on the machine disturbs less, and of the page's
-server thread), the CPU cost of one event on its way to a page, and ``open/closed = X``
-(goal: at most 1.02).
+of the run's process, which other work on the machine disturbs less, and of the page's
+own process), the run's CPU cost of one event on its way to the page, and
+``open/closed = X`` (goal: at most 1.02).
 
 Usage (from the repo root)::
 
@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,8 @@ from fedlearn.config.simulation import load_config  # noqa: E402
 from fedlearn.engine.messages import Stage  # noqa: E402
 from fedlearn.engine.results import ClientRecord, RoundRecord  # noqa: E402
 from fedlearn.run.job import run_job  # noqa: E402
-from fedlearn.ui.app import LivePage, start_live_page  # noqa: E402
 from fedlearn.ui.events import EventBus  # noqa: E402
+from fedlearn.ui.page import LivePage, start_live_page  # noqa: E402
 
 
 class BrowserViewer:
@@ -92,11 +92,15 @@ class SseViewer:
     def __init__(self, url: str) -> None:
         self.url = url
         self.proc: subprocess.Popen[str] | None = None
+        self.cpus: set[int] | None = None
+        """Where its process runs (None: anywhere)."""
 
     def open(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", SSE_READER, self.url], stdout=subprocess.PIPE, text=True
         )
+        if self.cpus is not None:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "connected":
             raise SystemExit("the SSE client could not connect")
@@ -138,17 +142,14 @@ def children_cpu() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def page_thread_cpu() -> float:
-    """CPU seconds used so far by the live page's server thread (``fedlearn-ui``)."""
-    for thread in threading.enumerate():
-        if thread.name == "fedlearn-ui" and thread.native_id is not None:
-            try:
-                raw = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
-            except OSError:
-                return 0.0
-            fields = raw.rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+def process_cpu(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` (0 where /proc cannot say)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = raw.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Alternate:
@@ -162,13 +163,16 @@ class Alternate:
         self.warmup = warmup
         self.open = False
         self.rounds: dict[int, tuple[bool, float, float]] = {}
-        """round -> (page open, wall seconds, CPU seconds of the run's thread)"""
+        """round -> (page open, wall seconds, CPU seconds of the run's process)"""
         self.server: dict[int, float] = {}
-        """round -> CPU seconds of the page's server thread"""
+        """round -> CPU seconds of the page's process"""
         self.browser: dict[int, float] = {}
         """round -> the viewer's CPU seconds during it (its own processes)"""
-        self._cpu, self._children = time.thread_time(), children_cpu()
-        self._server = page_thread_cpu()
+        self._marks = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        server = process_cpu(self.page.pid)
+        return time.process_time(), server, children_cpu() - server
 
     def want_open(self, rnd: int) -> bool:
         """Blocks after the warm-up: closed, open, open, closed, closed, open, ..."""
@@ -184,21 +188,17 @@ class Alternate:
         pass
 
     def round_finished(self, record: RoundRecord) -> None:
-        cpu, children, server = time.thread_time(), children_cpu(), page_thread_cpu()
-        self.rounds[record.round] = (self.open, record.duration_s, cpu - self._cpu)
-        self.server[record.round] = server - self._server
-        self.browser[record.round] = children - self._children
+        cpu, server, viewer = self._now()
+        self.rounds[record.round] = (self.open, record.duration_s, cpu - self._marks[0])
+        self.server[record.round] = server - self._marks[1]
+        self.browser[record.round] = viewer - self._marks[2]
         wanted = self.want_open(record.round + 1)
         if wanted and not self.open:
             self.viewer.open()
         elif not wanted and self.open:
             self.viewer.close()
-            deadline = time.monotonic() + 5
-            while self.page.state.listeners and time.monotonic() < deadline:
-                time.sleep(0.01)
         self.open = wanted
-        self._cpu, self._children = time.thread_time(), children_cpu()
-        self._server = page_thread_cpu()
+        self._marks = self._now()
 
     def measured(self, rnd: int) -> bool:
         """Past the warm-up and not the first round after the page opened or closed
@@ -206,76 +206,57 @@ class Alternate:
         return rnd > self.warmup + 1 and self.want_open(rnd) == self.want_open(rnd - 1)
 
 
-def event_costs(n: int = 20_000) -> tuple[float, float, float]:
-    """CPU seconds per client event (one reply) through the bus: with no subscriber;
-    into the page's state with no page connected; and with one page connected (handed to an
-    event loop in another thread, which writes it as server-sent-event text)."""
-    import asyncio
-
-    from fedlearn.ui.app import sse
-    from fedlearn.ui.state import Listener, LiveState
-
+def event_costs(clients: int, n: int = 20_000) -> tuple[float, float, float]:
+    """CPU seconds, in the emitting thread, per client event (one reply) with no
+    subscriber and with a live page's process following the bus; and per round's end
+    (the round's row, from ``clients`` evaluations) with the page following."""
+    bus = EventBus()
     record = ClientRecord(1, Stage.EVALUATE, 3, True, 50, 0.31, {"accuracy": 0.9})
-
-    def per_event(bus: EventBus, drained: threading.Event | None = None) -> float:
-        t0 = time.process_time()
-        for _ in range(n):
+    t0 = time.process_time()
+    for _ in range(n):
+        bus.reply_received(record)
+    nobody = (time.process_time() - t0) / n
+    out = Path(tempfile.mkdtemp(prefix="bench-ui-events-"))
+    with start_live_page(out, None, bus, clients=range(clients)):
+        t0 = time.thread_time()
+        for i in range(n):
             bus.reply_received(record)
-        if drained is not None:
-            drained.wait(60)
-        return (time.process_time() - t0) / n
-
-    nobody = per_event(EventBus())
-    bus = EventBus()
-    state = LiveState(Path("/nonexistent/run.db"), None, bus)
-    closed = per_event(bus)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    drained = threading.Event()
-
-    async def consume(listener: Listener) -> None:
-        count = 0
-        while True:
-            await listener.ready.wait()
-            for event in listener.take():
-                if event is None:
-                    return
-                sse(event)
-                count += 1
-            if count == n:
-                drained.set()
-
-    async def attach() -> asyncio.Task[None]:
-        listener, _ = state.listen(loop, state.snapshot()["seq"])
-        return loop.create_task(consume(listener))
-
-    consumer = asyncio.run_coroutine_threadsafe(attach(), loop).result(10)
-    opened = per_event(bus, drained)
-    state.close()
-    asyncio.run_coroutine_threadsafe(asyncio.wait_for(consumer, 10), loop).result(15)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    return nobody, closed, opened
+            if i % 100 == 99:
+                time.sleep(0.001)  # a run's replies come spread out; the pipe drains
+        piped = (time.thread_time() - t0) / n
+        ends = 200
+        total = 0.0
+        for rnd in range(2, ends + 2):
+            for cid in range(clients):
+                metrics = {"accuracy": 0.9 - cid / 1000}
+                bus.reply_received(ClientRecord(rnd, Stage.EVALUATE, cid, True, 50, 0.3, metrics))
+            t0 = time.thread_time()
+            bus.round_finished(RoundRecord(rnd, True, clients, clients, clients, clients))
+            total += time.thread_time() - t0
+            time.sleep(0.002)
+    shutil.rmtree(out, ignore_errors=True)
+    return nobody, piped, total / ends
 
 
-def round_end_cost(clients: int, reps: int = 200) -> float:
-    """CPU seconds the page's state spends on a round's end (its per-client statistics
-    and dots, from ``clients`` evaluations)."""
-    from fedlearn.ui.state import LiveState
-
-    bus = EventBus()
-    state = LiveState(Path("/nonexistent/run.db"), None, bus)
-    total = 0.0
-    for rnd in range(1, reps + 1):
-        for cid in range(clients):
-            metrics = {"accuracy": 0.9 - cid / 1000}
-            bus.reply_received(ClientRecord(rnd, Stage.EVALUATE, cid, True, 50, 0.3, metrics))
-        t0 = time.process_time()
-        bus.round_finished(RoundRecord(rnd, True, clients, clients, clients, clients))
-        total += time.process_time() - t0
-    state.close()
-    return total / reps
+def paired_ratio(
+    alternate: Alternate, kept: dict[int, tuple[bool, float, float]], seed: int, draws: int = 4000
+) -> tuple[float, float, float]:
+    """Each open block's median round over that of the closed block beside it (blocks go
+    closed, open, open, closed, ...: every open block has one closed neighbour), so that the
+    machine's slow drift cancels within a pair; returns the median of those ratios and a
+    95 % bootstrap interval of it (pairs resampled)."""
+    blocks: dict[int, list[float]] = {}
+    for rnd, (_, duration, _) in kept.items():
+        blocks.setdefault((rnd - alternate.warmup - 1) // alternate.block, []).append(duration)
+    ratios = []
+    for k, durations in blocks.items():
+        if k % 4 in (1, 2):  # open; its closed neighbour is k - 1 (k % 4 == 1) or k + 1
+            other = blocks.get(k - 1 if k % 4 == 1 else k + 1)
+            if other:
+                ratios.append(statistics.median(durations) / statistics.median(other))
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return statistics.median(ratios), medians[draws // 40], medians[draws - 1 - draws // 40]
 
 
 def chromium() -> str | None:
@@ -291,7 +272,22 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=121)
     parser.add_argument("--block", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=10, help="local epochs (round length)")
+    parser.add_argument(
+        "--workload",
+        choices=["tabular", "mnist"],
+        default="tabular",
+        help="tabular: breast_cancer and the MLP (rounds of 0.05-0.5 s); mnist: the main job "
+        "(MNIST-5k and the CNN, rounds of about a second)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=10, help="local epochs of the tabular workload"
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the run on the first CPU, the page's process and the viewer on the others",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--client", choices=["browser", "sse"], default="browser")
     parser.add_argument("--screenshot", type=Path, help="a screenshot of the open page")
@@ -308,22 +304,28 @@ def main() -> None:
 
     os.chdir(REPO)
     out = Path(tempfile.mkdtemp(prefix="bench-ui-")) / "run"
-    config = load_config(
-        None,
-        {
-            "run.name": "bench-ui",
-            "run.rounds": args.rounds,
-            "run.clients": args.clients,
-            "run.out_dir": str(out),
+    overrides: dict[str, Any] = {
+        "run.name": "bench-ui",
+        "run.rounds": args.rounds,
+        "run.clients": args.clients,
+        "run.out_dir": str(out),
+        "backend.kind": "inprocess",
+        "publish.enabled": False,
+    }
+    if args.workload == "tabular":
+        overrides |= {
             "data.dataset": "breast_cancer",
             "data.partitioner": "iid",
             "client.app": "clients.tabular:make_app",
             "client.params": {"epochs": args.epochs, "batch_size": 16, "lr": 0.05},
             "strategy.params.min_train_clients": 1,
-            "backend.kind": "inprocess",
-            "publish.enabled": False,
-        },
-    )
+        }
+    config = load_config(None, overrides)  # mnist: the main job's defaults
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin:
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs two CPUs")
+        os.sched_setaffinity(0, cpus[1:])  # what starts now (page, browser) runs there
     bus = EventBus()
     page = start_live_page(out, "bench-ui", bus, clients=range(args.clients))
     if args.client == "browser":
@@ -333,6 +335,9 @@ def main() -> None:
         viewer: Any = BrowserViewer(page.url, executable, args.screenshot)
     else:
         viewer = SseViewer(page.url)
+    if args.pin:
+        os.sched_setaffinity(0, cpus[:1])  # the run
+        viewer.cpus = set(cpus[1:])
     alternate = Alternate(viewer, page, args.block, args.warmup)
     t0 = time.perf_counter()
     try:
@@ -358,19 +363,19 @@ def main() -> None:
     )
     print(
         f"page open:   {len(opened)} rounds, median {m_open * 1000:.1f} ms "
-        f"(the run's thread: CPU {cpu_open * 1000:.1f} ms)"
+        f"(the run's process: CPU {cpu_open * 1000:.1f} ms)"
     )
     print(
         f"page closed: {len(closed)} rounds, median {m_closed * 1000:.1f} ms "
-        f"(the run's thread: CPU {cpu_closed * 1000:.1f} ms)"
+        f"(the run's process: CPU {cpu_closed * 1000:.1f} ms)"
     )
-    print(f"the run's thread's CPU per round open/closed = {cpu_open / cpu_closed:.3f}")
+    print(f"the run's process's CPU per round open/closed = {cpu_open / cpu_closed:.3f}")
     served = [
         statistics.mean(alternate.server[r] for r, v in kept.items() if v[0] is o)
         for o in (True, False)
     ]
     print(
-        f"the page's server thread, CPU per round (mean): {served[0] * 1e3:.1f} ms open, "
+        f"the page's own process, CPU per round (mean): {served[0] * 1e3:.1f} ms open, "
         f"{served[1] * 1e3:.1f} ms closed"
     )
     spent = [alternate.browser[r] for r, v in kept.items() if v[0]]
@@ -379,15 +384,19 @@ def main() -> None:
         f"the viewer's own CPU per open round: median {statistics.median(spent) * 1e3:.0f} ms "
         f"({viewer_is}, other processes)"
     )
-    nobody, state_only, with_page = event_costs()
-    ending = round_end_cost(args.clients)
+    nobody, piped, ending = event_costs(args.clients)
     events = 2 * args.clients + 4  # a reply per task, 2 stages, a round's start and end
-    cost = events * with_page + ending
+    cost = (events - 1) * piped + ending
     print(
-        f"CPU per client event: {nobody * 1e9:.0f} ns with no subscriber, "
-        f"{state_only * 1e6:.1f} µs with the page served and closed, {with_page * 1e6:.1f} µs "
-        f"with it open; a round's end {ending * 1e3:.2f} ms; a round ({events} events) "
-        f"{cost * 1e3:.2f} ms = {cost / m_closed * 100:.2f} % of a closed round"
+        f"the run's CPU per client event: {nobody * 1e9:.0f} ns with no subscriber, "
+        f"{piped * 1e6:.1f} µs with the page's process following (open or closed alike); "
+        f"a round's end {ending * 1e6:.0f} µs; a round ({events} events) {cost * 1e3:.2f} ms "
+        f"= {cost / m_closed * 100:.2f} % of a closed round"
+    )
+    ratio, low, high = paired_ratio(alternate, kept, args.seed)
+    print(
+        f"pairs of neighbouring open and closed blocks: median ratio {ratio:.3f}, "
+        f"95 % bootstrap interval {low:.3f}-{high:.3f}"
     )
     print(f"open/closed = {m_open / m_closed:.3f}")
 

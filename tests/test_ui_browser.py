@@ -100,7 +100,7 @@ def shot(page: Any, name: str) -> Path:
 def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A 4-client, 3-round simulation (client 2 always fails to train, a version is
     published every round) with its live page, started but not waited for."""
-    from fedlearn.ui.app import start_live_page
+    from fedlearn.ui.page import start_live_page
 
     cwd = Path.cwd()
     os.chdir(ROOT)  # the client app is named by module (tests/ui_apps.py)
@@ -196,7 +196,7 @@ def test_the_page_follows_a_running_simulation(browser: Any, simulation: dict[st
 def test_a_finished_run_is_shown_from_its_store_at_phone_width(
     browser: Any, simulation: dict[str, Any]
 ) -> None:
-    from fedlearn.ui.app import start_live_page
+    from fedlearn.ui.page import start_live_page
 
     simulation["thread"].join(120)
     with start_live_page(simulation["out"], None) as served:
@@ -258,7 +258,7 @@ def test_a_secure_private_run_shows_its_epsilon_and_dropouts(
     browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Distributed DP under SecAgg+ (client 3 drops out of round 2's setup), from its store."""
-    from fedlearn.ui.app import start_live_page
+    from fedlearn.ui.page import start_live_page
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
@@ -307,7 +307,7 @@ def test_the_traffic_panel_shows_production_and_the_policy_as_it_changes(
 
     from fedlearn.registry.model_registry import ModelRegistry
     from fedlearn.registry.traffic import Canary, Split
-    from fedlearn.ui.app import start_live_page
+    from fedlearn.ui.page import start_live_page
 
     registry = tmp_path / "registry"
     tm.publish(registry, (0, 1, 2), production=2)

@@ -26,7 +26,7 @@ def test_a_page_beyond_loopback_without_tls_is_a_config_error(tmp_path: Path) ->
         section = validate(ServerSection, {**raw, "ui_address": address})
         assert section.ui_address == address
 
-    from fedlearn.ui.app import start_live_page
+    from fedlearn.ui.page import start_live_page
 
     with pytest.raises(ConfigError, match="not a loopback address"):
         start_live_page(tmp_path, None, host="10.1.2.3")
@@ -58,7 +58,7 @@ def test_an_exposed_page_uses_the_coordinators_certificate(tmp_path: Path) -> No
 def test_an_exposed_page_answers_over_tls_and_refuses_clients_without_a_certificate(
     tmp_path: Path,
 ) -> None:
-    from fedlearn.ui.app import PageTls, start_live_page
+    from fedlearn.ui.page import PageTls, start_live_page
 
     pki = write_dev_pki(tmp_path / "pki", ["127.0.0.1"], keep_ca_key=True)
     site = write_site_cert(tmp_path / "pki", "browser", tmp_path / "pki")

@@ -4,6 +4,7 @@ the registry changes, through the registry's own API as ``fedlearn models route`
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import traffic_models as tm
 from fedlearn.errors import ConfigError
 from fedlearn.registry.model_registry import ModelRegistry
 from fedlearn.registry.traffic import Canary, Shadow, Split
-from fedlearn.ui.events import Event, EventBus
+from fedlearn.ui.events import EventBus
 from fedlearn.ui.traffic import RegistryWatcher, traffic_view
 
 
@@ -98,25 +99,29 @@ def test_the_watcher_reads_again_only_when_the_registry_changes(tmp_path: Path) 
 
 def test_the_page_serves_the_traffic_and_sends_it_when_it_changes(tmp_path: Path) -> None:
     pytest.importorskip("uvicorn")
-    from fedlearn.ui.app import start_live_page
+    from fedlearn.ui.page import start_live_page
 
     registry = tmp_path / "registry"
     tm.publish(registry, (0, 1), production=2)
     bus = EventBus()
-    events: list[Event] = []
     with start_live_page(tmp_path, "run", bus, registry=registry) as page:
-        bus.subscribe(events.append)
         snap = httpx.get(page.url + "api/snapshot", timeout=10).json()
         assert [(m["model"], m["production"], m["policy"]) for m in snap["traffic"]] == [
             ("mlp", 2, None)
         ]
         with ModelRegistry(registry) as writer:
             writer.set_traffic("mlp", Split({1: 1, 2: 9}))
-        deadline = time.monotonic() + 5  # polled every second
-        while not any(e.kind == "traffic" for e in events) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (event,) = [e for e in events if e.kind == "traffic"]
-        assert event.data["models"][0]["policy"]["shares"] == {"1": 0.1, "2": 0.9}
+        # the page's process reads the registry again (polled every second) and tells
+        # the pages through their event stream
+        url = page.url + f"api/events?after={snap['seq']}"
+        traffic = None
+        with httpx.stream("GET", url, timeout=10) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["kind"] == "traffic":
+                    traffic = json.loads(line[6:])["data"]
+                    break
+        assert traffic is not None
+        assert traffic["models"][0]["policy"]["shares"] == {"1": 0.1, "2": 0.9}
         got = httpx.get(page.url + "api/traffic", timeout=10).json()
         assert got["models"][0]["decisions"][0]["action"] == "route-set"
 

@@ -33,8 +33,8 @@ def watching(
         yield None
         return
     from fedlearn.run.job import registry_dir, run_dir
-    from fedlearn.ui.app import start_live_page
     from fedlearn.ui.events import EventBus
+    from fedlearn.ui.page import start_live_page
 
     bus = EventBus()
     clients = range(cfg.run.clients)
@@ -59,7 +59,7 @@ def serve_run_page(
     registry: ``registry/`` in it, as a coordinator's, else beside it, as a simulation's)
     until ``wait`` returns
     (Ctrl-C, SIGTERM). ConfigError if it cannot listen."""
-    from fedlearn.ui.app import start_live_page
+    from fedlearn.ui.page import start_live_page
 
     registry = directory / "registry"  # a coordinator's state directory holds its own
     if not registry.is_dir():

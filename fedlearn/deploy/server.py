@@ -78,7 +78,7 @@ def page_exposure(section: ServerSection) -> dict[str, Any]:
     on ``ui_address`` beyond loopback over the coordinator's certificate, admitting only
     what the gRPC port admits (with ``client_ca``, a client certificate it signed)."""
     from fedlearn.config.deployment import is_loopback
-    from fedlearn.ui.app import PageTls
+    from fedlearn.ui.page import PageTls
 
     host = section.ui_address or "127.0.0.1"
     out: dict[str, Any] = {"host": host, "port": section.ui_port or 0}
@@ -199,7 +199,7 @@ def run_coordinator(
     page = None
     try:
         if config.server.ui_port is not None:
-            from fedlearn.ui.app import start_live_page
+            from fedlearn.ui.page import start_live_page
 
             page = start_live_page(
                 state_dir,

@@ -1,4 +1,5 @@
-"""The live page's web app (Starlette) and the server that runs it in a thread.
+"""The live page's web app (Starlette) and the server that runs it in a thread of the
+page's own process (:mod:`fedlearn.ui.child`).
 
 Routes::
 
@@ -10,8 +11,8 @@ Routes::
 
 Every answer forbids loading anything from elsewhere (Content-Security-Policy
 ``default-src 'self'``). The server listens on loopback unless told otherwise; on any
-other address only over TLS (:class:`PageTls`: the coordinator's certificate, and with a
-client CA, only to browsers that present a certificate it signed).
+other address only over TLS (:class:`~fedlearn.ui.page.PageTls`: the coordinator's
+certificate, and with a client CA, only to browsers that present a certificate it signed).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlearn.config.deployment import is_loopback
 from fedlearn.config.extras import extra_message
 from fedlearn.errors import ConfigError
 from fedlearn.ui.events import Event, EventBus
+from fedlearn.ui.page import PageTls
 from fedlearn.ui.state import LiveState
 from fedlearn.ui.traffic import RegistryWatcher
 
@@ -142,24 +143,14 @@ def build_app(state: LiveState) -> Starlette:
     )
 
 
-@dataclass(frozen=True)
-class PageTls:
-    """TLS for the page: its certificate chain and key (PEM files); with ``client_ca``,
-    a browser must present a certificate signed by it (refused in the handshake else)."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-
 @dataclass
-class LivePage:
-    """The page served by uvicorn in a background thread; :meth:`stop` ends it."""
+class PageServer:
+    """The page served by uvicorn in a background thread of the page's process
+    (:mod:`fedlearn.ui.child`); :meth:`stop` ends it."""
 
     state: LiveState
     server: RestServer
     watcher: RegistryWatcher | None = None
-    _stopped: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -167,50 +158,30 @@ class LivePage:
         return self.server.url + "/"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """End the pages' event streams, then the server (idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
+        """End the pages' event streams, then the server."""
         if self.watcher is not None:
             self.watcher.close()
         self.state.close()
         self.server.stop(timeout_s)
 
-    def __enter__(self) -> LivePage:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def start_live_page(
-    directory: Path,
+def serve_page(
+    db: Path,
     run_id: str | None,
-    bus: EventBus | None = None,
+    bus: EventBus | None,
     *,
-    port: int = 0,
-    host: str = "127.0.0.1",
+    host: str,
+    port: int,
     clients: Sequence[int] = (),
     tls: PageTls | None = None,
     registry: Path | None = None,
     endpoint: str | None = None,
     startup_timeout_s: float = 10.0,
-) -> LivePage:
-    """Serve the page of the run in ``directory`` (its ``run.db``), following ``bus``
-    (None: a finished run from its store); returns once it listens (port 0: any free).
-    A ``host`` beyond loopback needs ``tls`` (ConfigError otherwise). With ``registry``
-    the page shows its models' traffic, read again when the registry changes; with
-    ``endpoint`` (``http://127.0.0.1:PORT``, a ``fedlearn serve`` of that registry) also
-    its request counts per answering version, read from its ``/metrics`` every second."""
-    if tls is None and not is_loopback(host):
-        raise ConfigError(
-            f"the live page: {host} is not a loopback address; it is served there over "
-            "TLS only (give a certificate and key)"
-        )
-    for path in () if tls is None else (tls.cert, tls.key, tls.client_ca):
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"the live page: no such file: {path}")
-    state = LiveState(directory / "run.db", run_id, bus, clients)
+) -> PageServer:
+    """Serve the page of the run in ``db`` following ``bus`` (None: a finished run from its
+    store) on ``host:port`` in a thread; returns once it listens. The caller checked the
+    address and TLS files (:func:`fedlearn.ui.page.start_live_page`)."""
+    state = LiveState(db, run_id, bus, clients)
     watcher = None
     if registry is not None:
         watcher = RegistryWatcher(registry, None if bus is None else bus.traffic, endpoint=endpoint)
@@ -233,4 +204,4 @@ def start_live_page(
             watcher.close()
         state.close()
         raise
-    return LivePage(state, server, watcher)
+    return PageServer(state, server, watcher)

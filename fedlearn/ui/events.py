@@ -64,9 +64,15 @@ class EventBus:
 
         return unsubscribe
 
-    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+    def relay(self, kind: str, data: dict[str, Any], at: float) -> None:
+        """Emit an event that happened at ``at`` on another bus (the run's, seen from
+        the page's process: :mod:`fedlearn.ui.child`)."""
+        if self._subscribers:
+            self._emit(kind, data, at)
+
+    def _emit(self, kind: str, data: dict[str, Any], at: float | None = None) -> None:
         with self._lock:  # one order of sequence numbers for every subscriber
-            event = Event(next(self._seq), time.time(), kind, data)
+            event = Event(next(self._seq), time.time() if at is None else at, kind, data)
             subscribers = self._subscribers
             for subscriber in subscribers:
                 try:
