@@ -108,3 +108,19 @@ def test_cuda_clients_train_in_pool_workers_after_the_parent_trained(
     result = run_simulation(factory, FedAvg(), num_clients=4, rounds=1, seed=3, backend="pool")
     assert all(c.ok for c in result.clients), [c.error for c in result.clients if not c.ok]
     assert np.isfinite(result.rounds[-1].eval_metrics["accuracy"])
+
+
+def test_a_pools_own_state_directory_goes_when_it_closes_or_is_collected() -> None:
+    import gc
+
+    closed = PoolTransport(LogReg, workers=1)
+    directory = closed.states.directory
+    assert directory.is_dir()
+    closed.close()
+    assert not directory.exists()
+
+    forgotten = PoolTransport(LogReg, workers=1)  # never closed: collected
+    directory = forgotten.states.directory
+    del forgotten
+    gc.collect()
+    assert not directory.exists()

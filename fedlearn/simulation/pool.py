@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -186,9 +187,10 @@ class PoolTransport:
             self._ctx.set_forkserver_preload(_PRELOAD)
         self._workers: list[_Worker] = []
         self._payload = b""
-        self._own_state_dir = state_dir is None
-        if state_dir is None:
+        self._remove_state_dir: Callable[[], object] = lambda: None
+        if state_dir is None:  # its own: removed on close, or when the pool is collected
             state_dir = tempfile.mkdtemp(prefix="fedlearn-client-state-")
+            self._remove_state_dir = weakref.finalize(self, shutil.rmtree, state_dir, True)
         self.states = DirectoryStateStore(state_dir)
 
     def _start(self) -> None:
@@ -287,5 +289,4 @@ class PoolTransport:
                 w.process.kill()
             w.conn.close()
         self._workers.clear()
-        if self._own_state_dir:
-            shutil.rmtree(self.states.directory, ignore_errors=True)
+        self._remove_state_dir()

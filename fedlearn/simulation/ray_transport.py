@@ -19,6 +19,7 @@ import contextlib
 import math
 import shutil
 import tempfile
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -126,9 +127,10 @@ class RayTransport:
         except BaseException:
             self.session.close()
             raise
-        self._own_state_dir = state_dir is None
-        if state_dir is None:
+        self._remove_state_dir: Callable[[], object] = lambda: None
+        if state_dir is None:  # its own: removed on close, or when the transport is collected
             state_dir = tempfile.mkdtemp(prefix="fedlearn-client-state-")
+            self._remove_state_dir = weakref.finalize(self, shutil.rmtree, state_dir, True)
         self.state_dir = Path(state_dir).resolve()
         self._actors: list[Any] = []
         self._actor_class: Any = None
@@ -217,8 +219,7 @@ class RayTransport:
         self._actors.clear()
         self._actor_class = self._factory_ref = None
         self.session.close()
-        if self._own_state_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        self._remove_state_dir()
 
 
 def _failed(chunk: list[Task], exc: BaseException) -> list[Reply]:
