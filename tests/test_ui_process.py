@@ -20,7 +20,7 @@ import pytest
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.results import ClientRecord, RoundRecord
 from fedlearn.errors import ConfigError
-from fedlearn.ui.child import relay
+from fedlearn.ui.child import follow, relay
 from fedlearn.ui.events import Event, EventBus
 
 pytest.importorskip("uvicorn")
@@ -46,6 +46,27 @@ def test_relay_keeps_each_events_time_and_order_and_skips_unreadable_lines(
     ]
     assert seen[1].data == {"status": "finished", "round": 1}
     assert sum("unreadable event" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_follow_reassembles_lines_split_across_reads() -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    data = b"".join(
+        json.dumps([float(i), "round_started", {"round": i}]).encode() + b"\n" for i in range(50)
+    )
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb", buffering=0) as writer:
+        for start in range(0, len(data), 7):  # pieces that cut lines anywhere
+            writer.write(data[start : start + 7])
+    try:
+        first = data.index(b"\n") + 1  # as if the first line had been read already
+        os.read(read_end, first)
+        assert follow(read_end, bus, data[:first], gather_s=0) == 50
+    finally:
+        os.close(read_end)
+    assert [e.data["round"] for e in seen] == list(range(50))
+    assert [e.at for e in seen] == [float(i) for i in range(50)]
 
 
 def test_the_runs_process_never_imports_the_web_stack_and_the_page_follows_it(

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,11 @@ from fedlearn.ui.events import EventBus
 from fedlearn.ui.page import PageTls
 
 log = logging.getLogger("fedlearn.ui")
+
+GATHER_S = 0.05
+"""How long the page's process lets the run's events gather before it reads them (the
+pages' streams gather as long again: :data:`fedlearn.ui.app.BATCH_S`)."""
+READ_BYTES = 1 << 20
 
 
 def relay(lines: Iterable[bytes], bus: EventBus) -> int:
@@ -45,11 +52,28 @@ def relay(lines: Iterable[bytes], bus: EventBus) -> int:
     return count
 
 
+def follow(fd: int, bus: EventBus, rest: bytes = b"", gather_s: float = GATHER_S) -> int:
+    """Relay the lines read from ``fd`` until it ends, reading whatever has come at most
+    every ``gather_s``: a round's replies wake this process a few times, not once each
+    (the run never waits on it: its end of the pipe does not block). ``rest``: bytes
+    already read."""
+    count = 0
+    while chunk := os.read(fd, READ_BYTES):
+        *lines, rest = (rest + chunk).split(b"\n")
+        count += relay(lines, bus)
+        time.sleep(gather_s)
+    return count
+
+
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    stdin = sys.stdin.buffer
-    spec: dict[str, Any] = json.loads(stdin.readline())
+    fd = sys.stdin.fileno()
+    head = b""
+    while b"\n" not in head and (chunk := os.read(fd, READ_BYTES)):
+        head += chunk
+    line, _, rest = head.partition(b"\n")
+    spec: dict[str, Any] = json.loads(line)
     bus = EventBus() if spec["live"] else None
     tls = None
     if spec["tls"] is not None:
@@ -74,10 +98,10 @@ def main() -> int:
     _answer({"url": page.url})
     try:
         if bus is None:
-            for _ in stdin:  # nothing comes: wait for the end
+            while os.read(fd, READ_BYTES):  # nothing comes: wait for the end
                 pass
         else:
-            relay(stdin, bus)
+            follow(fd, bus, rest)
     finally:
         page.stop()
     return 0
