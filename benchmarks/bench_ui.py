@@ -3,7 +3,8 @@
 One simulation runs with the live page served (``fedlearn simulate --ui`` does the same).
 Its rounds alternate, in blocks, between the page *open* (a real headless Chromium showing
 it, through Playwright, or with ``--client sse`` a plain server-sent-events client in its
-own process that reads and parses every event) and *closed* (nobody connected); blocks go
+own process that reads and parses every event; or, as a control, ``--client burn``: no
+viewer, a process that only burns a few % of a CPU) and *closed* (nobody connected); blocks go
 closed, open, open, closed, ... so that drift in the machine's load falls on both sides. The page is
 opened and closed between rounds, outside the measured time. A round's time is the
 coordinator's own ``duration_s`` (training and evaluation); the first round after each
@@ -104,6 +105,47 @@ class SseViewer:
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "connected":
             raise SystemExit("the SSE client could not connect")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def shutdown(self) -> None:
+        self.close()
+
+
+BURNER = """
+import sys, time
+duty, period = float(sys.argv[1]), 0.05
+print("connected", flush=True)
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < duty * period:
+        pass
+    time.sleep(period * (1 - duty))
+"""
+
+
+class Burner:
+    """The control (``--client burn``): no page at all, a process that keeps a CPU busy for
+    ``duty`` of every 50 ms while "open" -- what any small process beside the run costs it
+    on this machine."""
+
+    def __init__(self, duty: float) -> None:
+        self.duty = duty
+        self.proc: subprocess.Popen[str] | None = None
+        self.cpus: set[int] | None = None
+
+    def open(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", BURNER, str(self.duty)], stdout=subprocess.PIPE, text=True
+        )
+        if self.cpus is not None:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()
 
     def close(self) -> None:
         if self.proc is not None:
@@ -289,7 +331,10 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--client", choices=["browser", "sse"], default="browser")
+    parser.add_argument("--client", choices=["browser", "sse", "burn"], default="browser")
+    parser.add_argument(
+        "--burn-duty", type=float, default=0.03, help="--client burn: the share of a CPU it uses"
+    )
     parser.add_argument("--screenshot", type=Path, help="a screenshot of the open page")
     parser.add_argument(
         "--torch-threads",
@@ -333,6 +378,8 @@ def main() -> None:
         if executable is None:
             raise SystemExit("no Chromium found: apt-get install chromium, or use --client sse")
         viewer: Any = BrowserViewer(page.url, executable, args.screenshot)
+    elif args.client == "burn":
+        viewer = Burner(args.burn_duty)
     else:
         viewer = SseViewer(page.url)
     if args.pin:
@@ -356,7 +403,11 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    how = "in headless Chromium" if args.client == "browser" else "as an SSE client"
+    how = {
+        "browser": "in headless Chromium",
+        "sse": "as an SSE client",
+        "burn": f"never opened: a process burning {args.burn_duty:.0%} of a CPU instead",
+    }[args.client]
     print(
         f"{args.clients} clients, {args.rounds} rounds ({args.warmup} warm-up), blocks of "
         f"{args.block}, {args.torch_threads} torch thread(s), page {how}, {wall:.0f} s"
@@ -379,7 +430,9 @@ def main() -> None:
         f"{served[1] * 1e3:.1f} ms closed"
     )
     spent = [alternate.browser[r] for r, v in kept.items() if v[0]]
-    viewer_is = "Playwright's driver and Chromium" if args.client == "browser" else "the client"
+    viewer_is = {"browser": "Playwright's driver and Chromium", "sse": "the client"}.get(
+        args.client, "the burner"
+    )
     print(
         f"the viewer's own CPU per open round: median {statistics.median(spent) * 1e3:.0f} ms "
         f"({viewer_is}, other processes)"

@@ -50,8 +50,6 @@ log = logging.getLogger("fedlearn.ui")
 
 STATIC = Path(__file__).with_name("static")
 KEEPALIVE_S = 15.0
-BATCH_S = 0.05
-"""How long a page's stream gathers events before it writes them (one write per burst)."""
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
     "X-Content-Type-Options": "nosniff",
@@ -107,8 +105,7 @@ def build_app(state: LiveState) -> Starlette:
                     except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
-                    # a round's replies come in bursts: one write for what arrives meanwhile
-                    await asyncio.sleep(BATCH_S)
+                    # events come in bursts (fedlearn.ui.child.GATHER_S): one write each
                     batch = listener.take()
                     text = "".join(sse(e) for e in batch if e is not None)
                     if None in batch:
