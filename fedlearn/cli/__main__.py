@@ -1,5 +1,5 @@
 """``python -m fedlearn.cli``."""
 
-from fedlearn.cli.main import app
+from fedlearn.cli.main import main
 
-app()
+main()

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedlearn.cli.collector import StartupCollector, mark_command_process
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
 from fedlearn.cli.sites import evaluate_sites
@@ -40,6 +41,12 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.command("evaluate-sites")(evaluate_sites)
 console = Console()
+
+
+def main() -> None:
+    """The ``fedlearn`` program: its console script and ``python -m fedlearn.cli``."""
+    mark_command_process()
+    app()
 
 
 class ProgressObserver:
@@ -160,6 +167,11 @@ def simulate(
 ) -> None:
     """Run a federated simulation, write its run directory (model, run store, report),
     publish the model to the registry and query it through the serving endpoint."""
+    collector = StartupCollector()
+    from fedlearn.report.plot_process import start_plot_process
+
+    plots = start_plot_process()  # its matplotlib import overlaps this process's start-up
+    from fedlearn.engine.coordinator import Observers
     from fedlearn.run.job import run_job
 
     overrides: dict[str, Any] = {}
@@ -203,7 +215,7 @@ def simulate(
                 transient=True,
             ) as progress,
         ):
-            observer = ProgressObserver(progress, cfg.run.rounds)
+            observer = Observers(ProgressObserver(progress, cfg.run.rounds), collector)
             job = run_job(cfg, observer, resume, new_run, events=events)
     except RunInterrupted as exc:
         console.print(f"[yellow]{escape(str(exc))}[/]", soft_wrap=True)
@@ -213,6 +225,10 @@ def simulate(
         raise typer.Exit(130) from None
     except FedlearnError as exc:
         _fail(str(exc))
+    finally:
+        collector.started()
+        if plots is not None:
+            plots.close()
     outcome = job.outcome
     if outcome.already_finished:
         return

@@ -16,6 +16,7 @@ from typing import Any
 from fedlearn.drift.report import site_name
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.store import RunStore
+from fedlearn.report import plot_process
 from fedlearn.report.plots import (
     PLOTS_SKIPPED,
     can_plot,
@@ -61,17 +62,37 @@ def write_report(store: RunStore, out_dir: Path) -> ReportFiles:
             out_dir / "privacy_per_round.png" if plots and report.epsilon is not None else None
         ),
     )
+    pngs = {
+        name: path
+        for name, path in (
+            ("metrics", files.metrics_png),
+            ("clients", files.clients_png),
+            ("privacy", files.privacy_png),
+        )
+        if path is not None
+    }
+    # A plot process (fedlearn simulate's) draws them while the JSON and CSV are written.
+    background = plot_process.active() if pngs else None
+    drawing = background is not None and background.request(store.path, store.run_id, pngs)
     _write_atomic(files.report_json, _report_json(report).encode())
     _write_atomic(files.clients_csv, _csv_bytes(*_client_table(report)))
     _write_atomic(files.rounds_csv, _csv_bytes(*_round_table(report)))
-    if files.metrics_png is not None and files.clients_png is not None:
-        _write_atomic(files.metrics_png, plot_metrics(report))
-        _write_atomic(files.clients_png, plot_clients(report))
-        if files.privacy_png is not None:
-            _write_atomic(files.privacy_png, plot_privacy(report))
-    else:
+    if pngs and not (drawing and background is not None and background.wait()):
+        write_plots(report, pngs)
+    if not pngs:
         log.warning("%s: %s", out_dir, PLOTS_SKIPPED)
     return files
+
+
+_PLOTS = {"metrics": plot_metrics, "clients": plot_clients, "privacy": plot_privacy}
+"""The report's plots by name, in the order they are drawn."""
+
+
+def write_plots(report: Report, pngs: Mapping[str, Path]) -> None:
+    """Draw the plots ``pngs`` names (``metrics``, ``clients``, ``privacy``) and write
+    each to its file."""
+    for name, path in pngs.items():
+        _write_atomic(path, _PLOTS[name](report))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
