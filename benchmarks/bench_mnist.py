@@ -148,7 +148,7 @@ def main() -> None:
         got: dict[str, dict[str, Any]] = {}
         for backend in args.backends.split(","):
             got[backend] = run_fedlearn(n, backend, args.min_size)
-        got["flower"] = run_flower(args.flower_python, n, args.min_size)
+        got["flower"] = run_flower(args.flower_python.absolute(), n, args.min_size)
         got["bare"] = run_bare(n, args.min_size)
         for name, r in got.items():
             print(

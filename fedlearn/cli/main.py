@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedlearn.cli.collector import StartupCollector, mark_command_process
 from fedlearn.cli.keys import certs_app, keys_app
 from fedlearn.cli.models import models_app
+from fedlearn.cli.progress import ProgressObserver, progress_bars
 from fedlearn.cli.sites import evaluate_sites
 from fedlearn.cli.strategies import strategies
 from fedlearn.cli.ui import UI_HELP, UI_PORT, UI_PORT_HELP, serve_run_page, watching
@@ -47,49 +47,6 @@ def main() -> None:
     """The ``fedlearn`` program: its console script and ``python -m fedlearn.cli``."""
     mark_command_process()
     app()
-
-
-class ProgressObserver:
-    """One progress bar per round stage, and a line per finished round."""
-
-    def __init__(self, progress: Progress, rounds: int) -> None:
-        self.progress = progress
-        self.rounds = rounds
-        self.task: Any = None
-
-    def stage_started(self, round: int, stage: Stage, num_tasks: int) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(
-            f"round {round}/{self.rounds} {stage.value}", total=num_tasks
-        )
-
-    def reply_received(self, record: ClientRecord) -> None:
-        self.progress.advance(self.task)
-
-    def round_finished(self, record: RoundRecord) -> None:
-        self.describe(record, self.progress.console)
-
-    @staticmethod
-    def describe(record: RoundRecord, out: Console) -> None:
-        """Print one line summarizing a finished round."""
-        acc = record.eval_metrics.get("accuracy")
-        loss = record.eval_metrics.get("loss")
-        status = "[green]ok[/]" if record.ok else f"[red]failed[/]: {record.error}"
-        parts = [
-            f"round {record.round}: {status}",
-            f"train {record.train_ok}/{record.train_selected}",
-        ]
-        if record.eval_selected:
-            parts.append(f"eval {record.eval_ok}/{record.eval_selected}")
-        if isinstance(acc, float):
-            parts.append(f"accuracy {acc:.4f}")
-        if isinstance(loss, float):
-            parts.append(f"loss {loss:.4f}")
-        if record.virtual_time is not None:
-            parts.append(f"virtual time {record.virtual_time:.2f}")
-        parts.append(f"{record.duration_s:.2f}s")
-        out.print("  ".join(parts))
 
 
 def _print_published(published: Published) -> None:
@@ -206,11 +163,7 @@ def simulate(
         _show_run_notes()
         with (
             watching(ui, cfg, ui_port, console) as events,
-            Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
+            progress_bars(
                 console=console,
                 transient=True,
             ) as progress,

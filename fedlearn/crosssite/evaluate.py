@@ -39,6 +39,7 @@ from fedlearn.engine.records import Arrays
 from fedlearn.engine.results import ClientRecord
 from fedlearn.engine.store import RunStore, SiteEvaluation
 from fedlearn.errors import ConfigError
+from fedlearn.report.atomic import write_atomic
 from fedlearn.run.builders import make_strategy
 from fedlearn.run.identity import as_stored
 from fedlearn.strategy.base import Strategy
@@ -285,12 +286,12 @@ def write_files(
     written = []
     for file_name, text in files.items():
         path = directory / file_name
-        _write_atomic(path, text.encode())
+        write_atomic(path, text.encode())
         written.append(path)
     notes = []
     if can_plot():
         path = directory / HEATMAP_PNG
-        _write_atomic(path, plot_matrix(matrix, baseline, plot_metric))
+        write_atomic(path, plot_matrix(matrix, baseline, plot_metric))
         written.append(path)
     else:
         notes.append(HEATMAP_SKIPPED)
@@ -419,9 +420,3 @@ def _cell(entry: Entry, record: ClientRecord, sites: dict[int, str]) -> SiteEval
         metrics=dict(record.metrics),
         error=record.error,
     )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

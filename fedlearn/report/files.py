@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -17,12 +16,11 @@ from fedlearn.drift.report import site_name
 from fedlearn.engine.messages import Stage
 from fedlearn.engine.store import RunStore
 from fedlearn.report import plot_process
+from fedlearn.report.atomic import write_atomic
 from fedlearn.report.plots import (
     PLOTS_SKIPPED,
     can_plot,
-    plot_clients,
-    plot_metrics,
-    plot_privacy,
+    write_plots,
 )
 from fedlearn.report.summary import Report, ReportFiles, lower_is_better, summarize
 
@@ -74,31 +72,14 @@ def write_report(store: RunStore, out_dir: Path) -> ReportFiles:
     # A plot process (fedlearn simulate's) draws them while the JSON and CSV are written.
     background = plot_process.active() if pngs else None
     drawing = background is not None and background.request(store.path, store.run_id, pngs)
-    _write_atomic(files.report_json, _report_json(report).encode())
-    _write_atomic(files.clients_csv, _csv_bytes(*_client_table(report)))
-    _write_atomic(files.rounds_csv, _csv_bytes(*_round_table(report)))
+    write_atomic(files.report_json, _report_json(report).encode())
+    write_atomic(files.clients_csv, _csv_bytes(*_client_table(report)))
+    write_atomic(files.rounds_csv, _csv_bytes(*_round_table(report)))
     if pngs and not (drawing and background is not None and background.wait()):
         write_plots(report, pngs)
     if not pngs:
         log.warning("%s: %s", out_dir, PLOTS_SKIPPED)
     return files
-
-
-_PLOTS = {"metrics": plot_metrics, "clients": plot_clients, "privacy": plot_privacy}
-"""The report's plots by name, in the order they are drawn."""
-
-
-def write_plots(report: Report, pngs: Mapping[str, Path]) -> None:
-    """Draw the plots ``pngs`` names (``metrics``, ``clients``, ``privacy``) and write
-    each to its file."""
-    for name, path in pngs.items():
-        _write_atomic(path, _PLOTS[name](report))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:

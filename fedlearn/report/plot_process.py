@@ -129,7 +129,7 @@ def _serve(conn: Connection, parent_end: Connection) -> None:
 
 def _draw(path: Path, run_id: str, pngs: dict[str, str]) -> None:
     from fedlearn.engine.store import RunStore
-    from fedlearn.report.files import write_plots
+    from fedlearn.report.plots import write_plots
     from fedlearn.report.summary import summarize
 
     store = RunStore(path, run_id=run_id, read_only=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 from fedlearn.config.extras import extra_message, has_extra
 from fedlearn.engine.messages import Stage
 from fedlearn.errors import ConfigError
+from fedlearn.report.atomic import write_atomic
 from fedlearn.report.summary import Report, evaluation_values
 
 if TYPE_CHECKING:
@@ -228,3 +230,14 @@ def _nothing_reported(ax: Any, name: str) -> None:
         va="center",
         color="gray",
     )
+
+
+PLOTS = {"metrics": plot_metrics, "clients": plot_clients, "privacy": plot_privacy}
+"""The report's plots by name, in the order they are drawn."""
+
+
+def write_plots(report: Report, pngs: Mapping[str, Path]) -> None:
+    """Draw the plots ``pngs`` names (``metrics``, ``clients``, ``privacy``) and write
+    each to its file."""
+    for name, path in pngs.items():
+        write_atomic(path, PLOTS[name](report))
