@@ -86,25 +86,25 @@ with httpx.Client(timeout=None) as http, http.stream("GET", url + "api/events") 
 """
 
 
-class SseViewer:
-    """A server-sent-events client in its own process (as a page is): it loads the
-    snapshot, then reads and parses every event until it is stopped."""
+class ProcessViewer:
+    """A viewer that is one Python process running ``script`` with ``args``; it prints
+    ``connected`` once it watches, and runs on ``cpus`` when set."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, script: str, *args: str) -> None:
+        self.script = script
+        self.args = args
         self.proc: subprocess.Popen[str] | None = None
         self.cpus: set[int] | None = None
-        """Where its process runs (None: anywhere)."""
 
     def open(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SSE_READER, self.url], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", self.script, *self.args], stdout=subprocess.PIPE, text=True
         )
         if self.cpus is not None:
             os.sched_setaffinity(self.proc.pid, self.cpus)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "connected":
-            raise SystemExit("the SSE client could not connect")
+            raise SystemExit("the viewer could not connect")
 
     def close(self) -> None:
         if self.proc is not None:
@@ -114,6 +114,12 @@ class SseViewer:
 
     def shutdown(self) -> None:
         self.close()
+
+
+def sse_viewer(url: str) -> ProcessViewer:
+    """A server-sent-events client in its own process (as a page is): it loads the
+    snapshot, then reads and parses every event until it is stopped."""
+    return ProcessViewer(SSE_READER, url)
 
 
 BURNER = """
@@ -128,33 +134,11 @@ while True:
 """
 
 
-class Burner:
+def burner(duty: float) -> ProcessViewer:
     """The control (``--client burn``): no page at all, a process that keeps a CPU busy for
     ``duty`` of every 50 ms while "open" -- what any small process beside the run costs it
     on this machine."""
-
-    def __init__(self, duty: float) -> None:
-        self.duty = duty
-        self.proc: subprocess.Popen[str] | None = None
-        self.cpus: set[int] | None = None
-
-    def open(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", BURNER, str(self.duty)], stdout=subprocess.PIPE, text=True
-        )
-        if self.cpus is not None:
-            os.sched_setaffinity(self.proc.pid, self.cpus)
-        assert self.proc.stdout is not None
-        self.proc.stdout.readline()
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def shutdown(self) -> None:
-        self.close()
+    return ProcessViewer(BURNER, str(duty))
 
 
 def children_cpu() -> float:
@@ -379,9 +363,9 @@ def main() -> None:
             raise SystemExit("no Chromium found: apt-get install chromium, or use --client sse")
         viewer: Any = BrowserViewer(page.url, executable, args.screenshot)
     elif args.client == "burn":
-        viewer = Burner(args.burn_duty)
+        viewer = burner(args.burn_duty)
     else:
-        viewer = SseViewer(page.url)
+        viewer = sse_viewer(page.url)
     if args.pin:
         os.sched_setaffinity(0, cpus[:1])  # the run
         viewer.cpus = set(cpus[1:])
