@@ -47,15 +47,8 @@ from fedlearn.engine.validation import aggregation, check_model, check_update
 from fedlearn.errors import RoundFailed, UpdateRejected
 from fedlearn.strategy.base import Asynchrony, ClientUpdate, RoundContext, Strategy
 
-
-class _Sink(Protocol):
-    def record_round(
-        self, round: RoundRecord, clients: Sequence[ClientRecord], arrays: Arrays, state: Arrays
-    ) -> None: ...
-
-
-class _Observer(Protocol):
-    def round_finished(self, record: RoundRecord) -> None: ...
+RoundStep = Callable[[int, Arrays, Arrays], tuple[Arrays, Arrays, RoundRecord, list[ClientRecord]]]
+"""One round: ``(round, arrays, state) -> (arrays, state, its record, its client rows)``."""
 
 
 class Host(Protocol):
@@ -71,15 +64,18 @@ class Host(Protocol):
     @property
     def seed(self) -> int: ...
     @property
-    def sink(self) -> _Sink | None: ...
-    @property
-    def observer(self) -> _Observer | None: ...
-    @property
     def before_round(self) -> Callable[[int], None] | None: ...
     @property
-    def stop_before(self) -> Callable[[int], str | None] | None: ...
-    @property
     def latency(self) -> Latency | None: ...
+
+    def drive(
+        self,
+        start_round: int,
+        arrays: Arrays,
+        state: Arrays,
+        step: RoundStep,
+        stored: Callable[[Arrays], Arrays] = ...,
+    ) -> RunResult: ...
 
     def round_context(self, rnd: int, state: Arrays) -> RoundContext: ...
     def evaluation_due(self, rnd: int) -> bool: ...
@@ -161,75 +157,71 @@ class AsyncRounds:
         )
         for _ in range(1, start_round):  # replay the clock up to the checkpoint
             schedule.next_round()
-        versions = unpack_versions(own)
-        untrained: dict[int, Job] = dict(schedule.in_flight)
-        pending: dict[int, _Trained] = {}
-        rounds: list[RoundRecord] = []
-        clients: list[ClientRecord] = []
-        for rnd in range(start_round, c.rounds + 1):
-            stopped = None if c.stop_before is None else c.stop_before(rnd)
-            if stopped is not None:
-                return RunResult(arrays, self._state(state, versions), rounds, clients, stopped)
-            if c.before_round is not None:
-                c.before_round(rnd)
-            t0 = time.perf_counter()
-            plan = schedule.next_round()
-            untrained.update((j.id, j) for j in plan.dispatched)
-            current = rnd - 1
-            versions[current] = (arrays, state)
-            ready = sorted(
-                (j for j in untrained.values() if j.version <= current),
-                key=lambda j: (j.version, j.id),
-            )
-            for v in sorted({j.version for j in ready}):
-                batch = [j for j in ready if j.version == v]
-                pending.update(self._train(v, versions[v], batch))
-                for j in batch:
-                    del untrained[j.id]
-            records: list[ClientRecord] = []
-            ctx = c.round_context(rnd, state)
-            error: str | None = None
-            train_metrics: Metrics = {}
-            try:
-                arrivals = [
-                    Arrival(
-                        j.client_id,
-                        current - j.version,
-                        versions[j.version][0],
-                        pending.pop(j.id),
-                    )
-                    for j in plan.arrivals
-                ]
-                arrays, state, train_metrics = aggregate(c, ctx, arrays, state, arrivals, records)
-            except RoundFailed as exc:
-                error = str(exc)
-            live = {j.version for j in schedule.in_flight.values()}
-            versions = {v: m for v, m in versions.items() if v in live and v < rnd}
-            eval_selected, eval_ok, eval_metrics = 0, 0, dict[str, Scalar]()
-            if c.evaluation_due(rnd):
-                eval_selected, eval_ok, eval_metrics = c._evaluate(
-                    ctx, arrays, records, c._clients()
+        self.schedule = schedule
+        self.versions = unpack_versions(own)
+        self.untrained: dict[int, Job] = dict(schedule.in_flight)
+        self.pending: dict[int, _Trained] = {}
+        return c.drive(start_round, arrays, state, self._round, self._stored)
+
+    def _round(
+        self, rnd: int, arrays: Arrays, state: Arrays
+    ) -> tuple[Arrays, Arrays, RoundRecord, list[ClientRecord]]:
+        c, schedule, untrained, pending = self.c, self.schedule, self.untrained, self.pending
+        versions = self.versions
+        t0 = time.perf_counter()
+        plan = schedule.next_round()
+        untrained.update((j.id, j) for j in plan.dispatched)
+        current = rnd - 1
+        versions[current] = (arrays, state)
+        ready = sorted(
+            (j for j in untrained.values() if j.version <= current),
+            key=lambda j: (j.version, j.id),
+        )
+        for v in sorted({j.version for j in ready}):
+            batch = [j for j in ready if j.version == v]
+            pending.update(self._train(v, versions[v], batch))
+            for j in batch:
+                del untrained[j.id]
+        records: list[ClientRecord] = []
+        ctx = c.round_context(rnd, state)
+        error: str | None = None
+        train_metrics: Metrics = {}
+        try:
+            arrivals = [
+                Arrival(
+                    j.client_id,
+                    current - j.version,
+                    versions[j.version][0],
+                    pending.pop(j.id),
                 )
-            record = RoundRecord(
-                round=rnd,
-                ok=error is None,
-                train_selected=len(plan.arrivals),
-                train_ok=sum(r.ok for r in records if r.stage is Stage.TRAIN),
-                eval_selected=eval_selected,
-                eval_ok=eval_ok,
-                train_metrics=train_metrics,
-                eval_metrics=eval_metrics,
-                duration_s=time.perf_counter() - t0,
-                error=error,
-                virtual_time=plan.time,
-            )
-            rounds.append(record)
-            clients.extend(records)
-            if c.sink is not None:
-                c.sink.record_round(record, records, arrays, self._state(state, versions))
-            if c.observer is not None:
-                c.observer.round_finished(record)
-        return RunResult(arrays, self._state(state, versions), rounds, clients)
+                for j in plan.arrivals
+            ]
+            arrays, state, train_metrics = aggregate(c, ctx, arrays, state, arrivals, records)
+        except RoundFailed as exc:
+            error = str(exc)
+        live = {j.version for j in schedule.in_flight.values()}
+        self.versions = {v: m for v, m in versions.items() if v in live and v < rnd}
+        eval_selected, eval_ok, eval_metrics = 0, 0, dict[str, Scalar]()
+        if c.evaluation_due(rnd):
+            eval_selected, eval_ok, eval_metrics = c._evaluate(ctx, arrays, records, c._clients())
+        record = RoundRecord(
+            round=rnd,
+            ok=error is None,
+            train_selected=len(plan.arrivals),
+            train_ok=sum(r.ok for r in records if r.stage is Stage.TRAIN),
+            eval_selected=eval_selected,
+            eval_ok=eval_ok,
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            duration_s=time.perf_counter() - t0,
+            error=error,
+            virtual_time=plan.time,
+        )
+        return arrays, state, record, records
+
+    def _stored(self, state: Arrays) -> Arrays:
+        """The strategy's state with the model versions still in flight."""
+        return self._state(state, self.versions)
 
     @staticmethod
     def _state(state: Arrays, versions: dict[int, Version]) -> Arrays:

@@ -90,23 +90,8 @@ class LiveRounds:
         c = self.c
         self.version = start_round - 1
         self._rng = np.random.default_rng([c.seed, _LIVE, start_round])
-        rounds: list[RoundRecord] = []
-        clients: list[ClientRecord] = []
         try:
-            for rnd in range(start_round, c.rounds + 1):
-                stopped = None if c.stop_before is None else c.stop_before(rnd)
-                if stopped is not None:
-                    return RunResult(arrays, state, rounds, clients, stopped)
-                if c.before_round is not None:
-                    c.before_round(rnd)
-                arrays, state, record, records = self._round(rnd, arrays, state)
-                rounds.append(record)
-                clients.extend(records)
-                if c.sink is not None:
-                    c.sink.record_round(record, records, arrays, state)
-                if c.observer is not None:
-                    c.observer.round_finished(record)
-            return RunResult(arrays, state, rounds, clients)
+            return c.drive(start_round, arrays, state, self._round)
         finally:
             self.transport.cancel_submitted("the run ended")
 

@@ -21,7 +21,7 @@ import numpy as np
 from fedlearn.drift.codec import split_reply
 from fedlearn.drift.rule import POPULATION
 from fedlearn.drift.stats import DataSummary, SummarySpec
-from fedlearn.engine.asynchronous import OWN_PREFIX, AsyncRounds, split_own
+from fedlearn.engine.asynchronous import OWN_PREFIX, AsyncRounds, RoundStep, split_own
 from fedlearn.engine.asynchronous_live import LiveRounds, LiveTransport
 from fedlearn.engine.clock import SYNC, Latency, check_asynchrony
 from fedlearn.engine.messages import Reply, Stage, Task, seed_for
@@ -200,22 +200,36 @@ class Coordinator:
             return AsyncRounds(self, asynchrony).run(arrays, state, own, start_round)
         clock = own.get(_CLOCK)
         self._clock = 0.0 if clock is None else float(clock.reshape(-1)[0])
+        return self.drive(start_round, arrays, state, self.run_round, self._own)
+
+    def drive(
+        self,
+        start_round: int,
+        arrays: Arrays,
+        state: Arrays,
+        step: RoundStep,
+        stored: Callable[[Arrays], Arrays] = lambda state: state,
+    ) -> RunResult:
+        """Rounds ``start_round..rounds``, each made by ``step``, between the run's hooks:
+        ``stop_before`` and ``before_round`` ahead of a round, the sink and the observer
+        after it. ``stored`` is the state as the sink and the result keep it (the
+        strategy's, plus what the engine itself needs to resume)."""
         rounds: list[RoundRecord] = []
         clients: list[ClientRecord] = []
         for rnd in range(start_round, self.rounds + 1):
             stopped = None if self.stop_before is None else self.stop_before(rnd)
             if stopped is not None:
-                return RunResult(arrays, self._own(state), rounds, clients, stopped=stopped)
+                return RunResult(arrays, stored(state), rounds, clients, stopped=stopped)
             if self.before_round is not None:
                 self.before_round(rnd)
-            arrays, state, record, records = self.run_round(rnd, arrays, state)
+            arrays, state, record, records = step(rnd, arrays, state)
             rounds.append(record)
             clients.extend(records)
             if self.sink is not None:
-                self.sink.record_round(record, records, arrays, self._own(state))
+                self.sink.record_round(record, records, arrays, stored(state))
             if self.observer is not None:
                 self.observer.round_finished(record)
-        return RunResult(arrays, self._own(state), rounds, clients)
+        return RunResult(arrays, stored(state), rounds, clients)
 
     def _own(self, state: Arrays) -> Arrays:
         """``state`` plus the coordinator's own entries (the virtual clock, if any)."""
