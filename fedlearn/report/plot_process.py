@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing as mp
-import os
 import signal
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
@@ -137,17 +136,4 @@ def _draw(path: Path, run_id: str, pngs: dict[str, str]) -> None:
         report = summarize(store)
     finally:
         store.close()
-    files = [(name, Path(file)) for name, file in pngs.items()]
-    # The last plot in a forked grandchild, the others here: two cores draw at once.
-    # Should the grandchild fail, the plot is drawn again here, which raises its error.
-    pid = os.fork() if len(files) > 1 else -1
-    if pid == 0:
-        code = 1
-        try:
-            write_plots(report, dict(files[-1:]))
-            code = 0
-        finally:
-            os._exit(code)
-    write_plots(report, dict(files if pid < 0 else files[:-1]))
-    if pid > 0 and os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-        write_plots(report, dict(files[-1:]))
+    write_plots(report, {name: Path(file) for name, file in pngs.items()})
